@@ -1,0 +1,210 @@
+"""Chat roles, in one place: structured messages for chat backends, templated text for
+text backends.
+
+A program state is a sequence of turns. For a chat API it becomes :class:`Message`\\ s
+(text and image parts); for a text model it becomes one string, each turn wrapped in the
+role's prefix and suffix from a :class:`ChatTemplate` (derived from the tokenizer's own
+Jinja template for the engine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import attrs
+
+from .backends.base import ImageData
+
+__all__ = [
+    "SIMPLE_TEMPLATE",
+    "ChatTemplate",
+    "Message",
+    "TextPart",
+    "ImagePart",
+    "render_text",
+    "messages_to_openai",
+]
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[Role, ...] = ("system", "user", "assistant")
+
+
+@attrs.frozen(kw_only=True)
+class TextPart:
+    text: str
+
+
+@attrs.frozen(kw_only=True)
+class ImagePart:
+    image: ImageData
+
+
+@attrs.frozen(kw_only=True)
+class Message:
+    """One chat turn: a role and its content parts (text and images, in order)."""
+
+    role: Role
+    parts: tuple[TextPart | ImagePart, ...] = ()
+
+    @property
+    def content(self) -> str:
+        """The turn's text (image parts left out)."""
+        return "".join(p.text for p in self.parts if isinstance(p, TextPart))
+
+    @property
+    def images(self) -> tuple[ImageData, ...]:
+        return tuple(p.image for p in self.parts if isinstance(p, ImagePart))
+
+
+@attrs.frozen(kw_only=True)
+class ChatTemplate:
+    """How each role's turn is wrapped when a chat renders to text.
+
+    ``default_system`` is inserted (as a system turn) before a conversation that starts
+    without one, as many model templates do. ``image_token`` stands for an image in text.
+    """
+
+    name: str
+    prefix: dict[str, str]
+    suffix: dict[str, str]
+    default_system: str | None = None
+    bos: str = ""
+    image_token: str = "<image>"
+
+    def __attrs_post_init__(self) -> None:
+        for role in ROLES:
+            if role not in self.prefix or role not in self.suffix:
+                raise ValueError(f"ChatTemplate {self.name!r}: missing prefix/suffix for {role!r}")
+
+    def role_prefix(self, role: str) -> str:
+        return self.prefix[role]
+
+    def role_suffix(self, role: str) -> str:
+        return self.suffix[role]
+
+    @classmethod
+    def from_renderer(cls, name: str, render: Callable[[list[dict[str, str]], bool], str]) -> ChatTemplate:
+        """Derive prefixes and suffixes by rendering sentinel conversations.
+
+        ``render(messages, add_generation_prompt)`` is typically the tokenizer's
+        ``apply_chat_template(..., tokenize=False)``. Raises ``ValueError`` if the template
+        does not wrap each turn independently (then the text of a conversation is not a
+        concatenation of turns and a prefix cache could not reuse it).
+        """
+        s1, s2, s3 = "\x01AIOLM1\x01", "\x01AIOLM2\x01", "\x01AIOLM3\x01"
+        full = render(
+            [{"role": "system", "content": s1}, {"role": "user", "content": s2},
+             {"role": "assistant", "content": s3}],
+            False,
+        )
+        try:
+            head, rest = full.split(s1)
+            mid1, rest = rest.split(s2)
+            mid2, tail = rest.split(s3)
+        except ValueError:
+            raise ValueError(f"chat template {name!r} does not render turns verbatim") from None
+        # Two user turns tell where the user's prefix starts inside ``mid1``.
+        probe = render(
+            [{"role": "system", "content": s1}, {"role": "user", "content": s2},
+             {"role": "assistant", "content": s3}, {"role": "user", "content": s2}],
+            True,
+        )
+        after_assistant = probe.split(s3, 1)[1]
+        user_prefix_and_gen = after_assistant.split(s2)
+        between = user_prefix_and_gen[0]       # assistant suffix + user prefix
+        gen_prompt = user_prefix_and_gen[1]    # user suffix + assistant prefix
+        # assistant suffix is the common prefix of ``tail`` and ``between``.
+        k = 0
+        while k < min(len(tail), len(between)) and tail[k] == between[k]:
+            k += 1
+        assistant_suffix = tail[:k]
+        user_prefix = between[k:]
+        if not mid1.endswith(user_prefix):
+            raise ValueError(f"chat template {name!r}: cannot separate system and user turns")
+        system_suffix = mid1[: len(mid1) - len(user_prefix)]
+        # user suffix + assistant prefix == mid2 == gen_prompt; split at the shared structure:
+        # the assistant prefix is what an empty-assistant render adds after the user suffix.
+        user_suffix, assistant_prefix = _split_user_assistant(mid2, system_suffix)
+        bos = ""
+        system_prefix = head
+        # Some templates put a BOS in front of the first turn only.
+        if head.startswith("<|begin_of_text|>"):
+            bos, system_prefix = "<|begin_of_text|>", head[len("<|begin_of_text|>"):]
+        default_system = None
+        no_system = render([{"role": "user", "content": s2}], False)
+        lead = no_system.split(s2)[0]
+        if lead != bos + user_prefix and lead.startswith(bos + system_prefix):
+            inner = lead[len(bos + system_prefix):]
+            if inner.endswith(system_suffix + user_prefix):
+                default_system = inner[: len(inner) - len(system_suffix + user_prefix)]
+        return cls(
+            name=name,
+            prefix={"system": system_prefix, "user": user_prefix, "assistant": assistant_prefix},
+            suffix={"system": system_suffix, "user": user_suffix, "assistant": assistant_suffix},
+            default_system=default_system,
+            bos=bos,
+        )
+
+
+def _split_user_assistant(mid: str, system_suffix: str) -> tuple[str, str]:
+    # Templates end every turn the same way: the user's suffix is the system's suffix.
+    if system_suffix and mid.startswith(system_suffix):
+        return system_suffix, mid[len(system_suffix):]
+    return "", mid
+
+
+#: A plain template for text backends that have none (and for the scripted backend).
+SIMPLE_TEMPLATE = ChatTemplate(
+    name="simple",
+    prefix={"system": "SYSTEM: ", "user": "USER: ", "assistant": "ASSISTANT: "},
+    suffix={"system": "\n", "user": "\n", "assistant": "\n"},
+)
+
+
+def render_text(
+    messages: Sequence[Message],
+    template: ChatTemplate,
+    *,
+    open_role: str | None = None,
+    open_text: str = "",
+) -> str:
+    """Render finished turns, then (if ``open_role``) the open turn's prefix and ``open_text``.
+
+    Images render as ``template.image_token``. A conversation without a system turn gets
+    the template's default system prompt, as the model's own template would add it.
+    """
+    out = [template.bos]
+    roles = [m.role for m in messages] + ([open_role] if open_role else [])
+    if template.default_system is not None and roles and roles[0] != "system":
+        out.append(template.prefix["system"] + template.default_system + template.suffix["system"])
+    for m in messages:
+        out.append(template.prefix[m.role])
+        for p in m.parts:
+            out.append(p.text if isinstance(p, TextPart) else template.image_token)
+        out.append(template.suffix[m.role])
+    if open_role is not None:
+        out.append(template.prefix[open_role] + open_text)
+    return "".join(out)
+
+
+def messages_to_openai(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Chat messages in the OpenAI wire format (images as base64 data URLs or URLs)."""
+    import base64
+
+    result: list[dict[str, Any]] = []
+    for m in messages:
+        if not m.images:
+            result.append({"role": m.role, "content": m.content})
+            continue
+        content: list[dict[str, Any]] = []
+        for p in m.parts:
+            if isinstance(p, TextPart):
+                if p.text:
+                    content.append({"type": "text", "text": p.text})
+            else:
+                img = p.image
+                url = img.url or f"data:{img.mime};base64,{base64.b64encode(img.data or b'').decode()}"
+                content.append({"type": "image_url", "image_url": {"url": url}})
+        result.append({"role": m.role, "content": content})
+    return result

@@ -1,0 +1,15 @@
+"""Pluggable output constraints: regex, JSON schema, grammar, choices, or your own.
+
+A :class:`Constraint` is an immutable, hashable spec. ``constraint.compile(tokenizer)``
+returns a per-request :class:`Matcher` that the engine asks for token masks and forced
+(jump-forward) tokens. See ``docs/constraints.md``.
+"""
+
+from .base import Constraint as Constraint
+from .base import Matcher as Matcher
+from .choices import Choices as Choices
+from .grammar import Grammar as Grammar
+from .json_schema import JSONSchema as JSONSchema
+from .regex import Regex as Regex
+
+__all__ = ["Choices", "Constraint", "Grammar", "JSONSchema", "Matcher", "Regex"]

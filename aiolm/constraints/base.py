@@ -1,0 +1,91 @@
+"""The constraint protocol: an immutable spec (:class:`Constraint`) and its per-request
+state machine (:class:`Matcher`).
+
+A user's own constraint subclasses :class:`Constraint` (frozen and hashable, so compiled
+forms can be cached by spec) and returns its own :class:`Matcher` from ``compile``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+__all__ = ["Constraint", "Matcher"]
+
+
+class Matcher(abc.ABC):
+    """Per-request constraint state, advanced one sampled token at a time.
+
+    The engine calls, for each decode step of a constrained request:
+    ``fill_next_token_mask(row)`` (before sampling), then ``advance(token)``; when
+    ``forced_tokens()`` returns two or more ids, it appends them all in one forward pass
+    (jump-forward) and advances the matcher through each. Matchers are used by one thread
+    at a time (the engine loop) and need no locking.
+    """
+
+    @abc.abstractmethod
+    def fill_next_token_mask(self, bitmask_row: Any) -> None:
+        """Write the allowed next tokens into ``bitmask_row``.
+
+        ``bitmask_row`` is a 1-D int32 tensor (or numpy array) of ``ceil(vocab / 32)`` words;
+        bit ``t % 32`` of word ``t // 32`` set means token ``t`` is allowed. Mutates only the row.
+        """
+
+    @abc.abstractmethod
+    def advance(self, token_id: int) -> bool:
+        """Consume one token. Returns False (and changes nothing) if it was not allowed."""
+
+    @abc.abstractmethod
+    def forced_tokens(self) -> list[int]:
+        """The tokens the constraint forces next (empty when more than one path is open).
+
+        These are the canonical tokenization of the forced text, so appending them gives the
+        same text step-by-step decoding would.
+        """
+
+    @abc.abstractmethod
+    def is_finished(self) -> bool:
+        """True once the output is complete (only EOS / stopping is allowed)."""
+
+    @abc.abstractmethod
+    def fork(self) -> Matcher:
+        """An independent copy in the same state (for forked branches)."""
+
+    @abc.abstractmethod
+    def rollback(self, n: int) -> None:
+        """Undo the last ``n`` advanced tokens."""
+
+    def accepts_eos(self) -> bool:
+        """True when the output may end here (the default: when it is finished)."""
+        return self.is_finished()
+
+
+class Constraint(abc.ABC):
+    """An immutable, hashable description of the allowed outputs.
+
+    Subclasses must be hashable and compare by value (``attrs.frozen`` does both): the
+    engine caches compiled forms by spec.
+    """
+
+    @abc.abstractmethod
+    def compile(self, tokenizer: Any) -> Matcher:
+        """Return a fresh matcher for one request.
+
+        ``tokenizer`` is the engine's :class:`aiolm.engine.tokenizer.Tokenizer`. Raises
+        :class:`aiolm.ConstraintError` when the spec is invalid or unsupported, before any
+        token is generated.
+        """
+
+    @abc.abstractmethod
+    def matches_text(self, text: str) -> bool:
+        """True when ``text`` is a complete output this constraint allows.
+
+        Used by backends that cannot constrain decoding token by token (the scripted and
+        OpenAI backends) to check an answer instead.
+        """
+
+    def validate(self) -> None:
+        """Check the spec fully (may be costly); raise ``ConstraintError`` if it is invalid.
+
+        Called when a program submits the constraint, before generation starts.
+        """
