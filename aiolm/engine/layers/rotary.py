@@ -1,0 +1,83 @@
+"""Rotary position embedding (RoPE), plain and with linear / llama3 frequency scaling.
+
+Numerically identical to ``transformers``: inverse frequencies and angles are computed in
+float32 the same way, cos/sin are cast to the activations' dtype before rotating, and the
+"rotate half" layout (first half of the head dims paired with the second half) is used.
+The cos/sin table covers every position up to the context length and is indexed by
+``positions``, so a forward pass has no position-dependent shapes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..model_config import RopeScaling
+
+__all__ = ["RotaryEmbedding", "rope_inv_freq"]
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """The ``head_dim // 2`` inverse frequencies (float32, CPU)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float) / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE to q and k given each token's position.
+
+    ``cos`` / ``sin``: non-persistent float32 buffers ``[max_positions, head_dim // 2]``;
+    ``reset_cache()`` recomputes them (after the module was built on the meta device).
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float,
+                 scaling: RopeScaling | None = None) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_positions = max_positions
+        self.theta = theta
+        self.scaling = scaling
+        self.register_buffer("cos", torch.empty(max_positions, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, head_dim // 2), persistent=False)
+        if self.cos.device.type != "meta":
+            self.reset_cache()
+
+    @torch.no_grad()
+    def reset_cache(self) -> None:
+        """(Re)compute the cos/sin tables in float32 on the buffers' device."""
+        device = self.cos.device
+        inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling).to(device)
+        t = torch.arange(self.max_positions, device=device).float()
+        freqs = t[:, None] * inv_freq[None, :]
+        self.cos = freqs.cos()
+        self.sin = freqs.sin()
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q`` ``[T, Hq, D]`` and ``k`` ``[T, Hk, D]`` by ``positions`` ``[T]``."""
+        cos = self.cos[positions].to(q.dtype).unsqueeze(1)
+        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -1,0 +1,167 @@
+"""Build a model and fill its weights: a local Hugging Face directory, a GGUF file, or dummy.
+
+- HF directory: ``config.json`` + ``*.safetensors`` (one file, or shards with an index json).
+- GGUF file: the config from the file's metadata, tensors dequantized with the ``gguf``
+  package to the target dtype (llama.cpp's Q/K row permutation for llama-arch RoPE undone).
+- ``load_format="dummy"``: random weights (deterministic by ``seed``) of a named config
+  (``ModelConfig.named``), a ``ModelConfig``, a HF config dict, or a path's config.
+
+Nothing here touches the network. The model is built on the meta device and materialised
+once on the target device, so no time goes into default initialisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .model_config import NAMED_CONFIGS, ModelConfig, dtype_name
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["load_model"]
+
+_LOAD_FORMATS = ("auto", "dummy")
+_DUMMY_STD = 0.02
+
+
+def load_model(
+    model: str | os.PathLike[str] | ModelConfig | Mapping[str, Any],
+    *,
+    load_format: str = "auto",
+    dtype: Any = "auto",
+    device: Any = "cpu",
+    seed: int = 0,
+) -> tuple[nn.Module, ModelConfig]:
+    """Return ``(model, config)``; ``config.dtype`` is the dtype the weights were loaded in.
+
+    ``model``: a HF directory, a ``.gguf`` file, or (with ``load_format="dummy"``) a named
+    config / ``ModelConfig`` / HF config dict. ``dtype="auto"`` is float32 on the CPU and the
+    checkpoint's dtype elsewhere. Raises FileNotFoundError naming a missing path, ValueError
+    for an unsupported architecture (listing the supported ones) or a bad argument.
+    """
+    import torch
+
+    if load_format not in _LOAD_FORMATS:
+        raise ValueError(f"load_format: expected one of {_LOAD_FORMATS}, got {load_format!r}")
+    device = _resolve_device(device)
+    source, config = _resolve_source(model, load_format)
+    target = _resolve_dtype(dtype, config, device)
+    config = _with_dtype(config, target)
+
+    from .models import model_class
+
+    with torch.device("meta"):
+        module = model_class(config.architecture)(config)
+    module = module.to(dtype=getattr(torch, target)).to_empty(device=device)
+    if load_format == "dummy":
+        _fill_dummy(module, seed, device)
+    elif source.suffix == ".gguf":
+        from .gguf_weights import gguf_weights
+
+        module.load_weights(gguf_weights(source, config))
+    else:
+        module.load_weights(_safetensors_weights(source))
+    module.init_buffers()
+    module.eval()
+    return module, config
+
+
+def _resolve_source(model: Any, load_format: str) -> tuple[Path | None, ModelConfig]:
+    if isinstance(model, ModelConfig):
+        _require_dummy(load_format, "a ModelConfig")
+        return None, model
+    if isinstance(model, Mapping):
+        _require_dummy(load_format, "a config dict")
+        return None, ModelConfig.from_hf(model)
+    if not isinstance(model, str | os.PathLike):
+        raise TypeError(
+            f"model: expected a path, a named config, a ModelConfig or a config dict, "
+            f"got {type(model).__name__}"
+        )
+    if load_format == "dummy" and str(model) in NAMED_CONFIGS:
+        return None, ModelConfig.named(str(model))
+    path = Path(model).expanduser()
+    if not path.exists():
+        hint = ""
+        if str(model) in NAMED_CONFIGS:
+            hint = f" ({model!r} is a named config: pass load_format='dummy' for random weights)"
+        raise FileNotFoundError(f"model: no such file or directory: {str(path)!r}{hint}")
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"model: {str(path)!r} has no config.json")
+        return path, ModelConfig.from_hf(json.loads(config_file.read_text()))
+    if path.suffix == ".gguf":
+        from .gguf_weights import gguf_config
+
+        return path, gguf_config(path)
+    raise ValueError(
+        f"model: {str(path)!r} is neither a Hugging Face directory nor a .gguf file"
+    )
+
+
+def _require_dummy(load_format: str, what: str) -> None:
+    if load_format != "dummy":
+        raise ValueError(f"model: {what} has no weights; pass load_format='dummy'")
+
+
+def _resolve_device(device: Any) -> torch.device:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: invalid {device!r}") from exc
+
+
+def _resolve_dtype(dtype: Any, config: ModelConfig, device: torch.device) -> str:
+    if dtype == "auto":
+        # CPU half-precision matmuls are slow and drift from the references: use float32.
+        return "float32" if device.type == "cpu" else config.dtype
+    return dtype_name(dtype)
+
+
+def _with_dtype(config: ModelConfig, dtype: str) -> ModelConfig:
+    import attrs
+
+    return attrs.evolve(config, dtype=dtype)
+
+
+def _fill_dummy(module: nn.Module, seed: int, device: torch.device) -> None:
+    """Norm weights 1, everything else N(0, 0.02): finite, bounded activations at any size."""
+    import torch
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, _DUMMY_STD, generator=generator)
+
+
+def _safetensors_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({directory / name for name in weight_map.values()})
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"model: {str(directory)!r} has no *.safetensors weights")
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"model: shard {str(file)!r} listed in the index is missing")
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)

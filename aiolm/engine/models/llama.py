@@ -1,0 +1,203 @@
+"""The Llama family as one model class: Llama 2/3 (incl. llama3 RoPE), SmolLM2, Mistral,
+Qwen2/2.5 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm), with GQA and tied or untied
+embeddings. The options come from ``ModelConfig``.
+
+Parameter names follow the Hugging Face layout except that q/k/v and gate/up are fused
+(``qkv_proj``, ``gate_up_proj``); ``load_weights`` maps checkpoint names onto them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..attention.base import AttentionBackend
+from ..forward_batch import ForwardBatch
+from ..layers import LMHead, MergedLinear, RMSNorm, RotaryEmbedding, SiluAndMul, VocabEmbedding
+from ..model_config import ModelConfig
+
+__all__ = ["LlamaForCausalLM"]
+
+# HF projection name -> (our fused module, shard).
+_FUSED = {
+    "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+}
+_FUSED_NAME = re.compile(r"^(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        q_size = config.num_heads * config.head_dim
+        kv_size = config.num_kv_heads * config.head_dim
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, [("q", q_size), ("k", kv_size), ("v", kv_size)],
+            bias=config.qkv_bias,
+        )
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, rotary: RotaryEmbedding,
+                attn: AttentionBackend, batch: ForwardBatch) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        out = attn.forward(q, k, v, self.layer_id, batch)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(
+            config.hidden_size, [("gate", size), ("up", size)], bias=config.mlp_bias
+        )
+        self.act = SiluAndMul()
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_id)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, rotary: RotaryEmbedding,
+                attn: AttentionBackend, batch: ForwardBatch) -> torch.Tensor:
+        hidden = hidden + self.self_attn(
+            positions, self.input_layernorm(hidden), rotary, attn, batch
+        )
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta,
+            config.rope_scaling,
+        )
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-family causal LM over the engine's paged KV cache.
+
+    ``forward(batch)`` returns float32 logits: one row per request (its last new token) when
+    ``batch.return_logits == "last"``, one per new token when ``"all"``. Attention goes
+    through the backend given to ``set_attention``.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = LMHead(
+            config.vocab_size, config.hidden_size,
+            tied=self.model.embed_tokens if config.tie_word_embeddings else None,
+        )
+        self.attn: AttentionBackend | None = None
+
+    def set_attention(self, backend: AttentionBackend) -> None:
+        """Use ``backend`` for every layer's attention from the next forward on."""
+        self.attn = backend
+
+    def init_buffers(self) -> None:
+        """Recompute derived buffers (the RoPE table) after weights were materialised."""
+        self.model.rotary_emb.reset_cache()
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run the batch's new tokens; writes their K/V to the pool; returns logits."""
+        attn = self.attn
+        if attn is None:
+            raise RuntimeError("no attention backend: call model.set_attention(backend) first")
+        if batch.return_logits not in ("last", "all"):
+            raise ValueError(f"return_logits: expected 'last' or 'all', got {batch.return_logits!r}")
+        attn.init_forward(batch)
+        inner = self.model
+        hidden = inner.embed_tokens(batch.input_ids)
+        for layer in inner.layers:
+            hidden = layer(batch.positions, hidden, inner.rotary_emb, attn, batch)
+        if batch.return_logits == "last" and not batch.is_decode:
+            hidden = hidden[_last_token_indices(batch)]
+        return self.lm_head(inner.norm(hidden))
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (Hugging Face names) into the parameters.
+
+        Raises ValueError naming any tensor that does not belong to the model, any shape
+        mismatch, and every parameter the checkpoint did not provide.
+        """
+        params = dict(self.named_parameters())
+        expected: set[tuple[str, str | None]] = set()
+        for pname, _ in params.items():
+            module_name, _, kind = pname.rpartition(".")
+            module = self.get_submodule(module_name)
+            if isinstance(module, MergedLinear):
+                expected.update((pname, shard) for shard in module.shard_names)
+            else:
+                expected.add((pname, None))
+        for name, tensor in weights:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            match = _FUSED_NAME.match(name)
+            if match:
+                prefix, proj, kind = match.groups()
+                module_name, shard = _FUSED[proj]
+                target = f"{prefix}.{module_name}.{kind}"
+                if target not in params:
+                    raise ValueError(f"checkpoint tensor {name!r} does not belong to this model")
+                self.get_submodule(f"{prefix}.{module_name}").load_shard(shard, kind, tensor)
+                expected.discard((target, shard))
+                continue
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} does not belong to this model")
+            param = params[name]
+            if param.shape != tensor.shape:
+                raise ValueError(
+                    f"{name}: checkpoint shape {tuple(tensor.shape)} does not match "
+                    f"{tuple(param.shape)}"
+                )
+            param.copy_(tensor)
+            expected.discard((name, None))
+        if expected:
+            names = sorted(p if s is None else f"{p} ({s})" for p, s in expected)
+            shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+            raise ValueError(f"checkpoint lacks {len(names)} weight(s): {shown}")
+
+
+def _last_token_indices(batch: ForwardBatch) -> torch.Tensor:
+    if batch.extend_seq_lens is not None:
+        return torch.cumsum(batch.extend_seq_lens, dim=0) - 1
+    ends: list[int] = []
+    total = 0
+    for n in batch.extend_seq_lens_cpu:
+        total += n
+        ends.append(total - 1)
+    return torch.tensor(ends, device=batch.input_ids.device)
