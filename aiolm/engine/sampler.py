@@ -1,0 +1,285 @@
+"""Sampling the next token of each request: host-side preparation, device-side sampling.
+
+:meth:`Sampler.prepare` (host) turns the batch's :class:`~aiolm.sampling.SamplingParams` into
+per-row tensors once per batch composition and updates only what changes from step to step
+(penalty counts, the ``min_tokens`` mask). :meth:`Sampler.sample` (device) applies penalties,
+the constraint bitmask, temperature, top-k, top-p and min-p, and draws the tokens without any
+host synchronisation: the runner fetches the results with one copy per step.
+
+Draws use the exponential race (``argmax(p / q)`` with ``q ~ Exp(1)``), which samples from
+``p`` without normalising or a cumulative search. A seeded request draws its noise from its own
+``torch.Generator`` (one row of ``vocab`` draws per step), so its output does not depend on the
+requests it is batched with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import attrs
+import torch
+
+if TYPE_CHECKING:
+    from .request import Req
+
+__all__ = ["SampleOutput", "Sampler", "SamplingBatchInfo", "apply_token_bitmask", "token_logprobs"]
+
+_BITS = 32
+
+
+@attrs.define(eq=False, kw_only=True)
+class SamplingBatchInfo:
+    """Per-row sampling tensors of one batch composition (built on the host, live on the device).
+
+    ``rids`` identifies the composition; rows follow the order of the requests given to
+    :meth:`Sampler.prepare`.
+    """
+
+    rids: tuple[str, ...]
+    all_greedy: bool
+    greedy_mask: torch.Tensor                  # [bs] bool
+    temperatures: torch.Tensor                 # [bs, 1] float (1.0 on greedy rows)
+    top_ks: torch.Tensor | None                # [bs, 1] int64 (vocab size where disabled)
+    top_ps: torch.Tensor | None                # [bs, 1] float
+    min_ps: torch.Tensor | None                # [bs, 1] float
+    frequency_penalties: torch.Tensor | None   # [bs, 1] float
+    presence_penalties: torch.Tensor | None    # [bs, 1] float
+    output_counts: torch.Tensor | None         # [bs, vocab] float: occurrences in output_ids
+    counted: list[int]                         # output tokens already in ``output_counts``
+    generators: list[torch.Generator | None]   # per row: the request's own generator, if seeded
+    top_logprobs: int                          # the most top logprobs any row asks for
+    want_logprobs: bool
+    # Rebuilt every step: (row, token) pairs banned until the row reaches ``min_tokens``.
+    suppress_rows: torch.Tensor | None = None
+    suppress_tokens: torch.Tensor | None = None
+
+
+@attrs.define(eq=False, kw_only=True)
+class SampleOutput:
+    """Device tensors of one sampling step (fetched to the host by the runner)."""
+
+    next_ids: torch.Tensor                     # [bs] int64
+    logprobs: torch.Tensor | None = None       # [bs] float: logprob of the chosen token
+    top_ids: torch.Tensor | None = None        # [bs, k] int64
+    top_logprobs: torch.Tensor | None = None   # [bs, k] float
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Set the logits of disallowed tokens to -inf, in place.
+
+    ``bitmask`` is int32 ``[bs, words]``; bit ``t % 32`` of word ``t // 32`` set means token
+    ``t`` is allowed. Tokens past ``32 * words`` are disallowed.
+    """
+    bs, vocab = logits.shape
+    shifts = torch.arange(_BITS, device=logits.device, dtype=torch.int32)
+    words = bitmask.to(device=logits.device, dtype=torch.int32)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().view(bs, -1)
+    covered = min(vocab, allowed.shape[1])
+    logits[:, :covered].masked_fill_(~allowed[:, :covered], float("-inf"))
+    if covered < vocab:
+        logits[:, covered:] = float("-inf")
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw (unprocessed) logprobs of ``targets`` under ``logits`` rows, and greedy agreement.
+
+    ``logits``: [n, vocab]; ``targets``: [n] int64. Returns ``(logprobs [n] float,
+    is_argmax [n] bool)``. Used for scoring, where no sampling parameter applies.
+    """
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, targets.view(-1, 1)).view(-1)
+    return chosen, lp.argmax(dim=-1) == targets
+
+
+class Sampler:
+    """Chooses next tokens for a batch of requests.
+
+    One per engine; used by the engine thread only. ``eos_token_ids`` are banned (with the
+    request's ``stop_token_ids``) until a request has ``min_tokens`` output tokens.
+    """
+
+    def __init__(self, *, vocab_size: int, device: torch.device | str, seed: int,
+                 eos_token_ids: Sequence[int] = ()) -> None:
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.eos_token_ids = tuple(eos_token_ids)
+        self._generator = torch.Generator(self.device)
+        self._generator.manual_seed(seed)
+        self._req_generators: dict[str, torch.Generator] = {}
+        self._info: SamplingBatchInfo | None = None
+
+    def release(self, rid: str) -> None:
+        """Forget a finished request's generator."""
+        self._req_generators.pop(rid, None)
+
+    # ------------------------------------------------------------------ host side
+    def prepare(self, reqs: Sequence[Req]) -> SamplingBatchInfo:
+        """Build (or update) the sampling tensors for ``reqs``, in row order. Host side.
+
+        Reuses the previous step's tensors when the composition is unchanged; only the
+        penalty counts of new output tokens and the ``min_tokens`` mask are updated.
+        """
+        rids = tuple(r.rid for r in reqs)
+        info = self._info
+        if (info is None or info.rids != rids
+                or any(len(r.output_ids) < n for r, n in zip(reqs, info.counted, strict=True))):
+            info = self._build(reqs, rids)
+            self._info = info
+        if info.output_counts is not None:
+            self._count_new_outputs(info, reqs)
+        self._build_suppression(info, reqs)
+        return info
+
+    def _build(self, reqs: Sequence[Req], rids: tuple[str, ...]) -> SamplingBatchInfo:
+        params = [r.sampling for r in reqs]
+        dev = self.device
+        greedy = [p.greedy for p in params]
+
+        def column(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).view(-1, 1).to(dev, non_blocking=True)
+
+        sampled = [p for p, g in zip(params, greedy, strict=True) if not g]
+        need_top_k = any(0 < p.top_k < self.vocab_size for p in sampled)
+        need_top_p = any(p.top_p < 1.0 for p in sampled)
+        need_min_p = any(p.min_p > 0.0 for p in sampled)
+        need_penalty = any(p.frequency_penalty or p.presence_penalty for p in params)
+        generators: list[torch.Generator | None] = []
+        for r, g in zip(reqs, greedy, strict=True):
+            if g or r.sampling.seed is None:
+                generators.append(None)
+                continue
+            gen = self._req_generators.get(r.rid)
+            if gen is None:
+                gen = torch.Generator(dev)
+                gen.manual_seed(r.sampling.seed)
+                self._req_generators[r.rid] = gen
+            generators.append(gen)
+        return SamplingBatchInfo(
+            rids=rids,
+            all_greedy=all(greedy),
+            greedy_mask=torch.tensor(greedy, dtype=torch.bool).to(dev, non_blocking=True),
+            temperatures=column(
+                [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
+                torch.float32),
+            top_ks=column([p.top_k if 0 < p.top_k < self.vocab_size else self.vocab_size
+                           for p in params], torch.int64) if need_top_k else None,
+            top_ps=column([p.top_p for p in params], torch.float32) if need_top_p else None,
+            min_ps=column([p.min_p for p in params], torch.float32) if need_min_p else None,
+            frequency_penalties=column([p.frequency_penalty for p in params], torch.float32)
+            if need_penalty else None,
+            presence_penalties=column([p.presence_penalty for p in params], torch.float32)
+            if need_penalty else None,
+            output_counts=torch.zeros(len(reqs), self.vocab_size, dtype=torch.float32, device=dev)
+            if need_penalty else None,
+            counted=[0] * len(reqs),
+            generators=generators,
+            top_logprobs=max((p.top_logprobs for p in params), default=0),
+            want_logprobs=any(p.logprobs or p.top_logprobs for p in params),
+        )
+
+    def _count_new_outputs(self, info: SamplingBatchInfo, reqs: Sequence[Req]) -> None:
+        rows: list[int] = []
+        toks: list[int] = []
+        for i, r in enumerate(reqs):
+            new = r.output_ids[info.counted[i]:]
+            rows.extend([i] * len(new))
+            toks.extend(new)
+            info.counted[i] = len(r.output_ids)
+        if toks:
+            assert info.output_counts is not None
+            index = torch.tensor([rows, toks], dtype=torch.int64).to(self.device, non_blocking=True)
+            info.output_counts.index_put_(
+                (index[0], index[1]),
+                torch.ones(len(toks), dtype=torch.float32, device=self.device),
+                accumulate=True,
+            )
+
+    def _build_suppression(self, info: SamplingBatchInfo, reqs: Sequence[Req]) -> None:
+        rows: list[int] = []
+        toks: list[int] = []
+        for i, r in enumerate(reqs):
+            p = r.sampling
+            if len(r.output_ids) >= p.min_tokens:
+                continue
+            banned = set(p.stop_token_ids)
+            if not p.ignore_eos:
+                banned.update(self.eos_token_ids)
+            banned = {t for t in banned if t < self.vocab_size}
+            rows.extend([i] * len(banned))
+            toks.extend(sorted(banned))
+        if toks:
+            index = torch.tensor([rows, toks], dtype=torch.int64).to(self.device, non_blocking=True)
+            info.suppress_rows, info.suppress_tokens = index[0], index[1]
+        else:
+            info.suppress_rows = info.suppress_tokens = None
+
+    # ---------------------------------------------------------------- device side
+    def sample(self, logits: torch.Tensor, info: SamplingBatchInfo,
+               bitmask: torch.Tensor | None = None) -> SampleOutput:
+        """Choose one token per row of ``logits`` ([bs, vocab] float32). No host sync.
+
+        Order: frequency/presence penalties (over the row's output tokens), the constraint
+        ``bitmask`` and the ``min_tokens`` ban (-inf), then greedy rows take the argmax and
+        the others are drawn after temperature, top-k, top-p and min-p.
+
+        Logprobs (when any row asks) are the ``log_softmax`` of the *processed* logits:
+        after penalties, the masks and temperature (1 for greedy rows), before the top-k /
+        top-p / min-p truncation, so alternatives outside the truncation keep finite values.
+        """
+        logits = logits.float()
+        if logits.shape[1] > self.vocab_size:
+            logits = logits[:, : self.vocab_size]
+        if info.output_counts is not None:
+            assert info.frequency_penalties is not None and info.presence_penalties is not None
+            counts = info.output_counts
+            logits = (logits - info.frequency_penalties * counts
+                      - info.presence_penalties * (counts > 0).float())
+        elif bitmask is not None or info.suppress_rows is not None:
+            logits = logits.clone()  # masks below write in place; keep the caller's tensor
+        if bitmask is not None:
+            apply_token_bitmask(logits, bitmask)
+        if info.suppress_rows is not None:
+            logits[info.suppress_rows, info.suppress_tokens] = float("-inf")
+
+        if info.all_greedy:
+            next_ids = logits.argmax(dim=-1)
+            scaled = logits
+        else:
+            scaled = logits / info.temperatures
+            next_ids = torch.where(info.greedy_mask, logits.argmax(dim=-1),
+                                   self._draw(scaled, info))
+
+        out = SampleOutput(next_ids=next_ids)
+        if info.want_logprobs:
+            lp = torch.log_softmax(scaled, dim=-1)
+            out.logprobs = lp.gather(1, next_ids.view(-1, 1)).view(-1)
+            if info.top_logprobs:
+                out.top_logprobs, out.top_ids = lp.topk(info.top_logprobs, dim=-1)
+        return out
+
+    def _draw(self, scaled: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+        probs = torch.softmax(scaled, dim=-1)
+        if info.top_ks is not None or info.top_ps is not None:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            drop = torch.zeros_like(sorted_probs, dtype=torch.bool)
+            if info.top_ks is not None:
+                ranks = torch.arange(probs.shape[1], device=probs.device).view(1, -1)
+                drop |= ranks >= info.top_ks
+            if info.top_ps is not None:
+                # Keep the smallest head whose mass reaches top_p (the first token always stays).
+                before = sorted_probs.cumsum(dim=-1) - sorted_probs
+                drop |= before > info.top_ps
+            if info.min_ps is not None:
+                drop |= sorted_probs < info.min_ps * sorted_probs[:, :1]
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+        elif info.min_ps is not None:
+            probs = probs.masked_fill(probs < info.min_ps * probs.amax(dim=-1, keepdim=True), 0.0)
+
+        noise = torch.empty_like(probs)
+        noise.exponential_(generator=self._generator)
+        for row, gen in enumerate(info.generators):
+            if gen is not None:
+                noise[row].exponential_(generator=gen)
+        return (probs / noise.clamp_min_(1e-20)).argmax(dim=-1)
