@@ -1,0 +1,437 @@
+"""Triton kernels for attention over the token-slot KV pool (page size 1).
+
+Three jobs, each a Triton kernel plus a thin launcher:
+
+- ``store_kv``: write the new tokens' K and V into the pool rows ``out_cache_loc``.
+- ``extend_attention``: new tokens of each request attend to the request's whole sequence
+  (cached prefix and the new tokens themselves, causally), gathered from the pool through
+  ``req_to_token``. The new tokens' K/V are stored first, so one loop covers both.
+- ``decode_attention``: one query token per request over its sequence, flash-decoding
+  style: stage 1 splits each sequence into ``num_splits`` chunks (one program per request,
+  KV head and chunk, the whole GQA group of query heads in one tile); stage 2 merges the
+  chunks' partial outputs by their log-sum-exp.
+
+All arithmetic accumulates in float32; inputs are bf16 or fp16 (float32 works too).
+Softmax runs in base 2 (``exp2``) with the scale folded into ``LOG2E``.
+
+Nothing here uses Triton APIs newer than 3.0, and every kernel runs under the interpreter
+(``TRITON_INTERPRET=1``) on CPU tensors, which is how the CPU tests check them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "KernelConfig",
+    "decode_attention",
+    "decode_chunk_size",
+    "extend_attention",
+    "fill_kv_indices",
+    "kernel_config",
+    "plan_decode_splits",
+    "store_kv",
+]
+
+LOG2E = 1.4426950408889634
+
+
+class KernelConfig:
+    """Tile sizes and launch shapes for one device (plain values; see ``kernel_config``)."""
+
+    def __init__(self, *, extend_block_m: int, extend_block_n: int, extend_warps: int,
+                 extend_stages: int, decode_block_n: int, decode_warps: int,
+                 decode_stages: int, decode_min_chunk: int, dot_f32: bool) -> None:
+        self.extend_block_m = extend_block_m
+        self.extend_block_n = extend_block_n
+        self.extend_warps = extend_warps
+        self.extend_stages = extend_stages
+        self.decode_block_n = decode_block_n
+        self.decode_warps = decode_warps
+        self.decode_stages = decode_stages
+        self.decode_min_chunk = decode_min_chunk
+        # NOTE: the CPU interpreter multiplies bf16 tiles wrongly (triton 3.9, seen 2026-11):
+        # there, tiles are upcast to float32 before ``tl.dot``. GPUs multiply the inputs as is.
+        self.dot_f32 = dot_f32
+
+
+def kernel_config(device: torch.device, head_dim: int,
+                  dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
+    """Tile sizes for ``device``: large tiles on a GPU, small ones for the CPU interpreter."""
+    if device.type != "cuda":
+        return KernelConfig(extend_block_m=16, extend_block_n=16, extend_warps=1,
+                            extend_stages=1, decode_block_n=16, decode_warps=1,
+                            decode_stages=1, decode_min_chunk=16, dot_f32=True)
+    # float32 tiles take twice the registers and shared memory: halve them.
+    wide = head_dim > 128 or dtype == torch.float32
+    return KernelConfig(
+        extend_block_m=64 if wide else 128,
+        extend_block_n=32 if wide else 64,
+        extend_warps=8 if head_dim >= 128 else 4,
+        extend_stages=2,
+        decode_block_n=32 if wide else 64,
+        decode_warps=4,
+        decode_stages=2,
+        decode_min_chunk=64,
+        dot_f32=False,
+    )
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(n))
+
+
+def _dot_f32(cfg: KernelConfig, k_buf: torch.Tensor) -> bool:
+    # float32 pools multiply in exact float32 ("ieee"), not tf32.
+    return cfg.dot_f32 or k_buf.dtype == torch.float32
+
+
+@triton.jit
+def _dot(a, b, F32: tl.constexpr):
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+# --------------------------------------------------------------------------- store
+
+
+@triton.jit
+def _store_kv_kernel(K, V, KBuf, VBuf, Loc,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_kbs, stride_kbh, stride_vbs, stride_vbh,
+                     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(Loc + t).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h[:, None] < NUM_HEADS) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+    v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    tl.store(KBuf + slot * stride_kbs + offs_h[:, None] * stride_kbh + offs_d[None, :],
+             k.to(KBuf.dtype.element_ty), mask=mask)
+    tl.store(VBuf + slot * stride_vbs + offs_h[:, None] * stride_vbh + offs_d[None, :],
+             v.to(VBuf.dtype.element_ty), mask=mask)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+             loc: torch.Tensor) -> None:
+    """``k_buf[loc] = k; v_buf[loc] = v`` in one launch (``k``: [T, H, D], last dim contiguous)."""
+    num_tokens, num_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    _store_kv_kernel[(num_tokens,)](
+        k, v, k_buf, v_buf, loc,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+        BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=4 if k.is_cuda else 1,
+    )
+
+
+# --------------------------------------------------------------------------- extend
+
+
+@triton.jit
+def _extend_kernel(Q, Out, KBuf, VBuf, ReqToToken, ReqPoolIdx, PrefixLens, ExtendLens, QStart,
+                   stride_qt, stride_qh, stride_ot, stride_oh,
+                   stride_kbs, stride_kbh, stride_vbs, stride_vbh, stride_r2t,
+                   qk_scale,
+                   KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    m_block = tl.program_id(2)
+    ext_len = tl.load(ExtendLens + b)
+    if m_block * BLOCK_M >= ext_len:
+        return
+    prefix = tl.load(PrefixLens + b)
+    q_start = tl.load(QStart + b)
+    row = tl.load(ReqPoolIdx + b).to(tl.int64)
+    kvh = h // KV_GROUP
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_mask = offs_m < ext_len
+    d_mask = offs_d < HEAD_DIM
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q_pos = prefix + offs_m  # position of each query in its sequence
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    slot_row = ReqToToken + row * stride_r2t
+    kv_end = tl.minimum(prefix + (m_block + 1) * BLOCK_M, prefix + ext_len)
+    # Keys before the block's first query are visible to every query in the block: no
+    # causal mask there, only the bound at the end.
+    full_end = prefix + m_block * BLOCK_M
+
+    for start in range(0, full_end, BLOCK_N):
+        cols = start + offs_n
+        n_mask = cols < full_end
+        slots = tl.load(slot_row + cols, mask=n_mask, other=0).to(tl.int64)
+        k = tl.load(KBuf + slots[None, :] * stride_kbs + kvh * stride_kbh + offs_d[:, None],
+                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        qk = _dot(q, k, DOT_F32) * qk_scale
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VBuf + slots[:, None] * stride_vbs + kvh * stride_vbh + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+        m_i = m_new
+
+    for start in range(full_end, kv_end, BLOCK_N):
+        cols = start + offs_n
+        n_mask = cols < kv_end
+        slots = tl.load(slot_row + cols, mask=n_mask, other=0).to(tl.int64)
+        k = tl.load(KBuf + slots[None, :] * stride_kbs + kvh * stride_kbh + offs_d[:, None],
+                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        qk = _dot(q, k, DOT_F32) * qk_scale
+        visible = n_mask[None, :] & (cols[None, :] <= q_pos[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VBuf + slots[:, None] * stride_vbs + kvh * stride_vbh + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(Out + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def extend_attention(q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tensor,
+                     v_buf: torch.Tensor, req_to_token: torch.Tensor,
+                     req_pool_indices: torch.Tensor, prefix_lens: torch.Tensor,
+                     extend_lens: torch.Tensor, q_start: torch.Tensor, max_extend_len: int,
+                     scale: float, cfg: KernelConfig) -> None:
+    """Causal attention of the new tokens over their whole sequences; writes ``o``.
+
+    ``q``/``o``: [num_tokens, Hq, D]; ``prefix_lens``/``extend_lens``/``q_start``: [bs] int32
+    on the device (``q_start[i]`` = first row of request ``i`` in ``q``); the K/V of the new
+    tokens must already be in the pool. ``max_extend_len`` (a host int) sizes the grid.
+    """
+    bs = int(req_pool_indices.shape[0])
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    group = num_q_heads // k_buf.shape[1]
+    if bs == 0 or max_extend_len == 0:
+        return
+    grid = (bs, num_q_heads, triton.cdiv(max_extend_len, cfg.extend_block_m))
+    _extend_kernel[grid](
+        q, o, k_buf, v_buf, req_to_token, req_pool_indices, prefix_lens, extend_lens, q_start,
+        q.stride(0), q.stride(1), o.stride(0), o.stride(1),
+        k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+        req_to_token.stride(0),
+        scale * LOG2E,
+        KV_GROUP=group, HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim),
+        BLOCK_M=cfg.extend_block_m, BLOCK_N=cfg.extend_block_n, DOT_F32=_dot_f32(cfg, k_buf),
+        num_warps=cfg.extend_warps, num_stages=cfg.extend_stages,
+    )
+
+
+# --------------------------------------------------------------------------- decode
+
+
+@triton.jit
+def _chunk_len(seq_len, num_splits, MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Same formula as ``decode_chunk_size`` on the host: ceil(seq / splits), at least
+    # MIN_CHUNK, rounded up to whole BLOCK_N tiles.
+    chunk = tl.maximum(tl.cdiv(seq_len, num_splits), MIN_CHUNK)
+    return tl.cdiv(chunk, BLOCK_N) * BLOCK_N
+
+
+def decode_chunk_size(seq_len: int, num_splits: int, min_chunk: int, block_n: int) -> int:
+    """Tokens per split for a sequence of ``seq_len`` (the kernels compute the same)."""
+    chunk = max(-(-seq_len // num_splits), min_chunk)
+    return -(-chunk // block_n) * block_n
+
+
+@triton.jit
+def _decode_stage1_kernel(Q, KBuf, VBuf, ReqToToken, ReqPoolIdx, SeqLens, MidO, MidLse,
+                          stride_qb, stride_qh, stride_kbs, stride_kbh, stride_vbs,
+                          stride_vbh, stride_r2t, stride_mob, stride_moh, stride_mos,
+                          stride_mlb, stride_mlh,
+                          qk_scale, num_splits,
+                          KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                          MIN_CHUNK: tl.constexpr, DOT_F32: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(SeqLens + b)
+    chunk = _chunk_len(seq_len, num_splits, MIN_CHUNK, BLOCK_N)
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+    if start >= end:
+        return
+    row = tl.load(ReqPoolIdx + b).to(tl.int64)
+
+    offs_g = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kvh * KV_GROUP + offs_g
+    g_mask = offs_g < KV_GROUP
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    slot_row = ReqToToken + row * stride_r2t
+    for s in range(start, end, BLOCK_N):
+        cols = s + offs_n
+        n_mask = cols < end
+        slots = tl.load(slot_row + cols, mask=n_mask, other=0).to(tl.int64)
+        k = tl.load(KBuf + slots[None, :] * stride_kbs + kvh * stride_kbh + offs_d[:, None],
+                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        qk = _dot(q, k, DOT_F32) * qk_scale
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VBuf + slots[:, None] * stride_vbs + kvh * stride_vbh + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(MidO + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos
+             + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
+    # log2-sum-exp2 of this chunk's scores (base 2, like the scores themselves).
+    tl.store(MidLse + b * stride_mlb + heads * stride_mlh + split, m_i + tl.log2(l_i),
+             mask=g_mask)
+
+
+@triton.jit
+def _decode_stage2_kernel(MidO, MidLse, Out, SeqLens,
+                          stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
+                          stride_ob, stride_oh, num_splits,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+                          MIN_CHUNK: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(SeqLens + b)
+    chunk = _chunk_len(seq_len, num_splits, MIN_CHUNK, BLOCK_N)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    # A split holds data only if it starts inside the sequence; the others were never written.
+    s_mask = (offs_s < num_splits) & (offs_s * chunk < seq_len)
+    d_mask = offs_d < HEAD_DIM
+    lse = tl.load(MidLse + b * stride_mlb + h * stride_mlh + offs_s, mask=s_mask,
+                  other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - m)
+    w = tl.where(s_mask, w, 0.0)
+    parts = tl.load(MidO + b * stride_mob + h * stride_moh + offs_s[:, None] * stride_mos
+                    + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty),
+             mask=d_mask)
+
+
+def decode_attention(q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tensor,
+                     v_buf: torch.Tensor, req_to_token: torch.Tensor,
+                     req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                     mid_o: torch.Tensor, mid_lse: torch.Tensor, num_splits: int,
+                     scale: float, cfg: KernelConfig) -> None:
+    """Attention of one query per request over its sequence (split-K + merge); writes ``o``.
+
+    ``q``/``o``: [bs, Hq, D]; ``mid_o``: float32 [>=bs, Hq, S, D] and ``mid_lse``: float32
+    [>=bs, Hq, S] scratch with ``S >= num_splits``. Reads only device tensors, so the two
+    launches can be captured in a CUDA graph and replayed with new lengths.
+    """
+    bs, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_buf.shape[1]
+    group = num_q_heads // num_kv_heads
+    if bs == 0:
+        return
+    if num_splits > mid_o.shape[2]:
+        raise ValueError(f"num_splits: {num_splits} exceeds the scratch's {mid_o.shape[2]}")
+    block_d = _pow2(head_dim)
+    _decode_stage1_kernel[(bs, num_kv_heads, num_splits)](
+        q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
+        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0),
+        v_buf.stride(1), req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1),
+        mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        scale * LOG2E, num_splits,
+        KV_GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=_pow2(group),
+        BLOCK_N=cfg.decode_block_n, MIN_CHUNK=cfg.decode_min_chunk, DOT_F32=_dot_f32(cfg, k_buf),
+        num_warps=cfg.decode_warps, num_stages=cfg.decode_stages,
+    )
+    _decode_stage2_kernel[(bs, num_q_heads)](
+        mid_o, mid_lse, o, seq_lens,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
+        mid_lse.stride(1), o.stride(0), o.stride(1), num_splits,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(mid_o.shape[2]),
+        BLOCK_N=cfg.decode_block_n, MIN_CHUNK=cfg.decode_min_chunk,
+        num_warps=4 if q.is_cuda else 1,
+    )
+
+
+def plan_decode_splits(batch_size: int, num_kv_heads: int, max_seq_len: int | None,
+                       num_sms: int, max_splits: int, min_chunk: int) -> int:
+    """How many chunks to split each sequence into for a decode batch.
+
+    Enough programs to cover the GPU about twice (``2 * num_sms`` over ``batch_size *
+    num_kv_heads``), no more than ``max_splits``, and (when ``max_seq_len`` is known) no
+    more than the longest sequence has ``min_chunk``-token chunks. A CUDA-graph capture
+    passes ``max_seq_len=None``: the lengths change at every replay.
+    """
+    if batch_size < 1 or num_kv_heads < 1:
+        raise ValueError("batch_size and num_kv_heads must be positive")
+    want = math.ceil(2 * num_sms / (batch_size * num_kv_heads))
+    if max_seq_len is not None:
+        want = min(want, math.ceil(max_seq_len / min_chunk))
+    return max(1, min(want, max_splits))
+
+
+# --------------------------------------------------------------------------- indices
+
+
+@triton.jit
+def _fill_kv_indices_kernel(ReqToToken, ReqPoolIdx, SeqLens, Indptr, Out, stride_r2t,
+                            BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    row = tl.load(ReqPoolIdx + b).to(tl.int64)
+    seq_len = tl.load(SeqLens + b)
+    dst = tl.load(Indptr + b).to(tl.int64)
+    for start in range(0, seq_len, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < seq_len
+        slots = tl.load(ReqToToken + row * stride_r2t + offs, mask=mask)
+        tl.store(Out + dst + offs, slots, mask=mask)
+
+
+def fill_kv_indices(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                    seq_lens: torch.Tensor, indptr: torch.Tensor, out: torch.Tensor) -> None:
+    """Concatenate ``req_to_token[req_pool_indices[i], :seq_lens[i]]`` into ``out``.
+
+    Request ``i`` lands at ``out[indptr[i]:indptr[i + 1]]`` (``indptr``: [bs + 1] on the
+    device). One launch, no host synchronisation: flashinfer's page table for page size 1.
+    """
+    bs = int(req_pool_indices.shape[0])
+    if bs == 0:
+        return
+    _fill_kv_indices_kernel[(bs,)](
+        req_to_token, req_pool_indices, seq_lens, indptr, out, req_to_token.stride(0),
+        BLOCK=512 if out.is_cuda else 16, num_warps=4 if out.is_cuda else 1,
+    )
