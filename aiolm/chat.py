@@ -23,6 +23,7 @@ __all__ = [
     "TextPart",
     "ImagePart",
     "render_text",
+    "render_conversation",
     "messages_to_openai",
 ]
 
@@ -184,6 +185,44 @@ def render_text(
             out.append(p.text if isinstance(p, TextPart) else template.image_token)
         out.append(template.suffix[m.role])
     if open_role is not None:
+        out.append(template.prefix[open_role] + open_text)
+    return "".join(out)
+
+
+def render_conversation(
+    items: Sequence[Message | str],
+    template: ChatTemplate,
+    *,
+    open_role: str | None = None,
+    open_text: str = "",
+) -> str:
+    """Render a program state's content: turns (``Message``) and plain text (``str``).
+
+    With no turns at all (and none open) the result is the plain text concatenated, as a
+    completion model sees a few-shot prompt. Otherwise it is :func:`render_text` with each
+    plain-text item kept verbatim where it stands (and the template's BOS and default system
+    prompt in front of the conversation), so a state made only of turns renders exactly as
+    :func:`render_text` renders it.
+    """
+    if open_role is None and not any(isinstance(it, Message) for it in items):
+        return "".join(items)  # type: ignore[arg-type]
+    out = [template.bos]
+    first = next((it.role for it in items if isinstance(it, Message)), open_role)
+    needs_default = template.default_system is not None and first != "system"
+    for it in items:
+        if isinstance(it, str):
+            out.append(it)
+            continue
+        if needs_default:
+            out.append(template.prefix["system"] + template.default_system + template.suffix["system"])
+            needs_default = False
+        out.append(template.prefix[it.role])
+        for p in it.parts:
+            out.append(p.text if isinstance(p, TextPart) else template.image_token)
+        out.append(template.suffix[it.role])
+    if open_role is not None:
+        if needs_default:
+            out.append(template.prefix["system"] + template.default_system + template.suffix["system"])
         out.append(template.prefix[open_role] + open_text)
     return "".join(out)
 

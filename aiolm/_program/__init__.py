@@ -1,0 +1,1 @@
+"""The machinery behind :mod:`aiolm.program` (private: import from ``aiolm``)."""

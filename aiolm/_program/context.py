@@ -1,0 +1,97 @@
+"""What one program run shares between its states: the backend, its session, the run-level
+sampling defaults and the stream-event sink; and the small values a run produces."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+
+from ..backends.base import Backend, Capabilities, TokenLogprob
+from ..chat import SIMPLE_TEMPLATE, ChatTemplate
+from ..constraints.base import Constraint
+from ..constraints.json_schema import JSONSchema
+from ..errors import UnsupportedFeature
+from ..primitives import Gen
+from ..sampling import SamplingParams
+
+__all__ = ["GenerationMeta", "RunContext", "StreamEvent"]
+
+
+@attrs.frozen(kw_only=True)
+class StreamEvent:
+    """A piece of generated text, as ``program.stream(...)`` yields it.
+
+    ``name`` is the variable being generated (``None`` for an unnamed ``gen``), ``text`` the
+    new text (the deltas of one variable concatenate to its final text), ``branch`` the path
+    of fork-branch indices of the state that generated it (``()`` for the program's own).
+    """
+
+    name: str | None
+    text: str
+    branch: tuple[int, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class GenerationMeta:
+    """How a ``gen`` or ``select`` variable was produced (``state.meta(name)``).
+
+    Token counts are the backend's (words for the scripted backend). ``logprobs`` is set when
+    the gen asked for ``return_logprobs`` / ``top_logprobs``; ``choice_logprobs`` (select
+    only) is each choice's normalized logprob.
+    """
+
+    finish_reason: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    matched_stop: str | int | None = None
+    choice_logprobs: tuple[float, ...] | None = None
+
+
+EmitFn = Callable[[StreamEvent], Awaitable[None]]
+
+
+@attrs.define(eq=False)
+class RunContext:
+    """Shared by a program run's state and all its fork branches (one backend session)."""
+
+    backend: Backend
+    defaults: dict[str, Any]
+    emit: EmitFn | None = None
+    session: Any = attrs.field(init=False)
+    caps: Capabilities = attrs.field(init=False)
+    template: ChatTemplate = attrs.field(init=False)
+    chat: bool = attrs.field(init=False)
+    _sampling: dict[Gen, SamplingParams] = attrs.field(init=False, factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        self.session = self.backend.new_session()
+        self.caps = self.backend.capabilities
+        self.template = self.backend.chat_template or SIMPLE_TEMPLATE
+        self.chat = self.caps.chat_only
+
+    def sampling_for(self, gen: Gen) -> SamplingParams:
+        """``gen``'s sampling params over the run's defaults (memoized: gens repeat in loops)."""
+        try:
+            return self._sampling[gen]
+        except KeyError:
+            params = self._sampling[gen] = gen.sampling_params(self.defaults)
+            return params
+
+    def check_constraint(self, constraint: Constraint, what: str) -> None:
+        """Raise ``UnsupportedFeature`` if the backend cannot enforce ``constraint``."""
+        if isinstance(constraint, JSONSchema):
+            if not self.caps.json_schema:
+                raise UnsupportedFeature(
+                    f"{self.backend.model_name} cannot constrain {what} to a JSON schema; "
+                    "use a backend that supports json_schema (aiolm.Engine)"
+                )
+        elif not self.caps.regex:
+            raise UnsupportedFeature(
+                f"{self.backend.model_name} cannot constrain {what} with "
+                f"{type(constraint).__name__} (regex, grammar, choices and dtype need "
+                "token-level constraints); use aiolm.Engine, or select() for choices"
+            )

@@ -1,0 +1,401 @@
+"""``ProgramState``: the text, turns and variables of one program (or one fork branch).
+
+``s += expr`` compiles ``expr`` into ops and returns at once. Ops that only change text run
+immediately when nothing is queued; the rest go to a queue that one stream task per state
+(started on demand in the task group of the program or fork that owns the state) executes
+in order. Readers wait for exactly what they need: ``await s.get(name)`` for one variable,
+``await s.sync()`` for everything queued.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+import attrs
+
+from ..backends.base import ImageData
+from ..chat import ImagePart, Message, TextPart, render_conversation
+from ..errors import ProgramError, UnknownVariable, UnsupportedFeature, VariableNotReady
+from . import execute
+from .context import GenerationMeta, RunContext
+from .ops import (
+    ASYNC_KINDS,
+    CLOSE,
+    GEN,
+    IMAGE,
+    JOIN,
+    OPEN,
+    SCOPE_BEGIN,
+    SCOPE_END,
+    SELECT,
+    TEXT,
+    Op,
+    compile_expr,
+)
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from .fork import ForkGroup
+
+__all__ = ["ProgramState"]
+
+
+@attrs.define(eq=False)
+class ProgramState:
+    """The state a program appends to. Created by ``Program.run`` (and by ``fork``).
+
+    ``error`` is set on states returned by ``run_batch`` whose program failed.
+    """
+
+    _run: RunContext = attrs.field(alias="run")
+    _tg: TaskGroup | None = attrs.field(default=None, alias="task_group")
+    _path: tuple[int, ...] = attrs.field(default=(), alias="path")
+    error: BaseException | None = attrs.field(default=None, init=False)
+
+    # content: finished turns / plain text, then the open plain text or open turn
+    _items: list[Message | str] = attrs.field(init=False, factory=list)
+    _plain: list[str] = attrs.field(init=False, factory=list)
+    _role: str | None = attrs.field(init=False, default=None)
+    _parts: list[str | ImageData] = attrs.field(init=False, factory=list)
+    _images: list[ImageData] = attrs.field(init=False, factory=list)
+    # every content op applied to this state, in order (var_scope and concat-join read it)
+    _log: list[Op] = attrs.field(init=False, factory=list)
+    _scopes: list[tuple[str, int]] = attrs.field(init=False, factory=list)
+    # variables
+    _vars: dict[str, Any] = attrs.field(init=False, factory=dict)
+    _meta: dict[str, Any] = attrs.field(init=False, factory=dict)
+    _own: dict[str, None] = attrs.field(init=False, factory=dict)  # set here (not inherited)
+    _pending: dict[str, int] = attrs.field(init=False, factory=dict)
+    _waiters: dict[str, anyio.Event] = attrs.field(init=False, factory=dict)
+    # the stream
+    _queue: deque[Op] = attrs.field(init=False, factory=deque)
+    _busy: bool = attrs.field(init=False, default=False)
+    _idle: anyio.Event | None = attrs.field(init=False, default=None)
+    _qrole: str | None = attrs.field(init=False, default=None)  # open role once the queue ran
+    _closed: bool = attrs.field(init=False, default=False)
+
+    # ------------------------------------------------------------------ appending
+
+    def __iadd__(self, expr: object) -> ProgramState:
+        """Enqueue ``expr`` (text, gen, select, image, a role, or a ``+`` of them); no wait.
+
+        Raises ``TypeError`` for a value that is not an expr, ``ProgramError`` for a turn
+        inside a turn, an image outside a turn, or a state whose program or fork has ended.
+        """
+        if type(expr) is str:
+            self._enqueue([(TEXT, expr)] if expr else [], ())
+        else:
+            ops, names = compile_expr(expr, self._qrole)
+            self._enqueue(ops, names)
+        return self
+
+    def _enqueue(self, ops: list[Op], names: tuple[str, ...] | list[str]) -> None:
+        if self._closed:
+            raise ProgramError(
+                "this state's program or fork block has ended; append inside the program "
+                "(for a branch: inside its `async with s.fork(...)` block)"
+            )
+        pending = self._pending
+        for name in names:
+            pending[name] = pending.get(name, 0) + 1
+        if self._busy:
+            self._queue.extend(ops)
+            return
+        # Nothing queued: text-only ops apply now, so s.text() sees them at once.
+        for i, op in enumerate(ops):
+            if op[0] in ASYNC_KINDS:
+                self._queue.extend(ops[i:])
+                self._busy = True
+                assert self._tg is not None  # set while the state is open
+                self._tg.start_soon(self._drain, name=f"aiolm stream {self._path}")
+                return
+            self._apply(op)
+
+    async def _drain(self) -> None:
+        queue = self._queue
+        while queue:
+            kind, arg = queue.popleft()
+            if kind == GEN:
+                await execute.run_gen(self, arg)
+            elif kind == SELECT:
+                await execute.run_select(self, arg)
+            elif kind == IMAGE:
+                await execute.run_image(self, arg)
+            else:
+                self._apply((kind, arg))
+        # NOTE: only a successful drain wakes waiters; on an error (or cancellation) the
+        # task group that owns this task cancels them, so they never see a half-run state.
+        self._busy = False
+        if self._idle is not None:
+            self._idle.set()
+            self._idle = None
+
+    def _apply(self, op: Op) -> None:
+        kind, arg = op
+        if kind == TEXT:
+            self._append_text(arg)
+        elif kind == OPEN:
+            self._open(arg)
+        elif kind == CLOSE:
+            self._close()
+        elif kind == SCOPE_BEGIN:
+            self._scopes.append((arg, len(self._log)))
+        elif kind == SCOPE_END:
+            name, start = self._scopes.pop()
+            text = "".join(a for k, a in self._log[start:] if k == TEXT)
+            self._set(name, text, None)
+        elif kind == JOIN:
+            arg(self)
+        else:
+            raise AssertionError(f"unknown op {kind}")
+
+    # ------------------------------------------------------------------ content (sync)
+
+    def _append_text(self, text: str) -> None:
+        if self._role is None:
+            self._plain.append(text)
+        else:
+            self._parts.append(text)
+        self._log.append((TEXT, text))
+
+    def _append_image(self, image: ImageData) -> None:
+        if self._role is None:
+            raise ProgramError("image() must be inside a turn")
+        self._parts.append(image)
+        self._images.append(image)
+        self._log.append((IMAGE, image))
+
+    def _open(self, role: str) -> None:
+        if self._role is not None:
+            raise ProgramError(f"cannot start a {role} turn inside the open {self._role} turn")
+        if self._plain:
+            self._items.append("".join(self._plain))
+            self._plain.clear()
+        self._role = role
+        self._parts = []
+        self._log.append((OPEN, role))
+
+    def _close(self) -> None:
+        role = self._role
+        if role is None:
+            raise ProgramError("no turn is open")
+        self._items.append(Message(role=role, parts=_to_parts(self._parts)))  # type: ignore[arg-type]
+        self._role = None
+        self._parts = []
+        self._log.append((CLOSE, role))
+
+    def _replay(self, op: Op) -> None:
+        kind, arg = op
+        if kind == IMAGE:
+            self._append_image(arg)
+        else:
+            self._apply(op)
+
+    def _set(self, name: str, value: Any, meta: Any) -> None:
+        self._vars[name] = value
+        if meta is None:
+            self._meta.pop(name, None)
+        else:
+            self._meta[name] = meta
+        self._own[name] = None
+        count = self._pending[name] - 1
+        if count:
+            self._pending[name] = count
+            return
+        del self._pending[name]
+        waiter = self._waiters.pop(name, None)
+        if waiter is not None:
+            waiter.set()
+
+    # ------------------------------------------------------------------ reading
+
+    async def get(self, name: str) -> Any:
+        """Wait until variable ``name`` is generated and return it.
+
+        Waits only for that variable (and for a name enqueued several times, its last
+        write). Raises ``UnknownVariable`` if ``name`` was never enqueued.
+        """
+        if name not in self._pending:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        while name in self._pending:
+            waiter = self._waiters.get(name)
+            if waiter is None:
+                waiter = self._waiters[name] = anyio.Event()
+            await waiter.wait()
+        return self[name]
+
+    async def sync(self) -> None:
+        """Wait until everything appended so far has run."""
+        if not self._busy:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        while self._busy:
+            if self._idle is None:
+                self._idle = anyio.Event()
+            await self._idle.wait()
+
+    def __getitem__(self, name: str) -> Any:
+        """A finished variable. Raises ``VariableNotReady`` while it is being generated."""
+        if name in self._pending:
+            raise VariableNotReady(
+                f"variable {name!r} is still being generated; use `await s.get({name!r})` "
+                "to wait for it"
+            )
+        try:
+            return self._vars[name]
+        except KeyError:
+            raise UnknownVariable(f"no variable {name!r} was ever appended to this state") from None
+
+    def __contains__(self, name: object) -> bool:
+        """True when ``name`` is a variable (finished or pending)."""
+        return name in self._vars or name in self._pending
+
+    def meta(self, name: str) -> GenerationMeta | list[GenerationMeta | None]:
+        """How variable ``name`` was generated: finish reason, token counts, logprobs.
+
+        A gathered fork variable has a list (one entry per branch). Raises like
+        ``state[name]``, and ``UnknownVariable`` for a variable not made by gen/select.
+        """
+        self[name]  # noqa: B018 -- raises VariableNotReady / UnknownVariable
+        try:
+            return self._meta[name]
+        except KeyError:
+            raise UnknownVariable(
+                f"variable {name!r} has no generation metadata (gen and select set it)"
+            ) from None
+
+    def text(self) -> str:
+        """The whole text so far, as a text backend sees it (roles through its chat
+        template; the scripted template for chat backends). Queued exprs are not in it."""
+        items = self._items
+        if self._plain:
+            items = [*items, "".join(self._plain)]
+        open_text = ""
+        if self._role is not None:
+            token = self._run.template.image_token
+            open_text = "".join(p if type(p) is str else token for p in self._parts)
+        return render_conversation(items, self._run.template, open_role=self._role, open_text=open_text)
+
+    def messages(self) -> list[Message]:
+        """The chat turns so far (the open turn last); text outside turns is not a message."""
+        out = [it for it in self._items if isinstance(it, Message)]
+        if self._role is not None:
+            out.append(Message(role=self._role, parts=_to_parts(self._parts)))  # type: ignore[arg-type]
+        return out
+
+    def _request_fields(self, *, for_gen: bool) -> dict[str, Any]:
+        """The prompt part of a ``GenerateRequest`` for what this state holds now."""
+        ctx = self._run
+        if not ctx.chat:
+            return {"prompt": self.text(), "images": tuple(self._images)}
+        if for_gen:
+            if self._role != "assistant":
+                raise UnsupportedFeature(
+                    f"{ctx.backend.model_name} is a chat backend: put gen/select inside an "
+                    "assistant turn, e.g. s += assistant(gen('answer'))"
+                )
+            if any(isinstance(it, str) and it.strip() for it in self._items):
+                raise UnsupportedFeature(
+                    f"{ctx.backend.model_name} is a chat backend: it cannot see text outside "
+                    "a turn; wrap it in system(...) or user(...)"
+                )
+        return {"messages": tuple(self.messages())}
+
+    # ------------------------------------------------------------------ blocks
+
+    @contextlib.contextmanager
+    def _turn(self, role: str) -> Iterator[ProgramState]:
+        if self._qrole is not None:
+            raise ProgramError(
+                f"cannot start a {role} turn inside the open {self._qrole} turn; "
+                f"close the {self._qrole} turn first"
+            )
+        self._enqueue([(OPEN, role)], ())
+        self._qrole = role
+        try:
+            yield self
+        finally:
+            self._qrole = None
+            if not self._closed:
+                self._enqueue([(CLOSE, role)], ())
+
+    def system(self) -> contextlib.AbstractContextManager[ProgramState]:
+        """``with s.system(): s += ...`` — what is appended inside is one system turn."""
+        return self._turn("system")
+
+    def user(self) -> contextlib.AbstractContextManager[ProgramState]:
+        """``with s.user(): s += ...`` — what is appended inside is one user turn."""
+        return self._turn("user")
+
+    def assistant(self) -> contextlib.AbstractContextManager[ProgramState]:
+        """``with s.assistant(): s += gen(...)`` — one assistant turn."""
+        return self._turn("assistant")
+
+    @contextlib.contextmanager
+    def var_scope(self, name: str) -> Iterator[ProgramState]:
+        """``with s.var_scope("x"): s += ...`` — the text appended inside becomes ``s["x"]``.
+
+        The variable holds the appended text and generated text, without chat-template
+        markup. It is pending (``await s.get("x")``) until the block's last expr has run.
+        """
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name: expected a non-empty str, got {name!r}")
+        self._enqueue([(SCOPE_BEGIN, name)], (name,))
+        try:
+            yield self
+        finally:
+            if not self._closed:
+                self._enqueue([(SCOPE_END, name)], ())
+
+    def fork(self, n: int) -> ForkGroup:
+        """``async with s.fork(n) as forks:`` — ``n`` branches, each a copy of this state.
+
+        The block is a task group: each branch's exprs run on its own task; leaving the block
+        waits for every branch, and an error in one cancels the others and propagates. A fork
+        of ``n > 1`` first asks the backend to prefill (cache) the shared prefix once.
+        Afterwards, ``forks.join()`` merges the branches into this state.
+        """
+        from .fork import ForkGroup
+
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n: expected an int, got {type(n).__name__}")
+        if n < 1:
+            raise ValueError(f"n: a fork needs at least 1 branch, got {n}")
+        return ForkGroup(self, n)
+
+    def _branch(self, tg: TaskGroup, index: int) -> ProgramState:
+        """A copy of this (synced) state owned by task group ``tg``."""
+        child = ProgramState(run=self._run, task_group=tg, path=(*self._path, index))
+        child._items = list(self._items)
+        child._plain = list(self._plain)
+        child._role = child._qrole = self._role
+        child._parts = list(self._parts)
+        child._images = list(self._images)
+        child._vars = dict(self._vars)
+        child._meta = dict(self._meta)
+        return child
+
+    def __repr__(self) -> str:
+        where = f" branch={self._path}" if self._path else ""
+        return f"<ProgramState{where} vars={list(self._vars)} pending={list(self._pending)}>"
+
+
+def _to_parts(raw: list[str | ImageData]) -> tuple[TextPart | ImagePart, ...]:
+    parts: list[TextPart | ImagePart] = []
+    run: list[str] = []
+    for p in raw:
+        if type(p) is str:
+            run.append(p)
+            continue
+        if run:
+            parts.append(TextPart(text="".join(run)))
+            run = []
+        parts.append(ImagePart(image=p))  # type: ignore[arg-type]
+    if run:
+        parts.append(TextPart(text="".join(run)))
+    return tuple(parts)
