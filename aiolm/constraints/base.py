@@ -17,10 +17,14 @@ class Matcher(abc.ABC):
     """Per-request constraint state, advanced one sampled token at a time.
 
     The engine calls, for each decode step of a constrained request:
-    ``fill_next_token_mask(row)`` (before sampling), then ``advance(token)``; when
-    ``forced_tokens()`` returns two or more ids, it appends them all in one forward pass
-    (jump-forward) and advances the matcher through each. Matchers are used by one thread
-    at a time (the engine loop) and need no locking.
+    ``fill_next_token_mask(row)`` (before sampling), then ``advance(token)``, then
+    ``jump_forward()``; when that returns two or more tokens, it appends them all and
+    computes them in one forward pass (jump-forward), advancing the matcher through each.
+    Once ``is_finished()`` the request ends. Matchers are used by one thread at a time (the
+    engine loop) and need no locking.
+
+    A minimal matcher implements the six abstract methods; ``forced_tokens`` may always
+    return ``[]`` (no jump-forward) and ``accepts_eos``/``jump_forward`` have defaults.
     """
 
     @abc.abstractmethod
@@ -59,6 +63,17 @@ class Matcher(abc.ABC):
         """True when the output may end here (the default: when it is finished)."""
         return self.is_finished()
 
+    def jump_forward(self) -> tuple[int, list[int]]:
+        """What to do after a sampled token was advanced: ``(rollback, tokens)``.
+
+        The engine drops the last ``rollback`` output tokens (this matcher has already
+        undone them), then may append ``tokens`` in order, advancing the matcher through each
+        one it appends (it appends at least ``rollback`` of them). ``rollback`` is 1 when the
+        sampled token followed by the forced text tokenizes differently (canonical tokens at
+        the boundary), else 0. The default is ``(0, self.forced_tokens())``.
+        """
+        return 0, self.forced_tokens()
+
 
 class Constraint(abc.ABC):
     """An immutable, hashable description of the allowed outputs.
@@ -87,5 +102,7 @@ class Constraint(abc.ABC):
     def validate(self) -> None:
         """Check the spec fully (may be costly); raise ``ConstraintError`` if it is invalid.
 
-        Called when a program submits the constraint, before generation starts.
+        Called when a program submits the constraint, before generation starts. The
+        default accepts: a spec valid by construction needs no further check.
         """
+        return None

@@ -28,8 +28,8 @@ def _to_schema_json(schema: Any) -> str:
             f"json_schema: expected a dict, a JSON string or a pydantic model class, "
             f"got {type(schema).__name__}"
         )
-    try:
-        return json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    try:  # key order is kept: properties are generated in the schema's order
+        return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise ConstraintError(f"json_schema: cannot be serialized: {exc}") from None
 
@@ -38,7 +38,10 @@ def _to_schema_json(schema: Any) -> str:
 class JSONSchema(Constraint):
     """The output is JSON valid under ``schema`` (dict, JSON string or pydantic model class).
 
-    The spec keeps the schema as canonical JSON text (``schema_json``) so it is hashable.
+    The spec keeps the schema as compact JSON text (``schema_json``) so it is hashable; key
+    order is kept, since properties are generated in the order the schema lists them.
+    Generated JSON is on one line with ``", "`` and ``": "`` separators unless the schema's
+    ``"x-guidance"`` options say otherwise (see ``docs/constraints.md``).
     """
 
     schema_json: str = attrs.field(converter=_to_schema_json)

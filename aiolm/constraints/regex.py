@@ -34,3 +34,10 @@ class Regex(Constraint):
 
     def matches_text(self, text: str) -> bool:
         return _re.fullmatch(self.pattern, text) is not None
+
+    def validate(self) -> None:
+        """Raise ``ConstraintError`` if the pattern uses what constrained decoding cannot
+        express (lookarounds, backreferences, word boundaries, ...), naming it."""
+        from ._llg import validate_spec
+
+        validate_spec(self)
