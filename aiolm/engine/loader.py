@@ -61,18 +61,17 @@ def load_model(
     module = module.to(dtype=getattr(torch, target)).to_empty(device=device)
     if load_format == "dummy":
         _fill_dummy(module, seed, device)
-    elif source.suffix == ".gguf":
-        from .gguf_weights import gguf_weights
-
-        module.load_weights(gguf_weights(source, config))
-    else:
+    elif isinstance(source, Path):
         module.load_weights(_safetensors_weights(source))
+    else:
+        module.load_weights(source.weights(config))
     module.init_buffers()
     module.eval()
     return module, config
 
 
-def _resolve_source(model: Any, load_format: str) -> tuple[Path | None, ModelConfig]:
+def _resolve_source(model: Any, load_format: str) -> tuple[Any, ModelConfig]:
+    """``(source, config)``: source is a HF directory, a ``GGUFCheckpoint`` or None (dummy)."""
     if isinstance(model, ModelConfig):
         _require_dummy(load_format, "a ModelConfig")
         return None, model
@@ -98,9 +97,10 @@ def _resolve_source(model: Any, load_format: str) -> tuple[Path | None, ModelCon
             raise FileNotFoundError(f"model: {str(path)!r} has no config.json")
         return path, ModelConfig.from_hf(json.loads(config_file.read_text()))
     if path.suffix == ".gguf":
-        from .gguf_weights import gguf_config
+        from .gguf_weights import GGUFCheckpoint
 
-        return path, gguf_config(path)
+        checkpoint = GGUFCheckpoint(path)
+        return checkpoint, checkpoint.config
     raise ValueError(
         f"model: {str(path)!r} is neither a Hugging Face directory nor a .gguf file"
     )

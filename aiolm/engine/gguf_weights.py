@@ -1,0 +1,149 @@
+"""Read a GGUF file (llama.cpp's format): the model config from its metadata and its
+tensors dequantized and renamed to Hugging Face names.
+
+llama.cpp's converter permutes the rows of the Q and K projections of llama-arch models
+(it pairs rotary dimensions as interleaved pairs, HF as two halves); the permutation is
+undone here exactly as ``transformers``' GGUF loader does. Qwen2/Qwen3 are stored unpermuted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .model_config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["GGUFCheckpoint"]
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM"}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+class GGUFCheckpoint:
+    """An opened GGUF file: ``config`` from its metadata, ``weights()`` to stream tensors.
+
+    Raises ValueError for an architecture we do not implement (listing the supported ones)
+    or for llama3-style ``rope_freqs`` tensors, which this loader does not map.
+    """
+
+    def __init__(self, path: Path) -> None:
+        from gguf import GGUFReader
+
+        self.path = path
+        self.reader = GGUFReader(str(path))
+        self.config = _config(path, self.reader)
+
+    def weights(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(hf_name, tensor)`` for every tensor, dequantized to ``config.dtype``."""
+        return _weights(self.reader, config)
+
+
+def _config(path: Path, reader: Any) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(
+            f"model: GGUF architecture {arch!r} is not supported; supported GGUF "
+            f"architectures are {', '.join(_ARCHITECTURES)}"
+        )
+    tensor_names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in tensor_names:
+        raise ValueError(
+            f"model: {str(path)!r} uses per-frequency RoPE factors (rope_freqs), which the GGUF "
+            "loader does not support; load the Hugging Face directory instead"
+        )
+    name = str(_field(reader, "general.name", "") or "").lower()
+    architecture = _ARCHITECTURES[arch]
+    if arch == "llama" and "mistral" in name:
+        architecture = "MistralForCausalLM"
+
+    def key(suffix: str, default: Any = None) -> Any:
+        return _field(reader, f"{arch}.{suffix}", default)
+
+    num_heads = int(key("attention.head_count"))
+    hidden = int(key("embedding_length"))
+    vocab = key("vocab_size")
+    if vocab is None:
+        vocab = len(_field(reader, "tokenizer.ggml.tokens"))
+    hf: dict[str, Any] = {
+        "architectures": [architecture],
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(key("feed_forward_length")),
+        "num_hidden_layers": int(key("block_count")),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": int(key("attention.head_count_kv", num_heads)),
+        "head_dim": int(key("attention.key_length", hidden // num_heads)),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(key("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(key("context_length", 4096)),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": any(".attn_output.bias" in n for n in tensor_names),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "torch_dtype": "bfloat16",
+    }
+    if key("rope.scaling.type") == "linear":
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+    return ModelConfig.from_hf(hf)
+
+
+def _weights(reader: Any, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    import numpy as np
+    import torch
+    from gguf import dequantize
+
+    arch = _field(reader, "general.architecture")
+    target = config.torch_dtype
+    for tensor in reader.tensors:
+        hf_name = _hf_name(tensor.name)
+        if hf_name is None:
+            raise ValueError(f"model: GGUF tensor {tensor.name!r} has no counterpart in our model")
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        if arch == "llama":
+            if ".attn_q." in tensor.name:
+                weights = _unpermute(weights, config.num_heads)
+            elif ".attn_k." in tensor.name:
+                weights = _unpermute(weights, config.num_kv_heads)
+        # F32 tensors come back as read-only views of the memory map: copy those.
+        yield hf_name, torch.from_numpy(np.require(weights, requirements=["C", "W"])).to(target)
+
+
+def _hf_name(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    match = _BLOCK.match(name)
+    if match is None or match.group(2) not in _BLOCK_NAMES:
+        return None
+    layer, part, kind = match.groups()
+    return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+
+
+def _unpermute(weights: Any, num_heads: int) -> Any:
+    """Undo llama.cpp's per-head row interleaving of rotary dims (as transformers does)."""
+    half = weights.shape[0] // num_heads // 2
+    w = weights.reshape(num_heads, half, 2, *weights.shape[1:])
+    return w.swapaxes(2, 1).reshape(weights.shape)
