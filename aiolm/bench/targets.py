@@ -1,0 +1,229 @@
+"""What a benchmark runs on: the engine, the scripted backend, the transformers peer, or the
+OpenAI path (aiolm's server over the engine, reached by ``aiolm.OpenAI``).
+
+A :class:`Target` opens a backend for one variant (engine settings differ per ablation),
+says which ablations it can run, how its prompts tokenize (for the recorder) and how to
+start a variant from a cold cache.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import random
+import zlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from ..backends.base import Backend
+from .recording import WordTokenizer
+from .synth import words
+
+__all__ = ["EngineTarget", "HFTarget", "OpenAITarget", "ScriptedTarget", "Target", "scripted_reply"]
+
+#: Engine settings that switch each of the paper's ablations off.
+ABLATION_ENGINE_KWARGS: dict[str, dict[str, Any]] = {
+    "radix": {"enable_radix_cache": False},
+    "schedule": {"schedule_policy": "fcfs"},
+    "jump-forward": {"jump_forward": False},
+}
+
+
+class Target(abc.ABC):
+    """A way to get a backend for a benchmark variant."""
+
+    #: The name recorded in results (``engine``, ``scripted``, ``hf``, ``openai``).
+    kind: str
+
+    def describe(self) -> dict[str, Any]:
+        """What the results should say about this target (model, settings)."""
+        return {"kind": self.kind}
+
+    def supports(self, ablation: str) -> bool:
+        """Whether ``ablation`` (a key of ``ABLATIONS``) means anything on this target."""
+        return False
+
+    @abc.abstractmethod
+    def open(self, engine_kwargs: dict[str, Any]) -> Any:
+        """An async context manager yielding a backend with ``engine_kwargs`` applied."""
+
+    def tokenizer(self, backend: Backend) -> Callable[[str], Sequence[int]]:
+        """How ``backend`` tokenizes a text prompt (for the request recorder)."""
+        return WordTokenizer()
+
+    async def reset(self, backend: Backend) -> None:
+        """Empty ``backend``'s prefix cache (before a measured run). The default: nothing."""
+        return None
+
+    async def aclose(self) -> None:
+        """Release what the target keeps open between variants."""
+        return None
+
+
+def _schema_in(prompt: str) -> dict[str, Any] | None:
+    marker = "schema: "
+    at = prompt.rfind(marker)
+    if at < 0:
+        return None
+    line = prompt[at + len(marker):].split("\n", 1)[0]
+    try:
+        schema = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return schema if isinstance(schema, dict) else None
+
+
+def _instance(schema: dict[str, Any]) -> Any:
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if kind == "object":
+        return {key: _instance(sub) for key, sub in schema.get("properties", {}).items()}
+    if kind == "boolean":
+        return True
+    if kind in ("integer", "number"):
+        return 1
+    return "x" * min(3, schema.get("maxLength", 3))
+
+
+def scripted_reply(prompt: str) -> str:
+    """The scripted model of the benchmarks: deterministic words, or valid JSON after a
+    ``Record:`` prompt that states its schema (as the JSON workload's prompts do)."""
+    if prompt.endswith("Record: "):
+        schema = _schema_in(prompt)
+        if schema is not None:
+            return json.dumps(_instance(schema))
+    rng = random.Random(zlib.crc32(prompt[-256:].encode()))
+    return " " + words(rng, 64)
+
+
+class ScriptedTarget(Target):
+    """The deterministic :class:`~aiolm.backends.ScriptedBackend` (no cache, no ablations)."""
+
+    kind = "scripted"
+
+    @asynccontextmanager
+    async def open(self, engine_kwargs: dict[str, Any]) -> AsyncIterator[Backend]:
+        from ..backends.scripted import ScriptedBackend
+
+        yield ScriptedBackend(scripted_reply)
+
+
+class EngineTarget(Target):
+    """The in-process engine. Engines are kept open between variants with equal settings
+    (at most ``keep`` at once) and their caches flushed before each measured run."""
+
+    kind = "engine"
+
+    def __init__(self, model: str | None = None, *, load_format: str = "auto", seed: int = 0,
+                 keep: int = 2, **engine_kwargs: Any) -> None:
+        self.model = model
+        self.load_format = load_format
+        self.seed = seed
+        self.base_kwargs = engine_kwargs
+        self._keep = keep
+        self._open: dict[str, tuple[Backend, AsyncExitStack]] = {}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "model": self.model if self.model is not None else "SmolLM2-135M-Instruct (embedded)",
+            "load_format": self.load_format,
+            "seed": self.seed,
+            **self.base_kwargs,
+        }
+
+    def supports(self, ablation: str) -> bool:
+        return ablation in ABLATION_ENGINE_KWARGS
+
+    @asynccontextmanager
+    async def open(self, engine_kwargs: dict[str, Any]) -> AsyncIterator[Backend]:
+        kwargs = {**self.base_kwargs, **engine_kwargs}
+        key = json.dumps(kwargs, sort_keys=True)
+        if key not in self._open:
+            while len(self._open) >= self._keep:
+                _, stack = self._open.pop(next(iter(self._open)))
+                await stack.aclose()
+            from ..backends.engine import Engine
+
+            stack = AsyncExitStack()
+            engine = await stack.enter_async_context(
+                Engine(self.model, load_format=self.load_format, seed=self.seed, **kwargs)
+            )
+            self._open[key] = (engine, stack)
+        else:  # most recently used goes last
+            self._open[key] = self._open.pop(key)
+        yield self._open[key][0]
+
+    def tokenizer(self, backend: Backend) -> Callable[[str], Sequence[int]]:
+        return backend.tokenizer.encode  # type: ignore[attr-defined]
+
+    async def reset(self, backend: Backend) -> None:
+        await backend.flush_cache()  # type: ignore[attr-defined]
+
+    async def aclose(self) -> None:
+        while self._open:
+            _, stack = self._open.pop(next(iter(self._open)))
+            await stack.aclose()
+
+
+class OpenAITarget(Target):
+    """aiolm's OpenAI-compatible server over an engine, used through ``aiolm.OpenAI``."""
+
+    kind = "openai"
+
+    def __init__(self, inner: Target) -> None:
+        self.inner = inner
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "served": self.inner.describe()}
+
+    def supports(self, ablation: str) -> bool:
+        return self.inner.supports(ablation)
+
+    @asynccontextmanager
+    async def open(self, engine_kwargs: dict[str, Any]) -> AsyncIterator[Backend]:
+        from .openai_bridge import served_as_openai
+
+        async with self.inner.open(engine_kwargs) as backend, served_as_openai(backend) as api:
+            yield api
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class HFTarget(Target):
+    """The transformers peer (:class:`~aiolm.bench.hf_backend.HFBackend`), loaded once."""
+
+    kind = "hf"
+
+    def __init__(self, model: str | None = None, *, dummy: str | None = None, seed: int = 0,
+                 device: str = "auto") -> None:
+        self.model = model
+        self.dummy = dummy
+        self.seed = seed
+        self.device = device
+        self._backend: Backend | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "model": self.dummy or self.model or "SmolLM2-135M-Instruct (embedded)"}
+
+    @asynccontextmanager
+    async def open(self, engine_kwargs: dict[str, Any]) -> AsyncIterator[Backend]:
+        if self._backend is None:
+            from .hf_backend import HFBackend
+
+            if self.dummy is not None:
+                self._backend = HFBackend.from_dummy(self.dummy, seed=self.seed, device=self.device)
+            else:
+                self._backend = HFBackend(self.model, device=self.device)
+        yield self._backend
+
+    def tokenizer(self, backend: Backend) -> Callable[[str], Sequence[int]]:
+        return backend.tokenizer.encode  # type: ignore[attr-defined]
+
+    async def aclose(self) -> None:
+        if self._backend is not None:
+            await self._backend.aclose()
+            self._backend = None

@@ -1,0 +1,128 @@
+"""The benchmark workloads and harness, on the scripted backend (fast, no model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aiolm.backends import ScriptedBackend
+from aiolm.bench import WORKLOADS
+from aiolm.bench.cli import bench_main
+from aiolm.bench.harness import measure, ratios, run_workload, variants
+from aiolm.bench.recording import RecordingBackend
+from aiolm.bench.results import write_json
+from aiolm.bench.targets import EngineTarget, ScriptedTarget, scripted_reply
+from aiolm.bench.workload import RunOptions
+from aiolm.constraints import JSONSchema
+
+# Workloads that run on the scripted backend alone (api-spec needs the OpenAI server).
+SCRIPTED = [name for name, w in WORKLOADS.items() if not w.via_openai]
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_inputs_are_seeded_and_sized(name):
+    w = WORKLOADS[name]
+    tiny = w.make_inputs("tiny", 0)
+    assert tiny == w.make_inputs("tiny", 0)
+    assert tiny != w.make_inputs("tiny", 1)
+    assert len(w.make_inputs("small", 0)) >= len(tiny) >= 1
+    with pytest.raises(ValueError, match="size"):
+        w.make_inputs("huge", 0)
+
+
+def test_few_shot_interleaves_subjects():
+    inputs = WORKLOADS["few-shot"].make_inputs("small", 0)
+    prefixes = [i["examples"] for i in inputs]
+    assert prefixes[0] != prefixes[1]                   # neighbours come from different subjects
+    assert len(set(prefixes)) == WORKLOADS["few-shot"].shape("small").subjects
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", SCRIPTED)
+async def test_workload_runs_end_to_end_on_scripted_backend(name, tmp_path):
+    result = await run_workload(WORKLOADS[name], ScriptedTarget(), size="tiny")
+    assert result["errors"] == {}
+    figures = result["runs"]["aiolm"]
+    assert figures["programs"] == len(WORKLOADS[name].make_inputs("tiny", 0))
+    assert figures["requests"] >= figures["programs"]
+    assert figures["programs_per_s"] > 0
+    assert figures["prompt_tokens"] > 0
+    write_json({"workloads": [result]}, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["workloads"][0]["name"] == name
+
+
+@pytest.mark.anyio
+async def test_tree_of_thought_issues_one_request_per_node():
+    w = WORKLOADS["tree-of-thought"]
+    shape = w.shape("tiny")
+    backend = RecordingBackend(ScriptedBackend(scripted_reply))
+    await measure(w, backend, w.make_inputs("tiny", 0)[:1], RunOptions(), tokenize=str.split)
+    nodes = sum(shape.width ** level for level in range(1, shape.levels + 1))
+    generated = [r for r in backend.requests if r.kind == "generate"]
+    assert len(generated) == nodes + 1                  # every thought, then the answer
+
+
+@pytest.mark.anyio
+async def test_recording_backend_keeps_prompt_tokens_and_usage():
+    inner = ScriptedBackend(lambda prompt: " yes")
+    rec = RecordingBackend(inner)
+    from aiolm import gen, program, select
+
+    @program
+    async def ask(s):
+        s += "Is it ok?" + gen("a", max_tokens=2)
+        s += " Sure?" + select("b", choices=[" yes", " no"])
+
+    await ask.run(backend=rec)
+    kinds = [r.kind for r in rec.requests]
+    assert kinds == ["generate", "score", "score"]
+    assert rec.calls == 2
+    assert rec.requests[0].tokens == (0, 1, 2)         # "Is", "it", "ok?" as word ids
+    assert rec.usage_totals().completion_tokens == 1
+    assert rec.statistics().calls == 1                  # the inner backend's own extras
+
+
+def test_scripted_reply_satisfies_the_json_workload_schemas():
+    w = WORKLOADS["json-decode"]
+    for inputs in w.make_inputs("small", 0):
+        schema = inputs["schema"]
+        prompt = "fill in a JSON record with this schema: " + json.dumps(schema) + "\n\ndoc\n\nRecord: "
+        assert JSONSchema(schema).matches_text(scripted_reply(prompt))
+
+
+def test_ratios_say_how_much_better_aiolm_is():
+    runs = {"aiolm": {"programs_per_s": 6.0, "requests": 2}, "radix-off": {"programs_per_s": 2.0, "requests": 10}}
+    assert ratios("programs_per_s", runs) == {"aiolm/radix-off": 3.0}
+    assert ratios("requests", runs) == {"aiolm/radix-off": 5.0}     # fewer calls is better
+
+
+def test_variants_follow_the_workload_and_target():
+    few_shot = WORKLOADS["few-shot"]
+    engine = EngineTarget("tiny-llama", load_format="dummy")
+    names = [v.name for v in variants(few_shot, engine, ["radix", "schedule", "jump-forward"], None)]
+    assert names == ["aiolm", "radix-off", "fcfs"]
+    scripted = [v.name for v in variants(few_shot, ScriptedTarget(), ["radix"], None)]
+    assert scripted == ["aiolm"]                         # nothing to switch off on a script
+
+
+def test_bench_cli_writes_well_formed_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = bench_main(["few-shot", "react", "--backend", "scripted", "--size", "tiny",
+                       "--no-progress", "--out", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert doc["format"] == "aiolm-bench/1"
+    assert doc["device"]["kind"] == "cpu"
+    assert doc["config"]["size"] == "tiny"
+    assert [w["name"] for w in doc["workloads"]] == ["few-shot", "react"]
+    assert doc["workloads"][0]["runs"]["aiolm"]["programs"] == 4
+    assert "few-shot" in capsys.readouterr().out
+
+
+def test_bench_cli_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        bench_main(["no-such-workload", "--backend", "scripted"])
+    with pytest.raises(SystemExit):
+        bench_main(["--backend", "scripted"])           # neither a workload nor a suite
+    assert "unknown workload" in capsys.readouterr().err
