@@ -88,6 +88,11 @@ class ForkGroup:
     def __getitem__(self, index: int) -> ProgramState:
         return self._open_branches()[index]
 
+    def __setitem__(self, index: int, value: ProgramState) -> None:
+        # ``forks[i] += expr`` stores back what ``__iadd__`` returned: the branch itself.
+        if value is not self._open_branches()[index]:
+            raise TypeError("fork branches cannot be replaced; append with forks[i] += expr")
+
     def __iter__(self) -> Iterator[ProgramState]:
         return iter(self._open_branches())
 
