@@ -1,0 +1,240 @@
+"""The Triton attention kernels on the CPU, through Triton's interpreter.
+
+tests/conftest.py sets ``TRITON_INTERPRET=1`` on machines without CUDA before triton is
+first imported (``@triton.jit`` and triton.language read it at import). Each test compares against the torch backend on fresh random inputs, with the outputs poisoned
+(NaN) before the run. The same checks run at full size on a GPU in tests/test_gpu_attention.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from aiolm.cache.pool import KVPool, ReqToTokenPool  # noqa: E402
+from aiolm.engine.attention.torch_backend import TorchAttention  # noqa: E402
+from aiolm.engine.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+
+# Relative error bounds (‖out - ref‖ / ‖ref‖) per dtype: float32 is exact up to summation
+# order; fp16/bf16 round the probabilities to the input dtype before the second product.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def tk():
+    """aiolm.engine.attention.triton_kernels, interpreted."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter tests run without a GPU; tests/test_gpu_attention.py runs there")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py)")
+    from aiolm.engine.attention import triton_kernels
+
+    return triton_kernels
+
+
+@pytest.fixture
+def backend_cls(tk):
+    from aiolm.engine.attention.triton import TritonAttention
+
+    return TritonAttention
+
+
+def make_batch(*, prefix_lens, extend_lens, num_q_heads, num_kv_heads, head_dim, dtype,
+               seed, decode=False):
+    """Random pool contents, a shuffled slot table, and q/k/v for the new tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(prefix_lens) + sum(extend_lens)
+    pool = KVPool(1, num_kv_heads, head_dim, total + 8, dtype, "cpu")
+    pool.k_buffers[0].copy_(torch.randn(pool.k_buffers[0].shape, generator=gen))
+    pool.v_buffers[0].copy_(torch.randn(pool.v_buffers[0].shape, generator=gen))
+    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens, strict=True)]
+    table = ReqToTokenPool(len(extend_lens) + 2, max(seq_lens) + 4)
+    slots = torch.randperm(total + 8, generator=gen)[:total] + 1
+    rows, locs, positions, start = [], [], [], 0
+    for p, e in zip(prefix_lens, extend_lens, strict=True):
+        row = table.alloc()
+        table.write(row, 0, slots[start:start + p + e])
+        locs.append(slots[start + p:start + p + e])
+        positions.append(torch.arange(p, p + e))
+        rows.append(row)
+        start += p + e
+    n = sum(extend_lens)
+    batch = ForwardBatch(
+        mode=ForwardMode.DECODE if decode else ForwardMode.EXTEND,
+        batch_size=len(extend_lens),
+        input_ids=torch.zeros(n, dtype=torch.int64),
+        positions=torch.cat(positions),
+        out_cache_loc=torch.cat(locs).long(),
+        req_pool_indices=torch.tensor(rows, dtype=torch.int64),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        extend_prefix_lens=None if decode else torch.tensor(prefix_lens, dtype=torch.int32),
+        extend_seq_lens=None if decode else torch.tensor(extend_lens, dtype=torch.int32),
+        seq_lens_cpu=seq_lens,
+        extend_prefix_lens_cpu=[] if decode else list(prefix_lens),
+        extend_seq_lens_cpu=[] if decode else list(extend_lens),
+        kv_pool=pool,
+        req_to_token_pool=table,
+    )
+    q = torch.randn(n, num_q_heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
+    return batch, q, k, v
+
+
+def reference(batch, q, k, v, geometry):
+    """The torch backend's output on a copy of the pool (it writes K/V too)."""
+    pool = batch.kv_pool
+    saved = [b.clone() for b in pool.k_buffers + pool.v_buffers]
+    ref = TorchAttention(**geometry)
+    ref.init_forward(batch)
+    out = ref.forward(q, k, v, 0, batch)
+    for buf, keep in zip(pool.k_buffers + pool.v_buffers, saved, strict=True):
+        buf.copy_(keep)
+    return out
+
+
+def rel_err(out, ref):
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+GEOMETRIES = [(4, 2, 16), (6, 2, 24), (2, 2, 32)]  # (q heads, kv heads, head dim)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
+def test_extend_attends_to_cached_prefix_and_causally_to_new_tokens(backend_cls, dtype, heads):
+    hq, hkv, d = heads
+    # Mixed lengths: no prefix, a prefix shorter than a tile, one token, several tiles.
+    batch, q, k, v = make_batch(prefix_lens=[0, 7, 20, 33], extend_lens=[5, 1, 17, 40],
+                                num_q_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype,
+                                seed=100 * hq + d + DTYPES.index(dtype))
+    geometry = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5, device="cpu")
+    expected = reference(batch, q, k, v, geometry)
+    attn = backend_cls(**geometry)
+    attn.init_forward(batch)
+    out = attn.forward(q, k, v, 0, batch)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expected) < TOLERANCE[dtype]
+    k_buf, v_buf = batch.kv_pool.get_kv(0)
+    assert torch.equal(k_buf[batch.out_cache_loc], k)
+    assert torch.equal(v_buf[batch.out_cache_loc], v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_split_k_matches_reference(tk, dtype, num_splits):
+    hq, hkv, d = 8, 2, 16
+    batch, q, k, v = make_batch(prefix_lens=[0, 16, 49, 70], extend_lens=[1, 1, 1, 1],
+                                num_q_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype,
+                                seed=num_splits, decode=True)
+    geometry = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=0.3, device="cpu")
+    expected = reference(batch, q, k, v, geometry)
+    cfg = tk.kernel_config(torch.device("cpu"), d)
+    k_buf, v_buf = batch.kv_pool.get_kv(0)
+    tk.store_kv(k, v, k_buf, v_buf, batch.out_cache_loc)
+    out = torch.full_like(q, float("nan"))
+    mid_o = torch.full((4, hq, 8, d), float("nan"))
+    mid_lse = torch.full((4, hq, 8), float("nan"))
+    tk.decode_attention(q, out, k_buf, v_buf, batch.req_to_token_pool.req_to_token,
+                        batch.req_pool_indices, batch.seq_lens, mid_o, mid_lse, num_splits,
+                        0.3, cfg)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expected) < TOLERANCE[dtype]
+
+
+def test_decode_backend_plans_splits_and_matches_reference(backend_cls):
+    hq, hkv, d = 4, 1, 16
+    batch, q, k, v = make_batch(prefix_lens=[100, 3], extend_lens=[1, 1], num_q_heads=hq,
+                                num_kv_heads=hkv, head_dim=d, dtype=torch.float32, seed=7,
+                                decode=True)
+    geometry = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=0.25, device="cpu")
+    expected = reference(batch, q, k, v, geometry)
+    attn = backend_cls(**geometry)
+    attn.init_forward(batch)
+    assert attn._meta.num_splits > 1   # 101 tokens in chunks of 16 on 4 pretend SMs
+    out = attn.forward(q, k, v, 0, batch)
+    assert rel_err(out, expected) < TOLERANCE[torch.float32]
+
+
+def test_captured_decode_batch_reuses_static_scratch(backend_cls):
+    hq, hkv, d = 4, 2, 16
+    batch, q, k, v = make_batch(prefix_lens=[40, 9], extend_lens=[1, 1], num_q_heads=hq,
+                                num_kv_heads=hkv, head_dim=d, dtype=torch.float32, seed=3,
+                                decode=True)
+    geometry = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=0.25, device="cpu")
+    expected = reference(batch, q, k, v, geometry)
+    attn = backend_cls(**geometry)
+    attn.init_cuda_graph_state(max_batch_size=4, max_context_len=64)
+    attn.init_forward_for_capture(batch)
+    attn.init_forward(batch)
+    assert attn._meta.mid_o.data_ptr() == attn._graph_mid_o.data_ptr()
+    out = attn.forward(q, k, v, 0, batch)
+    assert rel_err(out, expected) < TOLERANCE[torch.float32]
+    attn.init_forward_for_replay(batch)
+    other, *_ = make_batch(prefix_lens=[4], extend_lens=[1], num_q_heads=hq, num_kv_heads=hkv,
+                           head_dim=d, dtype=torch.float32, seed=4, decode=True)
+    with pytest.raises(RuntimeError, match="not captured"):
+        attn.init_forward_for_replay(other)
+
+
+def test_store_kv_writes_only_the_target_slots(tk):
+    k_buf = torch.full((10, 2, 8), float("nan"), dtype=torch.bfloat16)
+    v_buf = torch.full((10, 2, 8), float("nan"), dtype=torch.bfloat16)
+    k = torch.randn(3, 2, 8).to(torch.bfloat16)
+    v = torch.randn(3, 2, 8).to(torch.bfloat16)
+    loc = torch.tensor([7, 2, 5])
+    tk.store_kv(k, v, k_buf, v_buf, loc)
+    assert torch.equal(k_buf[loc], k) and torch.equal(v_buf[loc], v)
+    untouched = torch.ones(10, dtype=torch.bool)
+    untouched[loc] = False
+    assert torch.isnan(k_buf[untouched].float()).all()
+    assert torch.isnan(v_buf[untouched].float()).all()
+
+
+def test_fill_kv_indices_concatenates_each_requests_slots(tk):
+    table = torch.randint(1, 1000, (5, 40), dtype=torch.int32)
+    rows = torch.tensor([3, 0, 4])
+    lens = torch.tensor([17, 1, 33], dtype=torch.int32)
+    indptr = torch.tensor([0, 17, 18, 51], dtype=torch.int32)
+    out = torch.full((51,), -1, dtype=torch.int32)
+    tk.fill_kv_indices(table, rows, lens, indptr, out)
+    expected = torch.cat([table[3, :17], table[0, :1], table[4, :33]])
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize(("bs", "kv_heads", "max_len", "expected"), [
+    (1, 8, None, 32),      # 2 * 132 SMs / 8 programs per split -> capped at 32
+    (1, 8, 384, 6),        # ... but no more than 384 / 64 chunks
+    (64, 8, 4096, 1),      # a full batch already covers the GPU
+    (4, 8, 10_000, 9),     # ceil(264 / 32)
+])
+def test_decode_split_plan(tk, bs, kv_heads, max_len, expected):
+    got = tk.plan_decode_splits(bs, kv_heads, max_len, num_sms=132, max_splits=32,
+                                min_chunk=64)
+    assert got == expected
+
+
+def test_decode_split_plan_rejects_empty_batches(tk):
+    with pytest.raises(ValueError, match="batch_size"):
+        tk.plan_decode_splits(0, 8, None, num_sms=132, max_splits=32, min_chunk=64)
+
+
+@pytest.mark.parametrize("seq_len", [1, 15, 16, 17, 255, 256, 1000, 8191])
+@pytest.mark.parametrize("splits", [1, 3, 32])
+def test_decode_chunks_cover_the_sequence_in_whole_tiles(tk, seq_len, splits):
+    chunk = tk.decode_chunk_size(seq_len, splits, min_chunk=64, block_n=32)
+    assert chunk % 32 == 0 and chunk >= 64
+    assert chunk * splits >= seq_len
+    # The last non-empty split starts inside the sequence; the stage-2 merge relies on it.
+    used = math.ceil(seq_len / chunk)
+    assert used <= splits and (used - 1) * chunk < seq_len
+
+
+def test_kernel_config_uses_small_tiles_off_gpu(tk):
+    cfg = tk.kernel_config(torch.device("cpu"), 128)
+    assert cfg.extend_block_m == 16 and cfg.dot_f32
