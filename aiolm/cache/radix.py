@@ -150,6 +150,11 @@ class RadixCache:
             evicted_tokens=self._evicted_tokens,
         )
 
+    def record_lookup(self, hit_tokens: int, miss_tokens: int) -> None:
+        """Count a lookup in :meth:`statistics` (for callers that match before committing)."""
+        self._hit_tokens += hit_tokens
+        self._miss_tokens += miss_tokens
+
     # ----------------------------------------------------------------- match / insert
 
     def match_prefix(self, key: list[int], *, record: bool = False) -> MatchResult:

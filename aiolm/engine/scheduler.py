@@ -1,0 +1,534 @@
+"""The cache-aware continuous-batching scheduler (plain Python over the pools; CPU-testable).
+
+Each pass (:meth:`Scheduler.schedule`) returns one batch:
+
+* an EXTEND batch when there is prefill work: first the running requests that miss more
+  than one token (the rest of a chunked prefill, jump-forward tokens), then waiting
+  requests in policy order, each prefix-matched against the radix cache, within the token
+  budget (the last one may be chunked) and the memory estimate;
+* otherwise a DECODE batch of every running request that misses exactly its last token.
+
+Policies: ``lpm`` (longest cached prefix first), ``dfs-weight`` (the SGLang paper's: the
+waiting requests form a prefix tree; a node's weight is the number of requests in its
+subtree; requests are taken in DFS pre-order, heavier children first) and ``fcfs``.
+
+Aging bound (the fix for the paper's starvation problem): a pass *overtakes* a waiting
+request when it admits a request that arrived later while this one keeps waiting. A request
+overtaken ``aging_limit`` times goes before every policy-ordered request (aged requests in
+arrival order), is never deferred, and if it cannot be admitted nothing behind it is
+admitted in that pass. So no request is overtaken more than ``aging_limit`` times.
+
+In-batch prefix sharing (``lpm`` and ``dfs-weight``): a waiting request whose next
+``in_batch_prefix_threshold`` uncached tokens are being computed by a request already in
+this batch waits one pass, then hits the cache that request fills.
+
+Memory: admission reserves the missing tokens plus ``new_token_ratio`` × the remaining
+``max_tokens`` of every running and admitted request (the ratio decays each decode pass and
+resets when a retraction shows it was optimistic). Allocations evict LRU cache leaves when
+the allocator runs short; when decode still lacks slots, the latest-arrived running request
+is *retracted*: its computed prefix goes into the radix cache, its slots, row and lock are
+released, ``kv_len`` drops to 0 and it waits again with its ``output_ids`` kept, to be
+recomputed later. No request is ever lost. ``add`` raises ``OutOfMemory`` only for a
+request that could not fit even alone in the pool.
+
+Slot ownership: ``req_to_token[row, :locked_len]`` are the radix tree's slots (locked via
+``last_node``); ``[locked_len, alloc_len)`` belong to the request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import attrs
+import torch
+
+from ..cache.pool import ReqToTokenPool, TokenSlotAllocator
+from ..cache.radix import RadixCache
+from ..errors import ContextLengthExceeded, OutOfMemory
+from .forward_batch import ForwardMode
+from .request import Req
+
+__all__ = ["POLICIES", "ScheduleBatch", "Scheduler", "SchedulerStatistics", "dfs_weight_order"]
+
+POLICIES = ("lpm", "dfs-weight", "fcfs")
+
+
+@attrs.define(eq=False, kw_only=True)
+class ScheduleBatch:
+    """One pass's work. ``out_cache_loc`` holds the new tokens' slots, request after request,
+    already written into ``req_to_token``; ``sample_mask[i]`` says whether request ``i``
+    gets a sampled token (its computed tokens reach the end of ``all_ids``)."""
+
+    mode: ForwardMode
+    reqs: list[Req]
+    prefix_lens: list[int]
+    extend_lens: list[int]
+    out_cache_loc: torch.Tensor
+    sample_mask: list[bool]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.reqs)
+
+    @property
+    def seq_lens(self) -> list[int]:
+        """Sequence length of each request after this pass."""
+        return [p + e for p, e in zip(self.prefix_lens, self.extend_lens, strict=True)]
+
+    @property
+    def req_pool_indices(self) -> list[int]:
+        return [r.req_pool_idx for r in self.reqs]
+
+    @property
+    def return_logits(self) -> str:
+        """``"all"`` when a request scores its tokens, else ``"last"``."""
+        return "all" if any(r.return_all_logits for r in self.reqs) else "last"
+
+    def input_ids(self) -> list[int]:
+        """The new tokens of the pass, request after request."""
+        out: list[int] = []
+        for r, p, e in zip(self.reqs, self.prefix_lens, self.extend_lens, strict=True):
+            out += r.all_ids[p:p + e]
+        return out
+
+
+@attrs.frozen(kw_only=True)
+class SchedulerStatistics:
+    """A snapshot of the scheduler. Token counts are over first admissions."""
+
+    running: int
+    waiting: int
+    free_slots: int
+    total_slots: int
+    prompt_tokens: int
+    cached_tokens: int
+    evictable_size: int
+    protected_size: int
+    retractions: int
+    new_token_ratio: float
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+def _lcp(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix (slice comparisons run in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:  # invariant: a[:lo] == b[:lo] and a[:hi + 1] != b[:hi + 1]
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def dfs_weight_order(reqs: list[Req]) -> list[Req]:
+    """The paper's DFS-weight order of ``reqs`` over the prefix tree of their ``all_ids``.
+
+    A node's weight is the number of requests in its subtree; the tree is walked in DFS
+    pre-order (requests ending at a node come before its children), heavier children first,
+    ties to the child holding the earliest arrival. Built from the sorted sequences (a
+    compressed trie), not token by token.
+    """
+    items = sorted(((r.all_ids, r.arrival, r) for r in reqs), key=lambda t: (t[0], t[1]))
+    out: list[Req] = []
+    stack = [(0, len(items))]
+    while stack:
+        lo, hi = stack.pop()
+        if hi - lo == 1:
+            out.append(items[lo][2])
+            continue
+        depth = _lcp(items[lo][0], items[hi - 1][0])
+        while lo < hi and len(items[lo][0]) == depth:
+            out.append(items[lo][2])
+            lo += 1
+        runs = []
+        start = lo
+        for i in range(lo + 1, hi + 1):
+            if i == hi or items[i][0][depth] != items[start][0][depth]:
+                first = min(items[j][1] for j in range(start, i))
+                runs.append((-(i - start), first, start, i))
+                start = i
+        runs.sort()
+        stack.extend((s, e) for _, _, s, e in reversed(runs))
+    return out
+
+
+class Scheduler:
+    """Decides what each forward pass computes, and owns the requests' KV bookkeeping.
+
+    Not thread-safe: the engine loop calls it from one thread. ``abort`` must not be called
+    between :meth:`schedule` and :meth:`process_result` of the same pass.
+    """
+
+    def __init__(self, *, cache: RadixCache, allocator: TokenSlotAllocator,
+                 req_to_token_pool: ReqToTokenPool, policy: str = "lpm",
+                 chunked_prefill_size: int | None = 2048,
+                 max_running_requests: int | None = None,
+                 max_prefill_tokens: int = 16384, aging_limit: int = 16,
+                 new_token_ratio: float = 0.7, min_new_token_ratio: float = 0.1,
+                 new_token_ratio_decay: float = 0.001,
+                 in_batch_prefix_threshold: int = 32) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
+        for name, value in (("max_prefill_tokens", max_prefill_tokens),
+                            ("aging_limit", aging_limit),
+                            ("in_batch_prefix_threshold", in_batch_prefix_threshold)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if chunked_prefill_size is not None and chunked_prefill_size < 1:
+            raise ValueError(f"chunked_prefill_size: must be >= 1 or None, got {chunked_prefill_size}")
+        if max_running_requests is not None and max_running_requests < 1:
+            raise ValueError(f"max_running_requests: must be >= 1, got {max_running_requests}")
+        if not 0.0 <= min_new_token_ratio <= new_token_ratio <= 1.0:
+            raise ValueError("new_token_ratio: need 0 <= min_new_token_ratio <= new_token_ratio <= 1")
+        self.cache = cache
+        self.allocator = allocator
+        self.req_to_token_pool = req_to_token_pool
+        self.policy = policy
+        self.chunked_prefill_size = chunked_prefill_size
+        self.max_running_requests = min(max_running_requests or req_to_token_pool.max_requests,
+                                        req_to_token_pool.max_requests)
+        self.max_prefill_tokens = max_prefill_tokens
+        self.aging_limit = aging_limit
+        self.init_new_token_ratio = new_token_ratio
+        self.min_new_token_ratio = min_new_token_ratio
+        self.new_token_ratio_decay = new_token_ratio_decay
+        self.in_batch_prefix_threshold = in_batch_prefix_threshold
+        self._budget = min(max_prefill_tokens, chunked_prefill_size or max_prefill_tokens)
+        self._new_token_ratio = new_token_ratio
+        self._arrivals = itertools.count()
+        self._reqs: dict[str, Req] = {}
+        self._waiting: list[Req] = []
+        self._running: list[Req] = []
+        self._prompt_tokens = 0
+        self._cached_tokens = 0
+        self._retractions = 0
+
+    # ----------------------------------------------------------------- requests
+
+    @property
+    def waiting(self) -> tuple[Req, ...]:
+        return tuple(self._waiting)
+
+    @property
+    def running(self) -> tuple[Req, ...]:
+        return tuple(self._running)
+
+    def has_work(self) -> bool:
+        """True while any request is waiting or running."""
+        return bool(self._reqs)
+
+    def get(self, rid: str) -> Req | None:
+        return self._reqs.get(rid)
+
+    def add(self, req: Req) -> None:
+        """Queue ``req``; sets its ``arrival``.
+
+        Raises ``ValueError`` for a duplicate rid or an empty prompt,
+        ``ContextLengthExceeded`` when prompt + ``max_tokens`` exceed a ``req_to_token``
+        row, and ``OutOfMemory`` when the request could not fit even alone in the pool.
+        """
+        if req.rid in self._reqs:
+            raise ValueError(f"rid: a request {req.rid!r} is already scheduled")
+        if not req.input_ids:
+            raise ValueError("input_ids: the prompt must not be empty")
+        if req.max_prefix_match is not None and req.max_prefix_match < 0:
+            raise ValueError(f"max_prefix_match: must be >= 0, got {req.max_prefix_match}")
+        # Peak KV need: every token but the last sampled one has K/V.
+        peak = max(req.seq_len, req.seq_len + req.remaining_tokens - 1)
+        if peak > self.req_to_token_pool.max_context_len:
+            raise ContextLengthExceeded(
+                f"request {req.rid!r} needs {peak} tokens of context (prompt {req.seq_len} + "
+                f"max_tokens), more than {self.req_to_token_pool.max_context_len}")
+        if peak > self.allocator.size:
+            raise OutOfMemory(
+                f"request {req.rid!r} needs up to {peak} KV slots; the pool has "
+                f"{self.allocator.size}")
+        req.arrival = next(self._arrivals)
+        req.overtaken = 0
+        self._reqs[req.rid] = req
+        self._waiting.append(req)
+
+    def abort(self, rid: str) -> Req | None:
+        """Remove request ``rid`` wherever it is, freeing its slots, row and lock.
+
+        Sets ``finish_reason = "abort"`` unless it already finished; returns the request, or
+        ``None`` for an unknown rid.
+        """
+        req = self._reqs.pop(rid, None)
+        if req is None:
+            return None
+        if req.req_pool_idx is None:
+            self._waiting.remove(req)
+        else:
+            self._release(req, cache_prefix=False)
+            self._running.remove(req)
+        if req.finish_reason is None:
+            req.finish_reason = "abort"
+        return req
+
+    def flush_cache(self) -> int:
+        """Evict every unlocked cached token; returns how many slots were freed."""
+        return self.cache.evict(self.cache.evictable_size())
+
+    def statistics(self) -> SchedulerStatistics:
+        return SchedulerStatistics(
+            running=len(self._running), waiting=len(self._waiting),
+            free_slots=self.allocator.available_size(), total_slots=self.allocator.size,
+            prompt_tokens=self._prompt_tokens, cached_tokens=self._cached_tokens,
+            evictable_size=self.cache.evictable_size(),
+            protected_size=self.cache.protected_size(),
+            retractions=self._retractions, new_token_ratio=self._new_token_ratio)
+
+    # ----------------------------------------------------------------- one pass
+
+    def schedule(self) -> ScheduleBatch | None:
+        """The next batch, or ``None`` when nothing can run (no requests)."""
+        while True:
+            batch = self._schedule_extend()
+            if batch is not None:
+                return batch
+            batch = self._schedule_decode()
+            if batch is not None:
+                return batch
+            if not self._running:
+                return None
+            # Only unfinished extends remain and memory cannot hold them: make room.
+            self._retract_latest()
+
+    def process_result(self, batch: ScheduleBatch) -> None:
+        """Account for a computed batch (after the runner appended tokens / finished requests).
+
+        Advances ``kv_len``; a finished request's sequence goes into the radix cache and its
+        row is freed; after an extend, an unfinished request's computed prefix is cached
+        (and locked) so later requests can share it.
+        """
+        for req in batch.reqs:
+            if self._reqs.get(req.rid) is not req or req.req_pool_idx is None:
+                continue  # aborted since
+            req.kv_len = req.alloc_len
+            if req.finish_reason is not None:
+                self._release(req, cache_prefix=True)
+                self._running.remove(req)
+                del self._reqs[req.rid]
+            elif batch.mode is ForwardMode.EXTEND:
+                self._cache_unfinished(req)
+
+    # ----------------------------------------------------------------- extend
+
+    def _schedule_extend(self) -> ScheduleBatch | None:
+        entries: list[tuple[Req, list[int], int, int, torch.Tensor]] = []
+        left = self._budget
+        for req in self._running:
+            if left <= 0:
+                break
+            if not req.needs_extend:
+                continue
+            ext = self._extend_len(req, req.num_missing, left, bool(entries))
+            if ext == 0:
+                continue
+            slots = self._alloc(ext)
+            if slots is None:
+                break
+            self.req_to_token_pool.write(req.req_pool_idx, req.kv_len, slots)
+            req.alloc_len = req.kv_len + ext
+            entries.append((req, req.all_ids, req.kv_len, ext, slots))
+            left -= ext
+        if self._waiting and left > 0:
+            self._admit_waiting(entries, left)
+        if not entries:
+            return None
+        return ScheduleBatch(
+            mode=ForwardMode.EXTEND,
+            reqs=[e[0] for e in entries],
+            prefix_lens=[e[2] for e in entries],
+            extend_lens=[e[3] for e in entries],
+            out_cache_loc=torch.cat([e[4] for e in entries]),
+            sample_mask=[e[2] + e[3] == len(e[1]) for e in entries],
+        )
+
+    def _extend_len(self, req: Req, missing: int, left: int, batch_nonempty: bool) -> int:
+        """Tokens of ``missing`` to compute now: all, a chunk, or 0 (does not fit)."""
+        if missing <= left:
+            return missing
+        if self.chunked_prefill_size is not None and not req.return_all_logits:
+            return left
+        # Unchunkable and over budget: it runs alone in a batch of its own.
+        return 0 if batch_nonempty else missing
+
+    def _admit_waiting(self, entries: list, left: int) -> None:
+        pool = self.req_to_token_pool
+        reserved = sum(self._future_need(r) for r in self._running)
+        sharing = self.policy != "fcfs" and not self.cache.disabled
+        admitted_arrival = -1
+        for req in self._order_waiting():
+            if left <= 0 or len(self._running) >= self.max_running_requests \
+                    or pool.available_size() == 0:
+                break
+            aged = req.overtaken >= self.aging_limit
+            ids = req.all_ids
+            cap = len(ids) - 1
+            if req.max_prefix_match is not None:
+                cap = min(cap, req.max_prefix_match)
+            match = self.cache.match_prefix(ids[:cap])
+            m = match.length
+            if sharing and not aged and self._shared_in_batch(ids, m, entries):
+                continue
+            missing = len(ids) - m
+            ext = self._extend_len(req, missing, left, bool(entries))
+            if ext == 0:
+                break
+            self.cache.inc_lock_ref(match.node)
+            need = missing + math.ceil(req.remaining_tokens * self._new_token_ratio)
+            room = self.allocator.available_size() + self.cache.evictable_size()
+            idle = not self._running and not entries
+            slots = None
+            if (ext <= room) if idle else (need <= room - reserved):
+                slots = self._alloc(ext)
+            if slots is None:
+                self.cache.dec_lock_ref(match.node)
+                break
+            row = pool.alloc()
+            pool.write(row, 0, match.slots)
+            pool.write(row, m, slots)
+            req.req_pool_idx = row
+            req.kv_len = req.locked_len = m
+            req.alloc_len = m + ext
+            req.last_node = match.node
+            if req.admissions == 0:
+                req.cached_len = min(m, len(req.input_ids))
+                self._prompt_tokens += len(req.input_ids)
+                self._cached_tokens += req.cached_len
+                self.cache.record_lookup(req.cached_len, len(req.input_ids) - req.cached_len)
+            req.admissions += 1
+            req.overtaken = 0
+            self._waiting.remove(req)
+            self._running.append(req)
+            reserved += need
+            admitted_arrival = max(admitted_arrival, req.arrival)
+            entries.append((req, ids, m, ext, slots))
+            left -= ext
+        for req in self._waiting:
+            if req.arrival < admitted_arrival:
+                req.overtaken += 1
+
+    def _shared_in_batch(self, ids: list[int], m: int, entries: list) -> bool:
+        """True when a batch member computes this request's next uncached tokens now."""
+        end = m + self.in_batch_prefix_threshold
+        if end > len(ids) - 1:
+            return False
+        head = ids[:end]
+        return any(p + e >= end and other[:end] == head for _, other, p, e, _ in entries)
+
+    def _order_waiting(self) -> list[Req]:
+        aged = sorted((r for r in self._waiting if r.overtaken >= self.aging_limit),
+                      key=lambda r: r.arrival)
+        rest = [r for r in self._waiting if r.overtaken < self.aging_limit]
+        if self.policy == "fcfs":
+            rest.sort(key=lambda r: r.arrival)
+        elif self.policy == "lpm":
+            def matched(r: Req) -> int:
+                return self.cache.match_prefix(r.all_ids[:r.seq_len - 1]).length
+            keyed = [(-matched(r), r.arrival, r) for r in rest]
+            keyed.sort(key=lambda t: (t[0], t[1]))
+            rest = [t[2] for t in keyed]
+        else:
+            rest = dfs_weight_order(rest)
+        return aged + rest
+
+    def _future_need(self, req: Req) -> int:
+        """Slots ``req`` will still take: its unallocated tokens plus estimated decode."""
+        return (req.seq_len - req.alloc_len
+                + math.ceil(req.remaining_tokens * self._new_token_ratio))
+
+    # ----------------------------------------------------------------- decode
+
+    def _schedule_decode(self) -> ScheduleBatch | None:
+        while True:
+            reqs = [r for r in self._running if r.needs_decode]
+            if not reqs:
+                return None
+            slots = self._alloc(len(reqs))
+            if slots is not None:
+                break
+            self._retract_latest()
+        pool = self.req_to_token_pool
+        rows = torch.tensor([r.req_pool_idx for r in reqs], device=pool.device)
+        cols = torch.tensor([r.kv_len for r in reqs], device=pool.device)
+        pool.req_to_token[rows, cols] = slots.to(torch.int32)
+        prefix_lens = []
+        for r in reqs:
+            prefix_lens.append(r.kv_len)
+            r.alloc_len = r.kv_len + 1
+        self._new_token_ratio = max(self.min_new_token_ratio,
+                                    self._new_token_ratio - self.new_token_ratio_decay)
+        return ScheduleBatch(mode=ForwardMode.DECODE, reqs=reqs, prefix_lens=prefix_lens,
+                             extend_lens=[1] * len(reqs), out_cache_loc=slots,
+                             sample_mask=[True] * len(reqs))
+
+    # ----------------------------------------------------------------- memory
+
+    def _alloc(self, n: int) -> torch.Tensor | None:
+        short = n - self.allocator.available_size()
+        if short > 0:
+            self.cache.evict(short)
+        return self.allocator.alloc(n)
+
+    def _retract_latest(self) -> None:
+        if len(self._running) <= 1:
+            # add() guarantees a lone request fits; reaching here means output_ids grew past
+            # max_tokens or the pool was touched from outside.
+            raise RuntimeError("scheduler: a lone running request does not fit the KV pool")
+        req = max(self._running, key=lambda r: r.arrival)
+        self._release(req, cache_prefix=True)
+        self._running.remove(req)
+        self._waiting.append(req)
+        req.retractions += 1
+        self._retractions += 1
+        self._new_token_ratio = self.init_new_token_ratio
+
+    def _release(self, req: Req, *, cache_prefix: bool) -> None:
+        """Give back ``req``'s row, lock and own slots; optionally cache its computed prefix."""
+        pool = self.req_to_token_pool
+        row = req.req_pool_idx
+        own_from = req.locked_len
+        if cache_prefix and req.kv_len > 0 and not self.cache.disabled:
+            slots = pool.read(row, 0, req.kv_len)
+            cached = self.cache.insert(req.all_ids[:req.kv_len], slots)
+            if cached > req.locked_len:
+                self.allocator.free(slots[req.locked_len:cached])
+            own_from = req.kv_len
+        if req.alloc_len > own_from:
+            self.allocator.free(pool.read(row, own_from, req.alloc_len))
+        if req.last_node is not None:
+            self.cache.dec_lock_ref(req.last_node)
+        pool.free(row)
+        req.req_pool_idx = req.last_node = None
+        req.kv_len = req.alloc_len = req.locked_len = 0
+
+    def _cache_unfinished(self, req: Req) -> None:
+        """Insert ``req``'s computed prefix into the tree and move its lock there."""
+        if self.cache.disabled or req.kv_len == req.locked_len:
+            return
+        pool = self.req_to_token_pool
+        row = req.req_pool_idx
+        key = req.all_ids[:req.kv_len]
+        slots = pool.read(row, 0, req.kv_len)
+        cached = self.cache.insert(key, slots)
+        if cached > req.locked_len:
+            self.allocator.free(slots[req.locked_len:cached])
+        match = self.cache.match_prefix(key)
+        if match.length != req.kv_len:
+            raise RuntimeError("scheduler: a just-inserted prefix is not in the radix cache")
+        pool.write(row, req.locked_len, match.slots[req.locked_len:])
+        self.cache.inc_lock_ref(match.node)
+        if req.last_node is not None:
+            self.cache.dec_lock_ref(req.last_node)
+        req.last_node = match.node
+        req.locked_len = req.kv_len
