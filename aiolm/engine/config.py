@@ -23,7 +23,7 @@ __all__ = [
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
 SCHEDULE_POLICIES = ("lpm", "dfs-weight", "fcfs")
-LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf")
+LOAD_FORMATS = ("auto", "dummy")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -122,8 +122,8 @@ class EngineConfig:
       free GPU memory, or a RAM-capped default on the CPU).
     - ``mem_fraction``: the share of free GPU memory after loading the weights given to KV.
     - ``cuda_graphs``: capture decode steps in CUDA graphs (CUDA only).
-    - ``load_format``: ``"auto"`` (by file type), ``"safetensors"``, ``"gguf"``, or
-      ``"dummy"`` (random weights of a named config, for tests and benchmarks).
+    - ``load_format``: ``"auto"`` (a Hugging Face directory or a ``.gguf`` file, by what
+      the path is) or ``"dummy"`` (random weights of a named config, for tests and benchmarks).
     - ``tp_size``: tensor parallelism; only 1 is supported.
     - ``seed``: seeds dummy weights and the sampler's shared random generator.
     - ``jump_forward``: append the tokens a constraint forces in one pass.

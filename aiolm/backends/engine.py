@@ -1,0 +1,555 @@
+"""``aiolm.Engine``: the in-process engine as an async :class:`~aiolm.backends.base.Backend`.
+
+The engine loop (:class:`aiolm.engine.engine.EngineCore`) runs on its own thread. This
+module is its async front: it validates and tokenizes requests on the caller's task, posts
+them to the loop's inbox, and fans the loop's per-step events out to per-request streams.
+The loop crosses into the event loop once per step with a non-blocking, thread-safe
+``call_soon`` of the running event loop (asyncio's ``call_soon_threadsafe`` or trio's
+``TrioToken.run_sync_soon``), so it never waits on the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ..chat import SIMPLE_TEMPLATE, ChatTemplate, render_text
+from ..errors import AiolmError, BackendUnavailable, EngineError, UnsupportedFeature
+from ..sampling import SamplingParams
+from .base import (
+    Backend,
+    Capabilities,
+    Chunk,
+    Completion,
+    GenerateRequest,
+    ScoreResult,
+    Usage,
+    choose_by_method,
+    new_request_id,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..constraints.base import Constraint
+    from ..engine.engine import EngineCore, EngineStatistics, RequestOutput
+    from ..engine.model_config import ModelConfig
+    from ..engine.tokenizer import Tokenizer
+
+__all__ = ["Engine", "LoadedModel"]
+
+_SELECT_METHODS = ("token_length_normalized", "greedy", "unconditional_normalized")
+
+
+@attrs.define(eq=False, kw_only=True)
+class LoadedModel:
+    """Weights, model config and tokenizer, loaded once.
+
+    Pass it as ``Engine(model=loaded)`` to open engines without reloading (one open engine
+    at a time: the weights carry the engine's attention backend).
+    """
+
+    model: nn.Module
+    model_config: ModelConfig
+    tokenizer: Tokenizer | None
+    device: torch.device
+    source: str
+    load_format: str
+    in_use: bool = False
+
+    @classmethod
+    def load(cls, model: str | os.PathLike[str] | None = None, *, dtype: str = "auto",
+             device: str = "auto", load_format: str = "auto", seed: int = 0) -> LoadedModel:
+        """Load ``model`` (blocking): a HF directory, a ``.gguf`` file, or a named dummy config.
+
+        ``None`` is the embedded SmolLM2. Raises ``FileNotFoundError`` for a missing model
+        (saying how to install the default one), ``ValueError`` for bad arguments.
+        """
+        from ..engine.default_model import default_model_path
+        from ..engine.loader import load_model
+        from ..engine.runner import resolve_device
+
+        source = os.fspath(model) if model is not None else default_model_path()
+        dev = resolve_device(device)
+        module, config = load_model(source, load_format=load_format, dtype=dtype, device=dev,
+                                    seed=seed)
+        tokenizer = None
+        if load_format != "dummy":
+            from ..engine.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_pretrained(source)
+        return cls(model=module, model_config=config, tokenizer=tokenizer, device=dev,
+                   source=source, load_format=load_format)
+
+
+@attrs.define(eq=False)
+class _Pending:
+    event: anyio.Event = attrs.field(factory=anyio.Event)
+    value: Any = None
+    error: BaseException | None = None
+
+
+def _soon_caller() -> Callable[..., None]:
+    """``call_soon(fn, *args)`` into the running event loop, callable from any thread."""
+    token = anyio.lowlevel.current_token().native_token
+    run_sync_soon = getattr(token, "run_sync_soon", None)  # trio.lowlevel.TrioToken
+    if run_sync_soon is not None:
+        return run_sync_soon
+    return token.call_soon_threadsafe  # an asyncio event loop
+
+
+class _ChunkStream:
+    """The async iterator ``Engine.stream`` yields: one :class:`Chunk` per engine step."""
+
+    def __init__(self, receive: MemoryObjectReceiveStream[RequestOutput]) -> None:
+        self._receive = receive
+        self.done = False
+
+    def __aiter__(self) -> _ChunkStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            out = await self._receive.receive()
+        except anyio.EndOfStream:
+            self.done = True
+            raise BackendUnavailable("the engine closed before the request finished") from None
+        if out.error is not None:
+            self.done = True
+            raise _translate(out.error)
+        if out.finish_reason is not None:
+            self.done = True
+        return Chunk(text=out.text, token_ids=out.token_ids, logprobs=out.logprobs,
+                     finish_reason=out.finish_reason, usage=out.usage,
+                     matched_stop=out.matched_stop)
+
+
+def _translate(error: BaseException) -> BaseException:
+    if isinstance(error, AiolmError | ValueError | TypeError):
+        return error
+    wrapped = EngineError(f"the engine failed this request: {type(error).__name__}: {error}")
+    wrapped.__cause__ = error
+    return wrapped
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Engine(Backend):
+    """The in-process inference engine (RadixAttention, cache-aware scheduling, constraints).
+
+    Open it with ``async with Engine(...) as engine`` or ``await engine.start()`` /
+    ``await engine.aclose()``. Options are those of :class:`aiolm.engine.config.EngineConfig`
+    (validated here, before anything loads); ``model`` may also be a :class:`LoadedModel`.
+    Weights load in :meth:`start`, on a worker thread.
+    """
+
+    capabilities = Capabilities(images=False)
+
+    def __init__(self, model: str | os.PathLike[str] | LoadedModel | None = None, *,
+                 dtype: str = "auto", device: str = "auto", attention_backend: str = "auto",
+                 schedule_policy: str = "lpm", enable_radix_cache: bool = True,
+                 chunked_prefill_size: int | None = None,
+                 max_running_requests: int | None = None, max_total_tokens: int | None = None,
+                 mem_fraction: float = 0.85, cuda_graphs: bool = True,
+                 load_format: str = "auto", tp_size: int = 1, seed: int = 0,
+                 jump_forward: bool = True, aging_limit: int = 16) -> None:
+        from ..engine.config import EngineConfig
+
+        self._loaded = model if isinstance(model, LoadedModel) else None
+        if self._loaded is not None:
+            model, load_format = self._loaded.source, self._loaded.load_format
+        self.config = EngineConfig(
+            model=model, dtype=dtype, device=device, attention_backend=attention_backend,
+            schedule_policy=schedule_policy, enable_radix_cache=enable_radix_cache,
+            chunked_prefill_size=chunked_prefill_size,
+            max_running_requests=max_running_requests, max_total_tokens=max_total_tokens,
+            mem_fraction=mem_fraction, cuda_graphs=cuda_graphs, load_format=load_format,
+            tp_size=tp_size, seed=seed, jump_forward=jump_forward, aging_limit=aging_limit,
+        )
+        self._core: EngineCore | None = None
+        self._tokenizer: Tokenizer | None = None
+        self._template: ChatTemplate = SIMPLE_TEMPLATE
+        self._call_soon: Callable[..., None] | None = None
+        self._streams: dict[str, MemoryObjectSendStream[RequestOutput]] = {}
+        self._tickets: dict[int, _Pending] = {}
+        self._ticket_ids = itertools.count()
+        self._failed: BaseException | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Load the model (on a worker thread) and start the engine loop.
+
+        Raises ``RuntimeError`` if already started or closed, ``FileNotFoundError`` for a
+        missing model, ``ValueError`` for options the machine cannot honour.
+        """
+        if self._core is not None or self._closed:
+            raise RuntimeError("Engine.start: the engine was already started")
+        self._call_soon = _soon_caller()
+        loaded = self._loaded
+        if loaded is None:
+            cfg = self.config
+            loaded = await anyio.to_thread.run_sync(lambda: LoadedModel.load(
+                cfg.model, dtype=cfg.dtype, device=cfg.device, load_format=cfg.load_format,
+                seed=cfg.seed))
+        if loaded.in_use:
+            raise RuntimeError("model: this LoadedModel is used by another open Engine")
+        loaded.in_use = True
+        self._loaded = loaded
+        try:
+            from ..engine.engine import EngineCore
+
+            self._core = await anyio.to_thread.run_sync(lambda: EngineCore(
+                self.config, model=loaded.model, model_config=loaded.model_config,
+                tokenizer=loaded.tokenizer, device=loaded.device, post=self._post))
+        except BaseException:
+            loaded.in_use = False
+            raise
+        self._tokenizer = loaded.tokenizer
+        self._template = _chat_template(loaded.tokenizer)
+        self._core.start()
+
+    async def aclose(self) -> None:
+        """Stop the engine loop and release its memory; open streams fail with
+        :class:`BackendUnavailable`. Idempotent; waits (shielded) for the loop to stop."""
+        core, self._core = self._core, None
+        self._closed = True
+        if core is None:
+            return
+        core.shutdown()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(core.join)
+        self._fail_all(BackendUnavailable("the engine was closed"))
+        if self._loaded is not None:
+            self._loaded.in_use = False
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def model_name(self) -> str:
+        return os.path.basename(self.config.model or "SmolLM2-135M-Instruct")
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The tokenizer's chat template as role prefixes/suffixes (SIMPLE_TEMPLATE if none)."""
+        return self._template
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """The engine's tokenizer (None for dummy weights); available after :meth:`start`."""
+        return self._tokenizer
+
+    def statistics(self) -> EngineStatistics:
+        """A frozen snapshot: requests, KV slots, token counts, cache hit rate, passes."""
+        return self._require_core().statistics()
+
+    async def flush_cache(self) -> int:
+        """Evict every cached prefix no request uses; returns the number of freed tokens."""
+        core = self._require_core()
+        ticket = next(self._ticket_ids)
+        pending = self._tickets[ticket] = _Pending()
+        core.flush_cache(ticket)
+        await pending.event.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.value
+
+    # ------------------------------------------------------------------ generation
+    def stream(self, request: GenerateRequest | str | Sequence[int] | None = None, /, *,
+               prompt: str | None = None, input_ids: Sequence[int] | None = None,
+               constraint: Constraint | None = None,
+               **sampling: Any) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Chunk]]:
+        """Stream a completion: ``async with engine.stream(prompt, max_tokens=...) as chunks``.
+
+        Takes a :class:`GenerateRequest`, or a prompt (text or token ids) with sampling
+        options. Validation errors (``ValueError``, ``ContextLengthExceeded``, ...) raise on
+        entry. Leaving the block early aborts the request and frees its KV slots.
+        """
+        req = _as_request(request, prompt, input_ids, constraint, sampling)
+        return self._open(req)
+
+    async def generate(self, request: GenerateRequest | str | Sequence[int] | None = None, /,
+                       *, prompt: str | None = None, input_ids: Sequence[int] | None = None,
+                       constraint: Constraint | None = None, **sampling: Any) -> Completion:
+        """Run one request to the end; same arguments as :meth:`stream`."""
+        req = _as_request(request, prompt, input_ids, constraint, sampling)
+        return await super().generate(req)
+
+    async def prefill(self, prefix: GenerateRequest) -> None:
+        """Compute and cache ``prefix``'s prompt (a fork's shared prefix)."""
+        ids = self._prompt_ids(prefix)
+        await self._run_to_end(self._require_core().new_request(
+            new_request_id(), ids, SamplingParams(max_tokens=0)))
+
+    async def score(self, prefix: GenerateRequest, continuations: Sequence[str],
+                    method: str = "token_length_normalized") -> ScoreResult:
+        """Score ``continuations`` after ``prefix``: the prefix is prefilled once, then all
+        continuations are scored in one batch (and, for ``unconditional_normalized``, also
+        with no prompt)."""
+        if method not in _SELECT_METHODS:
+            raise ValueError(f"method: unknown select method {method!r}")
+        if not continuations:
+            raise ValueError("continuations: need at least one choice")
+        core = self._require_core()
+        tok = self._require_tokenizer("select")
+        if prefix.input_ids is not None:
+            prefix_ids = list(prefix.input_ids)
+            fulls = [prefix_ids + tok.encode(c) for c in continuations]
+        else:
+            text = self._prompt_text(prefix)
+            prefix_ids = tok.encode(text)
+            fulls = [tok.encode(text + c) for c in continuations]
+        shared = min(_lcp(prefix_ids, f) for f in fulls)
+        if shared == 0:  # nothing to condition on: start from a context token
+            ctx = [self._context_token()]
+            fulls, shared = [ctx + f for f in fulls], 1
+        conts = [f[shared:] for f in fulls]
+        await self._run_to_end(core.new_request(new_request_id(), fulls[0][:shared],
+                                                SamplingParams(max_tokens=0)))
+        scoring = [core.new_request(new_request_id(), f, SamplingParams(max_tokens=0),
+                                    return_all_logits=True, max_prefix_match=shared - 1)
+                   for f, c in zip(fulls, conts, strict=True) if c]
+        unconditional = []
+        if method == "unconditional_normalized":
+            ctx = [self._context_token()]
+            unconditional = [core.new_request(new_request_id(), ctx + c,
+                                              SamplingParams(max_tokens=0),
+                                              return_all_logits=True, max_prefix_match=0)
+                             for c in conts if c]
+        finals = await self._run_all(scoring + unconditional)
+        cond_final, unc_final = finals[: len(scoring)], finals[len(scoring):]
+
+        def per_choice(results: list[RequestOutput], start: int) -> list[list[tuple[float, bool]]]:
+            it = iter(results)
+            out = []
+            for c in conts:
+                if not c:
+                    out.append([])
+                    continue
+                scores = {p: (lp, g) for p, lp, g in next(it).scores}
+                out.append([scores[start + k] for k in range(len(c))])
+            return out
+
+        cond = per_choice(cond_final, shared)
+        token_logprobs = [[lp for lp, _ in c] for c in cond]
+        greedy = [next((k for k, (_, g) in enumerate(c) if not g), len(c)) for c in cond]
+        unc_logprobs = None
+        if unconditional:
+            unc_logprobs = [[lp for lp, _ in c] for c in per_choice(unc_final, 1)]
+        index, normalized = choose_by_method(method, token_logprobs, greedy_matches=greedy,
+                                             unconditional_logprobs=unc_logprobs)
+        usage = Usage(prompt_tokens=sum(f.usage.prompt_tokens for f in cond_final if f.usage),
+                      cached_tokens=sum(f.usage.cached_tokens for f in cond_final if f.usage))
+        return ScoreResult(
+            index=index, normalized_logprobs=normalized,
+            token_logprobs=tuple(tuple(c) for c in token_logprobs),
+            unconditional_logprobs=None if unc_logprobs is None
+            else tuple(tuple(c) for c in unc_logprobs),
+            usage=usage,
+        )
+
+    # ------------------------------------------------------------------ internals
+    @contextlib.asynccontextmanager
+    async def _open(self, request: GenerateRequest) -> AsyncIterator[AsyncIterator[Chunk]]:
+        core = self._require_core()
+        if request.images:
+            raise UnsupportedFeature(f"{self.model_name} does not take images")
+        ids = self._prompt_ids(request)
+        matcher = None
+        if request.constraint is not None:
+            tok = self._require_tokenizer("a constraint")
+            matcher = await anyio.to_thread.run_sync(request.constraint.compile, tok)
+        req = core.new_request(request.request_id, ids, request.sampling, matcher=matcher)
+        receive = self._submit(req)
+        chunks = _ChunkStream(receive)
+        try:
+            yield chunks
+        finally:
+            self._release(req.rid, receive, abort=not chunks.done)
+
+    def _submit(self, req: Any) -> MemoryObjectReceiveStream[RequestOutput]:
+        core = self._require_core()
+        if req.rid in self._streams:
+            raise ValueError(f"request_id: {req.rid!r} is already running")
+        send, receive = anyio.create_memory_object_stream[Any](math.inf)
+        self._streams[req.rid] = send
+        core.add(req)
+        return receive
+
+    def _release(self, rid: str, receive: MemoryObjectReceiveStream[RequestOutput], *,
+                 abort: bool) -> None:
+        send = self._streams.pop(rid, None)
+        if abort and self._core is not None:
+            self._core.abort(rid)
+        if send is not None:
+            send.close()
+        receive.close()
+
+    async def _run_to_end(self, req: Any) -> RequestOutput:
+        return (await self._run_all([req]))[0]
+
+    async def _run_all(self, reqs: Sequence[Any]) -> list[RequestOutput]:
+        """Submit ``reqs`` together (one engine step sees them all); return their last events."""
+        receives = [self._submit(r) for r in reqs]
+        finals: list[Any] = []
+        try:
+            for receive in receives:
+                finals.append(await _final_event(receive))
+        finally:
+            for i, (r, receive) in enumerate(zip(reqs, receives, strict=True)):
+                self._release(r.rid, receive, abort=i >= len(finals))
+        return finals
+
+    def _prompt_text(self, request: GenerateRequest) -> str:
+        if request.prompt is not None:
+            return request.prompt
+        if request.messages is not None:
+            return render_text(request.messages, self._template, open_role="assistant")
+        raise ValueError("prompt: this request has token ids, not text")
+
+    def _prompt_ids(self, request: GenerateRequest) -> list[int]:
+        if request.input_ids is not None:
+            return list(request.input_ids)
+        tok = self._require_tokenizer("a text prompt")
+        return tok.encode(self._prompt_text(request))
+
+    def _context_token(self) -> int:
+        tok = self._require_tokenizer("select")
+        bos = getattr(tok.hf, "bos_token_id", None)
+        if bos is not None:
+            return int(bos)
+        return int(sorted(tok.eos_token_ids)[0])
+
+    def _require_core(self) -> EngineCore:
+        if self._failed is not None:
+            raise BackendUnavailable(f"the engine failed: {self._failed!r}") from self._failed
+        if self._core is None:
+            state = "closed" if self._closed else "not started (use `async with` or start())"
+            raise BackendUnavailable(f"the engine is {state}")
+        return self._core
+
+    def _require_tokenizer(self, what: str) -> Tokenizer:
+        if self._tokenizer is None:
+            raise UnsupportedFeature(
+                f"{what} needs a tokenizer; this engine has dummy weights (pass input_ids)"
+            )
+        return self._tokenizer
+
+    # ------------------------------------------------ the engine thread's crossing
+    def _post(self, events: list[Any]) -> None:
+        """Called on the engine thread once per step: schedule the fan-out, never block."""
+        call_soon = self._call_soon
+        if call_soon is None:
+            return
+        with contextlib.suppress(Exception):  # the event loop is gone: nobody is listening
+            call_soon(self._deliver, events)
+
+    def _deliver(self, events: list[Any]) -> None:
+        """Fan one step's events out to the streams (on the event loop; must not raise)."""
+        from ..engine.engine import CommandDone, EngineFailed
+
+        for ev in events:
+            if isinstance(ev, CommandDone):
+                pending = self._tickets.pop(ev.ticket, None)
+                if pending is not None:
+                    pending.value = ev.value
+                    pending.event.set()
+            elif isinstance(ev, EngineFailed):
+                self._failed = ev.error
+                self._fail_all(BackendUnavailable(f"the engine loop failed: {ev.error!r}"))
+            else:
+                send = self._streams.get(ev.rid)
+                if send is None:
+                    continue
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    send.send_nowait(ev)
+                if ev.finish_reason is not None or ev.error is not None:
+                    send.close()
+
+    def _fail_all(self, error: BaseException) -> None:
+        from ..engine.engine import RequestOutput
+
+        for rid, send in list(self._streams.items()):
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                send.send_nowait(RequestOutput(rid=rid, finish_reason="abort", error=error))
+            send.close()
+        for pending in self._tickets.values():
+            pending.error = error
+            pending.event.set()
+        self._tickets.clear()
+
+
+async def _final_event(receive: MemoryObjectReceiveStream[RequestOutput]) -> RequestOutput:
+    """Wait for a request's last event (raising its error)."""
+    while True:
+        try:
+            out = await receive.receive()
+        except anyio.EndOfStream:
+            raise BackendUnavailable("the engine closed before the request finished") from None
+        if out.error is not None:
+            raise _translate(out.error)
+        if out.finish_reason is not None:
+            return out
+
+
+def _as_request(request: Any, prompt: str | None, input_ids: Sequence[int] | None,
+                constraint: Constraint | None, sampling: dict[str, Any]) -> GenerateRequest:
+    if isinstance(request, GenerateRequest):
+        if prompt is not None or input_ids is not None or constraint is not None or sampling:
+            raise TypeError("request: give a GenerateRequest or prompt/sampling arguments, "
+                            "not both")
+        return request
+    if isinstance(request, str):
+        if prompt is not None:
+            raise TypeError("prompt: given twice")
+        prompt = request
+    elif request is not None:
+        if input_ids is not None:
+            raise TypeError("input_ids: given twice")
+        input_ids = request
+    if input_ids is not None:
+        ids = tuple(input_ids)
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"input_ids: expected ints, got {type(t).__name__}")
+        input_ids = ids
+    if (prompt is None) == (input_ids is None):
+        raise TypeError("prompt: give exactly one of a prompt text or input_ids")
+    return GenerateRequest(prompt=prompt, input_ids=input_ids,
+                           sampling=SamplingParams(**sampling), constraint=constraint)
+
+
+def _chat_template(tokenizer: Tokenizer | None) -> ChatTemplate:
+    if tokenizer is None:
+        return SIMPLE_TEMPLATE
+
+    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    try:
+        return ChatTemplate.from_renderer("model", render)
+    except Exception:  # no template, or one that does not wrap turns verbatim
+        return SIMPLE_TEMPLATE

@@ -1,0 +1,409 @@
+"""The engine core: the synchronous scheduling/model loop on its own thread.
+
+It knows token ids and text, not programs or chat roles. Commands arrive through an inbox
+queue (add a request, abort one, flush the cache, shut down); each step of the loop:
+
+1. drains the inbox;
+2. asks the scheduler for a batch and the runner to compute it;
+3. for each request that got a token: appends it (and any tokens a constraint forces:
+   jump-forward), advances its constraint matcher, checks stop conditions, detokenizes;
+4. hands the batch back to the scheduler (``process_result``);
+5. posts *all* of the step's events to the async side in one call of ``post``.
+
+``post`` must be thread-safe and must not block (the async front schedules the fan-out on
+its event loop). The loop never imports anyio. An error while handling one request finishes
+that request with the error; an error in the loop itself (scheduling, the forward pass)
+fails every open request and stops the engine.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import torch
+
+from ..backends.base import TokenLogprob, Usage
+from ..cache.radix import RadixCache
+from ..errors import (
+    BackendUnavailable,
+    ConstraintError,
+    ContextLengthExceeded,
+    EngineError,
+    OutOfMemory,
+)
+from ..sampling import SamplingParams
+from .grammar_backend import GrammarBackend
+from .request import Req
+from .runner import ModelRunner, SampledToken
+from .scheduler import Scheduler
+from .stopping import StopChecker
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..constraints.base import Matcher
+    from .config import EngineConfig
+    from .model_config import ModelConfig
+    from .scheduler import ScheduleBatch
+    from .tokenizer import Tokenizer
+
+__all__ = ["EngineCore", "EngineFailed", "EngineStatistics", "CommandDone", "RequestOutput"]
+
+
+@attrs.frozen(kw_only=True)
+class RequestOutput:
+    """What one step produced for one request (an event posted to the async side).
+
+    ``error`` set: the request failed (it is finished). ``scores`` (scoring requests only):
+    ``(position, logprob, is_greedy)`` of every known token whose logits were computed.
+    """
+
+    rid: str
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None
+    matched_stop: str | int | None = None
+    usage: Usage | None = None
+    error: BaseException | None = None
+    scores: tuple[tuple[int, float, bool], ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class CommandDone:
+    """A command's reply: ``ticket`` identifies the command, ``value`` is its result."""
+
+    ticket: int
+    value: Any = None
+
+
+@attrs.frozen(kw_only=True)
+class EngineFailed:
+    """The loop stopped on an unexpected error; every open request is lost."""
+
+    error: BaseException
+
+
+@attrs.frozen(kw_only=True)
+class EngineStatistics:
+    """A snapshot of the engine, refreshed after every step.
+
+    Token counts are totals over finished requests; ``cache_hit_rate`` is
+    ``cached_tokens / prompt_tokens`` (prompt tokens served from the prefix cache).
+    """
+
+    running_requests: int = 0
+    queued_requests: int = 0
+    free_kv_slots: int = 0
+    total_kv_slots: int = 0
+    cached_kv_tokens: int = 0
+    evictable_kv_tokens: int = 0
+    protected_kv_tokens: int = 0
+    finished_requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    forward_passes: int = 0
+    retractions: int = 0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+@attrs.define(eq=False)
+class _ReqState:
+    """Engine-side state of one request (kept in ``Req.user_data``)."""
+
+    checker: StopChecker
+    want_logprobs: bool
+    scores: dict[int, tuple[float, bool]] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class _Add:
+    req: Req
+
+
+@attrs.frozen
+class _Abort:
+    rid: str
+
+
+@attrs.frozen
+class _Flush:
+    ticket: int
+
+
+@attrs.frozen
+class _Shutdown:
+    pass
+
+
+Event = RequestOutput | CommandDone | EngineFailed
+
+
+class EngineCore:
+    """The engine loop and the thread-safe calls into it.
+
+    Construction builds the runner (KV memory) and scheduler; :meth:`start` starts the
+    loop thread. :meth:`new_request` validates on the caller's thread; :meth:`add`,
+    :meth:`abort`, :meth:`flush_cache` and :meth:`shutdown` only post to the inbox.
+    """
+
+    def __init__(self, config: EngineConfig, *, model: nn.Module, model_config: ModelConfig,
+                 tokenizer: Tokenizer | None, device: torch.device,
+                 post: Callable[[list[Event]], None]) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(config, model=model, model_config=model_config, device=device)
+        self.context_len = model_config.context_len
+        self.vocab_size = model_config.vocab_size
+        eos = set(model_config.eos_token_ids)
+        if tokenizer is not None:
+            eos.update(tokenizer.eos_token_ids)
+        self.eos_token_ids = frozenset(eos)
+        self.runner.sampler.eos_token_ids = tuple(sorted(eos))
+        self.cache = RadixCache(self.runner.allocator, disabled=not config.enable_radix_cache)
+        self.scheduler = Scheduler(
+            cache=self.cache,
+            allocator=self.runner.allocator,
+            req_to_token_pool=self.runner.req_to_token_pool,
+            policy=config.schedule_policy,
+            chunked_prefill_size=self.runner.chunked_prefill_size,
+            max_running_requests=self.runner.max_running_requests,
+            max_prefill_tokens=self.runner.chunked_prefill_size,
+            aging_limit=config.aging_limit,
+        )
+        self.grammar = GrammarBackend(self.vocab_size, jump_forward=config.jump_forward)
+        self._post = post
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._live: dict[str, Req] = {}
+        self._thread = threading.Thread(target=self._loop, name="aiolm-engine", daemon=True)
+        self._totals = {"finished_requests": 0, "prompt_tokens": 0, "cached_tokens": 0,
+                        "completion_tokens": 0}
+        self._stats = EngineStatistics(total_kv_slots=self.runner.allocator.size,
+                                       free_kv_slots=self.runner.allocator.available_size())
+
+    # ------------------------------------------------------------ caller side
+    def start(self) -> None:
+        """Start the loop thread."""
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the loop thread to end (after :meth:`shutdown`); True if it did."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def statistics(self) -> EngineStatistics:
+        """The snapshot taken after the last step (never waits)."""
+        return self._stats
+
+    def new_request(self, rid: str, input_ids: Sequence[int], sampling: SamplingParams, *,
+                    matcher: Matcher | None = None, return_all_logits: bool = False,
+                    max_prefix_match: int | None = None) -> Req:
+        """Validate and build a request (runs on the caller's thread; touches no engine state).
+
+        Raises ``ValueError`` for an empty prompt or out-of-range token ids,
+        :class:`ContextLengthExceeded` when prompt + ``max_tokens`` exceed the context,
+        :class:`OutOfMemory` when the KV pool could never hold it.
+        """
+        ids = list(input_ids)
+        if not ids:
+            raise ValueError("prompt: empty (give at least one token)")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"input_ids: token id {t!r} is not in [0, {self.vocab_size})")
+        need = len(ids) + sampling.max_tokens
+        if len(ids) > self.context_len or need > self.context_len:
+            raise ContextLengthExceeded(
+                f"the prompt has {len(ids)} tokens and max_tokens is {sampling.max_tokens}: "
+                f"{need} tokens exceed the model's context of {self.context_len}"
+            )
+        if need > self.runner.allocator.size:
+            raise OutOfMemory(
+                f"the request needs {need} KV slots; the engine has {self.runner.allocator.size} "
+                "(raise max_total_tokens)"
+            )
+        detok = self.tokenizer.detokenizer(ids) if self.tokenizer is not None else None
+        checker = StopChecker(sampling, eos_token_ids=self.eos_token_ids, detokenizer=detok)
+        state = _ReqState(checker=checker,
+                          want_logprobs=bool(sampling.logprobs or sampling.top_logprobs))
+        return Req(rid=rid, input_ids=ids, sampling=sampling, matcher=matcher,
+                   return_all_logits=return_all_logits, max_prefix_match=max_prefix_match,
+                   user_data=state)
+
+    def add(self, req: Req) -> None:
+        """Queue ``req`` (from :meth:`new_request`). Never blocks."""
+        self._inbox.put(_Add(req))
+
+    def abort(self, rid: str) -> None:
+        """Abort request ``rid`` wherever it is; frees its slots. Never blocks."""
+        self._inbox.put(_Abort(rid))
+
+    def flush_cache(self, ticket: int) -> None:
+        """Evict every unused cached prefix; replies ``CommandDone(ticket, freed_tokens)``."""
+        self._inbox.put(_Flush(ticket))
+
+    def shutdown(self) -> None:
+        """Stop the loop after its current step; open requests end with ``"abort"``."""
+        self._inbox.put(_Shutdown())
+
+    # -------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self._run_once():
+                    pass
+        except BaseException as exc:  # the loop is dead: tell every waiter
+            self._post([EngineFailed(error=exc)])
+
+    def _run_once(self) -> bool:
+        events: list[Event] = []
+        commands = [self._inbox.get()] if not self._live else []
+        while True:
+            try:
+                commands.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        running = True
+        for cmd in commands:
+            running = self._handle(cmd, events) and running
+        if not running:
+            for rid in list(self._live):
+                self._abort(rid, events, BackendUnavailable("the engine was closed"))
+            self._refresh_stats()
+            self._post(events)
+            return False
+        batch = self.scheduler.schedule() if self._live else None
+        if batch is not None:
+            self._step(batch, events)
+        self._refresh_stats()
+        if events:
+            self._post(events)
+        return True
+
+    def _handle(self, cmd: Any, events: list[Event]) -> bool:
+        if isinstance(cmd, _Add):
+            try:
+                self.scheduler.add(cmd.req)
+            except (ValueError, EngineError) as exc:
+                events.append(RequestOutput(rid=cmd.req.rid, finish_reason="abort", error=exc))
+            else:
+                self._live[cmd.req.rid] = cmd.req
+        elif isinstance(cmd, _Abort):
+            self._abort(cmd.rid, events, None)
+        elif isinstance(cmd, _Flush):
+            events.append(CommandDone(ticket=cmd.ticket, value=self.scheduler.flush_cache()))
+        elif isinstance(cmd, _Shutdown):
+            return False
+        return True
+
+    def _abort(self, rid: str, events: list[Event], error: BaseException | None) -> None:
+        req = self._live.pop(rid, None)
+        if req is None:
+            return
+        self.scheduler.abort(rid)
+        req.finish_reason = "abort"
+        self.runner.sampler.release(rid)
+        events.append(RequestOutput(rid=rid, finish_reason="abort", usage=self._usage(req),
+                                    error=error))
+
+    def _step(self, batch: ScheduleBatch, events: list[Event]) -> None:
+        out = self.runner.run(batch, self.grammar.bitmask_for)
+        for row, req in enumerate(batch.reqs):
+            try:
+                self._process(req, row, batch, out.sampled.get(row), out.scored.get(row), events)
+            except Exception as exc:  # one request's failure must not sink the others
+                req.finish_reason = "abort"
+                events.append(RequestOutput(rid=req.rid, finish_reason="abort",
+                                            usage=self._usage(req), error=exc))
+        self.scheduler.process_result(batch)
+        for req in batch.reqs:
+            if req.finish_reason is not None and self._live.pop(req.rid, None) is not None:
+                self.runner.sampler.release(req.rid)
+                totals = self._totals
+                totals["finished_requests"] += 1
+                totals["prompt_tokens"] += len(req.input_ids)
+                totals["cached_tokens"] += req.cached_len
+                totals["completion_tokens"] += len(req.output_ids)
+
+    def _process(self, req: Req, row: int, batch: ScheduleBatch, sampled: SampledToken | None,
+                 scored: Any, events: list[Event]) -> None:
+        state: _ReqState = req.user_data
+        if scored is not None:
+            for k, (lp, greedy) in enumerate(zip(scored.logprobs, scored.greedy, strict=True)):
+                state.scores[scored.first + k] = (lp, greedy)
+        if not batch.sample_mask[row] or req.finished:
+            return
+        if req.return_all_logits or req.sampling.max_tokens == 0:
+            req.finish_reason = "length"
+            events.append(RequestOutput(
+                rid=req.rid, finish_reason="length", usage=self._usage(req),
+                scores=tuple((p, lp, g) for p, (lp, g) in sorted(state.scores.items())),
+            ))
+            return
+        assert sampled is not None, "the runner sampled every row of sample_mask"
+        new = [sampled.token_id]
+        matcher = req.matcher
+        if matcher is not None and not (sampled.token_id in self.eos_token_ids
+                                        and matcher.accepts_eos()):
+            limit = req.sampling.max_tokens - len(req.output_ids) - 1
+            jump = self.grammar.after_sample(matcher, sampled.token_id, limit=limit)
+            if not jump.ok:
+                raise ConstraintError(
+                    f"the constraint rejected the sampled token {sampled.token_id}"
+                )
+            new = new[: len(new) - jump.rollback] + list(jump.append)
+        upd = state.checker.feed(new)
+        kept = new[: upd.consumed]
+        req.output_ids.extend(kept)
+        text, reason, matched = upd.text, upd.finish_reason, upd.matched_stop
+        if reason is None and req.seq_len >= self.context_len:
+            tail = state.checker.finish_length()
+            text, reason = text + tail.text, tail.finish_reason
+        logprobs: tuple[TokenLogprob, ...] = ()
+        if state.want_logprobs and sampled.logprob is not None and kept[:1] == [sampled.token_id]:
+            logprobs = (self._token_logprob(sampled),)
+        if reason is not None:
+            req.finish_reason = reason
+        events.append(RequestOutput(
+            rid=req.rid, text=text, token_ids=tuple(kept), logprobs=logprobs,
+            finish_reason=reason, matched_stop=matched,
+            usage=self._usage(req) if reason is not None else None,
+        ))
+
+    def _token_logprob(self, sampled: SampledToken) -> TokenLogprob:
+        return TokenLogprob(
+            token_id=sampled.token_id, token=self._token_text(sampled.token_id),
+            logprob=float(sampled.logprob or 0.0),
+            top=tuple((t, self._token_text(t), lp) for t, lp in sampled.top),
+        )
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
+
+    @staticmethod
+    def _usage(req: Req) -> Usage:
+        return Usage(prompt_tokens=len(req.input_ids), completion_tokens=len(req.output_ids),
+                     cached_tokens=req.cached_len)
+
+    def _refresh_stats(self) -> None:
+        sched = self.scheduler.statistics()
+        cache = self.cache.statistics()
+        self._stats = EngineStatistics(
+            running_requests=sched.running,
+            queued_requests=sched.waiting,
+            free_kv_slots=self.runner.allocator.available_size(),
+            total_kv_slots=self.runner.allocator.size,
+            cached_kv_tokens=cache.total_size,
+            evictable_kv_tokens=cache.evictable_size,
+            protected_kv_tokens=cache.protected_size,
+            forward_passes=self.runner.forward_passes,
+            retractions=sched.retractions,
+            **self._totals,
+        )

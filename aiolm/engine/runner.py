@@ -1,0 +1,327 @@
+"""The model runner: a scheduled batch in, sampled tokens (and scores) out.
+
+:class:`ModelRunner` owns the device side of an engine: the model, the KV memory (slot
+allocator, K/V buffers, request → slots table), the attention backend and the sampler.
+:meth:`ModelRunner.run` turns the scheduler's :class:`ScheduleBatch` into a
+:class:`~aiolm.engine.forward_batch.ForwardBatch` (the missing tokens of each request,
+their positions and slots), runs the model under ``torch.inference_mode``, samples the
+requests the batch marks, and fetches everything the host needs with one device → host
+copy per step.
+
+CUDA graphs: when enabled on CUDA with a backend that supports them, decode batches go
+through ``aiolm.engine.cuda_graph.CudaGraphRunner(runner)``, which offers
+``can_run(batch) -> bool`` and ``replay(batch) -> logits``; everything else runs eagerly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import torch
+
+from ..cache.pool import KVPool, ReqToTokenPool, TokenSlotAllocator
+from .attention import create as create_attention
+from .forward_batch import ForwardBatch, ForwardMode
+from .sampler import Sampler, token_logprobs
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .config import EngineConfig
+    from .model_config import ModelConfig
+    from .request import Req
+    from .scheduler import ScheduleBatch
+
+__all__ = [
+    "ModelRunner",
+    "SampledToken",
+    "ScoredTokens",
+    "StepOutput",
+    "choose_attention_backend",
+    "resolve_device",
+]
+
+# CPU KV pool: at most this many tokens, and at most this share of available RAM.
+_CPU_MAX_TOKENS = 65536
+_CPU_RAM_SHARE = 0.15
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else the CPU; ``"cuda"`` without CUDA is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asked for, but CUDA is not available")
+    return dev
+
+
+def choose_attention_backend(device: torch.device) -> str:
+    """The attention backend ``"auto"`` means on ``device``.
+
+    The CPU uses the exact torch backend; CUDA uses our triton kernels.
+    """
+    return "triton" if device.type == "cuda" else "torch"
+
+
+@attrs.frozen(kw_only=True)
+class SampledToken:
+    """The token sampled for one request, with its logprob and top alternatives if asked."""
+
+    token_id: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class ScoredTokens:
+    """Raw logprobs of known tokens of a scoring request computed in one pass.
+
+    ``logprobs[k]`` is the logprob of token ``first + k`` of ``all_ids`` given the tokens
+    before it; ``greedy[k]`` whether that token was also the argmax.
+    """
+
+    first: int
+    logprobs: tuple[float, ...]
+    greedy: tuple[bool, ...]
+
+
+@attrs.define(eq=False, kw_only=True)
+class StepOutput:
+    """What one forward pass produced, on the host, keyed by row of the scheduled batch."""
+
+    sampled: dict[int, SampledToken] = attrs.field(factory=dict)
+    scored: dict[int, ScoredTokens] = attrs.field(factory=dict)
+
+
+def _kv_bytes_per_token(cfg: ModelConfig) -> int:
+    elem = torch.empty((), dtype=cfg.torch_dtype).element_size()
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 1024**3
+
+
+class ModelRunner:
+    """Runs scheduled batches on one device (used by the engine thread only).
+
+    ``model`` / ``model_config`` are the loaded weights (see :mod:`aiolm.engine.loader`).
+    Sizes the KV pool from ``config`` and creates the attention backend and the sampler.
+    Raises ``ValueError`` for an unknown attention backend or a pool too small for one
+    request of a single token.
+    """
+
+    def __init__(self, config: EngineConfig, *, model: nn.Module, model_config: ModelConfig,
+                 device: torch.device) -> None:
+        self.config = config
+        self.model = model
+        self.model_config = model_config
+        self.device = device
+        self.context_len = model_config.context_len
+        cuda = device.type == "cuda"
+        self.max_running_requests = config.max_running_requests or (256 if cuda else 64)
+        self.chunked_prefill_size = config.chunked_prefill_size or (8192 if cuda else 2048)
+
+        size = self._kv_size()
+        self.allocator = TokenSlotAllocator(size, device)
+        self.kv_pool = KVPool(model_config.num_layers, model_config.num_kv_heads,
+                              model_config.head_dim, size, model_config.torch_dtype, device)
+        self.req_to_token_pool = ReqToTokenPool(self.max_running_requests, self.context_len,
+                                                device)
+
+        backend = config.attention_backend
+        if backend == "auto":
+            backend = choose_attention_backend(device)
+        self.attention_backend = backend
+        self.attn = create_attention(
+            backend, num_q_heads=model_config.num_heads, num_kv_heads=model_config.num_kv_heads,
+            head_dim=model_config.head_dim, scale=model_config.head_dim ** -0.5, device=device,
+        )
+        self.model.set_attention(self.attn)
+        self.sampler = Sampler(vocab_size=model_config.vocab_size, device=device,
+                               seed=config.seed, eos_token_ids=model_config.eos_token_ids)
+        self.forward_passes = 0
+        self.graph_runner: Any = None
+        if config.cuda_graphs and cuda and self.attn.supports_cuda_graph:
+            from .cuda_graph import CudaGraphRunner
+
+            self.graph_runner = CudaGraphRunner(self)
+
+    def _kv_size(self) -> int:
+        if self.config.max_total_tokens is not None:
+            return self.config.max_total_tokens
+        per_token = _kv_bytes_per_token(self.model_config)
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            size = int(free * self.config.mem_fraction) // per_token
+        else:
+            size = min(_CPU_MAX_TOKENS, int(_available_ram() * _CPU_RAM_SHARE) // per_token)
+        if size < 2:
+            raise ValueError(
+                f"max_total_tokens: not enough memory for a KV pool ({per_token} bytes per token)"
+            )
+        return size
+
+    # ---------------------------------------------------------------- the step
+    @torch.inference_mode()
+    def run(self, batch: ScheduleBatch, bitmask_fn: Any = None) -> StepOutput:
+        """Compute ``batch`` and sample the requests of its ``sample_mask``.
+
+        ``bitmask_fn(reqs) -> int32 tensor | None`` fills the constraint bitmask of the
+        rows about to be sampled; it runs on the host while the device computes the
+        forward pass. Scoring requests (``return_all_logits``) and prefill-only requests
+        (``max_tokens == 0``) are never sampled; scoring requests' raw logprobs come back in
+        ``StepOutput.scored``. Mutates nothing but the KV pool.
+        """
+        reqs = batch.reqs
+        fb = self._forward_batch(batch)
+        if fb.is_decode and self.graph_runner is not None and self.graph_runner.can_run(fb):
+            logits = self.graph_runner.replay(fb)
+        else:
+            logits = self.model(fb)
+        self.forward_passes += 1
+
+        if fb.return_logits == "all":
+            ends = torch.tensor(batch.extend_lens).cumsum(0) - 1
+            last_rows = ends.tolist()
+        else:
+            last_rows = list(range(len(reqs)))
+        sample_rows = [i for i, r in enumerate(reqs) if batch.sample_mask[i]
+                       and not r.return_all_logits and r.sampling.max_tokens > 0]
+        score_rows = [i for i, r in enumerate(reqs) if r.return_all_logits]
+
+        fetch: list[torch.Tensor] = []
+        sample_out = None
+        if sample_rows:
+            sample_reqs = [reqs[i] for i in sample_rows]
+            info = self.sampler.prepare(sample_reqs)
+            bitmask = bitmask_fn(sample_reqs) if bitmask_fn is not None else None
+            index = torch.tensor([last_rows[i] for i in sample_rows], device=self.device)
+            sample_out = self.sampler.sample(logits.index_select(0, index), info, bitmask)
+            fetch.append(sample_out.next_ids)
+            if sample_out.logprobs is not None:
+                fetch.append(sample_out.logprobs)
+            if sample_out.top_ids is not None:
+                fetch += [sample_out.top_ids, sample_out.top_logprobs]
+        score_spans = self._score_spans(batch, score_rows)
+        if score_spans:
+            rows = torch.cat([torch.arange(a, b) for _, a, b, _ in score_spans]).to(self.device)
+            targets = torch.tensor([t for *_, ts in score_spans for t in ts], device=self.device)
+            lp, greedy = token_logprobs(logits.index_select(0, rows), targets)
+            fetch += [lp, greedy]
+        host = self._to_host(fetch)
+        return self._unpack(host, sample_rows, sample_out, score_spans, batch)
+
+    def _score_spans(self, batch: ScheduleBatch,
+                     rows: Sequence[int]) -> list[tuple[int, int, int, list[int]]]:
+        """Per scoring row: (batch row, first logits row, end logits row, target ids)."""
+        spans = []
+        starts = [0]
+        for n in batch.extend_lens:
+            starts.append(starts[-1] + n)
+        for i in rows:
+            req = batch.reqs[i]
+            prefix, ext = batch.prefix_lens[i], batch.extend_lens[i]
+            ids = req.all_ids
+            # Row j (position prefix + j) predicts token prefix + j + 1, known while < len(ids).
+            n = min(ext, len(ids) - prefix - 1)
+            if n > 0:
+                spans.append((i, starts[i], starts[i] + n, ids[prefix + 1: prefix + 1 + n]))
+        return spans
+
+    def _to_host(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One device → host crossing for every result of the step."""
+        if self.device.type != "cuda":
+            return tensors
+        out = [t.to("cpu", non_blocking=True) for t in tensors]
+        torch.cuda.current_stream(self.device).synchronize()
+        return out
+
+    def _unpack(self, host: list[torch.Tensor], sample_rows: list[int], sample_out: Any,
+                score_spans: list[tuple[int, int, int, list[int]]],
+                batch: ScheduleBatch) -> StepOutput:
+        out = StepOutput()
+        k = 0
+        if sample_rows:
+            ids = host[k].tolist()
+            k += 1
+            lps = tops = top_lps = None
+            if sample_out.logprobs is not None:
+                lps = host[k].tolist()
+                k += 1
+            if sample_out.top_ids is not None:
+                tops, top_lps = host[k].tolist(), host[k + 1].tolist()
+                k += 2
+            for j, row in enumerate(sample_rows):
+                params = batch.reqs[row].sampling
+                want = params.logprobs or params.top_logprobs
+                top = ()
+                if tops is not None and params.top_logprobs:
+                    top = tuple(zip(tops[j][: params.top_logprobs],
+                                    top_lps[j][: params.top_logprobs], strict=True))
+                out.sampled[row] = SampledToken(
+                    token_id=ids[j], logprob=lps[j] if (want and lps is not None) else None,
+                    top=top,
+                )
+        if score_spans:
+            lp, greedy = host[k].tolist(), host[k + 1].tolist()
+            offset = 0
+            for row, a, b, _ in score_spans:
+                n = b - a
+                out.scored[row] = ScoredTokens(
+                    first=batch.prefix_lens[row] + 1,
+                    logprobs=tuple(lp[offset:offset + n]),
+                    greedy=tuple(greedy[offset:offset + n]),
+                )
+                offset += n
+        return out
+
+    def _forward_batch(self, batch: ScheduleBatch) -> ForwardBatch:
+        reqs: Sequence[Req] = batch.reqs
+        prefix_lens = list(batch.prefix_lens)
+        extend_lens = list(batch.extend_lens)
+        seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens, strict=True)]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        if batch.mode is ForwardMode.DECODE:
+            for r, p in zip(reqs, prefix_lens, strict=True):
+                n_in = len(r.input_ids)
+                input_ids.append(r.input_ids[p] if p < n_in else r.output_ids[p - n_in])
+            positions = prefix_lens
+        else:
+            for r, p, e in zip(reqs, prefix_lens, extend_lens, strict=True):
+                input_ids.extend(r.all_ids[p:p + e])
+                positions.extend(range(p, p + e))
+        dev = self.device
+
+        def on_device(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+
+        extend = batch.mode is ForwardMode.EXTEND
+        return ForwardBatch(
+            mode=batch.mode,
+            batch_size=len(reqs),
+            input_ids=on_device(input_ids, torch.int64),
+            positions=on_device(positions, torch.int64),
+            out_cache_loc=batch.out_cache_loc.to(dev, torch.int64),
+            req_pool_indices=on_device([r.req_pool_idx for r in reqs], torch.int64),
+            seq_lens=on_device(seq_lens, torch.int32),
+            extend_prefix_lens=on_device(prefix_lens, torch.int32) if extend else None,
+            extend_seq_lens=on_device(extend_lens, torch.int32) if extend else None,
+            seq_lens_cpu=seq_lens,
+            extend_prefix_lens_cpu=prefix_lens if extend else [],
+            extend_seq_lens_cpu=extend_lens if extend else [],
+            return_logits="all" if any(r.return_all_logits for r in reqs) else "last",
+            kv_pool=self.kv_pool,
+            req_to_token_pool=self.req_to_token_pool,
+        )
