@@ -183,6 +183,7 @@ class EngineCore:
         self._post = post
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._live: dict[str, Req] = {}
+        self._mask_failures: dict[str, Exception] = {}
         self._thread = threading.Thread(target=self._loop, name="aiolm-engine", daemon=True)
         self._totals = {"finished_requests": 0, "prompt_tokens": 0, "cached_tokens": 0,
                         "completion_tokens": 0}
@@ -314,9 +315,12 @@ class EngineCore:
                                     error=error))
 
     def _step(self, batch: ScheduleBatch, events: list[Event]) -> None:
-        out = self.runner.run(batch, self.grammar.bitmask_for)
+        out = self.runner.run(batch, self._bitmask)
         for row, req in enumerate(batch.reqs):
             try:
+                failure = self._mask_failures.pop(req.rid, None)
+                if failure is not None:
+                    raise failure
                 self._process(req, row, batch, out.sampled.get(row), out.scored.get(row), events)
             except Exception as exc:  # one request's failure must not sink the others
                 req.finish_reason = "abort"
@@ -376,6 +380,22 @@ class EngineCore:
             finish_reason=reason, matched_stop=matched,
             usage=self._usage(req) if reason is not None else None,
         ))
+
+    def _bitmask(self, reqs: Sequence[Req]) -> torch.Tensor | None:
+        """The batch's constraint bitmask; a matcher that fails fails only its request."""
+        try:
+            return self.grammar.bitmask_for(reqs)
+        except Exception:
+            pass
+        mask = torch.full((len(reqs), self.grammar.words), -1, dtype=torch.int32)
+        for i, req in enumerate(reqs):
+            if req.matcher is None:
+                continue
+            try:
+                mask[i] = self.grammar.fill_bitmask([(0, req.matcher)], 1)[0]
+            except Exception as exc:  # the request ends with this error after the step
+                self._mask_failures[req.rid] = exc
+        return mask
 
     def _token_logprob(self, sampled: SampledToken) -> TokenLogprob:
         return TokenLogprob(
