@@ -1,0 +1,132 @@
+"""Constraint masks for a whole batch, and jump-forward after sampling (engine thread only).
+
+Each step the runtime asks :meth:`GrammarBackend.fill_bitmask` for the int32 bitmask of the
+rows about to be sampled (the sampler applies it on the device); llguidance matchers are
+computed together by llguidance's thread pool with the GIL released, other matchers (a
+user's own) fill their rows one by one. After sampling, :meth:`GrammarBackend.after_sample`
+advances a request's matcher and says which tokens to drop and append (jump-forward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import torch
+
+from ..constraints._llg_matcher import LLGMatcher, set_single_token
+
+if TYPE_CHECKING:
+    from ..constraints.base import Matcher
+    from .request import Req
+
+__all__ = ["GrammarBackend", "JumpForward"]
+
+
+@attrs.frozen(kw_only=True)
+class JumpForward:
+    """What to do with a request's ``output_ids`` after its sampled token was advanced.
+
+    Drop the last ``rollback`` tokens, then append ``append`` (the matcher has already
+    advanced through them). ``ok`` is False when the sampled token broke the constraint
+    (the sampler ignored the mask): the request must end, its output is not valid.
+    ``finished`` is True when the constraint is complete (only EOS may follow).
+    """
+
+    ok: bool = True
+    rollback: int = 0
+    append: tuple[int, ...] = ()
+    finished: bool = False
+
+
+class GrammarBackend:
+    """Batched constraint masks and jump-forward decisions for the engine loop.
+
+    ``vocab_size`` is the model's (the width of the logits); the bitmask has
+    ``ceil(vocab_size / 32)`` words per row. ``jump_forward=False`` is the ablation: forced
+    tokens are then decoded one forward pass each (the masks admit only the next forced
+    token, so the text is the same either way).
+    """
+
+    def __init__(self, vocab_size: int, *, jump_forward: bool = True,
+                 num_threads: int | None = None) -> None:
+        if not isinstance(vocab_size, int) or vocab_size <= 0:
+            raise ValueError(f"vocab_size: expected a positive int, got {vocab_size!r}")
+        self.vocab_size = vocab_size
+        self.words = (vocab_size + 31) // 32
+        self.jump_forward = jump_forward
+        self._num_threads = num_threads
+        self._executor: Any = None
+        self._pin = torch.cuda.is_available()
+
+    # ------------------------------------------------------------------ masks
+    def bitmask_for(self, reqs: Sequence[Req]) -> torch.Tensor | None:
+        """The bitmask of ``reqs`` in row order, or None when none is constrained.
+
+        The signature of the runner's ``bitmask_fn``. Rows of unconstrained requests allow
+        every token.
+        """
+        entries = [(i, r.matcher) for i, r in enumerate(reqs) if r.matcher is not None]
+        if not entries:
+            return None
+        return self.fill_bitmask(entries, len(reqs))
+
+    def fill_bitmask(self, entries: Sequence[tuple[int, Matcher]],
+                     batch_size: int) -> torch.Tensor:
+        """A CPU int32 ``[batch_size, words]`` bitmask (pinned when CUDA is present).
+
+        ``entries`` are ``(row, matcher)`` pairs; rows not listed allow every token. Every
+        listed matcher writes its row: llguidance ones in parallel, others in turn.
+        """
+        bitmask = torch.full((batch_size, self.words), -1, dtype=torch.int32,
+                             pin_memory=self._pin)
+        parallel: list[tuple[Any, int]] = []
+        for row, matcher in entries:
+            if isinstance(matcher, LLGMatcher) and matcher.mask_words == self.words:
+                token = matcher.planned_token()
+                if token is not None:
+                    set_single_token(bitmask[row], token)
+                else:
+                    parallel.append((matcher.ll_matcher, row))
+            else:
+                matcher.fill_next_token_mask(bitmask[row])
+        if parallel:
+            self._executor_().unsafe_compute_mask_ptr(
+                parallel, bitmask.data_ptr(), self.words * 4, batch_size
+            )
+        return bitmask
+
+    def _executor_(self) -> Any:
+        if self._executor is None:
+            import llguidance
+
+            self._executor = llguidance.LLExecutor(self._num_threads)
+        return self._executor
+
+    # -------------------------------------------------------------- after sampling
+    def after_sample(self, matcher: Matcher, token: int, *, limit: int) -> JumpForward:
+        """Advance ``matcher`` by the sampled ``token`` and decide the jump-forward.
+
+        Call it after ``token`` was appended to the request's ``output_ids``. ``limit`` is
+        how many more tokens the request may gain (``max_tokens`` minus the output length,
+        counting ``token``); forced tokens beyond it are not appended, so the request then
+        ends on ``length`` with an incomplete value. With jump-forward on, two or more forced
+        tokens are appended at once; a canonical re-split of the sampled token is applied
+        with either setting (it costs no forward pass: the token is not computed yet).
+        """
+        if not matcher.advance(token):
+            return JumpForward(ok=False)
+        if matcher.is_finished():
+            return JumpForward(finished=True)
+        rollback, forced = matcher.jump_forward()
+        if self.jump_forward and len(forced) >= 2:
+            count = len(forced)
+        else:
+            count = min(rollback, len(forced))
+        count = min(count, max(limit, 0) + rollback)
+        append = tuple(forced[:count])
+        for i, t in enumerate(append):
+            if not matcher.advance(t):  # a matcher whose forced tokens it refuses itself
+                return JumpForward(ok=False, rollback=rollback, append=append[:i])
+        return JumpForward(rollback=rollback, append=append, finished=matcher.is_finished())
