@@ -21,7 +21,7 @@ import contextvars
 import functools
 import inspect
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -262,12 +262,12 @@ class ProgramEvents:
         self._receive = receive
         self.state: ProgramState | None = None
 
-    def __aiter__(self) -> AsyncIterator[StreamEvent]:
-        return self._iterate()
+    def __aiter__(self) -> ProgramEvents:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[StreamEvent]:
-        async for event in self._receive:
-            yield event
+    async def __anext__(self) -> StreamEvent:
+        """The next event; ends when the program has finished."""
+        return await self._receive.__anext__()
 
 
 class ProgramStream:
