@@ -1,0 +1,257 @@
+"""Reading and writing the OpenAI wire format: response fields → aiolm values, constraints →
+request fields. Pure functions, no I/O."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import regex
+
+from ..chat import Message
+from ..constraints.base import Constraint
+from ..constraints.choices import Choices
+from ..constraints.grammar import Grammar
+from ..constraints.json_schema import JSONSchema
+from ..constraints.regex import Regex
+from ..errors import BackendError, ConstraintError, UnsupportedFeature
+from ._openai_errors import MalformedResponse
+from .base import FinishReason, TokenLogprob, Usage
+
+__all__ = [
+    "ClientStop",
+    "field",
+    "sse_events",
+    "choice_schema",
+    "constraint_fields",
+    "finish_reason",
+    "first_stop",
+    "parse_choice_json",
+    "read_chat_logprobs",
+    "read_completion_logprobs",
+    "read_usage",
+    "split_open_turn",
+    "the_choice",
+]
+
+#: The wrapper object a chat model fills for ``select`` / ``gen(choices=...)``.
+CHOICE_KEY = "choice"
+
+
+def field(obj: Any, name: str) -> Any:
+    """``obj.name`` of an SDK object, or ``obj[name]`` of a parsed stream event (else None)."""
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def the_choice(response: Any) -> Any:
+    """The first choice of a response; MalformedResponse if there is none."""
+    choices = field(response, "choices")
+    if not choices or not isinstance(choices, list):
+        raise MalformedResponse("the API's response has no choices")
+    return choices[0]
+
+
+def read_usage(usage: Any) -> Usage | None:
+    """aiolm ``Usage`` from an OpenAI ``usage`` object (cached tokens from the details)."""
+    if usage is None:
+        return None
+    details = field(usage, "prompt_tokens_details")
+    return Usage(
+        prompt_tokens=field(usage, "prompt_tokens") or 0,
+        completion_tokens=field(usage, "completion_tokens") or 0,
+        cached_tokens=(field(details, "cached_tokens") if details is not None else 0) or 0,
+    )
+
+
+def finish_reason(reason: str | None) -> FinishReason:
+    """OpenAI's finish reason in aiolm's terms (a content filter is an abort)."""
+    if reason == "length":
+        return "length"
+    if reason == "content_filter":
+        return "abort"
+    return "stop"
+
+
+def _lp(value: Any) -> float:
+    return float(value) if value is not None else -math.inf
+
+
+def read_completion_logprobs(logprobs: Any) -> tuple[TokenLogprob, ...]:
+    """Token logprobs of a completions choice (``tokens`` / ``token_logprobs`` / ``top_logprobs``).
+
+    The API gives no token ids: ``token_id`` is -1.
+    """
+    tokens = field(logprobs, "tokens") if logprobs is not None else None
+    if not tokens:
+        return ()
+    values = field(logprobs, "token_logprobs") or [None] * len(tokens)
+    tops = field(logprobs, "top_logprobs") or [None] * len(tokens)
+    return tuple(
+        TokenLogprob(token_id=-1, token=tok, logprob=_lp(lp),
+                     top=tuple((-1, t, _lp(v)) for t, v in (top or {}).items()))
+        for tok, lp, top in zip(tokens, values, tops, strict=False)
+    )
+
+
+def read_chat_logprobs(logprobs: Any) -> tuple[TokenLogprob, ...]:
+    """Token logprobs of a chat choice (``logprobs.content``). ``token_id`` is -1."""
+    content = field(logprobs, "content") if logprobs is not None else None
+    if not content:
+        return ()
+    return tuple(
+        TokenLogprob(token_id=-1, token=field(item, "token"), logprob=_lp(field(item, "logprob")),
+                     top=tuple((-1, field(t, "token"), _lp(field(t, "logprob")))
+                               for t in (field(item, "top_logprobs") or ())))
+        for item in content
+    )
+
+
+def split_open_turn(messages: tuple[Message, ...]) -> tuple[tuple[Message, ...], str]:
+    """Split off the open assistant turn: (the turns before it, its text so far).
+
+    A conversation that does not end with an assistant turn opens a new, empty one.
+    """
+    if messages and messages[-1].role == "assistant":
+        return messages[:-1], messages[-1].content
+    return messages, ""
+
+
+def choice_schema(choices: tuple[str, ...]) -> dict[str, Any]:
+    """A strict response format whose only valid answers name one of ``choices``."""
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "choice",
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {CHOICE_KEY: {"type": "string", "enum": list(choices)}},
+                "required": [CHOICE_KEY],
+                "additionalProperties": False,
+            },
+        },
+    }
+
+
+def parse_choice_json(text: str, choices: tuple[str, ...]) -> int:
+    """The index of the choice a :func:`choice_schema` answer names (ConstraintError if none)."""
+    try:
+        value = json.loads(text)[CHOICE_KEY]
+    except (ValueError, TypeError, KeyError):
+        raise ConstraintError(f"the API's answer {text!r} is not the choice object asked for") from None
+    if value not in choices:
+        raise ConstraintError(f"the API chose {value!r}, which is not one of {list(choices)}")
+    return choices.index(value)
+
+
+def constraint_fields(constraint: Constraint | None, *, chat: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Request fields for ``constraint``: (standard OpenAI fields, aiolm-server extension fields).
+
+    Chat models take JSON schemas (and choices) as ``response_format``; regex and grammars
+    are not part of the chat API. Completion models take every constraint only as aiolm
+    server extensions. Raises ``UnsupportedFeature`` for what neither can carry.
+    """
+    if constraint is None:
+        return {}, {}
+    if isinstance(constraint, JSONSchema):
+        fmt = {"type": "json_schema",
+               "json_schema": {"name": "output", "schema": constraint.schema, "strict": False}}
+        return ({"response_format": fmt}, {}) if chat else ({}, {"response_format": fmt})
+    if isinstance(constraint, Choices):
+        if chat:
+            return {"response_format": choice_schema(constraint.choices)}, {}
+        return {}, {"regex": "|".join(regex.escape(c) for c in constraint.choices)}
+    if isinstance(constraint, Regex | Grammar):
+        kind = "regex" if isinstance(constraint, Regex) else "grammar"
+        if chat:
+            raise UnsupportedFeature(
+                f"{kind} constraints: the OpenAI chat API cannot constrain decoding by a {kind}; "
+                "use json_schema, a completion model on aiolm's server, or aiolm.Engine"
+            )
+        value = constraint.pattern if isinstance(constraint, Regex) else constraint.grammar
+        return {}, {kind: value}
+    raise UnsupportedFeature(
+        f"constraint: the OpenAI backend cannot apply a custom {type(constraint).__name__}; "
+        "use aiolm.Engine"
+    )
+
+
+def first_stop(text: str, stops: tuple[str, ...], stop_re: regex.Pattern | None) -> tuple[int, str] | None:
+    """The earliest stop string or ``stop_re`` match in ``text``: (start, matched text)."""
+    best: tuple[int, str] | None = None
+    for s in stops:
+        pos = text.find(s)
+        if pos >= 0 and (best is None or pos < best[0]):
+            best = (pos, s)
+    if stop_re is not None:
+        m = stop_re.search(text)
+        if m is not None and (best is None or m.start() < best[0]):
+            best = (m.start(), m.group(0))
+    return best
+
+
+class ClientStop:
+    """Stop strings and ``stop_regex`` applied on this side, for APIs that lack them.
+
+    ``feed(delta)`` returns the text safe to emit and the matched stop once one appears.
+    Text that could be the start of a stop string is held back; with a ``stop_regex``
+    everything is held back until the end (a regex match can start anywhere).
+    """
+
+    def __init__(self, stops: tuple[str, ...], stop_regex: str | None) -> None:
+        self._stops = stops
+        self._re = regex.compile(stop_regex) if stop_regex else None
+        self._hold = math.inf if self._re is not None else max(len(s) for s in stops) - 1
+        self._text = ""
+        self._emitted = 0
+
+    def feed(self, delta: str) -> tuple[str, str | None]:
+        """Add ``delta``; return (text to emit now, the matched stop or None)."""
+        self._text += delta
+        hit = first_stop(self._text, self._stops, self._re)
+        if hit is not None:
+            start, matched = hit
+            out = self._text[self._emitted:start]
+            self._emitted = len(self._text)
+            return out, matched
+        safe = len(self._text) - self._hold
+        if safe <= self._emitted:
+            return "", None
+        out = self._text[self._emitted:int(safe)]
+        self._emitted = int(safe)
+        return out, None
+
+    def flush(self) -> str:
+        """The held-back text, at the end of a stream that hit no stop."""
+        out = self._text[self._emitted:]
+        self._emitted = len(self._text)
+        return out
+
+
+async def sse_events(lines: Any) -> Any:
+    """The JSON events of a server-sent-event stream of text ``lines``, to the very end.
+
+    Reading past ``[DONE]`` to the end of the body lets every iterator underneath finish
+    normally (an abandoned one would be finalized later, on another task). An event with an
+    ``error`` raises :class:`BackendError`; a line that is not JSON, MalformedResponse.
+    """
+    async for line in lines:
+        if not line.startswith("data:"):
+            continue  # blank separators, comments, event names
+        data = line[5:].strip()
+        if data == "[DONE]":
+            continue
+        try:
+            event = json.loads(data)
+        except ValueError:
+            raise MalformedResponse(f"the API streamed an event that is not JSON: {data[:200]!r}") from None
+        if not isinstance(event, dict):
+            raise MalformedResponse(f"the API streamed an event that is not an object: {data[:200]!r}")
+        error = event.get("error")
+        if error:
+            message = error.get("message") if isinstance(error, dict) else str(error)
+            raise BackendError(f"the API reported an error mid-stream: {message}")
+        yield event

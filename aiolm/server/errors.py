@@ -1,0 +1,71 @@
+"""OpenAI-style error bodies, and which HTTP status each aiolm error becomes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ConstraintError,
+    ContextLengthExceeded,
+    EngineError,
+    OutOfMemory,
+    RateLimited,
+    UnsupportedFeature,
+)
+
+__all__ = ["ApiError", "api_error_for"]
+
+
+class ApiError(Exception):
+    """An error answer: HTTP ``status`` and the OpenAI body ``{"error": {...}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body OpenAI clients parse."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    def encoded(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+
+def api_error_for(exc: BaseException, *, prompt_param: str = "prompt") -> ApiError:
+    """The HTTP error for an exception raised while generating (most specific first).
+
+    Anything that is not an aiolm error is an internal error (500) whose details stay in the
+    server's log.
+    """
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ContextLengthExceeded):
+        return ApiError(400, str(exc), param=prompt_param, code="context_length_exceeded")
+    if isinstance(exc, ConstraintError):
+        return ApiError(400, str(exc), param="response_format", code="invalid_constraint")
+    if isinstance(exc, UnsupportedFeature):
+        return ApiError(400, str(exc), code="unsupported_feature")
+    if isinstance(exc, RateLimited):
+        headers = {} if exc.retry_after is None else {"Retry-After": f"{exc.retry_after:g}"}
+        return ApiError(429, str(exc), type="rate_limit_error", code="rate_limited", headers=headers)
+    if isinstance(exc, BackendTimeout):
+        return ApiError(504, str(exc), type="server_error", code="timeout")
+    if isinstance(exc, BackendUnavailable | OutOfMemory):
+        return ApiError(503, str(exc), type="server_error", code="unavailable")
+    if isinstance(exc, BackendError):
+        return ApiError(502, str(exc), type="server_error", code="backend_error")
+    if isinstance(exc, EngineError):
+        return ApiError(500, str(exc), type="server_error", code="engine_error")
+    return ApiError(500, "internal server error", type="server_error", code="internal_error")
