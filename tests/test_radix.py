@@ -214,6 +214,7 @@ class RadixMachine(RuleBasedStateMachine):
 
     @rule(key=keys, record=st.booleans())
     def match(self, key, record):
+        assert self.cache.match_length(key) == self.model_match(key)
         res = self.cache.match_prefix(key, record=record)
         assert res.length == self.model_match(key)
         assert res.slots.tolist() == [self.model[tuple(key[:j + 1])] for j in range(res.length)]

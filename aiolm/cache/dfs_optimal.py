@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .radix import common_prefix_length
+
 __all__ = ["distinct_prefix_tokens", "dfs_optimal_hit_rate"]
 
 
@@ -23,11 +25,7 @@ def distinct_prefix_tokens(requests: Sequence[Sequence[int]]) -> int:
     for seq in seqs:
         # In sorted order, a sequence's new trie nodes are those past its common prefix
         # with the previous sequence.
-        n = min(len(prev), len(seq))
-        common = 0
-        while common < n and prev[common] == seq[common]:
-            common += 1
-        total += len(seq) - common
+        total += len(seq) - common_prefix_length(prev, seq)
         prev = seq
     return total
 

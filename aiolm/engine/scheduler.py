@@ -37,6 +37,7 @@ Slot ownership: ``req_to_token[row, :locked_len]`` are the radix tree's slots (l
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 
@@ -44,7 +45,7 @@ import attrs
 import torch
 
 from ..cache.pool import ReqToTokenPool, TokenSlotAllocator
-from ..cache.radix import RadixCache
+from ..cache.radix import RadixCache, common_prefix_length
 from ..errors import ContextLengthExceeded, OutOfMemory
 from .forward_batch import ForwardMode
 from .request import Req
@@ -113,47 +114,46 @@ class SchedulerStatistics:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
-def _lcp(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix (slice comparisons run in C)."""
-    lo, hi = 0, min(len(a), len(b))
-    if a[:hi] == b[:hi]:
-        return hi
-    while lo < hi:  # invariant: a[:lo] == b[:lo] and a[:hi + 1] != b[:hi + 1]
-        mid = (lo + hi + 1) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 def dfs_weight_order(reqs: list[Req]) -> list[Req]:
     """The paper's DFS-weight order of ``reqs`` over the prefix tree of their ``all_ids``.
 
     A node's weight is the number of requests in its subtree; the tree is walked in DFS
     pre-order (requests ending at a node come before its children), heavier children first,
-    ties to the child holding the earliest arrival. Built from the sorted sequences (a
-    compressed trie), not token by token.
+    ties to the child holding the earliest arrival. Built from the sorted sequences (each
+    subtree is a contiguous range; children are split off by binary search), so the cost is
+    about O(n log n) list comparisons, never a token-by-token trie.
     """
     items = sorted(((r.all_ids, r.arrival, r) for r in reqs), key=lambda t: (t[0], t[1]))
+    n = len(items)
+    # Sparse table for the earliest arrival of any contiguous range of ``items``.
+    table = [[t[1] for t in items]]
+    width = 1
+    while 2 * width <= n:
+        prev = table[-1]
+        table.append([min(prev[i], prev[i + width]) for i in range(n - 2 * width + 1)])
+        width *= 2
+
+    def earliest(lo: int, hi: int) -> int:
+        k = (hi - lo).bit_length() - 1
+        return min(table[k][lo], table[k][hi - (1 << k)])
+
     out: list[Req] = []
-    stack = [(0, len(items))]
+    stack = [(0, n)]
     while stack:
         lo, hi = stack.pop()
         if hi - lo == 1:
             out.append(items[lo][2])
             continue
-        depth = _lcp(items[lo][0], items[hi - 1][0])
+        depth = common_prefix_length(items[lo][0], items[hi - 1][0])
         while lo < hi and len(items[lo][0]) == depth:
             out.append(items[lo][2])
             lo += 1
         runs = []
-        start = lo
-        for i in range(lo + 1, hi + 1):
-            if i == hi or items[i][0][depth] != items[start][0][depth]:
-                first = min(items[j][1] for j in range(start, i))
-                runs.append((-(i - start), first, start, i))
-                start = i
+        while lo < hi:
+            token = items[lo][0][depth]
+            end = bisect.bisect_right(items, token, lo, hi, key=lambda t: t[0][depth])
+            runs.append((lo - end, earliest(lo, end), lo, end))
+            lo = end
         runs.sort()
         stack.extend((s, e) for _, _, s, e in reversed(runs))
     return out
@@ -340,7 +340,8 @@ class Scheduler:
             req.alloc_len = req.kv_len + ext
             entries.append((req, req.all_ids, req.kv_len, ext, slots))
             left -= ext
-        if self._waiting and left > 0:
+        if (self._waiting and left > 0 and len(self._running) < self.max_running_requests
+                and self.req_to_token_pool.available_size()):
             self._admit_waiting(entries, left)
         if not entries:
             return None
@@ -433,9 +434,8 @@ class Scheduler:
         if self.policy == "fcfs":
             rest.sort(key=lambda r: r.arrival)
         elif self.policy == "lpm":
-            def matched(r: Req) -> int:
-                return self.cache.match_prefix(r.all_ids[:r.seq_len - 1]).length
-            keyed = [(-matched(r), r.arrival, r) for r in rest]
+            match_length = self.cache.match_length
+            keyed = [(-match_length(r.all_ids[:r.seq_len - 1]), r.arrival, r) for r in rest]
             keyed.sort(key=lambda t: (t[0], t[1]))
             rest = [t[2] for t in keyed]
         else:
