@@ -1,0 +1,127 @@
+"""CUDA graphs for decode: capture one forward pass per batch-size bucket, replay it.
+
+A decode step launches a few hundred small kernels; replaying a captured graph removes the
+launch gaps between them. :class:`CudaGraphRunner` captures the model's decode forward once
+per bucket (1, 2, 4, 8, 16, 24, 32, then every 16 up to ``max_running_requests``), largest
+first, all in one shared memory pool. The captured graphs read their inputs from static
+buffers; :meth:`CudaGraphRunner.replay` copies a batch into them, pads it to the bucket
+(padding rows write their K/V to the reserved slot 0 and see a sequence of length 1), lets
+the attention backend update its own buffers (``init_forward_for_replay``), replays, and
+returns the logits of the real rows. Sampling stays outside the graph, on the device.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .forward_batch import ForwardBatch, ForwardMode
+
+if TYPE_CHECKING:
+    from .runner import ModelRunner
+
+__all__ = ["CudaGraphRunner", "graph_batch_sizes"]
+
+
+def graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """The captured batch sizes: 1, 2, 4, 8, 16, 24, 32, 48, 64, ... up to and including
+    ``max_batch_size``."""
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size: must be >= 1, got {max_batch_size}")
+    sizes = [1, 2, 4, 8, 16, 24, 32, *range(48, max_batch_size + 1, 16)]
+    sizes = [s for s in sizes if s < max_batch_size]
+    return [*sizes, max_batch_size]
+
+
+class CudaGraphRunner:
+    """Decode forward passes replayed from CUDA graphs (one per batch-size bucket).
+
+    Built by the :class:`~aiolm.engine.runner.ModelRunner` when ``cuda_graphs=True`` on
+    CUDA with a backend that supports graphs; captures every bucket at construction.
+    """
+
+    def __init__(self, runner: ModelRunner, *, max_batch_size: int | None = None) -> None:
+        self.model = runner.model
+        self.attn = runner.attn
+        self.kv_pool = runner.kv_pool
+        self.req_to_token_pool = runner.req_to_token_pool
+        self.device = runner.device
+        self.max_batch_size = max_batch_size or runner.max_running_requests
+        self.batch_sizes = graph_batch_sizes(self.max_batch_size)
+        n = self.max_batch_size
+        dev = self.device
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.out_cache_loc = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.req_pool_indices = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.batches: dict[int, ForwardBatch] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.attn.init_cuda_graph_state(n, runner.context_len)
+        self._capture_all()
+
+    def _static_batch(self, bs: int) -> ForwardBatch:
+        return ForwardBatch(
+            mode=ForwardMode.DECODE, batch_size=bs,
+            input_ids=self.input_ids[:bs], positions=self.positions[:bs],
+            out_cache_loc=self.out_cache_loc[:bs], req_pool_indices=self.req_pool_indices[:bs],
+            seq_lens=self.seq_lens[:bs], seq_lens_cpu=[1] * bs,
+            kv_pool=self.kv_pool, req_to_token_pool=self.req_to_token_pool,
+        )
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        pool: Any = None
+        stream = torch.cuda.Stream(self.device)
+        for bs in reversed(self.batch_sizes):  # largest first: the pool fits all later ones
+            batch = self._static_batch(bs)
+            self.attn.init_forward_for_capture(batch)
+            # Warm up on the capture stream: Triton/flashinfer compile, cuBLAS picks kernels.
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.model(batch)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                out = self.model(batch)
+            if pool is None:
+                pool = graph.pool()
+            self.graphs[bs] = graph
+            self.batches[bs] = batch
+            self.outputs[bs] = out
+        torch.cuda.synchronize(self.device)
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        """Whether ``batch`` is a decode batch no larger than the largest bucket."""
+        return (batch.is_decode and 0 < batch.batch_size <= self.max_batch_size
+                and batch.return_logits == "last")
+
+    def bucket(self, batch_size: int) -> int:
+        """The captured batch size ``batch_size`` is padded to."""
+        return self.batch_sizes[bisect.bisect_left(self.batch_sizes, batch_size)]
+
+    def replay(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run ``batch`` through its bucket's graph; returns logits ``[bs, vocab]``."""
+        bs = batch.batch_size
+        padded = self.bucket(bs)
+        self.input_ids[:bs].copy_(batch.input_ids)
+        self.positions[:bs].copy_(batch.positions)
+        self.out_cache_loc[:bs].copy_(batch.out_cache_loc)
+        self.req_pool_indices[:bs].copy_(batch.req_pool_indices)
+        self.seq_lens[:bs].copy_(batch.seq_lens)
+        if padded > bs:
+            # Padding rows: token 0 at position 0, K/V to slot 0, a sequence of one token.
+            self.input_ids[bs:padded].zero_()
+            self.positions[bs:padded].zero_()
+            self.out_cache_loc[bs:padded].zero_()
+            self.req_pool_indices[bs:padded].zero_()
+            self.seq_lens[bs:padded].fill_(1)
+        static = self.batches[padded]
+        static.seq_lens_cpu = [*batch.seq_lens_cpu, *([1] * (padded - bs))]
+        self.attn.init_forward_for_replay(static)
+        self.graphs[padded].replay()
+        return self.outputs[padded][:bs]
