@@ -19,7 +19,8 @@ from aiolm.cache.pool import ReqToTokenPool, TokenSlotAllocator
 from aiolm.cache.radix import RadixCache
 from aiolm.engine.forward_batch import ForwardMode
 from aiolm.engine.request import Req
-from aiolm.engine.scheduler import Scheduler, dfs_weight_order
+from aiolm.engine.schedule_policy import dfs_weight_order
+from aiolm.engine.scheduler import Scheduler
 from aiolm.errors import ContextLengthExceeded, OutOfMemory
 from aiolm.sampling import SamplingParams
 

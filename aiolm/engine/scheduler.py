@@ -24,7 +24,8 @@ this batch waits one pass, then hits the cache that request fills.
 
 Memory: admission reserves the missing tokens plus ``new_token_ratio`` × the remaining
 ``max_tokens`` of every running and admitted request (the ratio decays each decode pass and
-resets when a retraction shows it was optimistic). Allocations evict LRU cache leaves when
+resets when a retraction shows it was optimistic; remaining ``max_tokens`` count up to
+``max_new_tokens_estimate``). Allocations evict LRU cache leaves when
 the allocator runs short; when decode still lacks slots, the latest-arrived running request
 is *retracted*: its computed prefix goes into the radix cache, its slots, row and lock are
 released, ``kv_len`` drops to 0 and it waits again with its ``output_ids`` kept, to be
@@ -37,7 +38,6 @@ Slot ownership: ``req_to_token[row, :locked_len]`` are the radix tree's slots (l
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import math
 
@@ -45,14 +45,13 @@ import attrs
 import torch
 
 from ..cache.pool import ReqToTokenPool, TokenSlotAllocator
-from ..cache.radix import RadixCache, common_prefix_length
+from ..cache.radix import RadixCache
 from ..errors import ContextLengthExceeded, OutOfMemory
 from .forward_batch import ForwardMode
 from .request import Req
+from .schedule_policy import POLICIES, order_by_policy
 
-__all__ = ["POLICIES", "ScheduleBatch", "Scheduler", "SchedulerStatistics", "dfs_weight_order"]
-
-POLICIES = ("lpm", "dfs-weight", "fcfs")
+__all__ = ["ScheduleBatch", "Scheduler", "SchedulerStatistics"]
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -114,56 +113,12 @@ class SchedulerStatistics:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
-def dfs_weight_order(reqs: list[Req]) -> list[Req]:
-    """The paper's DFS-weight order of ``reqs`` over the prefix tree of their ``all_ids``.
-
-    A node's weight is the number of requests in its subtree; the tree is walked in DFS
-    pre-order (requests ending at a node come before its children), heavier children first,
-    ties to the child holding the earliest arrival. Built from the sorted sequences (each
-    subtree is a contiguous range; children are split off by binary search), so the cost is
-    about O(n log n) list comparisons, never a token-by-token trie.
-    """
-    items = sorted(((r.all_ids, r.arrival, r) for r in reqs), key=lambda t: (t[0], t[1]))
-    n = len(items)
-    # Sparse table for the earliest arrival of any contiguous range of ``items``.
-    table = [[t[1] for t in items]]
-    width = 1
-    while 2 * width <= n:
-        prev = table[-1]
-        table.append([min(prev[i], prev[i + width]) for i in range(n - 2 * width + 1)])
-        width *= 2
-
-    def earliest(lo: int, hi: int) -> int:
-        k = (hi - lo).bit_length() - 1
-        return min(table[k][lo], table[k][hi - (1 << k)])
-
-    out: list[Req] = []
-    stack = [(0, n)]
-    while stack:
-        lo, hi = stack.pop()
-        if hi - lo == 1:
-            out.append(items[lo][2])
-            continue
-        depth = common_prefix_length(items[lo][0], items[hi - 1][0])
-        while lo < hi and len(items[lo][0]) == depth:
-            out.append(items[lo][2])
-            lo += 1
-        runs = []
-        while lo < hi:
-            token = items[lo][0][depth]
-            end = bisect.bisect_right(items, token, lo, hi, key=lambda t: t[0][depth])
-            runs.append((lo - end, earliest(lo, end), lo, end))
-            lo = end
-        runs.sort()
-        stack.extend((s, e) for _, _, s, e in reversed(runs))
-    return out
-
-
 class Scheduler:
     """Decides what each forward pass computes, and owns the requests' KV bookkeeping.
 
-    Not thread-safe: the engine loop calls it from one thread. ``abort`` must not be called
-    between :meth:`schedule` and :meth:`process_result` of the same pass.
+    Not thread-safe: the engine loop calls it from one thread. ``abort`` frees a request's
+    slots at once, so between :meth:`schedule` and :meth:`process_result` it may only be
+    called while no forward pass is writing them (``process_result`` then skips the request).
     """
 
     def __init__(self, *, cache: RadixCache, allocator: TokenSlotAllocator,
@@ -173,11 +128,13 @@ class Scheduler:
                  max_prefill_tokens: int = 16384, aging_limit: int = 16,
                  new_token_ratio: float = 0.7, min_new_token_ratio: float = 0.1,
                  new_token_ratio_decay: float = 0.001,
+                 max_new_tokens_estimate: int = 4096,
                  in_batch_prefix_threshold: int = 32) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
         for name, value in (("max_prefill_tokens", max_prefill_tokens),
                             ("aging_limit", aging_limit),
+                            ("max_new_tokens_estimate", max_new_tokens_estimate),
                             ("in_batch_prefix_threshold", in_batch_prefix_threshold)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
@@ -199,6 +156,7 @@ class Scheduler:
         self.init_new_token_ratio = new_token_ratio
         self.min_new_token_ratio = min_new_token_ratio
         self.new_token_ratio_decay = new_token_ratio_decay
+        self.max_new_tokens_estimate = max_new_tokens_estimate
         self.in_batch_prefix_threshold = in_batch_prefix_threshold
         self._budget = min(max_prefill_tokens, chunked_prefill_size or max_prefill_tokens)
         self._new_token_ratio = new_token_ratio
@@ -386,7 +344,7 @@ class Scheduler:
             if ext == 0:
                 break
             self.cache.inc_lock_ref(match.node)
-            need = missing + math.ceil(req.remaining_tokens * self._new_token_ratio)
+            need = missing + self._decode_estimate(req)
             room = self.allocator.available_size() + self.cache.evictable_size()
             idle = not self._running and not entries
             slots = None
@@ -431,21 +389,16 @@ class Scheduler:
         aged = sorted((r for r in self._waiting if r.overtaken >= self.aging_limit),
                       key=lambda r: r.arrival)
         rest = [r for r in self._waiting if r.overtaken < self.aging_limit]
-        if self.policy == "fcfs":
-            rest.sort(key=lambda r: r.arrival)
-        elif self.policy == "lpm":
-            match_length = self.cache.match_length
-            keyed = [(-match_length(r.all_ids[:r.seq_len - 1]), r.arrival, r) for r in rest]
-            keyed.sort(key=lambda t: (t[0], t[1]))
-            rest = [t[2] for t in keyed]
-        else:
-            rest = dfs_weight_order(rest)
-        return aged + rest
+        return aged + order_by_policy(self.policy, rest, self.cache)
 
     def _future_need(self, req: Req) -> int:
         """Slots ``req`` will still take: its unallocated tokens plus estimated decode."""
-        return (req.seq_len - req.alloc_len
-                + math.ceil(req.remaining_tokens * self._new_token_ratio))
+        return req.seq_len - req.alloc_len + self._decode_estimate(req)
+
+    def _decode_estimate(self, req: Req) -> int:
+        """Slots ``req``'s future decode steps are expected to take (clipped, as SGLang)."""
+        remaining = min(req.remaining_tokens, self.max_new_tokens_estimate)
+        return math.ceil(remaining * self._new_token_ratio)
 
     # ----------------------------------------------------------------- decode
 
