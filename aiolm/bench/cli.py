@@ -119,27 +119,30 @@ def _make_target(args: argparse.Namespace, dummy: str | None):
     return OpenAITarget(engine) if args.backend == "openai" else engine
 
 
-async def _run(args: argparse.Namespace, argv: list[str], names: list[str], size: str, ablations: list[str],
-               peer_name: str | None, dummy: str | None) -> int:
+async def _run(args: argparse.Namespace, argv: list[str], names: list[str], size: str,
+               ablations: list[str], peer_name: str | None, dummy: str | None) -> int:
     from tqdm import tqdm
 
     from . import WORKLOADS
-    from .harness import run_workload, variants
+    from .harness import plan, run_plan
     from .results import device_info, format_table, make_document, write_json
-    from .targets import HFTarget
+    from .targets import EngineTarget, HFTarget, OpenAITarget
 
     target = _make_target(args, dummy)
-    peer = HFTarget(args.model, dummy=dummy, seed=args.seed, device=args.device) if peer_name else None
-    total = sum(len(variants(WORKLOADS[n], target, ablations, peer)) for n in names)
-    results: list[dict[str, Any]] = []
+    peer = None
+    if peer_name:
+        engine = target.inner if isinstance(target, OpenAITarget) else target
+        if not isinstance(engine, EngineTarget):
+            raise SystemExit("aiolm bench: --peer hf needs a model (not --backend scripted)")
+        peer = HFTarget(engine)
+    steps = plan([WORKLOADS[n] for n in names], target, size=size, ablations=ablations, peer=peer)
     try:
-        with tqdm(total=total, unit="run", disable=args.no_progress, file=sys.stderr) as bar:
-            for name in names:
-                bar.set_description(name)
-                results.append(await run_workload(
-                    WORKLOADS[name], target, size=size, seed=args.seed, ablations=ablations,
-                    peer=peer, on_variant_done=lambda _v: bar.update(),
-                ))
+        with tqdm(total=len(steps), unit="run", disable=args.no_progress, file=sys.stderr) as bar:
+            def done(step: Any) -> None:
+                bar.set_postfix_str(f"{step.workload.name} / {step.variant.name}")
+                bar.update()
+
+            results = await run_plan(steps, size=size, seed=args.seed, on_step_done=done)
     finally:
         await target.aclose()
         if peer is not None:

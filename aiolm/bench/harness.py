@@ -7,7 +7,9 @@ the same inputs after a warm-up program, from a cold prefix cache. Figures:
 - ``programs``, ``wall_s``, ``programs_per_s``;
 - ``requests`` (generate and score calls the backend received), ``prompt_tokens``,
   ``completion_tokens``, ``cached_tokens``, ``output_tok_per_s``, ``total_tok_per_s``;
-- ``cache_hit_rate`` = cached prompt tokens / prompt tokens, over the measured requests;
+- ``cache_hit_rate`` = cached prompt tokens / prompt tokens, over the measured requests
+  (from the engine's statistics where it has them: they include prefills), and
+  ``forward_passes`` for the engine;
 - for ``vs_optimal`` workloads, ``optimal_hit_rate`` (the offline DFS order's, over the same
   requests) and ``hit_rate_vs_optimal`` (achieved / optimal);
 - whatever the workload's own runner adds (``ttft_*`` …).
@@ -33,7 +35,10 @@ from .workload import ABLATIONS, RunOptions, Workload
 if TYPE_CHECKING:
     from ..backends.base import Backend
 
-__all__ = ["HIGHER_IS_BETTER", "Variant", "measure", "ratios", "run_workload", "variants"]
+__all__ = [
+    "HIGHER_IS_BETTER", "Step", "Variant", "measure", "plan", "ratios", "run_plan", "run_workload",
+    "variants",
+]
 
 #: Figures where more is better; the others (``requests``, ``wall_s``, ``ttft_*``) are costs.
 HIGHER_IS_BETTER = frozenset({
@@ -93,9 +98,11 @@ async def measure(
     """Run ``inputs`` on ``backend`` once and return the figures (see the module docstring)."""
     recorder = RecordingBackend(backend, tokenize)
     runner = workload.runner or _run_batch_runner(workload)
+    before = _engine_counters(backend)
     start = time.perf_counter()
     extra = await runner(recorder, inputs, options)
     wall = time.perf_counter() - start
+    after = _engine_counters(backend)
     usage = recorder.usage_totals()
     figures: dict[str, float] = {
         "programs": len(inputs),
@@ -109,6 +116,13 @@ async def measure(
         "total_tok_per_s": (usage.prompt_tokens + usage.completion_tokens) / wall,
         "cache_hit_rate": usage.cached_tokens / usage.prompt_tokens if usage.prompt_tokens else 0.0,
     }
+    if before is not None and after is not None:
+        # The engine's own totals also count what usage cannot show (prefills of fork
+        # prefixes and of select prompts): the hit rate over everything it computed.
+        delta = {k: after[k] - before[k] for k in after}
+        figures["cache_hit_rate"] = (
+            delta["cached_tokens"] / delta["prompt_tokens"] if delta["prompt_tokens"] else 0.0)
+        figures["forward_passes"] = delta["forward_passes"]
     if workload.vs_optimal:
         from ..cache.dfs_optimal import dfs_optimal_hit_rate
 
@@ -118,6 +132,18 @@ async def measure(
         figures["hit_rate_vs_optimal"] = figures["cache_hit_rate"] / optimal if optimal else math.nan
     figures.update(extra)
     return figures
+
+
+def _engine_counters(backend: Backend) -> dict[str, int] | None:
+    """The engine's running totals (prompt, cached tokens, forward passes), if it has them."""
+    stats = getattr(backend, "statistics", None)
+    if stats is None:
+        return None
+    snapshot = stats()
+    names = ("prompt_tokens", "cached_tokens", "forward_passes")
+    if not all(hasattr(snapshot, n) for n in names):
+        return None
+    return {n: getattr(snapshot, n) for n in names}
 
 
 def ratios(headline: str, runs: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -135,50 +161,87 @@ def ratios(headline: str, runs: dict[str, dict[str, float]]) -> dict[str, float]
     return out
 
 
-async def run_workload(
-    workload: Workload,
-    target: Target,
-    *,
-    size: Size,
-    seed: int = 0,
-    ablations: Sequence[str] = (),
-    peer: Target | None = None,
-    on_variant_done: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Run every variant of ``workload`` and return its result record (JSON-ready).
+@attrs.frozen(kw_only=True)
+class Step:
+    """One measured run: a workload's variant, where it runs and with which engine settings."""
 
-    A variant that fails is recorded under ``errors`` with its message; the others still run.
-    """
-    inputs = workload.make_inputs(size, seed)
-    runs: dict[str, dict[str, float]] = {}
-    errors: dict[str, str] = {}
-    engine_kwargs = workload.engine_kwargs(size)
-    for variant in variants(workload, target, ablations, peer):
-        where = peer if variant.peer and peer is not None else target
-        if workload.via_openai and isinstance(where, OpenAITarget):
-            where = where.inner  # the workload serves its backend itself
-        options = RunOptions(
-            variant=variant.name, max_concurrency=workload.max_concurrency,
-            spec_tokens=variant.spec_tokens,
-        )
+    workload: Workload
+    variant: Variant
+    where: Target
+    engine_kwargs: dict[str, Any]
+    #: The workload's position on the command line (results come back in this order).
+    position: int = 0
+
+    @property
+    def key(self) -> tuple[int, str]:
+        import json
+
+        return id(self.where), json.dumps(self.engine_kwargs, sort_keys=True)
+
+
+def plan(workloads: Sequence[Workload], target: Target, *, size: Size, ablations: Sequence[str] = (),
+         peer: Target | None = None) -> list[Step]:
+    """Every variant of every workload, grouped so that runs sharing a backend and its
+    settings are adjacent (an engine opens once per group), the peer last."""
+    steps = []
+    for position, workload in enumerate(workloads):
+        base = workload.engine_kwargs(size)
+        for variant in variants(workload, target, ablations, peer):
+            where = peer if variant.peer and peer is not None else target
+            if workload.via_openai and isinstance(where, OpenAITarget):
+                where = where.inner  # the workload serves its backend itself
+            steps.append(Step(workload=workload, variant=variant, where=where,
+                              engine_kwargs={**base, **variant.engine_kwargs}, position=position))
+    order: dict[tuple[int, str], int] = {}
+    for step in steps:
+        order.setdefault(step.key, len(order))
+    return sorted(steps, key=lambda st: (st.variant.peer, order[st.key]))
+
+
+async def run_plan(steps: Sequence[Step], *, size: Size, seed: int = 0,
+                   on_step_done: Callable[[Step], None] | None = None) -> list[dict[str, Any]]:
+    """Run ``steps`` in order; return one result record per workload (JSON-ready), in the
+    order of the workloads' positions. A failing variant is recorded under ``errors`` with
+    its message; the others still run."""
+    records: dict[str, dict[str, Any]] = {}
+    positions = {step.workload.name: step.position for step in steps}
+    inputs: dict[str, list[dict[str, Any]]] = {}
+    current: Target | None = None
+    for step in steps:
+        w = step.workload
+        if w.name not in records:
+            inputs[w.name] = w.make_inputs(size, seed)
+            records[w.name] = {
+                "name": w.name, "summary": w.summary, "shape": attrs.asdict(w.shape(size)),
+                "engine_kwargs": w.engine_kwargs(size), "headline": w.headline,
+                "higher_is_better": w.headline in HIGHER_IS_BETTER, "runs": {}, "ratios": {},
+                "errors": {},
+            }
+        if current is not None and current is not step.where:
+            await current.release()  # free device memory for the other side
+        current = step.where
+        options = RunOptions(variant=step.variant.name, max_concurrency=w.max_concurrency,
+                             spec_tokens=step.variant.spec_tokens)
         try:
-            async with where.open({**engine_kwargs, **variant.engine_kwargs}) as backend:
-                tokenize = where.tokenizer(backend)
-                await measure(workload, backend, inputs[:1], options, tokenize=tokenize)  # warm-up
-                await where.reset(backend)
-                runs[variant.name] = await measure(workload, backend, inputs, options, tokenize=tokenize)
+            async with step.where.open(step.engine_kwargs) as backend:
+                tokenize = step.where.tokenizer(backend)
+                await measure(w, backend, inputs[w.name][:1], options, tokenize=tokenize)  # warm-up
+                await step.where.reset(backend)
+                figures = await measure(w, backend, inputs[w.name], options, tokenize=tokenize)
+            records[w.name]["runs"][step.variant.name] = figures
         except Exception as exc:  # one broken variant must not hide the others' figures
-            errors[variant.name] = f"{type(exc).__name__}: {exc}"
-        if on_variant_done is not None:
-            on_variant_done(variant.name)
-    return {
-        "name": workload.name,
-        "summary": workload.summary,
-        "shape": attrs.asdict(workload.shape(size)),
-        "engine_kwargs": engine_kwargs,
-        "headline": workload.headline,
-        "higher_is_better": workload.headline in HIGHER_IS_BETTER,
-        "runs": runs,
-        "ratios": ratios(workload.headline, runs),
-        "errors": errors,
-    }
+            records[w.name]["errors"][step.variant.name] = f"{type(exc).__name__}: {exc}"
+        if on_step_done is not None:
+            on_step_done(step)
+    for record in records.values():
+        order = ["aiolm", *(n for n in record["runs"] if n != "aiolm")]
+        record["runs"] = {n: record["runs"][n] for n in order if n in record["runs"]}
+        record["ratios"] = ratios(record["headline"], record["runs"])
+    return sorted(records.values(), key=lambda r: positions[r["name"]])
+
+
+async def run_workload(workload: Workload, target: Target, *, size: Size, seed: int = 0,
+                       ablations: Sequence[str] = (), peer: Target | None = None) -> dict[str, Any]:
+    """Run every variant of one workload (see :func:`run_plan`) and return its record."""
+    steps = plan([workload], target, size=size, ablations=ablations, peer=peer)
+    return (await run_plan(steps, size=size, seed=seed))[0]

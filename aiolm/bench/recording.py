@@ -25,8 +25,8 @@ RequestKind = Literal["generate", "score", "prefill"]
 class RecordedRequest:
     """One request as the backend saw it.
 
-    ``tokens`` are the prompt's token ids (for a ``score``, the prefix followed by one
-    choice: one record per choice); None for chat messages, which only the server renders.
+    ``tokens`` are the prompt's token ids (a ``score`` gives one record for its prefix and
+    one per choice, prefix + choice); None for chat messages, which only a server renders.
     ``usage`` is what the backend reported (None for a prefill).
     """
 
@@ -120,6 +120,8 @@ class RecordingBackend(Backend):
     ) -> ScoreResult:
         self.calls += 1
         result = await self.inner.score(prefix, continuations, method)
+        # The engine prefills the prefix once, then scores prefix + each choice.
+        self.requests.append(RecordedRequest(kind="score", tokens=self._prompt_tokens(prefix), usage=None))
         for i, continuation in enumerate(continuations):
             # The usage of a score covers all its choices: give it to the first record.
             self.requests.append(

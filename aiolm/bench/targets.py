@@ -56,9 +56,13 @@ class Target(abc.ABC):
         """Empty ``backend``'s prefix cache (before a measured run). The default: nothing."""
         return None
 
-    async def aclose(self) -> None:
-        """Release what the target keeps open between variants."""
+    async def release(self) -> None:
+        """Free the device memory of what is open (before another target runs)."""
         return None
+
+    async def aclose(self) -> None:
+        """Release everything the target keeps between variants."""
+        await self.release()
 
 
 def _schema_in(prompt: str) -> dict[str, Any] | None:
@@ -111,19 +115,26 @@ class ScriptedTarget(Target):
 
 
 class EngineTarget(Target):
-    """The in-process engine. Engines are kept open between variants with equal settings
-    (at most ``keep`` at once) and their caches flushed before each measured run."""
+    """The in-process engine. The weights load once (:func:`~aiolm.bench.models.load_for_bench`)
+    and every variant opens an engine over them; an engine stays open while consecutive
+    variants ask for the same settings, and its cache is flushed before each measured run."""
 
     kind = "engine"
 
-    def __init__(self, model: str | None = None, *, load_format: str = "auto", seed: int = 0,
-                 keep: int = 2, **engine_kwargs: Any) -> None:
-        self.model = model
+    def __init__(self, model: Any = None, *, load_format: str = "auto", seed: int = 0,
+                 device: str = "auto", dtype: str = "auto", **engine_kwargs: Any) -> None:
+        from ..backends.engine import LoadedModel
+
+        # ``model`` may be weights loaded already (by load_for_bench): shared, never reloaded.
+        self._loaded: Any = model if isinstance(model, LoadedModel) else None
+        self._keep_loaded = self._loaded is not None
+        self.model = model.source if isinstance(model, LoadedModel) else model
         self.load_format = load_format
         self.seed = seed
+        self.device = device
+        self.dtype = dtype
         self.base_kwargs = engine_kwargs
-        self._keep = keep
-        self._open: dict[str, tuple[Backend, AsyncExitStack]] = {}
+        self._open: tuple[str, Backend, AsyncExitStack] | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -131,30 +142,48 @@ class EngineTarget(Target):
             "model": self.model if self.model is not None else "SmolLM2-135M-Instruct (embedded)",
             "load_format": self.load_format,
             "seed": self.seed,
+            "device": self.device,
+            "dtype": self.dtype,
             **self.base_kwargs,
         }
 
     def supports(self, ablation: str) -> bool:
         return ablation in ABLATION_ENGINE_KWARGS
 
+    async def loaded(self) -> Any:
+        """The loaded weights and tokenizer (a ``LoadedModel``), loaded on first use."""
+        if self._loaded is None:
+            import functools
+
+            import anyio.to_thread
+
+            from .models import load_for_bench
+
+            self._loaded = await anyio.to_thread.run_sync(functools.partial(
+                load_for_bench, self.model, load_format=self.load_format, seed=self.seed,
+                device=self.device, dtype=self.dtype))
+        return self._loaded
+
     @asynccontextmanager
     async def open(self, engine_kwargs: dict[str, Any]) -> AsyncIterator[Backend]:
         kwargs = {**self.base_kwargs, **engine_kwargs}
         key = json.dumps(kwargs, sort_keys=True)
-        if key not in self._open:
-            while len(self._open) >= self._keep:
-                _, stack = self._open.pop(next(iter(self._open)))
-                await stack.aclose()
+        if self._open is None or self._open[0] != key:
+            await self.release()
             from ..backends.engine import Engine
 
             stack = AsyncExitStack()
             engine = await stack.enter_async_context(
-                Engine(self.model, load_format=self.load_format, seed=self.seed, **kwargs)
-            )
-            self._open[key] = (engine, stack)
-        else:  # most recently used goes last
-            self._open[key] = self._open.pop(key)
-        yield self._open[key][0]
+                Engine(await self.loaded(), device=self.device, seed=self.seed, **kwargs))
+            self._open = (key, engine, stack)
+        yield self._open[1]
+
+    async def release(self) -> None:
+        """Close the open engine (its KV memory), keeping the weights loaded."""
+        if self._open is not None:
+            _, _, stack = self._open
+            self._open = None
+            await stack.aclose()
 
     def tokenizer(self, backend: Backend) -> Callable[[str], Sequence[int]]:
         return backend.tokenizer.encode  # type: ignore[attr-defined]
@@ -163,9 +192,9 @@ class EngineTarget(Target):
         await backend.flush_cache()  # type: ignore[attr-defined]
 
     async def aclose(self) -> None:
-        while self._open:
-            _, stack = self._open.pop(next(iter(self._open)))
-            await stack.aclose()
+        await self.release()
+        if not self._keep_loaded:
+            self._loaded = None
 
 
 class OpenAITarget(Target):
@@ -189,41 +218,42 @@ class OpenAITarget(Target):
         async with self.inner.open(engine_kwargs) as backend, served_as_openai(backend) as api:
             yield api
 
+    async def release(self) -> None:
+        await self.inner.release()
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 
 
 class HFTarget(Target):
-    """The transformers peer (:class:`~aiolm.bench.hf_backend.HFBackend`), loaded once."""
+    """The transformers peer (:class:`~aiolm.bench.hf_backend.HFBackend`) over the very
+    weights and tokenizer ``source`` loaded for the engine."""
 
     kind = "hf"
 
-    def __init__(self, model: str | None = None, *, dummy: str | None = None, seed: int = 0,
-                 device: str = "auto") -> None:
-        self.model = model
-        self.dummy = dummy
-        self.seed = seed
-        self.device = device
+    def __init__(self, source: EngineTarget) -> None:
+        self.source = source
         self._backend: Backend | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "model": self.dummy or self.model or "SmolLM2-135M-Instruct (embedded)"}
+        return {"kind": self.kind, "weights": "shared with the engine", "calls": "one at a time, batch 1"}
 
     @asynccontextmanager
     async def open(self, engine_kwargs: dict[str, Any]) -> AsyncIterator[Backend]:
         if self._backend is None:
+            import anyio.to_thread
+
             from .hf_backend import HFBackend
 
-            if self.dummy is not None:
-                self._backend = HFBackend.from_dummy(self.dummy, seed=self.seed, device=self.device)
-            else:
-                self._backend = HFBackend(self.model, device=self.device)
+            loaded = await self.source.loaded()
+            self._backend = await anyio.to_thread.run_sync(HFBackend, loaded)
         yield self._backend
 
     def tokenizer(self, backend: Backend) -> Callable[[str], Sequence[int]]:
         return backend.tokenizer.encode  # type: ignore[attr-defined]
 
+    async def release(self) -> None:
+        self._backend = None
+
     async def aclose(self) -> None:
-        if self._backend is not None:
-            await self._backend.aclose()
-            self._backend = None
+        await self.release()

@@ -1,0 +1,227 @@
+"""The transformers peer: aiolm programs executed call by call on ``model.generate``.
+
+:class:`HFBackend` is an aiolm :class:`~aiolm.backends.base.Backend`, so the benchmark runs
+the *identical* program code on it. It does what a user of plain ``transformers`` would:
+one call at a time, batch 1, no KV reuse across calls; ``select`` by one forward pass per
+choice. It shares the engine's weights (:func:`~aiolm.bench.models.to_transformers`), its
+tokenizer and chat template, and its stop rules (``aiolm.engine.stopping.StopChecker``:
+EOS unless ``ignore_eos``, ``min_tokens``, stop strings and regexes), so both systems do
+the same work token for token. JSON / regex constraints apply the same llguidance token
+masks in a logits processor (without jump-forward, which ``generate`` has no way to do).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+
+from ..backends.base import (
+    Backend,
+    Capabilities,
+    Chunk,
+    GenerateRequest,
+    ScoreResult,
+    Usage,
+    choose_by_method,
+)
+from ..chat import ChatTemplate, render_text
+from ..errors import ContextLengthExceeded, UnsupportedFeature
+
+if TYPE_CHECKING:
+    from ..backends.engine import LoadedModel
+    from ..constraints.base import Matcher
+    from ..engine.tokenizer import Tokenizer
+
+__all__ = ["HFBackend"]
+
+
+class HFBackend(Backend):
+    """``transformers`` generate behind the Backend interface (see the module docstring).
+
+    ``model``: what ``aiolm.Engine`` takes (None for the embedded SmolLM2, a HF directory,
+    a ``.gguf`` file, or with ``load_format="dummy"`` a named config, e.g. ``"llama-3-8b"``),
+    or an already loaded ``LoadedModel`` to share its weights. Loading blocks.
+    ``cache_implementation`` is passed to ``generate`` (e.g. ``"static"`` on a GPU).
+    """
+
+    capabilities = Capabilities(logprobs=False, images=False)
+
+    def __init__(self, model: str | LoadedModel | None = None, *, load_format: str = "auto",
+                 seed: int = 0, device: str = "auto", dtype: str = "auto",
+                 cache_implementation: str | None = None) -> None:
+        from ..backends.engine import LoadedModel, _chat_template
+        from .models import load_for_bench, to_transformers
+
+        loaded = model if isinstance(model, LoadedModel) else load_for_bench(
+            model, load_format=load_format, seed=seed, device=device, dtype=dtype)
+        self.loaded = loaded
+        self.model = to_transformers(loaded)
+        self.tokenizer: Tokenizer = loaded.tokenizer  # type: ignore[assignment]
+        # The engine's own rendering of chat roles, so both systems see the same prompts.
+        self._template: ChatTemplate = _chat_template(self.tokenizer)
+        self.eos_token_ids = tuple(sorted(set(loaded.model_config.eos_token_ids)
+                                          | set(self.tokenizer.eos_token_ids)))
+        self.context_len = loaded.model_config.context_len
+        self._cache_implementation = cache_implementation
+        self._lock = anyio.Lock()  # one call at a time, as a plain generate loop runs
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        return self._template
+
+    @property
+    def model_name(self) -> str:
+        return f"transformers ({self.loaded.source})"
+
+    def _prompt_text(self, request: GenerateRequest) -> str:
+        if request.prompt is not None:
+            return request.prompt
+        return render_text(request.messages or (), self._template, open_role="assistant")
+
+    def _prompt_ids(self, request: GenerateRequest) -> list[int]:
+        if request.images:
+            raise UnsupportedFeature("the transformers peer takes no images")
+        if request.input_ids is not None:
+            return list(request.input_ids)
+        return self.tokenizer.encode(self._prompt_text(request))
+
+    @asynccontextmanager
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[AsyncIterator[Chunk]]:
+        """Generate on a worker thread; chunks cross back one token at a time."""
+        sampling = request.sampling
+        if sampling.frequency_penalty or sampling.presence_penalty:
+            raise UnsupportedFeature("the transformers peer has no frequency/presence penalties")
+        ids = self._prompt_ids(request)
+        if len(ids) + sampling.max_tokens > self.context_len:
+            raise ContextLengthExceeded(
+                f"prompt: {len(ids)} tokens + max_tokens {sampling.max_tokens} exceed the "
+                f"context of {self.context_len}")
+        matcher = None
+        if request.constraint is not None:
+            matcher = await anyio.to_thread.run_sync(request.constraint.compile, self.tokenizer)
+        send, receive = anyio.create_memory_object_stream[Chunk](math.inf)
+        stop = threading.Event()
+        async with self._lock, anyio.create_task_group() as tg, receive:
+            tg.start_soon(self._run_thread, ids, request, matcher, send, stop)
+            try:
+                yield receive
+            finally:
+                stop.set()  # an early exit stops generate at its next step
+
+    async def _run_thread(self, ids: list[int], request: GenerateRequest, matcher: Matcher | None,
+                          send: Any, stop: threading.Event) -> None:
+        with send:
+            await anyio.to_thread.run_sync(self._generate, ids, request, matcher, send, stop)
+
+    def _generate(self, ids: list[int], request: GenerateRequest, matcher: Matcher | None,
+                  send: Any, stop: threading.Event) -> None:
+        """Run ``generate`` (on a worker thread); send every piece of text as a chunk."""
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+        from ..engine.stopping import StopChecker
+        from ._hf_hooks import BanBeforeMin, ConstraintMask, StopRules
+
+        sampling = request.sampling
+        checker = StopChecker(sampling, eos_token_ids=self.eos_token_ids,
+                              detokenizer=self.tokenizer.detokenizer(ids))
+        out_ids: list[int] = []
+
+        def emit(chunk: Chunk) -> None:
+            try:
+                anyio.from_thread.run_sync(send.send_nowait, chunk)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                stop.set()  # the caller left the stream
+
+        if sampling.max_tokens > 0:
+            processors = LogitsProcessorList([BanBeforeMin(len(ids), sampling, self.eos_token_ids)])
+            if matcher is not None:
+                processors.append(ConstraintMask(matcher, len(ids)))
+            rules = StopRules(checker, len(ids), out_ids, emit, stop)
+            config = GenerationConfig(
+                max_new_tokens=sampling.max_tokens, do_sample=not sampling.greedy,
+                temperature=sampling.temperature if not sampling.greedy else None,
+                top_p=sampling.top_p if not sampling.greedy else None,
+                top_k=sampling.top_k if sampling.top_k > 0 and not sampling.greedy else None,
+                min_p=sampling.min_p if sampling.min_p > 0 and not sampling.greedy else None,
+                eos_token_id=None, pad_token_id=self.eos_token_ids[0] if self.eos_token_ids else 0,
+                cache_implementation=self._cache_implementation,
+            )
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            with torch.inference_mode():
+                self.model.generate(
+                    torch.tensor([ids], device=self.loaded.device), generation_config=config,
+                    logits_processor=processors, stopping_criteria=StoppingCriteriaList([rules]),
+                )
+        final = checker.finish_length() if not checker.finished else None
+        emit(Chunk(
+            text=final.text if final is not None else "",
+            finish_reason=checker.finish_reason,  # type: ignore[arg-type]
+            usage=Usage(prompt_tokens=len(ids), completion_tokens=len(out_ids)),
+            matched_stop=checker.matched_stop,
+        ))
+
+    async def score(self, prefix: GenerateRequest, continuations: Sequence[str],
+                    method: str = "token_length_normalized") -> ScoreResult:
+        """One forward pass per choice (and per choice alone for ``unconditional_normalized``)."""
+        if not continuations:
+            raise ValueError("continuations: need at least one choice")
+        if prefix.input_ids is not None:
+            prefix_ids = list(prefix.input_ids)
+            fulls = [prefix_ids + self.tokenizer.encode(c) for c in continuations]
+        else:
+            text = self._prompt_text(prefix)
+            prefix_ids = self.tokenizer.encode(text)
+            fulls = [self.tokenizer.encode(text + c) for c in continuations]
+        async with self._lock:
+            return await anyio.to_thread.run_sync(self._score, prefix_ids, fulls, method)
+
+    def _score(self, prefix_ids: list[int], fulls: list[list[int]], method: str) -> ScoreResult:
+        import torch
+
+        shared = min(_lcp(prefix_ids, f) for f in fulls)
+        context = self.tokenizer.bos_token_id
+        context = context if context is not None else self.eos_token_ids[0]
+        if shared == 0:
+            fulls, shared = [[context, *f] for f in fulls], 1
+
+        def logprobs(seq: list[int], start: int) -> tuple[list[float], int]:
+            with torch.inference_mode():
+                logits = self.model(torch.tensor([seq], device=self.loaded.device)).logits[0]
+            lp = torch.log_softmax(logits[start - 1:-1].float(), dim=-1)
+            target = torch.tensor(seq[start:], device=lp.device)
+            chosen = lp.gather(1, target[:, None])[:, 0].tolist()
+            agree = (lp.argmax(dim=-1) == target).tolist()
+            return chosen, next((k for k, ok in enumerate(agree) if not ok), len(agree))
+
+        cond = [logprobs(f, shared) if len(f) > shared else ([], 0) for f in fulls]
+        unconditional = None
+        if method == "unconditional_normalized":
+            unconditional = [logprobs([context, *f[shared:]], 1)[0] if len(f) > shared else []
+                             for f in fulls]
+        index, normalized = choose_by_method(
+            method, [c[0] for c in cond], greedy_matches=[c[1] for c in cond],
+            unconditional_logprobs=unconditional)
+        return ScoreResult(
+            index=index, normalized_logprobs=normalized,
+            token_logprobs=tuple(tuple(c[0]) for c in cond),
+            unconditional_logprobs=None if unconditional is None else tuple(map(tuple, unconditional)),
+            usage=Usage(prompt_tokens=sum(len(f) for f in fulls)),
+        )
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
