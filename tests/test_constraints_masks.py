@@ -1,0 +1,130 @@
+"""GrammarBackend: batched bitmasks and jump-forward decisions (mini tokenizer, fast)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from test_constraints import allowed_tokens, build_mini_tokenizer
+
+from aiolm.constraints import JSONSchema, Matcher, Regex
+from aiolm.engine.grammar_backend import GrammarBackend
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_mini_tokenizer()
+
+
+def single_fill(matcher: Matcher, words: int) -> torch.Tensor:
+    row = torch.empty(words, dtype=torch.int32)
+    matcher.fill_next_token_mask(row)
+    return row
+
+
+class EvenTokens(Matcher):
+    """A user's matcher: even token ids only, never finished."""
+
+    def fill_next_token_mask(self, bitmask_row: Any) -> None:
+        bitmask_row.fill_(0x55555555)
+
+    def advance(self, token_id: int) -> bool:
+        return token_id % 2 == 0
+
+    def forced_tokens(self) -> list[int]:
+        return []
+
+    def is_finished(self) -> bool:
+        return False
+
+    def fork(self) -> Matcher:
+        return self
+
+    def rollback(self, n: int) -> None:
+        return None
+
+
+def test_batched_fill_equals_one_by_one(tok):
+    vocab = len(tok)
+    gb = GrammarBackend(vocab)
+    matchers = [
+        Regex(r"[0-9]{2,5}").compile(tok),
+        JSONSchema({"type": "object", "properties": {"age": {"type": "integer"}}}).compile(tok),
+        Regex("hello world [a-z]").compile(tok),  # opens with forced tokens
+        EvenTokens(),
+    ]
+    for t in tok.encode("1"):
+        assert matchers[0].advance(t)
+    rows = [0, 2, 3, 5]
+    mask = gb.fill_bitmask(list(zip(rows, matchers, strict=True)), batch_size=6)
+    assert mask.shape == (6, gb.words) and mask.dtype == torch.int32
+    for row, matcher in zip(rows, matchers, strict=True):
+        assert torch.equal(mask[row], single_fill(matcher.fork(), gb.words))
+    assert mask[1].eq(-1).all() and mask[4].eq(-1).all()  # unconstrained rows allow all
+    assert allowed_tokens(mask[3], vocab).tolist() == matchers[2].forced_tokens()[:1]
+
+
+def test_model_vocabulary_wider_than_the_tokenizer(tok):
+    gb = GrammarBackend(512)  # the model's logits are wider than the tokenizer's 332 tokens
+    matcher = Regex("[a-c]+").compile(tok)
+    mask = gb.fill_bitmask([(0, matcher)], batch_size=1)
+    allowed = allowed_tokens(mask[0], 512)
+    assert len(allowed) > 0 and allowed.max() < len(tok)
+
+
+def test_bitmask_for_requests_without_matchers_is_none(tok):
+    class R:
+        matcher = None
+
+    gb = GrammarBackend(len(tok))
+    assert gb.bitmask_for([R(), R()]) is None
+
+
+def test_after_sample_jumps_over_forced_tokens(tok):
+    schema = {"type": "object", "properties": {"a_long_property_name": {"type": "integer"},
+                                               "another_long_name": {"type": "boolean"}},
+              "required": ["a_long_property_name", "another_long_name"],
+              "additionalProperties": False}
+    on, off = GrammarBackend(len(tok)), GrammarBackend(len(tok), jump_forward=False)
+    m_on, m_off = JSONSchema(schema).compile(tok), JSONSchema(schema).compile(tok)
+    first = m_on.forced_tokens()
+    assert len(first) >= 3
+    jump = on.after_sample(m_on, first[0], limit=100)
+    assert jump.ok and jump.rollback == 0 and list(jump.append) == first[1:]
+    step = off.after_sample(m_off, first[0], limit=100)
+    assert step.ok and step.append == ()
+    assert m_off.forced_tokens() == first[1:]  # decoded one pass each instead
+
+
+def test_after_sample_respects_the_token_limit(tok):
+    gb = GrammarBackend(len(tok))
+    matcher = Regex("x hello world the quick brown fox").compile(tok)
+    forced = matcher.forced_tokens()
+    jump = gb.after_sample(matcher, forced[0], limit=2)
+    assert jump.ok and len(jump.append) == 2 and not jump.finished
+
+
+def test_after_sample_replaces_a_non_canonical_boundary_in_both_modes(tok):
+    (a,) = tok.encode("a")
+    for enabled in (True, False):
+        gb = GrammarBackend(len(tok), jump_forward=enabled)
+        matcher = Regex("(a|b)bout the").compile(tok)
+        jump = gb.after_sample(matcher, a, limit=50)
+        assert jump.ok and jump.rollback == 1 and len(jump.append) >= 1
+        assert tok.decode(list(jump.append)).startswith("about")
+
+
+def test_after_sample_reports_a_broken_constraint_and_the_finish(tok):
+    gb = GrammarBackend(len(tok))
+    matcher = Regex("[0-9]").compile(tok)
+    (letter,) = tok.encode("q")
+    assert not gb.after_sample(matcher, letter, limit=5).ok
+    (digit,) = tok.encode("4")
+    done = gb.after_sample(matcher, digit, limit=5)
+    assert done.ok and done.finished
+
+
+def test_vocab_size_is_validated():
+    with pytest.raises(ValueError, match="vocab_size"):
+        GrammarBackend(0)
