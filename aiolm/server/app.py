@@ -192,7 +192,8 @@ class _Answer:
         param = "messages" if parsed.kind == "chat" else "prompt"
         if parsed.stream:
             return await self._stream(parsed, param, receive, send)
-        reply = Reply(kind=parsed.kind, model=server.model, logprobs=parsed.logprobs)
+        reply = Reply(kind=parsed.kind, model=server.model, logprobs=parsed.logprobs,
+                      token_ids=parsed.token_ids)
         try:
             choices, gone = await _until_disconnect(receive, lambda: self._generate(parsed, None))
         except Exception as exc:
@@ -237,7 +238,8 @@ class _Answer:
 
     async def _stream(self, parsed: Parsed, param: str, receive: Receive, send: Send) -> int:
         """SSE: headers go out with the first event, so an error before it is a normal 4xx/5xx."""
-        reply = Reply(kind=parsed.kind, model=self._server.model, logprobs=parsed.logprobs)
+        reply = Reply(kind=parsed.kind, model=self._server.model, logprobs=parsed.logprobs,
+                      token_ids=parsed.token_ids)
         started = False
         opened: set[int] = set()
         lock = anyio.Lock()
@@ -261,7 +263,7 @@ class _Answer:
                 first = reply.first_chunk(choice.index)
                 if first is not None:
                     await event(sse(first))
-            if chunk.text or chunk.logprobs or chunk.finish_reason is not None:
+            if chunk.text or chunk.token_ids or chunk.logprobs or chunk.finish_reason is not None:
                 await event(sse(reply.chunk(choice, chunk)))
 
         try:

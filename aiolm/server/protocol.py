@@ -1,7 +1,8 @@
 """Parsing OpenAI request bodies into aiolm ``GenerateRequest``\\ s (400 on anything wrong).
 
 Besides the OpenAI fields, both endpoints take aiolm's extensions: ``regex``, ``grammar``,
-``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``stop_regex``;
+``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``stop_regex``,
+``return_token_ids`` (each choice and chunk also carries its ``token_ids``);
 ``/v1/completions`` also takes ``response_format``; ``/v1/chat/completions`` takes
 ``continue_final_message`` (the last assistant message is continued, not closed).
 """
@@ -40,6 +41,7 @@ class Parsed:
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False
+    token_ids: bool = False                # extension ``return_token_ids``: ids in each choice
     prompt_offsets: tuple[int, ...] = ()   # completions: where each answer's text_offset starts
 
 
@@ -193,6 +195,7 @@ def parse_completion(body: dict[str, Any], backend: Backend) -> Parsed:
     stream, include_usage = _stream_options(body)
     return Parsed(kind="completion", requests=tuple(requests), n=_n(body), stream=stream,
                   include_usage=include_usage, logprobs=k is not None,
+                  token_ids=_get(body, "return_token_ids", bool, False),
                   prompt_offsets=tuple(len(p) if isinstance(p, str) else 0 for p in prompts))
 
 
@@ -237,7 +240,8 @@ def parse_chat(body: dict[str, Any], backend: Backend) -> Parsed:
     request = _chat_request(messages, backend, sampling=sampling, constraint=constraint)
     stream, include_usage = _stream_options(body)
     return Parsed(kind="chat", requests=(request,), n=_n(body), stream=stream,
-                  include_usage=include_usage, logprobs=want_logprobs)
+                  include_usage=include_usage, logprobs=want_logprobs,
+                  token_ids=_get(body, "return_token_ids", bool, False))
 
 
 def _chat_request(messages: list[Message], backend: Backend, **kw: Any) -> GenerateRequest:

@@ -29,6 +29,7 @@ class Choice:
     prompt_index: int = 0
     offset: int = 0            # completions: text_offset of the first generated character
     text: list[str] = attrs.field(factory=list)
+    token_ids: list[int] = attrs.field(factory=list)
     logprobs: list[TokenLogprob] = attrs.field(factory=list)
     finish_reason: str | None = None
     matched_stop: str | int | None = None
@@ -37,6 +38,7 @@ class Choice:
 
     def add(self, chunk: Chunk) -> None:
         self.text.append(chunk.text)
+        self.token_ids.extend(chunk.token_ids)
         self.logprobs.extend(chunk.logprobs)
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason
@@ -51,6 +53,7 @@ class Reply:
     kind: Literal["completion", "chat"]
     model: str
     logprobs: bool
+    token_ids: bool = False
     id: str = attrs.field(init=False)
     created: int = attrs.field(factory=lambda: int(time.time()), init=False)
 
@@ -82,6 +85,8 @@ class Reply:
             item["text"] = text
         else:
             item["message"] = {"role": "assistant", "content": text}
+        if self.token_ids:
+            item["token_ids"] = list(c.token_ids)
         return item
 
     # ------------------------------------------------------------------ stream chunks
@@ -108,6 +113,8 @@ class Reply:
             item["text"] = piece.text
         else:
             item["delta"] = {"content": piece.text} if piece.text else {}
+        if self.token_ids:
+            item["token_ids"] = list(piece.token_ids)
         out["choices"] = [item]
         return out
 
