@@ -76,7 +76,7 @@ async def test_recording_backend_keeps_prompt_tokens_and_usage():
 
     await ask.run(backend=rec)
     kinds = [r.kind for r in rec.requests]
-    assert kinds == ["generate", "score", "score"]
+    assert kinds == ["generate", "score", "score", "score"]  # the prefix, then each choice
     assert rec.calls == 2
     assert rec.requests[0].tokens == (0, 1, 2)         # "Is", "it", "ok?" as word ids
     assert rec.usage_totals().completion_tokens == 1
