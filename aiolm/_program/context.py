@@ -3,6 +3,9 @@ sampling defaults and the stream-event sink; and the small values a run produces
 
 from __future__ import annotations
 
+import functools
+import itertools
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,7 +19,20 @@ from ..errors import UnsupportedFeature
 from ..primitives import Gen
 from ..sampling import SamplingParams
 
-__all__ = ["GenerationMeta", "RunContext", "StreamEvent"]
+__all__ = ["GenerationMeta", "RunContext", "StreamEvent", "next_request_id"]
+
+_ids = itertools.count()
+_ID_PREFIX = uuid.uuid4().hex[:16]
+
+
+def next_request_id() -> str:
+    """A process-unique request id (cheaper than a uuid4 per request)."""
+    return f"{_ID_PREFIX}-{next(_ids)}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _merged_sampling(gen: Gen, defaults: tuple[tuple[str, Any], ...]) -> SamplingParams:
+    return gen.sampling_params(dict(defaults))
 
 
 @attrs.frozen(kw_only=True)
@@ -65,21 +81,30 @@ class RunContext:
     caps: Capabilities = attrs.field(init=False)
     template: ChatTemplate = attrs.field(init=False)
     chat: bool = attrs.field(init=False)
-    _sampling: dict[Gen, SamplingParams] = attrs.field(init=False, factory=dict)
+    _defaults_key: tuple[tuple[str, Any], ...] | None = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.session = self.backend.new_session()
         self.caps = self.backend.capabilities
         self.template = self.backend.chat_template or SIMPLE_TEMPLATE
         self.chat = self.caps.chat_only
+        try:
+            self._defaults_key = tuple(sorted(self.defaults.items()))
+            hash(self._defaults_key)
+        except TypeError:  # an unhashable default (a list of stop token ids): no memo
+            self._defaults_key = None
 
     def sampling_for(self, gen: Gen) -> SamplingParams:
-        """``gen``'s sampling params over the run's defaults (memoized: gens repeat in loops)."""
-        try:
-            return self._sampling[gen]
-        except KeyError:
-            params = self._sampling[gen] = gen.sampling_params(self.defaults)
-            return params
+        """``gen``'s sampling params over the run's defaults.
+
+        Memoized across runs: the same gens recur in every run of a program (run_batch).
+        """
+        if self._defaults_key is not None:
+            try:
+                return _merged_sampling(gen, self._defaults_key)
+            except TypeError:  # the gen holds an unhashable setting
+                pass
+        return gen.sampling_params(self.defaults)
 
     def check_constraint(self, constraint: Constraint, what: str) -> None:
         """Raise ``UnsupportedFeature`` if the backend cannot enforce ``constraint``."""

@@ -7,13 +7,17 @@ from typing import TYPE_CHECKING
 from ..backends.base import Chunk, GenerateRequest, TokenLogprob, Usage
 from ..errors import BackendError, ConstraintError, UnsupportedFeature
 from ..primitives import Gen, Image, Select, parse_dtype
-from .context import GenerationMeta, StreamEvent
+from ..sampling import SamplingParams
+from .context import GenerationMeta, StreamEvent, next_request_id
 from .images import load_image
 
 if TYPE_CHECKING:
     from .state import ProgramState
 
-__all__ = ["run_gen", "run_image", "run_select"]
+__all__ = ["PREFIX_SAMPLING", "run_gen", "run_image", "run_select"]
+
+#: The sampling of a prefix-only request (scoring and prefill ignore it).
+PREFIX_SAMPLING = SamplingParams()
 
 
 def _describe(name: str | None, kind: str) -> str:
@@ -40,6 +44,7 @@ async def run_gen(state: ProgramState, gen: Gen) -> None:
         **state._request_fields(for_gen=True),
         sampling=ctx.sampling_for(gen),
         constraint=constraint,
+        request_id=next_request_id(),
         session=ctx.session,
     )
     emit = ctx.emit
@@ -87,7 +92,10 @@ async def run_select(state: ProgramState, sel: Select) -> None:
             f"{ctx.backend.model_name} cannot score choices for select({sel.name!r}); "
             f"use gen({sel.name!r}, choices=[...]) instead"
         )
-    prefix = GenerateRequest(**state._request_fields(for_gen=True), session=ctx.session)
+    prefix = GenerateRequest(
+        **state._request_fields(for_gen=True), sampling=PREFIX_SAMPLING,
+        request_id=next_request_id(), session=ctx.session,
+    )
     result = await ctx.backend.score(prefix, sel.choices, sel.method)
     if not 0 <= result.index < len(sel.choices):
         raise BackendError(

@@ -11,6 +11,8 @@ import anyio
 from ..backends.base import GenerateRequest
 from ..errors import ProgramError
 from ..primitives import Expr
+from .context import next_request_id
+from .execute import PREFIX_SAMPLING
 from .groups import single_error
 from .ops import JOIN
 
@@ -49,7 +51,10 @@ class ForkGroup:
         ctx = parent._run
         if self._n > 1 and (parent._items or parent._plain or parent._role is not None):
             await ctx.backend.prefill(
-                GenerateRequest(**parent._request_fields(for_gen=False), session=ctx.session)
+                GenerateRequest(
+                    **parent._request_fields(for_gen=False), sampling=PREFIX_SAMPLING,
+                    request_id=next_request_id(), session=ctx.session,
+                )
             )
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
@@ -135,19 +140,19 @@ class ForkGroup:
         if mode == "concat":
             def concat(parent: ProgramState) -> None:
                 for branch in branches:
-                    for op in branch._log:
+                    for op in branch._log or ():
                         parent._replay(op)
 
             self._parent._enqueue([(JOIN, concat)], ())
             return
-        names = list(dict.fromkeys(name for b in branches for name in b._own))
+        names = list(dict.fromkeys(name for b in branches for name in b._own or ()))
 
         def gather(parent: ProgramState) -> None:
             for name in names:
                 values: list[Any] = []
                 metas: list[Any] = []
                 for b in branches:
-                    mine = name in b._own
+                    mine = name in (b._own or ())
                     values.append(b._vars[name] if mine else None)
                     metas.append(b._meta.get(name) if mine else None)
                 parent._set(name, values, metas)

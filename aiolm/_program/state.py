@@ -64,15 +64,16 @@ class ProgramState:
     _role: str | None = attrs.field(init=False, default=None)
     _parts: list[str | ImageData] = attrs.field(init=False, factory=list)
     _images: list[ImageData] = attrs.field(init=False, factory=list)
-    # every content op applied to this state, in order (var_scope and concat-join read it)
-    _log: list[Op] = attrs.field(init=False, factory=list)
+    # The content ops applied, in order, for var_scope and concat-joins: kept by branches,
+    # and by a program's state from its first var_scope on (None until then).
+    _log: list[Op] | None = attrs.field(init=False, default=None)
     _scopes: list[tuple[str, int]] = attrs.field(init=False, factory=list)
     # variables
     _vars: dict[str, Any] = attrs.field(init=False, factory=dict)
     _meta: dict[str, Any] = attrs.field(init=False, factory=dict)
-    _own: dict[str, None] = attrs.field(init=False, factory=dict)  # set here (not inherited)
+    _own: dict[str, None] | None = attrs.field(init=False, default=None)  # set here (branches)
     _pending: dict[str, int] = attrs.field(init=False, factory=dict)
-    _waiters: dict[str, anyio.Event] = attrs.field(init=False, factory=dict)
+    _waiters: dict[str, anyio.Event] | None = attrs.field(init=False, default=None)
     # the stream
     _queue: deque[Op] = attrs.field(init=False, factory=deque)
     _busy: bool = attrs.field(init=False, default=False)
@@ -145,10 +146,12 @@ class ProgramState:
         elif kind == CLOSE:
             self._close()
         elif kind == SCOPE_BEGIN:
+            if self._log is None:
+                self._log = []
             self._scopes.append((arg, len(self._log)))
         elif kind == SCOPE_END:
             name, start = self._scopes.pop()
-            text = "".join(a for k, a in self._log[start:] if k == TEXT)
+            text = "".join(a for k, a in self._log[start:] if k == TEXT)  # type: ignore[index]
             self._set(name, text, None)
         elif kind == JOIN:
             arg(self)
@@ -162,14 +165,16 @@ class ProgramState:
             self._plain.append(text)
         else:
             self._parts.append(text)
-        self._log.append((TEXT, text))
+        if self._log is not None:
+            self._log.append((TEXT, text))
 
     def _append_image(self, image: ImageData) -> None:
         if self._role is None:
             raise ProgramError("image() must be inside a turn")
         self._parts.append(image)
         self._images.append(image)
-        self._log.append((IMAGE, image))
+        if self._log is not None:
+            self._log.append((IMAGE, image))
 
     def _open(self, role: str) -> None:
         if self._role is not None:
@@ -179,7 +184,8 @@ class ProgramState:
             self._plain.clear()
         self._role = role
         self._parts = []
-        self._log.append((OPEN, role))
+        if self._log is not None:
+            self._log.append((OPEN, role))
 
     def _close(self) -> None:
         role = self._role
@@ -188,7 +194,8 @@ class ProgramState:
         self._items.append(Message(role=role, parts=_to_parts(self._parts)))  # type: ignore[arg-type]
         self._role = None
         self._parts = []
-        self._log.append((CLOSE, role))
+        if self._log is not None:
+            self._log.append((CLOSE, role))
 
     def _replay(self, op: Op) -> None:
         kind, arg = op
@@ -203,15 +210,17 @@ class ProgramState:
             self._meta.pop(name, None)
         else:
             self._meta[name] = meta
-        self._own[name] = None
+        if self._own is not None:
+            self._own[name] = None
         count = self._pending[name] - 1
         if count:
             self._pending[name] = count
             return
         del self._pending[name]
-        waiter = self._waiters.pop(name, None)
-        if waiter is not None:
-            waiter.set()
+        if self._waiters is not None:
+            waiter = self._waiters.pop(name, None)
+            if waiter is not None:
+                waiter.set()
 
     # ------------------------------------------------------------------ reading
 
@@ -224,6 +233,8 @@ class ProgramState:
         if name not in self._pending:
             await anyio.lowlevel.checkpoint_if_cancelled()
         while name in self._pending:
+            if self._waiters is None:
+                self._waiters = {}
             waiter = self._waiters.get(name)
             if waiter is None:
                 waiter = self._waiters[name] = anyio.Event()
@@ -378,6 +389,8 @@ class ProgramState:
         child._images = list(self._images)
         child._vars = dict(self._vars)
         child._meta = dict(self._meta)
+        child._own = {}
+        child._log = []
         return child
 
     def __repr__(self) -> str:

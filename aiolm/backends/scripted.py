@@ -223,17 +223,26 @@ class _ScriptedStream:
             raise ConstraintError(
                 f"ScriptedBackend: the reply {text!r} does not satisfy {constraint!r}"
             )
-        chunks = self._chunks
-        for piece in pieces:
-            lp: tuple[TokenLogprob, ...] = ()
-            tid = backend._token_id(piece)
-            if sampling.logprobs:
-                top = ((tid, piece, 0.0),) if sampling.top_logprobs else ()
-                lp = (TokenLogprob(token_id=tid, token=piece, logprob=0.0, top=top),)
-            chunks.append(Chunk(text=piece, token_ids=(tid,), logprobs=lp))
-        last = chunks.pop() if chunks else Chunk()
-        usage = Usage(prompt_tokens=_words(prompt), completion_tokens=_words(text))
-        chunks.append(attrs.evolve(last, finish_reason=finish, usage=usage, matched_stop=matched))
+        ids = [backend._token_id(piece) for piece in pieces]
+        logprobs: list[tuple[TokenLogprob, ...]] = [()] * len(pieces)
+        if sampling.logprobs:
+            logprobs = [
+                (TokenLogprob(token_id=tid, token=piece, logprob=0.0,
+                              top=((tid, piece, 0.0),) if sampling.top_logprobs else ()),)
+                for tid, piece in zip(ids, pieces, strict=True)
+            ]
+        last = len(pieces) - 1
+        self._chunks = [
+            Chunk(text=pieces[i], token_ids=(ids[i],), logprobs=logprobs[i]) for i in range(last)
+        ]
+        self._chunks.append(Chunk(
+            text=pieces[last] if pieces else "",
+            token_ids=(ids[last],) if pieces else (),
+            logprobs=logprobs[last] if pieces else (),
+            finish_reason=finish,
+            usage=Usage(prompt_tokens=_words(prompt), completion_tokens=_words(text)),
+            matched_stop=matched,
+        ))
         backend._active += 1
         self._entered = True
         return self
