@@ -16,8 +16,7 @@ from aiolm.bench.targets import EngineTarget, ScriptedTarget, scripted_reply
 from aiolm.bench.workload import RunOptions
 from aiolm.constraints import JSONSchema
 
-# Workloads that run on the scripted backend alone (api-spec needs the OpenAI server).
-SCRIPTED = [name for name, w in WORKLOADS.items() if not w.via_openai]
+SCRIPTED = list(WORKLOADS)
 
 
 @pytest.mark.parametrize("name", list(WORKLOADS))
@@ -126,3 +125,21 @@ def test_bench_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         bench_main(["--backend", "scripted"])           # neither a workload nor a suite
     assert "unknown workload" in capsys.readouterr().err
+
+
+@pytest.mark.anyio
+async def test_api_speculation_saves_calls_and_keeps_the_fields():
+    from aiolm.bench.api_spec import FIELDS, SPEC_TOKENS, extract_fields
+    from aiolm.bench.openai_bridge import served_as_openai
+
+    inputs = WORKLOADS["api-spec"].make_inputs("tiny", 0)
+    fields, calls = {}, {}
+    for spec in (None, SPEC_TOKENS):
+        server_side = RecordingBackend(ScriptedBackend(scripted_reply))
+        async with served_as_openai(server_side, spec_tokens=spec) as api:
+            states = await extract_fields.run_batch(inputs, backend=api, raise_errors=True)
+        fields[spec] = [[st[f] for f in FIELDS] for st in states]
+        calls[spec] = server_side.calls
+    assert fields[SPEC_TOKENS] == fields[None]
+    assert calls[None] == len(inputs) * len(FIELDS)
+    assert calls[None] / calls[SPEC_TOKENS] >= 2.5

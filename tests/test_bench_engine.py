@@ -19,8 +19,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 ENGINE_KWARGS = {"device": "cpu", "max_total_tokens": 8192}
-# api-spec goes through the OpenAI server (tests/test_bench_api.py).
-LOCAL = [name for name, w in WORKLOADS.items() if not w.via_openai]
+LOCAL = list(WORKLOADS)
 
 
 @pytest.fixture(scope="module")

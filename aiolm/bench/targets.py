@@ -92,12 +92,22 @@ def _instance(schema: dict[str, Any]) -> Any:
 
 
 def scripted_reply(prompt: str) -> str:
-    """The scripted model of the benchmarks: deterministic words, or valid JSON after a
-    ``Record:`` prompt that states its schema (as the JSON workload's prompts do)."""
+    """The scripted model of the benchmarks, a few-shot copier.
+
+    After a ``Record:`` prompt that states its schema (as the JSON workload's prompts do),
+    a valid JSON instance. When the prompt's last line occurred earlier (a few-shot
+    example's ``name: ``, ``Thought 1:``), what followed it there, up to a blank line.
+    Otherwise deterministic words.
+    """
     if prompt.endswith("Record: "):
         schema = _schema_in(prompt)
         if schema is not None:
             return json.dumps(_instance(schema))
+    last = prompt.rsplit("\n", 1)[-1]
+    if last.strip():
+        at = prompt.rfind("\n" + last, 0, len(prompt) - len(last) - 1)
+        if at >= 0:
+            return prompt[at + 1 + len(last):].split("\n\n", 1)[0] + "\n"
     rng = random.Random(zlib.crc32(prompt[-256:].encode()))
     return " " + words(rng, 64)
 
