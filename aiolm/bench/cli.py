@@ -119,6 +119,27 @@ def _make_target(args: argparse.Namespace, dummy: str | None):
     return OpenAITarget(engine) if args.backend == "openai" else engine
 
 
+async def _rooflines(target: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Measure the device's limits and add roofline fractions, when a workload needs them."""
+    from .limits import add_roofline_figures, measure_limits, weight_figures
+    from .targets import EngineTarget, OpenAITarget
+
+    engine = target.inner if isinstance(target, OpenAITarget) else target
+    if not isinstance(engine, EngineTarget) or not any(
+            r["name"] in ("decode-bs1", "throughput") for r in results):
+        return {}
+    import anyio.to_thread
+
+    await engine.release()  # the engine's KV memory is not needed for this
+    loaded = await engine.loaded()
+    limits = await anyio.to_thread.run_sync(
+        measure_limits, loaded.device, loaded.model_config.torch_dtype)
+    weights = weight_figures(loaded.model)
+    for record in results:
+        add_roofline_figures(record, limits, weights)
+    return {**limits, **weights}
+
+
 async def _run(args: argparse.Namespace, argv: list[str], names: list[str], size: str,
                ablations: list[str], peer_name: str | None, dummy: str | None) -> int:
     from tqdm import tqdm
@@ -143,6 +164,7 @@ async def _run(args: argparse.Namespace, argv: list[str], names: list[str], size
                 bar.update()
 
             results = await run_plan(steps, size=size, seed=args.seed, on_step_done=done)
+        limits = await _rooflines(target, results)
     finally:
         await target.aclose()
         if peer is not None:
@@ -153,7 +175,7 @@ async def _run(args: argparse.Namespace, argv: list[str], names: list[str], size
         "suite": args.suite,
     }
     device = device_info("cpu" if args.backend == "scripted" else args.device)
-    document = make_document(device=device, config=config, workloads=results, argv=argv)
+    document = make_document(device=device, config=config, workloads=results, limits=limits, argv=argv)
     print(f"device: {device['kind']} ({device['name']})")
     print(format_table(results))
     if args.out:
