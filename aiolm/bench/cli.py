@@ -145,6 +145,7 @@ async def _run(args: argparse.Namespace, argv: list[str], names: list[str], size
     from tqdm import tqdm
 
     from . import WORKLOADS
+    from .goals import check_goals, format_goals
     from .harness import plan, run_plan
     from .results import device_info, format_table, make_document, write_json
     from .targets import EngineTarget, HFTarget, OpenAITarget
@@ -178,6 +179,10 @@ async def _run(args: argparse.Namespace, argv: list[str], names: list[str], size
     document = make_document(device=device, config=config, workloads=results, limits=limits, argv=argv)
     print(f"device: {device['kind']} ({device['name']})")
     print(format_table(results))
+    goals = check_goals(document)
+    if goals:
+        print("goals:")
+        print(format_goals(goals))
     if args.out:
         write_json(document, args.out)
         print(f"wrote {args.out}")
