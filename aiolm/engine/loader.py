@@ -87,9 +87,12 @@ def _resolve_source(model: Any, load_format: str) -> tuple[Any, ModelConfig]:
         return None, ModelConfig.named(str(model))
     path = Path(model).expanduser()
     if not path.exists():
-        hint = ""
         if str(model) in NAMED_CONFIGS:
             hint = f" ({model!r} is a named config: pass load_format='dummy' for random weights)"
+        elif load_format == "dummy":
+            hint = f" and not a named config ({', '.join(NAMED_CONFIGS)})"
+        else:
+            hint = ""
         raise FileNotFoundError(f"model: no such file or directory: {str(path)!r}{hint}")
     if path.is_dir():
         config_file = path / "config.json"
