@@ -95,6 +95,11 @@ class SpecSession:
         self._entries.insert(0, _Entry(spec=speculation))
         del self._entries[_MAX_ENTRIES:]
 
+    def has(self, key: Any, sampling: SamplingParams) -> bool:
+        """Whether a speculation of ``key`` under these sampling parameters is remembered."""
+        wanted = sampling_key(sampling)
+        return any(e.spec.key == key and e.spec.sampling == wanted for e in self._entries)
+
     def serve(self, consumed: Callable[[Speculation], str | None], sampling: SamplingParams) -> Cut | None:
         """Answer a request from a remembered speculation, or None.
 

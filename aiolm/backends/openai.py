@@ -250,8 +250,8 @@ class OpenAI(Backend):
     async def _is_aiolm(self) -> bool:
         """Whether the server is ``aiolm serve`` (asked once from ``/v1/models``)."""
         if self._aiolm_server is None:
-            try:
-                page = await self.call(lambda: self._client.models.list())
+            try:  # not counted in statistics(): they count generation calls
+                page = await retrying(lambda: self._client.models.list(), self._retry)
             except BackendError:
                 self._aiolm_server = False
             else:
@@ -349,18 +349,31 @@ class OpenAI(Backend):
         choices = getattr(request.constraint, "choices", None) if "response_format" in fields else None
         session = request.session if isinstance(request.session, SpecSession) else None
         if session is not None and session.spec_tokens and speculable(sampling, request.constraint):
-            # The whole assistant turn in one call; this gen and the next ones of the turn
-            # are cut out of it (room for the literal text before this gen, too).
-            room = self.count_tokens(partial) or len(partial.encode())
-            spec_kw = dict(kw, messages=messages_to_openai(pre),
-                           max_completion_tokens=max(session.spec_tokens, sampling.max_tokens) + room)
+            want = max(session.spec_tokens, sampling.max_tokens)
             if self.capabilities.logprobs:
-                spec_kw["logprobs"] = True
+                kw_spec = dict(kw, logprobs=True)
+            else:
+                kw_spec = kw
+            if partial and await self._is_aiolm():
+                # aiolm's server continues the started turn: speculate from here, exactly
+                # as for a completion model.
+                messages = [*messages_to_openai(pre), {"role": "assistant", "content": partial}]
+                spec_kw = dict(kw_spec, messages=messages, max_completion_tokens=want)
+                speculate = lambda: self._speculate(  # noqa: E731
+                    spec_kw, pre, sampling, dict(extra, continue_final_message=True), chat=True,
+                    prefix=partial)
+                may, retry = True, False
+            else:
+                # The whole assistant turn in one call (once per turn); this gen and the next
+                # ones of the turn are cut out of it (room for the literal text before it).
+                room = self.count_tokens(partial) or len(partial.encode())
+                spec_kw = dict(kw_spec, messages=messages_to_openai(pre), max_completion_tokens=want + room)
+                speculate = lambda: self._speculate(spec_kw, pre, sampling, extra, chat=True)  # noqa: E731
+                may, retry = not session.has(pre, sampling), not sampling.greedy
             return self._speculative(
-                session, sampling, lambda spec: partial if spec.key == pre else None,
-                lambda: self._speculate(spec_kw, pre, sampling, extra, chat=True),
+                session, sampling, lambda spec: partial if spec.key == pre else None, speculate,
                 fallback=lambda: self._chat_plain(kw, pre, partial, sampling, extra, choices),
-                retry_pattern=not sampling.greedy,
+                retry_pattern=retry, may_speculate=may,
             )
         return self._chat_plain(kw, pre, partial, sampling, extra, choices)
 
@@ -410,7 +423,8 @@ class OpenAI(Backend):
         finish: str | None = None
         matched: str | int | None = None
         usage: Usage | None = None
-        events = sse_events(response.http_response.aiter_lines())
+        lines = response.http_response.aiter_lines()
+        events = sse_events(lines)
         try:
             async for event in events:
                 if field(event, "usage") is not None:
@@ -441,8 +455,9 @@ class OpenAI(Backend):
             raise mapped from exc
         finally:
             with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
-                await events.aclose()
                 await response.close()
+                await _run_out(lines)
+                await events.aclose()
         if stopper is not None and matched is None:
             tail = stopper.flush()
             if tail:
@@ -454,8 +469,12 @@ class OpenAI(Backend):
                     matched_stop=matched if isinstance(matched, str | int) else None)
 
     async def _speculate(self, kw: dict[str, Any], key: Any, sampling: SamplingParams,
-                         extra: dict[str, Any], *, chat: bool) -> tuple[Speculation, Usage]:
-        """One unstreamed call with no stop: the continuation to answer gens from."""
+                         extra: dict[str, Any], *, chat: bool, prefix: str = "") -> tuple[Speculation, Usage]:
+        """One unstreamed call with no stop: the continuation to answer gens from.
+
+        ``prefix`` is text the continuation follows within the speculation (the started
+        assistant turn a continued chat call was given).
+        """
         create = self._client.chat.completions.create if chat else self._client.completions.create
         response = await self.call(lambda: create(**kw, extra_body=extra or None))
         self._stats.speculative_calls += 1
@@ -470,19 +489,22 @@ class OpenAI(Backend):
         tokens: tuple[str, ...] | None = tuple(lp.token for lp in lps)
         if "".join(tokens) != text:  # no logprobs (or odd ones): fall back to tiktoken
             tokens = token_texts(self._encoding, text) if self._encoding is not None else None
+        if prefix:
+            text, tokens = prefix + text, (None if tokens is None else (prefix, *tokens))
         spec = Speculation(key=key, text=text, tokens=tokens, finished=choice.finish_reason == "stop",
                            sampling=sampling_key(sampling))
         return spec, usage
 
     async def _speculative(self, session: SpecSession, sampling: SamplingParams, consumed: Any,
-                           speculate: Any, *, fallback: Any, retry_pattern: bool) -> AsyncIterator[Chunk]:
+                           speculate: Any, *, fallback: Any, retry_pattern: bool,
+                           may_speculate: bool = True) -> AsyncIterator[Chunk]:
         """Answer from the session's speculation, else speculate anew, else call plainly."""
         answer = session.serve(consumed, sampling)
         if answer is not None:
             self._stats.calls_saved += 1
             yield _served(answer, Usage(completion_tokens=answer.num_tokens or 0))
             return
-        for _ in range(self._spec_max_tries):
+        for _ in range(self._spec_max_tries if may_speculate else 0):
             spec, usage = await speculate()
             session.remember(spec)
             answer = session.serve(consumed, sampling)
@@ -497,6 +519,18 @@ class OpenAI(Backend):
         async with contextlib.aclosing(fallback()) as chunks:
             async for chunk in chunks:
                 yield chunk
+
+
+async def _run_out(lines: AsyncIterator[str]) -> None:
+    """Finish httpx's chain of line/byte iterators after the response was closed.
+
+    Closing only the outer one would leave the inner ones unfinished, to be finalized later
+    on stray tasks (trio warns about each); reading on makes each one end, with the rest of
+    a buffered body or with the error of the closed connection.
+    """
+    with contextlib.suppress(Exception):
+        async for _ in lines:
+            pass
 
 
 def _served(answer: Cut, usage: Usage) -> Chunk:
