@@ -21,7 +21,7 @@ from test_constraints import build_mini_tokenizer
 import aiolm
 from aiolm import gen, program
 from aiolm.backends.engine import Engine, LoadedModel
-from aiolm.constraints import Constraint, JSONSchema, Matcher, Regex
+from aiolm.constraints import Constraint, JSONSchema, Matcher, Regex, pack_allowed_tokens
 from aiolm.engine.tokenizer import Tokenizer
 
 PROMPT = [5, 6, 7, 8, 9]
@@ -181,10 +181,7 @@ class _DigitsMatcher(Matcher):
         ok = self.allowed.clone()
         if self.count:
             ok[list(self.eos)] = True
-        padded = torch.zeros(bitmask_row.numel() * 32, dtype=torch.int64)
-        padded[: ok.numel()] = ok.long()
-        words = (padded.view(-1, 32) << torch.arange(32)).sum(dim=1)
-        bitmask_row.copy_(((words + 2**31) % 2**32 - 2**31).to(torch.int32))
+        pack_allowed_tokens(ok, bitmask_row)
 
     def advance(self, token_id: int) -> bool:
         if token_id in self.eos:

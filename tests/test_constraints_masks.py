@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from test_constraints import allowed_tokens, build_mini_tokenizer
 
-from aiolm.constraints import JSONSchema, Matcher, Regex
+from aiolm.constraints import JSONSchema, Matcher, Regex, pack_allowed_tokens
 from aiolm.engine.grammar_backend import GrammarBackend
 
 
@@ -128,3 +129,16 @@ def test_after_sample_reports_a_broken_constraint_and_the_finish(tok):
 def test_vocab_size_is_validated():
     with pytest.raises(ValueError, match="vocab_size"):
         GrammarBackend(0)
+
+
+def test_pack_allowed_tokens_sets_exactly_the_allowed_bits():
+    allowed = torch.zeros(70, dtype=torch.bool)
+    allowed[[0, 31, 32, 63, 69]] = True
+    row = torch.full((3,), -1, dtype=torch.int32)
+    pack_allowed_tokens(allowed, row)
+    assert allowed_tokens(row, 96).tolist() == [0, 31, 32, 63, 69]
+    as_numpy = np.zeros(3, dtype=np.int32)
+    pack_allowed_tokens(allowed.numpy(), as_numpy)
+    assert np.array_equal(as_numpy, row.numpy())
+    with pytest.raises(ValueError, match="do not fit"):
+        pack_allowed_tokens(torch.ones(97, dtype=torch.bool), row)

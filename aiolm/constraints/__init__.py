@@ -7,9 +7,12 @@ returns a per-request :class:`Matcher` that the engine asks for token masks and 
 
 from .base import Constraint as Constraint
 from .base import Matcher as Matcher
+from .base import pack_allowed_tokens as pack_allowed_tokens
 from .choices import Choices as Choices
 from .grammar import Grammar as Grammar
 from .json_schema import JSONSchema as JSONSchema
 from .regex import Regex as Regex
 
-__all__ = ["Choices", "Constraint", "Grammar", "JSONSchema", "Matcher", "Regex"]
+__all__ = [
+    "Choices", "Constraint", "Grammar", "JSONSchema", "Matcher", "Regex", "pack_allowed_tokens",
+]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from typing import Any
 
-__all__ = ["Constraint", "Matcher"]
+__all__ = ["Constraint", "Matcher", "pack_allowed_tokens"]
 
 
 class Matcher(abc.ABC):
@@ -106,3 +106,25 @@ class Constraint(abc.ABC):
         default accepts: a spec valid by construction needs no further check.
         """
         return None
+
+
+def pack_allowed_tokens(allowed: Any, bitmask_row: Any) -> None:
+    """Write a boolean vector of allowed token ids into a bitmask row, in place.
+
+    ``allowed`` is a 1-D bool array or tensor (``allowed[t]`` true: token ``t`` may come
+    next; ids past its end are disallowed). ``bitmask_row`` is the row given to
+    :meth:`Matcher.fill_next_token_mask`. Raises ``ValueError`` when ``allowed`` is longer
+    than the row holds. A helper for writing your own matcher.
+    """
+    import numpy as np
+
+    if hasattr(allowed, "detach"):  # a torch tensor
+        allowed = allowed.detach().cpu().numpy()
+    flags = np.asarray(allowed, dtype=bool).ravel()
+    target = bitmask_row.numpy() if hasattr(bitmask_row, "numpy") else bitmask_row
+    bits = target.shape[0] * 32
+    if flags.size > bits:
+        raise ValueError(f"allowed: {flags.size} tokens do not fit a row of {bits} bits")
+    padded = np.zeros(bits, dtype=bool)
+    padded[: flags.size] = flags
+    target[:] = np.packbits(padded, bitorder="little").view("<i4")
