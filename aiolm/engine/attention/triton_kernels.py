@@ -25,6 +25,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 __all__ = [
     "KernelConfig",
@@ -232,17 +233,36 @@ def extend_attention(q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tensor,
     group = num_q_heads // k_buf.shape[1]
     if bs == 0 or max_extend_len == 0:
         return
-    grid = (bs, num_q_heads, triton.cdiv(max_extend_len, cfg.extend_block_m))
-    _extend_kernel[grid](
-        q, o, k_buf, v_buf, req_to_token, req_pool_indices, prefix_lens, extend_lens, q_start,
-        q.stride(0), q.stride(1), o.stride(0), o.stride(1),
-        k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-        req_to_token.stride(0),
-        scale * LOG2E,
-        KV_GROUP=group, HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim),
-        BLOCK_M=cfg.extend_block_m, BLOCK_N=cfg.extend_block_n, DOT_F32=_dot_f32(cfg, k_buf),
-        num_warps=cfg.extend_warps, num_stages=cfg.extend_stages,
-    )
+    while True:
+        grid = (bs, num_q_heads, triton.cdiv(max_extend_len, cfg.extend_block_m))
+        try:
+            _extend_kernel[grid](
+                q, o, k_buf, v_buf, req_to_token, req_pool_indices, prefix_lens, extend_lens,
+                q_start, q.stride(0), q.stride(1), o.stride(0), o.stride(1),
+                k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+                req_to_token.stride(0),
+                scale * LOG2E,
+                KV_GROUP=group, HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim),
+                BLOCK_M=cfg.extend_block_m, BLOCK_N=cfg.extend_block_n,
+                DOT_F32=_dot_f32(cfg, k_buf),
+                num_warps=cfg.extend_warps, num_stages=cfg.extend_stages,
+            )
+            return
+        except OutOfResources:
+            if not _shrink_extend(cfg):
+                raise
+
+
+def _shrink_extend(cfg: KernelConfig) -> bool:
+    """Smaller extend tiles after the GPU refused a configuration (shared memory)."""
+    if cfg.extend_stages > 1:
+        cfg.extend_stages = 1
+    elif cfg.extend_block_m > 32:
+        cfg.extend_block_m //= 2
+        cfg.extend_block_n = max(16, cfg.extend_block_n // 2)
+    else:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- decode
@@ -367,16 +387,28 @@ def decode_attention(q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tensor,
     if num_splits > mid_o.shape[2]:
         raise ValueError(f"num_splits: {num_splits} exceeds the scratch's {mid_o.shape[2]}")
     block_d = _pow2(head_dim)
-    _decode_stage1_kernel[(bs, num_kv_heads, num_splits)](
-        q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
-        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0),
-        v_buf.stride(1), req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1),
-        mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        scale * LOG2E, num_splits,
-        KV_GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=_pow2(group),
-        BLOCK_N=cfg.decode_block_n, MIN_CHUNK=cfg.decode_min_chunk, DOT_F32=_dot_f32(cfg, k_buf),
-        num_warps=cfg.decode_warps, num_stages=cfg.decode_stages,
-    )
+    while True:
+        try:
+            _decode_stage1_kernel[(bs, num_kv_heads, num_splits)](
+                q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
+                q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0),
+                v_buf.stride(1), req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1),
+                mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+                scale * LOG2E, num_splits,
+                KV_GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=_pow2(group),
+                BLOCK_N=cfg.decode_block_n, MIN_CHUNK=cfg.decode_min_chunk,
+                DOT_F32=_dot_f32(cfg, k_buf),
+                num_warps=cfg.decode_warps, num_stages=cfg.decode_stages,
+            )
+            break
+        except OutOfResources:
+            # Both stages read the tile size (the chunk boundaries): shrink before stage 2.
+            if cfg.decode_stages > 1:
+                cfg.decode_stages = 1
+            elif cfg.decode_block_n > 16:
+                cfg.decode_block_n //= 2
+            else:
+                raise
     _decode_stage2_kernel[(bs, num_q_heads)](
         mid_o, mid_lse, o, seq_lens,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
