@@ -121,7 +121,7 @@ async def test_run_batch_keeps_order_and_isolates_the_failure(backend):
 
 @pytest.mark.parametrize("check", [conformance.check_cancel_queued, conformance.check_cancel_fork])
 async def test_cancelled_program_stops_calling_the_backend(check, backend):
-    await check(backend, timeout=0.1)
+    await check(backend, settle=0.02)
     calls = backend.statistics().calls
     assert backend.statistics().active_streams == 0
     await anyio.sleep(0.05)
