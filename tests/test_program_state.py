@@ -345,3 +345,21 @@ async def test_image_sources_load_into_image_data(kind, tmp_path):
 async def test_missing_image_file_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         await run(appending(user(image(tmp_path / "missing.png"))))
+
+
+async def test_variables_of_a_failed_program_report_they_never_finished():
+    @program
+    async def failing(s):
+        s += gen("a", max_tokens=50)
+        await anyio.sleep(0.01)
+        raise RuntimeError("stop here")
+
+    backend = ScriptedBackend(lambda p: words(50), delay=0.01)
+    [state] = await failing.run_batch([{}], backend=backend)
+    assert isinstance(state.error, RuntimeError)
+    with pytest.raises(VariableNotReady, match="never finished"):
+        state["a"]
+    with pytest.raises(VariableNotReady, match="never finished"):
+        await state.get("a")
+    with pytest.raises(ProgramError, match="cancelled"):
+        await state.sync()

@@ -233,6 +233,8 @@ class ProgramState:
         if name not in self._pending:
             await anyio.lowlevel.checkpoint_if_cancelled()
         while name in self._pending:
+            if self._closed:
+                raise self._unfinished(name)
             if self._waiters is None:
                 self._waiters = {}
             waiter = self._waiters.get(name)
@@ -246,6 +248,8 @@ class ProgramState:
         if not self._busy:
             await anyio.lowlevel.checkpoint_if_cancelled()
         while self._busy:
+            if self._closed:
+                raise ProgramError("this state's program failed or was cancelled before its queue ran")
             if self._idle is None:
                 self._idle = anyio.Event()
             await self._idle.wait()
@@ -253,6 +257,8 @@ class ProgramState:
     def __getitem__(self, name: str) -> Any:
         """A finished variable. Raises ``VariableNotReady`` while it is being generated."""
         if name in self._pending:
+            if self._closed:
+                raise self._unfinished(name)
             raise VariableNotReady(
                 f"variable {name!r} is still being generated; use `await s.get({name!r})` "
                 "to wait for it"
@@ -261,6 +267,11 @@ class ProgramState:
             return self._vars[name]
         except KeyError:
             raise UnknownVariable(f"no variable {name!r} was ever appended to this state") from None
+
+    def _unfinished(self, name: str) -> VariableNotReady:
+        return VariableNotReady(
+            f"variable {name!r} was never finished: its program (or fork) failed or was cancelled"
+        )
 
     def __contains__(self, name: object) -> bool:
         """True when ``name`` is a variable (finished or pending)."""
