@@ -2,7 +2,9 @@
 # Download the wheels the GPU machine lacks into the git-ignored .whl/ folder, for the device
 # call's `carry` (see docs/gpu.md). The GPU machine has no network: these travel with the tree.
 #   flashinfer-python 0.5.3 + apache-tvm-ffi (its only runtime need for paged attention),
-#   llguidance (constraints) and gguf (the GGUF loader).
+#   llguidance (constraints), gguf (the GGUF loader), and the versions of anyio (the engine
+#   needs >= 4.11: anyio.lowlevel.current_token), attrs and typing_extensions (anyio 4.16
+#   needs >= 4.16) that aiolm is tested with here; the machine's own may be older.
 # Idempotent: pip skips wheels already in .whl/. Keep one version of each package there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,5 +19,6 @@ dl=("$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary
 "${dl[@]}" "apache-tvm-ffi>=0.1,<0.2"
 "${dl[@]}" "llguidance==${LLGUIDANCE_VERSION:-1.9.1}"
 "${dl[@]}" "gguf==${GGUF_VERSION:-0.19.0}"
+"${dl[@]}" anyio==4.16.0 attrs==26.1.0 typing_extensions==4.16.0
 ls -l .whl
 du -sh .whl
