@@ -10,6 +10,7 @@ The loop crosses into the event loop once per step with a non-blocking, thread-s
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import math
@@ -80,13 +81,15 @@ class LoadedModel:
 
         source = os.fspath(model) if model is not None else default_model_path()
         dev = resolve_device(device)
-        module, config = load_model(source, load_format=load_format, dtype=dtype, device=dev,
-                                    seed=seed)
-        tokenizer = None
-        if load_format != "dummy":
-            from ..engine.tokenizer import Tokenizer
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            tokenizer_future = None
+            if load_format != "dummy":  # the tokenizer loads while the weights do
+                from ..engine.tokenizer import Tokenizer
 
-            tokenizer = Tokenizer.from_pretrained(source)
+                tokenizer_future = pool.submit(Tokenizer.from_pretrained, source)
+            module, config = load_model(source, load_format=load_format, dtype=dtype,
+                                        device=dev, seed=seed)
+            tokenizer = tokenizer_future.result() if tokenizer_future is not None else None
         return cls(model=module, model_config=config, tokenizer=tokenizer, device=dev,
                    source=source, load_format=load_format)
 
@@ -438,7 +441,7 @@ class Engine(Backend):
 
     def _context_token(self) -> int:
         tok = self._require_tokenizer("select")
-        bos = getattr(tok.hf, "bos_token_id", None)
+        bos = tok.bos_token_id
         if bos is not None:
             return int(bos)
         return int(sorted(tok.eos_token_ids)[0])

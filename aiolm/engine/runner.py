@@ -44,8 +44,8 @@ __all__ = [
 ]
 
 # CPU KV pool: at most this many tokens, and at most this share of available RAM.
-_CPU_MAX_TOKENS = 65536
-_CPU_RAM_SHARE = 0.15
+_CPU_MAX_TOKENS = 32768
+_CPU_RAM_SHARE = 0.10
 
 
 def resolve_device(device: str) -> torch.device:
