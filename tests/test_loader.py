@@ -205,3 +205,102 @@ def test_llama3_rope_scaling_and_qwen_options_are_read_from_hf_configs():
     qwen2 = ModelConfig.named("tiny-qwen2")
     assert qwen2.attention_bias and not qwen2.o_bias and qwen2.tie_word_embeddings
     assert ModelConfig.named("tiny-qwen3").qk_norm
+
+
+def _llama_cpp_permute(weights, n_head):
+    """llama.cpp's convert_hf_to_gguf row permutation of Q/K for llama-arch RoPE."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def _llama3_rope_freqs(head_dim, theta, scaling):
+    """The per-frequency divisors llama.cpp's converter writes for llama3 RoPE scaling."""
+    import math
+
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(scaling["factor"])
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / scaling["factor"] + smooth))
+    return factors
+
+
+def _write_gguf(path, hf, hf_config, arch):
+    """Write ``hf`` as llama.cpp would: F32 tensors, gguf names, Q/K permuted for llama."""
+    import gguf
+    import numpy as np
+
+    heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name("tiny test model")
+    writer.add_block_count(hf_config["num_hidden_layers"])
+    writer.add_context_length(hf_config["max_position_embeddings"])
+    writer.add_embedding_length(hf_config["hidden_size"])
+    writer.add_feed_forward_length(hf_config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(hf_config["head_dim"])
+    writer.add_rope_freq_base(hf_config["rope_theta"])
+    writer.add_layer_norm_rms_eps(hf_config["rms_norm_eps"])
+    writer.add_vocab_size(hf_config["vocab_size"])
+    writer.add_eos_token_id(hf_config["eos_token_id"])
+    writer.add_eot_token_id(7)
+    writer.add_bos_token_id(hf_config["bos_token_id"])
+    names = gguf.get_tensor_name_map(
+        {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
+         "qwen3": gguf.MODEL_ARCH.QWEN3}[arch], hf_config["num_hidden_layers"])
+    for key, tensor in hf.state_dict().items():
+        if key == "lm_head.weight" and hf_config["tie_word_embeddings"]:
+            continue
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        data = tensor.numpy().copy()
+        if arch == "llama" and ".attn_q." in name:
+            data = _llama_cpp_permute(data, heads)
+        elif arch == "llama" and ".attn_k." in name:
+            data = _llama_cpp_permute(data, kv_heads)
+        writer.add_tensor(name, data)
+    scaling = hf_config.get("rope_scaling")
+    if scaling:
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        writer.add_tensor("rope_freqs.weight", np.array(_llama3_rope_freqs(
+            hf_config["head_dim"], hf_config["rope_theta"], scaling), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize(("named", "arch"), [
+    ("tiny-llama", "llama"), ("tiny-llama3", "llama"), ("tiny-qwen2", "qwen2"),
+    ("tiny-qwen3", "qwen3"),
+])
+def test_gguf_in_llama_cpp_layout_matches_transformers(tmp_path, named, arch):
+    """Q/K permutation undone, biases, q/k norms, tied heads and llama3 rope_freqs."""
+    hf_config = dict(NAMED_CONFIGS[named])
+    hf_config.pop("torch_dtype")
+    torch.manual_seed(0)
+    model_type = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[arch]
+    hf = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(model_type, **hf_config), dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.normal_(0.0, 0.15)
+    _write_gguf(tmp_path / "model.gguf", hf, hf_config, arch)
+    model, config = load_model(tmp_path / "model.gguf")
+    assert config.eos_token_ids == (hf_config["eos_token_id"], 7)
+    assert config.tie_word_embeddings == hf_config["tie_word_embeddings"]
+    assert config.rope_scaling == ModelConfig.from_hf(hf_config).rope_scaling
+    ids = list(range(3, 70))
+    driver = ModelDriver(model, config)
+    logits = driver.extend([(driver.new_request(), ids)])
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .model_config import ModelConfig
+from .model_config import ModelConfig, RopeScaling
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +47,7 @@ class GGUFCheckpoint:
     """An opened GGUF file: ``config`` from its metadata, ``weights()`` to stream tensors.
 
     Raises ValueError for an architecture we do not implement (listing the supported ones)
-    or for llama3-style ``rope_freqs`` tensors, which this loader does not map.
+    or for ``rope_freqs`` factors other than the standard llama3 scaling.
     """
 
     def __init__(self, path: Path) -> None:
@@ -70,11 +70,6 @@ def _config(path: Path, reader: Any) -> ModelConfig:
             f"architectures are {', '.join(_ARCHITECTURES)}"
         )
     tensor_names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in tensor_names:
-        raise ValueError(
-            f"model: {str(path)!r} uses per-frequency RoPE factors (rope_freqs), which the GGUF "
-            "loader does not support; load the Hugging Face directory instead"
-        )
     name = str(_field(reader, "general.name", "") or "").lower()
     architecture = _ARCHITECTURES[arch]
     if arch == "llama" and "mistral" in name:
@@ -102,13 +97,50 @@ def _config(path: Path, reader: Any) -> ModelConfig:
         "max_position_embeddings": int(key("context_length", 4096)),
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "attention_bias": any(".attn_output.bias" in n for n in tensor_names),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        # End of turn / end of message ids (Llama 3 chat) end generation too.
+        "eos_token_id": list(dict.fromkeys(
+            int(v) for v in (_field(reader, f"tokenizer.ggml.{k}_token_id")
+                             for k in ("eos", "eot", "eom")) if v is not None
+        )),
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "torch_dtype": "bfloat16",
     }
     if key("rope.scaling.type") == "linear":
         hf["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
-    return ModelConfig.from_hf(hf)
+    config = ModelConfig.from_hf(hf)
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if rope_freqs is not None:
+        config = _with_llama3_rope(path, config, rope_freqs,
+                                   key("rope.scaling.original_context_length"))
+    return config
+
+
+def _with_llama3_rope(path: Path, config: ModelConfig, tensor: Any,
+                      original_len: int | None) -> ModelConfig:
+    """Recognise llama.cpp's ``rope_freqs`` (per-frequency divisors) as llama3 scaling.
+
+    GGUF stores only the divisors, not the llama3 parameters; the standard ones (low/high
+    frequency factors 1 and 4, original context 8192, factor = the largest divisor) are
+    accepted only if they reproduce every stored divisor.
+    """
+    import attrs
+    import numpy as np
+    from gguf import dequantize
+
+    from .layers.rotary import rope_inv_freq
+
+    stored = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float64).ravel()
+    scaling = RopeScaling(rope_type="llama3", factor=float(stored.max()), low_freq_factor=1.0,
+                          high_freq_factor=4.0,
+                          original_max_position_embeddings=int(original_len or 8192))
+    plain = rope_inv_freq(config.head_dim, config.rope_theta, None).double().numpy()
+    scaled = rope_inv_freq(config.head_dim, config.rope_theta, scaling).double().numpy()
+    if stored.shape != plain.shape or not np.allclose(plain / scaled, stored, rtol=1e-3):
+        raise ValueError(
+            f"model: {str(path)!r} has RoPE frequency factors (rope_freqs) that are not the "
+            "standard llama3 scaling; load the Hugging Face directory instead"
+        )
+    return attrs.evolve(config, rope_scaling=scaling)
 
 
 def _weights(reader: Any, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -119,6 +151,8 @@ def _weights(reader: Any, config: ModelConfig) -> Iterator[tuple[str, torch.Tens
     arch = _field(reader, "general.architecture")
     target = config.torch_dtype
     for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":
+            continue  # folded into config.rope_scaling
         hf_name = _hf_name(tensor.name)
         if hf_name is None:
             raise ValueError(f"model: GGUF tensor {tensor.name!r} has no counterpart in our model")
