@@ -112,9 +112,7 @@ class ChatTemplate:
             True,
         )
         after_assistant = probe.split(s3, 1)[1]
-        user_prefix_and_gen = after_assistant.split(s2)
-        between = user_prefix_and_gen[0]       # assistant suffix + user prefix
-        gen_prompt = user_prefix_and_gen[1]    # user suffix + assistant prefix
+        between = after_assistant.split(s2)[0]   # assistant suffix + user prefix
         # assistant suffix is the common prefix of ``tail`` and ``between``.
         k = 0
         while k < min(len(tail), len(between)) and tail[k] == between[k]:
@@ -124,8 +122,7 @@ class ChatTemplate:
         if not mid1.endswith(user_prefix):
             raise ValueError(f"chat template {name!r}: cannot separate system and user turns")
         system_suffix = mid1[: len(mid1) - len(user_prefix)]
-        # user suffix + assistant prefix == mid2 == gen_prompt; split at the shared structure:
-        # the assistant prefix is what an empty-assistant render adds after the user suffix.
+        # ``mid2`` is the user's suffix followed by the assistant's prefix.
         user_suffix, assistant_prefix = _split_user_assistant(mid2, system_suffix)
         bos = ""
         system_prefix = head
