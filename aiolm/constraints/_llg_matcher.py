@@ -32,10 +32,11 @@ def _row_pointer(row: Any) -> tuple[int, int]:
 
 
 def set_single_token(row: Any, token: int) -> None:
-    """Make ``token`` the only allowed token of ``bitmask_row``."""
-    row[:] = 0
+    """Make ``token`` the only allowed token of ``bitmask_row`` (a CPU tensor or array)."""
+    target = row.numpy() if hasattr(row, "numpy") else row  # numpy: no torch dispatch cost
+    target.fill(0)
     bit = 1 << (token % 32)
-    row[token // 32] = bit - (1 << 32) if bit >= 1 << 31 else bit  # as a signed int32
+    target[token // 32] = bit - (1 << 32) if bit >= 1 << 31 else bit  # as a signed int32
 
 
 class LLGMatcher(Matcher):

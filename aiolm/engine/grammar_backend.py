@@ -79,8 +79,10 @@ class GrammarBackend:
         ``entries`` are ``(row, matcher)`` pairs; rows not listed allow every token. Every
         listed matcher writes its row: llguidance ones in parallel, others in turn.
         """
-        bitmask = torch.full((batch_size, self.words), -1, dtype=torch.int32,
-                             pin_memory=self._pin)
+        bitmask = torch.empty((batch_size, self.words), dtype=torch.int32, pin_memory=self._pin)
+        # NOTE: numpy's fill, not torch's: torch parallelises a fill this size over its
+        # intra-op threads, which costs milliseconds when the cores are busy.
+        bitmask.numpy().fill(-1)
         parallel: list[tuple[Any, int]] = []
         for row, matcher in entries:
             if isinstance(matcher, LLGMatcher) and matcher.mask_words == self.words:
