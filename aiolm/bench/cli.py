@@ -82,7 +82,8 @@ def bench_main(argv: list[str]) -> int:
     if args.suite == "gpu":
         script = _gpu_suite_script()
         if script is not None:
-            return subprocess.call([sys.executable, str(script), *rest])
+            out = ["--out", args.out] if args.out else []  # the suite's output folder
+            return subprocess.call([sys.executable, str(script), *out, *rest])
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.suite and args.workloads:
