@@ -42,7 +42,7 @@ class Shape:
 
 SHAPES: dict[Size, Shape] = {
     "tiny": Shape(programs=2, filler_words=6),
-    "small": Shape(programs=8, filler_words=40),
+    "small": Shape(programs=4, filler_words=20),
     "full": Shape(programs=64, filler_words=120),
 }
 

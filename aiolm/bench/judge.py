@@ -34,7 +34,7 @@ class Shape:
 
 SHAPES: dict[Size, Shape] = {
     "tiny": Shape(programs=2, essay_sentences=2, sentence_words=6, verdict_tokens=3),
-    "small": Shape(programs=6, essay_sentences=16, verdict_tokens=16),
+    "small": Shape(programs=3, essay_sentences=10, verdict_tokens=8),
     "full": Shape(programs=64, essay_sentences=40, verdict_tokens=64),
 }
 

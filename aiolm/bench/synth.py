@@ -14,7 +14,9 @@ import random
 __all__ = ["SIZES", "Size", "check_size", "sentence", "title", "words"]
 
 Size = str
-#: The workload sizes ``aiolm bench --size`` accepts: tests, the CPU suite, the paper's shapes.
+#: The workload sizes ``aiolm bench --size`` accepts: ``tiny`` for tests (seconds on a tiny
+#: model), ``small`` for the CPU suite (SmolLM2-135M on two cores, ablations and the
+#: transformers peer included, in about ten minutes), ``full`` for the paper's shapes (GPU).
 SIZES: tuple[Size, ...] = ("tiny", "small", "full")
 
 _VOCAB = """

@@ -33,7 +33,7 @@ class Shape:
 
 SHAPES: dict[Size, Shape] = {
     "tiny": Shape(programs=2, levels=2, width=2, question_words=10, thought_tokens=3, answer_tokens=2),
-    "small": Shape(programs=4, question_words=60, thought_tokens=12, answer_tokens=8),
+    "small": Shape(programs=2, question_words=40, thought_tokens=6, answer_tokens=6),
     "full": Shape(programs=32, question_words=150, thought_tokens=48, answer_tokens=32),
 }
 
