@@ -305,3 +305,23 @@ async def test_missing_model_path_gives_a_clear_error():
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         async with Engine("/nonexistent/no-such-model"):
             pass
+
+
+async def test_results_cross_to_the_event_loop_once_per_step(tiny):
+    eng = engine(tiny)
+    crossings: list[int] = []
+    post = eng._post
+
+    def counting_post(events):
+        crossings.append(len(events))
+        post(events)
+
+    eng._post = counting_post  # the loop thread's one call per step
+    async with eng:
+        async with anyio.create_task_group() as tg:
+            for p in PROMPTS[:4]:
+                tg.start_soon(greedy, eng, p, 10)
+        stats = eng.statistics()
+    assert stats.completion_tokens == 40
+    assert len(crossings) <= stats.forward_passes
+    assert max(crossings) >= 4          # one crossing carried several requests' tokens

@@ -180,6 +180,8 @@ class EngineCore:
             aging_limit=config.aging_limit,
         )
         self.grammar = GrammarBackend(self.vocab_size, jump_forward=config.jump_forward)
+        # Requests that ask for logprobs sample every token (forced tokens included).
+        self._grammar_stepwise = GrammarBackend(self.vocab_size, jump_forward=False)
         self._post = post
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._live: dict[str, Req] = {}
@@ -278,7 +280,8 @@ class EngineCore:
             for rid in list(self._live):
                 self._abort(rid, events, BackendUnavailable("the engine was closed"))
             self._refresh_stats()
-            self._post(events)
+            if events:
+                self._post(events)
             return False
         batch = self.scheduler.schedule() if self._live else None
         if batch is not None:
@@ -357,7 +360,8 @@ class EngineCore:
         if matcher is not None and not (sampled.token_id in self.eos_token_ids
                                         and matcher.accepts_eos()):
             limit = req.sampling.max_tokens - len(req.output_ids) - 1
-            jump = self.grammar.after_sample(matcher, sampled.token_id, limit=limit)
+            grammar = self._grammar_stepwise if state.want_logprobs else self.grammar
+            jump = grammar.after_sample(matcher, sampled.token_id, limit=limit)
             if not jump.ok:
                 raise ConstraintError(
                     f"the constraint rejected the sampled token {sampled.token_id}"
