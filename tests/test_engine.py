@@ -325,3 +325,15 @@ async def test_results_cross_to_the_event_loop_once_per_step(tiny):
     assert stats.completion_tokens == 40
     assert len(crossings) <= stats.forward_passes
     assert max(crossings) >= 4          # one crossing carried several requests' tokens
+
+
+async def test_a_loop_failure_fails_every_stream_with_backend_unavailable(tiny):
+    async with engine(tiny) as eng:
+        def broken(batch, bitmask_fn):
+            raise RuntimeError("device lost")
+
+        eng._core.runner.run = broken
+        with pytest.raises(BackendUnavailable, match="device lost"):
+            await greedy(eng, PROMPTS[0], 4)
+        with pytest.raises(BackendUnavailable, match="failed"):
+            await greedy(eng, PROMPTS[1], 4)

@@ -160,14 +160,14 @@ class EngineCore:
                  post: Callable[[list[Event]], None]) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(config, model=model, model_config=model_config, device=device)
-        self.context_len = model_config.context_len
-        self.vocab_size = model_config.vocab_size
         eos = set(model_config.eos_token_ids)
         if tokenizer is not None:
             eos.update(tokenizer.eos_token_ids)
         self.eos_token_ids = frozenset(eos)
-        self.runner.sampler.eos_token_ids = tuple(sorted(eos))
+        self.runner = ModelRunner(config, model=model, model_config=model_config, device=device,
+                                  eos_token_ids=sorted(eos))
+        self.context_len = model_config.context_len
+        self.vocab_size = model_config.vocab_size
         self.cache = RadixCache(self.runner.allocator, disabled=not config.enable_radix_cache)
         self.scheduler = Scheduler(
             cache=self.cache,

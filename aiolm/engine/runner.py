@@ -115,14 +115,15 @@ def _available_ram() -> int:
 class ModelRunner:
     """Runs scheduled batches on one device (used by the engine thread only).
 
-    ``model`` / ``model_config`` are the loaded weights (see :mod:`aiolm.engine.loader`).
+    ``model`` / ``model_config`` are the loaded weights (see :mod:`aiolm.engine.loader`);
+    ``eos_token_ids`` (default: the model config's) are banned before ``min_tokens``.
     Sizes the KV pool from ``config`` and creates the attention backend and the sampler.
     Raises ``ValueError`` for an unknown attention backend or a pool too small for one
     request of a single token.
     """
 
     def __init__(self, config: EngineConfig, *, model: nn.Module, model_config: ModelConfig,
-                 device: torch.device) -> None:
+                 device: torch.device, eos_token_ids: Sequence[int] | None = None) -> None:
         self.config = config
         self.model = model
         self.model_config = model_config
@@ -148,8 +149,10 @@ class ModelRunner:
             head_dim=model_config.head_dim, scale=model_config.head_dim ** -0.5, device=device,
         )
         self.model.set_attention(self.attn)
-        self.sampler = Sampler(vocab_size=model_config.vocab_size, device=device,
-                               seed=config.seed, eos_token_ids=model_config.eos_token_ids)
+        self.sampler = Sampler(
+            vocab_size=model_config.vocab_size, device=device, seed=config.seed,
+            eos_token_ids=model_config.eos_token_ids if eos_token_ids is None else eos_token_ids,
+        )
         self.forward_passes = 0
         self.graph_runner: Any = None
         if config.cuda_graphs and cuda and self.attn.supports_cuda_graph:
