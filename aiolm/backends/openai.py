@@ -12,30 +12,27 @@ API speculative execution (``spec_tokens``) lets one call answer several consecu
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import anyio
 import attrs
 
 from ..chat import SIMPLE_TEMPLATE, ChatTemplate, Message, TextPart, messages_to_openai, render_text
 from ..errors import BackendError, UnsupportedFeature
 from ..sampling import SamplingParams
 from . import _openai_score
-from ._openai_errors import RetryPolicy, map_openai_error, retrying
+from ._openai_errors import RetryPolicy, retrying
+from ._openai_stream import stream_call
 from ._openai_tokens import local_encoding, token_texts
 from ._openai_wire import (
-    ClientStop,
     constraint_fields,
-    field,
-    finish_reason,
     parse_choice_json,
     read_chat_logprobs,
     read_completion_logprobs,
     read_usage,
     split_open_turn,
-    sse_events,
     the_choice,
 )
 from ._speculative import Cut, SpecSession, Speculation, sampling_key, speculable
@@ -47,8 +44,6 @@ __all__ = ["OpenAI", "OpenAIStatistics"]
 _COMPLETION_MODELS = re.compile(r"^(gpt-3\.5-turbo-instruct|davinci|babbage|text-|code-)")
 # Reasoning models that refuse logprobs.
 _NO_LOGPROBS = re.compile(r"^(o\d|gpt-5)")
-_MAX_STOPS = 4          # the OpenAI API takes at most four stop strings
-_CLOSE_TIMEOUT = 2.0    # seconds to wait for a stream's connection to close
 
 
 @attrs.frozen(kw_only=True)
@@ -320,8 +315,9 @@ class OpenAI(Backend):
             spec_kw = dict(kw, max_tokens=max(session.spec_tokens, sampling.max_tokens), logprobs=0)
             return self._speculative(
                 session, sampling, lambda spec: prompt[len(spec.key):] if prompt.startswith(spec.key) else None,
-                lambda: self._speculate(spec_kw, prompt, sampling, extra, chat=False),
-                fallback=lambda: self._completion_plain(kw, sampling, extra), retry_pattern=False,
+                functools.partial(self._speculate, spec_kw, prompt, sampling, extra, chat=False),
+                fallback=functools.partial(self._completion_plain, kw, sampling, extra),
+                retry_pattern=False,
             )
         return self._completion_plain(kw, sampling, extra)
 
@@ -330,7 +326,7 @@ class OpenAI(Backend):
         kw = dict(kw, max_tokens=sampling.max_tokens)
         if sampling.logprobs:
             kw["logprobs"] = sampling.top_logprobs
-        return self._plain(self._client.completions, kw, sampling, extra, chat=False)
+        return stream_call(self, self._client.completions, kw, sampling, extra, chat=False)
 
     # ------------------------------------------------------------------ chat models
 
@@ -359,20 +355,20 @@ class OpenAI(Backend):
                 # as for a completion model.
                 messages = [*messages_to_openai(pre), {"role": "assistant", "content": partial}]
                 spec_kw = dict(kw_spec, messages=messages, max_completion_tokens=want)
-                speculate = lambda: self._speculate(  # noqa: E731
-                    spec_kw, pre, sampling, dict(extra, continue_final_message=True), chat=True,
-                    prefix=partial)
+                speculate = functools.partial(
+                    self._speculate, spec_kw, pre, sampling, dict(extra, continue_final_message=True),
+                    chat=True, prefix=partial)
                 may, retry = True, False
             else:
                 # The whole assistant turn in one call (once per turn); this gen and the next
                 # ones of the turn are cut out of it (room for the literal text before it).
                 room = self.count_tokens(partial) or len(partial.encode())
                 spec_kw = dict(kw_spec, messages=messages_to_openai(pre), max_completion_tokens=want + room)
-                speculate = lambda: self._speculate(spec_kw, pre, sampling, extra, chat=True)  # noqa: E731
+                speculate = functools.partial(self._speculate, spec_kw, pre, sampling, extra, chat=True)
                 may, retry = not session.has(pre, sampling), not sampling.greedy
             return self._speculative(
                 session, sampling, lambda spec: partial if spec.key == pre else None, speculate,
-                fallback=lambda: self._chat_plain(kw, pre, partial, sampling, extra, choices),
+                fallback=functools.partial(self._chat_plain, kw, pre, partial, sampling, extra, choices),
                 retry_pattern=retry, may_speculate=may,
             )
         return self._chat_plain(kw, pre, partial, sampling, extra, choices)
@@ -393,7 +389,7 @@ class OpenAI(Backend):
         if choices is not None:
             chunks = self._chosen(kw, choices, extra)
         else:
-            chunks = self._plain(self._client.chat.completions, kw, sampling, extra, chat=True)
+            chunks = stream_call(self, self._client.chat.completions, kw, sampling, extra, chat=True)
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 yield chunk
@@ -408,65 +404,6 @@ class OpenAI(Backend):
         yield Chunk(text=choices[index], finish_reason="stop", usage=usage or Usage())
 
     # ------------------------------------------------------------------ shared paths
-
-    async def _plain(self, resource: Any, kw: dict[str, Any], sampling: SamplingParams,
-                     extra: dict[str, Any], *, chat: bool) -> AsyncIterator[Chunk]:
-        """One streamed call; stops the API cannot apply are applied here."""
-        client_stop = sampling.stop_regex is not None or len(sampling.stop) > _MAX_STOPS
-        if sampling.stop and not client_stop:
-            kw = dict(kw, stop=list(sampling.stop))
-        stopper = ClientStop(sampling.stop, sampling.stop_regex) if client_stop else None
-        kw = dict(kw, stream=True, stream_options={"include_usage": True}, extra_body=extra or None)
-        # The raw response, read as server-sent events here: the SDK's own stream parser
-        # abandons its inner iterators, which trio then finalizes on stray tasks.
-        response = await self.call(lambda: resource.with_streaming_response.create(**kw).__aenter__())
-        finish: str | None = None
-        matched: str | int | None = None
-        usage: Usage | None = None
-        lines = response.http_response.aiter_lines()
-        events = sse_events(lines)
-        try:
-            async for event in events:
-                if field(event, "usage") is not None:
-                    usage = read_usage(event["usage"])
-                for choice in field(event, "choices") or ():
-                    if chat:
-                        text = field(field(choice, "delta") or {}, "content") or ""
-                        lps = read_chat_logprobs(field(choice, "logprobs"))
-                    else:
-                        text = field(choice, "text") or ""
-                        lps = read_completion_logprobs(field(choice, "logprobs"))
-                    if stopper is not None:
-                        text, matched = stopper.feed(text)
-                        if matched is not None:
-                            finish = "stop"
-                    if text or lps:
-                        yield Chunk(text=text, logprobs=lps)
-                    if finish is None and field(choice, "finish_reason") is not None:
-                        finish = field(choice, "finish_reason")
-                        if stopper is None:
-                            matched = field(choice, "matched_stop")
-                if stopper is not None and matched is not None:
-                    break  # our own stop: the rest of the answer is not wanted
-        except Exception as exc:
-            mapped = map_openai_error(exc) if not isinstance(exc, BackendError) else None
-            if mapped is None:
-                raise
-            raise mapped from exc
-        finally:
-            with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
-                await response.close()
-                await _run_out(lines)
-                await events.aclose()
-        if stopper is not None and matched is None:
-            tail = stopper.flush()
-            if tail:
-                yield Chunk(text=tail)
-        if finish is None:
-            raise BackendError(f"{self._model}: the API's stream ended without a finish reason")
-        self.record_usage(usage)
-        yield Chunk(finish_reason=finish_reason(finish), usage=usage or Usage(),
-                    matched_stop=matched if isinstance(matched, str | int) else None)
 
     async def _speculate(self, kw: dict[str, Any], key: Any, sampling: SamplingParams,
                          extra: dict[str, Any], *, chat: bool, prefix: str = "") -> tuple[Speculation, Usage]:
@@ -519,18 +456,6 @@ class OpenAI(Backend):
         async with contextlib.aclosing(fallback()) as chunks:
             async for chunk in chunks:
                 yield chunk
-
-
-async def _run_out(lines: AsyncIterator[str]) -> None:
-    """Finish httpx's chain of line/byte iterators after the response was closed.
-
-    Closing only the outer one would leave the inner ones unfinished, to be finalized later
-    on stray tasks (trio warns about each); reading on makes each one end, with the rest of
-    a buffered body or with the error of the closed connection.
-    """
-    with contextlib.suppress(Exception):
-        async for _ in lines:
-            pass
 
 
 def _served(answer: Cut, usage: Usage) -> Chunk:
