@@ -46,9 +46,10 @@ class EvenTokens(Matcher):
         return None
 
 
-def test_batched_fill_equals_one_by_one(tok):
+@pytest.mark.parametrize("threads", [1, 2], ids=["in-turn", "thread-pool"])
+def test_batched_fill_equals_one_by_one(tok, threads):
     vocab = len(tok)
-    gb = GrammarBackend(vocab)
+    gb = GrammarBackend(vocab, num_threads=threads)
     matchers = [
         Regex(r"[0-9]{2,5}").compile(tok),
         JSONSchema({"type": "object", "properties": {"age": {"type": "integer"}}}).compile(tok),

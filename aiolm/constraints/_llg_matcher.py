@@ -102,11 +102,10 @@ class LLGMatcher(Matcher):
             self._after_free = None
         else:
             if token_id in self._eos:
-                if not self._ll.is_accepting():
+                if not self._ll.is_accepting() or not self._ll.consume_token(token_id):
                     return False
-            elif self._ll.validate_tokens([token_id]) != 1:
+            elif self._ll.try_consume_tokens([token_id]) != 1:  # refused: state unchanged
                 return False
-            self._ll.consume_token(token_id)
             self._plan = None
             self._after_free = token_id
         self._consumed += 1

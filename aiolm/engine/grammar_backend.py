@@ -9,6 +9,7 @@ advances a request's matcher and says which tokens to drop and append (jump-forw
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,11 @@ class JumpForward:
     finished: bool = False
 
 
+_NOTHING = JumpForward()
+_BROKEN = JumpForward(ok=False)
+_FINISHED = JumpForward(finished=True)
+
+
 class GrammarBackend:
     """Batched constraint masks and jump-forward decisions for the engine loop.
 
@@ -56,6 +62,10 @@ class GrammarBackend:
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
         self.jump_forward = jump_forward
+        # llguidance's pool takes 80% of the cores by default; with fewer than two threads
+        # handing rows to it only adds a thread switch, so they are computed here in turn.
+        threads = num_threads if num_threads is not None else int(0.8 * (os.cpu_count() or 1))
+        self._parallel = threads >= 2
         self._num_threads = num_threads
         self._executor: Any = None
         self._pin = torch.cuda.is_available()
@@ -77,7 +87,8 @@ class GrammarBackend:
         """A CPU int32 ``[batch_size, words]`` bitmask (pinned when CUDA is present).
 
         ``entries`` are ``(row, matcher)`` pairs; rows not listed allow every token. Every
-        listed matcher writes its row: llguidance ones in parallel, others in turn.
+        listed matcher writes its row: llguidance ones in parallel (on machines with the
+        cores for it), others in turn.
         """
         bitmask = torch.empty((batch_size, self.words), dtype=torch.int32, pin_memory=self._pin)
         # NOTE: numpy's fill, not torch's: torch parallelises a fill this size over its
@@ -93,10 +104,13 @@ class GrammarBackend:
                     parallel.append((matcher.ll_matcher, row))
             else:
                 matcher.fill_next_token_mask(bitmask[row])
-        if parallel:
+        if len(parallel) > 1 and self._parallel:
             self._executor_().unsafe_compute_mask_ptr(
                 parallel, bitmask.data_ptr(), self.words * 4, batch_size
             )
+        else:
+            for ll, row in parallel:  # each call releases the GIL while it computes
+                ll.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), self.words * 4)
         return bitmask
 
     def _executor_(self) -> Any:
@@ -118,10 +132,12 @@ class GrammarBackend:
         with either setting (it costs no forward pass: the token is not computed yet).
         """
         if not matcher.advance(token):
-            return JumpForward(ok=False)
+            return _BROKEN
         if matcher.is_finished():
-            return JumpForward(finished=True)
+            return _FINISHED
         rollback, forced = matcher.jump_forward()
+        if not forced:
+            return _NOTHING
         if self.jump_forward and len(forced) >= 2:
             count = len(forced)
         else:
