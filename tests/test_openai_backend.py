@@ -12,7 +12,7 @@ from aiolm.backends import GenerateRequest, ImageData
 from aiolm.backends._openai_tokens import local_encoding
 from aiolm.chat import SIMPLE_TEMPLATE, ImagePart, Message, TextPart
 from aiolm.constraints import Choices, Grammar, JSONSchema, Regex
-from aiolm.errors import UnsupportedFeature
+from aiolm.errors import ConstraintError, UnsupportedFeature
 from aiolm.sampling import SamplingParams
 
 pytestmark = pytest.mark.anyio
@@ -61,6 +61,14 @@ async def test_json_schema_on_a_chat_model_becomes_a_response_format():
     assert done.text == '{"a": 1}'
     fmt = api.bodies[0]["response_format"]
     assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"] == schema
+
+
+async def test_an_answer_that_breaks_the_schema_is_a_constraint_error():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    api = FakeAPI(chat_stream(['{"b": ', "1}"]))
+    request = GenerateRequest(messages=(user("JSON please"),), constraint=JSONSchema(schema))
+    with pytest.raises(ConstraintError, match="does not satisfy"):
+        await backend(api, chat=True).generate(request)
 
 
 async def test_regex_and_grammar_on_a_chat_model_are_unsupported():

@@ -284,3 +284,19 @@ async def test_client_disconnect_aborts_the_backend_stream():
                 while slow.statistics().active_streams:
                     await anyio.sleep(0.02)
     assert slow.statistics().calls == 1
+
+
+def test_aiolm_serve_binds_localhost_and_passes_engine_options():
+    import inspect
+
+    from aiolm.backends.engine import Engine
+    from aiolm.server.cli import build_parser, engine_options
+
+    args = build_parser().parse_args([])
+    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8000, None)
+    args = build_parser().parse_args(["--model", "m.gguf", "--api-key", "k", "--no-radix-cache",
+                                      "--schedule-policy", "fcfs", "--max-body-bytes", "1000"])
+    options = engine_options(args)
+    assert options["enable_radix_cache"] is False and options["schedule_policy"] == "fcfs"
+    assert set(options) <= set(inspect.signature(Engine).parameters)
+    assert (args.model, args.api_key, args.max_body_bytes) == ("m.gguf", "k", 1000)

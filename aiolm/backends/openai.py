@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 
 from ..chat import SIMPLE_TEMPLATE, ChatTemplate, Message, TextPart, messages_to_openai, render_text
-from ..errors import BackendError, UnsupportedFeature
+from ..errors import BackendError, ConstraintError, UnsupportedFeature
 from ..sampling import SamplingParams
 from . import _openai_score
 from ._openai_errors import RetryPolicy, retrying
@@ -219,6 +219,8 @@ class OpenAI(Backend):
             chunks = await self._chat_request(request)
         else:
             chunks = await self._completion_request(request)
+        if request.constraint is not None:
+            chunks = self._checked(chunks, request.constraint)
         try:
             yield chunks
         finally:
@@ -392,6 +394,22 @@ class OpenAI(Backend):
             chunks = stream_call(self, self._client.chat.completions, kw, sampling, extra, chat=True)
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
+                yield chunk
+
+    @staticmethod
+    async def _checked(chunks: AsyncIterator[Chunk], constraint: Any) -> AsyncIterator[Chunk]:
+        """``chunks``, with the finished text checked against ``constraint``.
+
+        An API may not enforce a response format strictly; an answer that does not satisfy
+        it raises ``ConstraintError`` (one cut short by ``max_tokens`` is reported as such).
+        """
+        text: list[str] = []
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                text.append(chunk.text)
+                if chunk.finish_reason == "stop" and not constraint.matches_text("".join(text)):
+                    raise ConstraintError(
+                        f"the API's answer does not satisfy {constraint!r}: {''.join(text)[:200]!r}")
                 yield chunk
 
     async def _chosen(self, kw: dict[str, Any], choices: tuple[str, ...],
