@@ -113,3 +113,9 @@ async def test_a_client_disconnect_aborts_the_engine_request(client, served, tin
         while engine.statistics().running_requests:
             await anyio.sleep(0.01)
     assert engine.statistics().completion_tokens - before < most
+
+
+async def test_a_request_the_engine_refuses_is_a_400(client):
+    # Dummy weights have no tokenizer: a text prompt cannot be encoded.
+    with pytest.raises(openai.BadRequestError, match="tokenizer"):
+        await client.completions.create(model="tiny-llama", prompt="Hello", max_tokens=4)

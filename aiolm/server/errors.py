@@ -46,8 +46,8 @@ class ApiError(Exception):
 def api_error_for(exc: BaseException, *, prompt_param: str = "prompt") -> ApiError:
     """The HTTP error for an exception raised while generating (most specific first).
 
-    Anything that is not an aiolm error is an internal error (500) whose details stay in the
-    server's log.
+    A ``ValueError`` is the backend refusing the request (400); anything else that is not an
+    aiolm error is an internal error (500) whose details stay in the server's log.
     """
     if isinstance(exc, ApiError):
         return exc
@@ -68,4 +68,6 @@ def api_error_for(exc: BaseException, *, prompt_param: str = "prompt") -> ApiErr
         return ApiError(502, str(exc), type="server_error", code="backend_error")
     if isinstance(exc, EngineError):
         return ApiError(500, str(exc), type="server_error", code="engine_error")
+    if isinstance(exc, ValueError):  # backends raise it for requests they cannot take
+        return ApiError(400, str(exc), code="invalid_value")
     return ApiError(500, "internal server error", type="server_error", code="internal_error")
