@@ -179,7 +179,8 @@ class EngineCore:
             max_prefill_tokens=self.runner.chunked_prefill_size,
             aging_limit=config.aging_limit,
         )
-        self.grammar = GrammarBackend(self.vocab_size, jump_forward=config.jump_forward)
+        self.grammar = GrammarBackend(self.vocab_size, jump_forward=config.jump_forward,
+                                      device=device)
         # Requests that ask for logprobs sample every token (forced tokens included).
         self._grammar_stepwise = GrammarBackend(self.vocab_size, jump_forward=False)
         self._post = post

@@ -50,13 +50,13 @@ class GrammarBackend:
     """Batched constraint masks and jump-forward decisions for the engine loop.
 
     ``vocab_size`` is the model's (the width of the logits); the bitmask has
-    ``ceil(vocab_size / 32)`` words per row. ``jump_forward=False`` is the ablation: forced
+    ``ceil(vocab_size / 32)`` words per row. ``device`` is where the sampler runs. ``jump_forward=False`` is the ablation: forced
     tokens are then decoded one forward pass each (the masks admit only the next forced
     token, so the text is the same either way).
     """
 
     def __init__(self, vocab_size: int, *, jump_forward: bool = True,
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, device: torch.device | str | None = None) -> None:
         if not isinstance(vocab_size, int) or vocab_size <= 0:
             raise ValueError(f"vocab_size: expected a positive int, got {vocab_size!r}")
         self.vocab_size = vocab_size
@@ -69,18 +69,24 @@ class GrammarBackend:
         self._num_threads = num_threads
         self._executor: Any = None
         self._pin = torch.cuda.is_available()
+        dev = torch.device(device) if device is not None else None
+        self._device = dev if dev is not None and dev.type == "cuda" else None
 
     # ------------------------------------------------------------------ masks
     def bitmask_for(self, reqs: Sequence[Req]) -> torch.Tensor | None:
         """The bitmask of ``reqs`` in row order, or None when none is constrained.
 
         The signature of the runner's ``bitmask_fn``. Rows of unconstrained requests allow
-        every token.
+        every token. With a CUDA ``device`` the mask is already on its way there (an
+        asynchronous copy from pinned memory, so the host does not wait for the GPU).
         """
         entries = [(i, r.matcher) for i, r in enumerate(reqs) if r.matcher is not None]
         if not entries:
             return None
-        return self.fill_bitmask(entries, len(reqs))
+        bitmask = self.fill_bitmask(entries, len(reqs))
+        if self._device is not None:
+            bitmask = bitmask.to(self._device, non_blocking=True)
+        return bitmask
 
     def fill_bitmask(self, entries: Sequence[tuple[int, Matcher]],
                      batch_size: int) -> torch.Tensor:
