@@ -213,7 +213,10 @@ def test_model_kind_and_capabilities_are_guessed_from_the_name():
     assert not make("davinci-002", aiolm_server=False).capabilities.regex
 
 
-def test_bad_arguments_name_themselves():
+def test_bad_arguments_name_themselves(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="api_key"):
+        aiolm.OpenAI("gpt-4o")
     with pytest.raises(TypeError, match="model"):
         aiolm.OpenAI("", api_key="k")
     with pytest.raises(ValueError, match="spec_tokens"):

@@ -125,7 +125,11 @@ class OpenAI(Backend):
         import openai
 
         if client is None:
-            client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout)
+            try:
+                client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0,
+                                            timeout=timeout)
+            except openai.OpenAIError as exc:  # no key given and none in the environment
+                raise ValueError(f"api_key: {exc}") from exc
             self._owns_client = True
         else:
             if base_url is not None or api_key is not None:
