@@ -208,6 +208,8 @@ def main() -> None:
     parser.add_argument("--dummy", default=None,
                         help="a named dummy config (llama-3-8b, tiny-llama) instead of SmolLM2")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokenizer", default=None,
+                        help="masks: a HF tokenizer directory instead of SmolLM2's GGUF")
     args = parser.parse_args()
     import anyio
 
@@ -215,7 +217,7 @@ def main() -> None:
     if args.part in ("masks", "all"):
         from aiolm.engine.tokenizer import Tokenizer
 
-        bench_masks(Tokenizer.from_pretrained(_smollm2_path()), args.steps)
+        bench_masks(Tokenizer.from_pretrained(args.tokenizer or _smollm2_path()), args.steps)
     if args.part == "masks":
         return
     loaded, tokenizer = _load(args)
