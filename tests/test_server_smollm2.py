@@ -14,7 +14,7 @@ import smollm2
 from openai_server import CallCounter, running
 
 import aiolm
-from aiolm import gen, program
+from aiolm import gen, program, user
 from aiolm.backends.engine import Engine, LoadedModel
 from aiolm.server import create_app
 
@@ -116,15 +116,24 @@ async def extract(s, text: str):
         s += field + ":" + gen(field, stop="\n", max_tokens=16) + "\n"
 
 
-async def test_speculation_makes_fewer_calls_with_the_same_fields_on_smollm2(served):
+@program
+async def extract_chat(s, text: str):
+    s += user("Extract the person's details as lines 'field: value'.\n\n" + EXAMPLE + "Text: " + text)
+    with s.assistant():
+        for field in FIELDS:
+            s += field + ":" + gen(field, stop="\n", max_tokens=16) + "\n"
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+async def test_speculation_makes_fewer_calls_with_the_same_fields_on_smollm2(served, chat):
     url, model, counter = served
     text = "Aiko Tanaka, 28, works as a software engineer in Tokyo and plays the violin."
     results = {}
     for spec in (None, 64):
         async with openai.AsyncOpenAI(base_url=url, api_key="none") as c:
-            api = aiolm.OpenAI(model, client=c, chat=False, spec_tokens=spec)
+            api = aiolm.OpenAI(model, client=c, chat=chat, spec_tokens=spec)
             before = counter.generation_calls
-            state = await extract.run(text=text, backend=api, temperature=0)
+            state = await (extract_chat if chat else extract).run(text=text, backend=api, temperature=0)
             results[spec] = ({f: state[f] for f in FIELDS}, counter.generation_calls - before)
     (plain, plain_calls), (fast, fast_calls) = results[None], results[64]
     assert fast == plain
