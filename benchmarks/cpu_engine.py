@@ -2,14 +2,15 @@
 
 1. Batch-1 decode speed: the engine vs ``transformers`` ``generate`` on the same GGUF file
    (both float32, greedy, same prompt, same number of tokens; decode rate = tokens after the
-   first / time after the first token).
+   first / time after the first token), in alternating runs so that the machine's load
+   affects both alike.
 2. Prefix sharing: ``--requests`` requests sharing a ~1k-token few-shot prefix, run
    concurrently as an aiolm program batch, with the radix cache on and off.
 
 Usage::
 
     .venv/bin/python benchmarks/cpu_engine.py [--decode-tokens 128] [--requests 64]
-        [--threads N] [--skip-hf] [--json results.json]
+        [--reps 5] [--threads N] [--skip-hf] [--json results.json]
 """
 
 from __future__ import annotations
@@ -68,52 +69,72 @@ async def capital_question(s, prefix: str, country: str):
     s += gen("answer", max_tokens=16, stop="\n", temperature=0.0)
 
 
-async def engine_decode_rate(loaded: LoadedModel, prompt: str, n: int) -> dict[str, float]:
+async def engine_decode_once(eng: Engine, prompt: str, n: int) -> float:
+    """Decode tokens/s of one greedy batch-1 request (after its first token)."""
+    stamps: list[float] = []
+    async with eng.stream(prompt, max_tokens=n, ignore_eos=True) as chunks:
+        async for chunk in chunks:
+            stamps.extend([time.perf_counter()] * len(chunk.token_ids))
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+class HFDecoder:
+    """``transformers`` ``generate`` on the same GGUF file, float32, greedy."""
+
+    def __init__(self, path: str, prompt: str) -> None:
+        import os
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        directory, name = os.path.split(path)
+        tok = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=name, dtype=torch.float32, local_files_only=True).eval()
+        self.inputs = tok(prompt, return_tensors="pt", add_special_tokens=False)
+        self.pad = tok.eos_token_id
+
+    def decode_once(self, n: int) -> float:
+        from transformers.generation.streamers import BaseStreamer
+
+        class Stamps(BaseStreamer):
+            def __init__(self) -> None:
+                self.times: list[float] = []
+
+            def put(self, value: Any) -> None:
+                self.times.append(time.perf_counter())
+
+            def end(self) -> None:
+                pass
+
+        streamer = Stamps()
+        with torch.inference_mode():
+            self.model.generate(**self.inputs, max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False, pad_token_id=self.pad, streamer=streamer)
+        stamps = streamer.times[1:]  # the first put() is the prompt
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+async def decode_comparison(loaded: LoadedModel, path: str, prompt: str, n: int, reps: int,
+                            with_hf: bool) -> dict[str, Any]:
+    """Alternate engine and transformers runs, so machine load hits both alike."""
+    hf = await anyio.to_thread.run_sync(HFDecoder, path, prompt) if with_hf else None
+    ours: list[float] = []
+    theirs: list[float] = []
     async with Engine(loaded) as eng:
-        await eng.generate(prompt, max_tokens=8, ignore_eos=True)  # warm-up
-        rates = []
-        for _ in range(3):
-            stamps = []
-            async with eng.stream(prompt, max_tokens=n, ignore_eos=True) as chunks:
-                async for chunk in chunks:
-                    stamps.extend([time.perf_counter()] * len(chunk.token_ids))
-            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return {"tok_per_s": statistics.median(rates), "runs": rates}
-
-
-def hf_decode_rate(path: str, prompt: str, n: int) -> dict[str, float]:
-    import os
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.generation.streamers import BaseStreamer
-
-    directory, name = os.path.split(path)
-    tok = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32,
-                                                 local_files_only=True).eval()
-
-    class Stamps(BaseStreamer):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def put(self, value: Any) -> None:
-            self.times.append(time.perf_counter())
-
-        def end(self) -> None:
-            pass
-
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    kwargs = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False,
-              "pad_token_id": tok.eos_token_id}
-    with torch.inference_mode():
-        model.generate(**ids, **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})
-        rates = []
-        for _ in range(3):
-            streamer = Stamps()
-            model.generate(**ids, **kwargs, streamer=streamer)
-            stamps = streamer.times[1:]  # the first put() is the prompt
-            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return {"tok_per_s": statistics.median(rates), "runs": rates}
+        await engine_decode_once(eng, prompt, 8)  # warm-up
+        if hf is not None:
+            await anyio.to_thread.run_sync(hf.decode_once, 8)
+        for _ in range(reps):
+            ours.append(await engine_decode_once(eng, prompt, n))
+            if hf is not None:
+                theirs.append(await anyio.to_thread.run_sync(hf.decode_once, n))
+    out: dict[str, Any] = {"engine_tok_per_s": statistics.median(ours), "engine_runs": ours}
+    if theirs:
+        out["transformers_tok_per_s"] = statistics.median(theirs)
+        out["transformers_runs"] = theirs
+        out["ratio"] = out["engine_tok_per_s"] / out["transformers_tok_per_s"]
+        out["ratio_per_pair"] = [a / b for a, b in zip(ours, theirs, strict=True)]
+    return out
 
 
 async def shared_prefix_run(loaded: LoadedModel, prefix: str, requests: int,
@@ -143,16 +164,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
               "<|im_end|>\n<|im_start|>assistant\n")
     results: dict[str, Any] = {"threads": torch.get_num_threads(),
                                "decode_tokens": args.decode_tokens}
-    engine_rate = await engine_decode_rate(loaded, prompt, args.decode_tokens)
-    results["engine_decode"] = engine_rate
-    print(f"engine decode (batch 1): {engine_rate['tok_per_s']:.1f} tok/s")
-    if not args.skip_hf:
-        hf_rate = await anyio.to_thread.run_sync(hf_decode_rate, path, prompt, args.decode_tokens)
-        results["transformers_decode"] = hf_rate
-        ratio = engine_rate["tok_per_s"] / hf_rate["tok_per_s"]
-        results["decode_ratio"] = ratio
-        print(f"transformers generate (batch 1): {hf_rate['tok_per_s']:.1f} tok/s "
-              f"-> engine / transformers = {ratio:.2f}x")
+    decode = await decode_comparison(loaded, path, prompt, args.decode_tokens, args.reps,
+                                     not args.skip_hf)
+    results["decode"] = decode
+    print(f"engine decode (batch 1): {decode['engine_tok_per_s']:.1f} tok/s")
+    if "ratio" in decode:
+        print(f"transformers generate (batch 1): {decode['transformers_tok_per_s']:.1f} tok/s "
+              f"-> engine / transformers = {decode['ratio']:.2f}x (median of {args.reps} "
+              "alternating runs)")
 
     prefix = few_shot_prefix(loaded.tokenizer)
     results["prefix_tokens"] = len(loaded.tokenizer.encode(prefix))
@@ -172,6 +191,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=5, help="alternating decode runs")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--json", default=None, help="write the results here")

@@ -302,8 +302,10 @@ class Engine(Backend):
         return await super().generate(req)
 
     async def prefill(self, prefix: GenerateRequest) -> None:
-        """Compute and cache ``prefix``'s prompt (a fork's shared prefix)."""
+        """Compute and cache ``prefix``'s prompt (a fork's shared prefix); nothing if empty."""
         ids = self._prompt_ids(prefix)
+        if not ids:
+            return
         await self._run_to_end(self._require_core().new_request(
             new_request_id(), ids, SamplingParams(max_tokens=0)))
 
