@@ -98,7 +98,9 @@ async def test_run_batch_merges_defaults_under_each_item():
         backend=backend, question="default ", temperature=0.1,
     )
     assert [s["a"] for s in states] == ["A ", "B ", "DEFAULT "]
-    assert [r.sampling.temperature for r in backend.requests] == [0.1, 0.5, 0.1]
+    # Programs of a batch run concurrently: match requests to programs by their prompt.
+    temperature = {r.prompt: r.sampling.temperature for r in backend.requests}
+    assert [temperature[p] for p in ("a ", "b ", "default ")] == [0.1, 0.5, 0.1]
 
 
 async def test_run_batch_bounds_concurrency():
