@@ -4,7 +4,8 @@ Numerically identical to ``transformers``: inverse frequencies and angles are co
 float32 the same way, cos/sin are cast to the activations' dtype before rotating, and the
 "rotate half" layout (first half of the head dims paired with the second half) is used.
 The cos/sin table covers every position up to the context length and is indexed by
-``positions``, so a forward pass has no position-dependent shapes.
+``positions``, so a forward pass has no position-dependent shapes. On CUDA, q and k are
+rotated in place by one fused Triton kernel (:mod:`.fused`) with the same roundings.
 """
 
 from __future__ import annotations
@@ -72,7 +73,16 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``q`` ``[T, Hq, D]`` and ``k`` ``[T, Hk, D]`` by ``positions`` ``[T]``."""
+        """Rotate ``q`` ``[T, Hq, D]`` and ``k`` ``[T, Hk, D]`` by ``positions`` ``[T]``.
+
+        On CUDA (last dims contiguous) the rotation is in place and returns ``q``, ``k``
+        themselves; elsewhere it returns new tensors.
+        """
+        if q.is_cuda and q.stride(-1) == 1 and k.stride(-1) == 1 and k.dtype == q.dtype:
+            from .fused import rotary_embedding_
+
+            rotary_embedding_(positions, q, k, self.cos, self.sin)
+            return q, k
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -82,12 +82,22 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, rotary: RotaryEmbedding,
-                attn: AttentionBackend, batch: ForwardBatch) -> torch.Tensor:
-        hidden = hidden + self.self_attn(
-            positions, self.input_layernorm(hidden), rotary, attn, batch
-        )
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: torch.Tensor | None, rotary: RotaryEmbedding,
+                attn: AttentionBackend, batch: ForwardBatch,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block in residual-stream form: returns ``(mlp_out, residual)``, whose sum
+        is the block's output. ``residual`` is None for the first layer (``hidden`` is the
+        embedding then); otherwise the previous block's sum is formed here, inside the
+        (fused, on CUDA) add + norm."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, rotary, attn, batch)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -139,11 +149,16 @@ class LlamaForCausalLM(nn.Module):
         attn.init_forward(batch)
         inner = self.model
         hidden = inner.embed_tokens(batch.input_ids)
+        residual: torch.Tensor | None = None
         for layer in inner.layers:
-            hidden = layer(batch.positions, hidden, inner.rotary_emb, attn, batch)
+            hidden, residual = layer(batch.positions, hidden, residual, inner.rotary_emb,
+                                     attn, batch)
         if batch.return_logits == "last" and not batch.is_decode:
-            hidden = hidden[_last_token_indices(batch)]
-        return self.lm_head(inner.norm(hidden))
+            last = _last_token_indices(batch)
+            hidden = hidden[last]
+            residual = residual[last]
+        hidden, _ = inner.norm(hidden, residual)  # every model has at least one layer
+        return self.lm_head(hidden)
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
