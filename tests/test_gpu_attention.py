@@ -1,4 +1,4 @@
-"""GPU attention kernels (Triton, flashinfer) against the torch backend, at real sizes.
+"""GPU attention kernels (Triton, flashinfer, hybrid) against the torch backend, at real sizes.
 
 Fresh random inputs for every case; every pool row that no request owns (slot 0 too) and
 every output is NaN before the run, so a stray read or an unwritten element fails the
@@ -128,13 +128,17 @@ def decode_cases(seed):
 
 HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
 _NO_FLASHINFER = pytest.mark.skipif(not HAS_FLASHINFER, reason="flashinfer is not installed")
-BACKENDS = ["triton", pytest.param("flashinfer", marks=_NO_FLASHINFER)]
+BACKENDS = ["triton", pytest.param("flashinfer", marks=_NO_FLASHINFER),
+            pytest.param("hybrid", marks=_NO_FLASHINFER)]
 # Triton: every geometry and dtype. flashinfer compiles each (dtype, head dim) just in time
 # (about a minute each on a fresh machine): only the benchmark's, Llama-3-8B in bf16.
 CASES = [pytest.param("triton", dtype, g, id=f"triton-{str(dtype)[6:]}-{'x'.join(map(str, g))}")
          for dtype in DTYPES for g in GEOMETRIES]
 CASES.append(pytest.param("flashinfer", torch.bfloat16, GEOMETRIES[0], marks=_NO_FLASHINFER,
                           id="flashinfer-bfloat16-32x8x128"))
+# hybrid: flashinfer's extend and triton's decode sharing one pool.
+CASES.append(pytest.param("hybrid", torch.bfloat16, GEOMETRIES[0], marks=_NO_FLASHINFER,
+                          id="hybrid-bfloat16-32x8x128"))
 
 
 @pytest.mark.parametrize(("backend", "dtype", "geometry"), CASES)

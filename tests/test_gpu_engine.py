@@ -1,4 +1,4 @@
-"""The engine on a GPU: Triton / flashinfer / CUDA graphs give the torch backend's tokens.
+"""The engine on a GPU: Triton / flashinfer / hybrid / CUDA graphs give the torch backend's tokens.
 
 A small dummy Llama with the benchmark's head geometry (head dim 128, 4 query heads per KV
 head) runs greedy decoding over prompts of mixed lengths, all in one batch.
@@ -95,6 +95,8 @@ BACKEND_CASES = [
     ("triton", "bfloat16"),
     pytest.param("flashinfer", "bfloat16",
                  marks=pytest.mark.skipif(not HAS_FLASHINFER, reason="flashinfer missing")),
+    pytest.param("hybrid", "bfloat16",
+                 marks=pytest.mark.skipif(not HAS_FLASHINFER, reason="flashinfer missing")),
 ]
 
 
@@ -106,8 +108,9 @@ def test_greedy_tokens_match_torch_backend(backend, dtype):
     assert_same_greedy(reference, other, MARGIN[dtype])
 
 
-@pytest.mark.parametrize("backend", ["triton", pytest.param(
-    "flashinfer", marks=pytest.mark.skipif(not HAS_FLASHINFER, reason="flashinfer missing"))])
+@pytest.mark.parametrize("backend", ["triton", *(pytest.param(
+    name, marks=pytest.mark.skipif(not HAS_FLASHINFER, reason="flashinfer missing"))
+    for name in ("flashinfer", "hybrid"))])
 def test_cuda_graph_decode_matches_eager_decode(backend):
     loaded = load("bfloat16")
     eager = generate(loaded, attention_backend=backend, cuda_graphs=False)

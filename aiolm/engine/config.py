@@ -21,7 +21,7 @@ __all__ = [
     "EngineConfig",
 ]
 
-ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer", "hybrid")
 SCHEDULE_POLICIES = ("lpm", "dfs-weight", "fcfs")
 LOAD_FORMATS = ("auto", "dummy")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -110,7 +110,9 @@ class EngineConfig:
       embedded SmolLM2-135M-Instruct.
     - ``dtype``: weights/activations dtype; ``"auto"`` is float32 on the CPU, bfloat16 on CUDA.
     - ``device``: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-    - ``attention_backend``: ``"auto"`` picks torch on the CPU and the fastest kernel on CUDA.
+    - ``attention_backend``: ``"auto"`` picks torch on the CPU and the fastest kernels on
+      CUDA (``"hybrid"``: flashinfer for extend, triton for decode; ``"triton"`` without
+      flashinfer).
     - ``schedule_policy``: the order waiting requests are admitted in (``"lpm"``: longest
       prefix match; ``"dfs-weight"``: the paper's DFS order; ``"fcfs"``).
     - ``enable_radix_cache``: share KV across requests by prefix (off: the ablation).

@@ -61,9 +61,14 @@ def resolve_device(device: str) -> torch.device:
 def choose_attention_backend(device: torch.device) -> str:
     """The attention backend ``"auto"`` means on ``device``.
 
-    The CPU uses the exact torch backend; CUDA uses our triton kernels.
+    The CPU uses the exact torch backend. CUDA uses ``"hybrid"`` (flashinfer's prefill for
+    extend passes, our triton decode) when flashinfer imports, else our triton kernels.
     """
-    return "triton" if device.type == "cuda" else "torch"
+    if device.type != "cuda":
+        return "torch"
+    from .attention.flashinfer import flashinfer_available
+
+    return "hybrid" if flashinfer_available() else "triton"
 
 
 @attrs.frozen(kw_only=True)

@@ -1,4 +1,5 @@
-"""Attention backends: ``torch`` (exact, CPU and reference), ``triton``, ``flashinfer``."""
+"""Attention backends: ``torch`` (exact, CPU and reference), ``triton``, ``flashinfer``,
+and ``hybrid`` (flashinfer for extend, triton for decode)."""
 
 from .base import AttentionBackend, available, create, register
 
@@ -21,8 +22,15 @@ def _flashinfer():
     return FlashInferAttention
 
 
+def _hybrid():
+    from .hybrid import HybridAttention
+
+    return HybridAttention
+
+
 register("torch", _torch)
 register("triton", _triton)
 register("flashinfer", _flashinfer)
+register("hybrid", _hybrid)
 
 __all__ = ["AttentionBackend", "available", "create", "register"]

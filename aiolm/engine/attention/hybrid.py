@@ -1,0 +1,70 @@
+"""The ``hybrid`` attention backend: flashinfer for extend passes, our Triton kernels for
+decode passes, over the same KV pool.
+
+On the first GPU run (Llama-3-8B shape, H100) flashinfer's prefill was faster than our
+extend kernel (prefill, few-shot) while our decode kernel, captured in CUDA graphs, was
+faster at decode and throughput. Both read the pool through the same slot table, so each
+pass can simply go to the better one: ``init_forward`` picks the backend by the batch's
+mode and forwards to it; the CUDA-graph hooks (decode only) are Triton's.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import AttentionBackend
+from .flashinfer import FlashInferAttention
+from .triton import TritonAttention
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..forward_batch import ForwardBatch
+
+__all__ = ["HybridAttention"]
+
+
+class HybridAttention(AttentionBackend):
+    """flashinfer's paged prefill for EXTEND, Triton decode (and its CUDA graphs) for DECODE.
+
+    Needs what both need: CUDA and the flashinfer package (constructing it without
+    flashinfer raises ImportError saying how to get it).
+    """
+
+    name = "hybrid"
+    supports_cuda_graph = True
+
+    def __init__(self, *, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 device: torch.device | str) -> None:
+        super().__init__(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                         head_dim=head_dim, scale=scale, device=device)
+        geometry = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                        head_dim=head_dim, scale=scale, device=device)
+        self.extend_backend = FlashInferAttention(**geometry)
+        self.decode_backend = TritonAttention(**geometry)
+        self._active: AttentionBackend | None = None
+
+    def init_forward(self, batch: ForwardBatch) -> None:
+        """Prepare the pass on the backend that runs it (flashinfer plans, Triton splits)."""
+        self._active = self.decode_backend if batch.is_decode else self.extend_backend
+        self._active.init_forward(batch)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
+                batch: ForwardBatch) -> torch.Tensor:
+        """Store ``k``/``v`` at ``batch.out_cache_loc`` of layer ``layer_id``, then attend."""
+        if self._active is None:
+            raise RuntimeError("HybridAttention.init_forward was not called for this batch")
+        return self._active.forward(q, k, v, layer_id, batch)
+
+    # CUDA graphs capture decode passes only: they are Triton's.
+    def init_cuda_graph_state(self, max_batch_size: int, max_context_len: int) -> None:
+        """Triton's decode scratch for the largest captured batch."""
+        self.decode_backend.init_cuda_graph_state(max_batch_size, max_context_len)
+
+    def init_forward_for_capture(self, batch: ForwardBatch) -> None:
+        """Fix Triton's decode split count for ``batch``'s size."""
+        self.decode_backend.init_forward_for_capture(batch)
+
+    def init_forward_for_replay(self, batch: ForwardBatch) -> None:
+        """Nothing to re-plan: Triton's captured kernels read the static buffers."""
+        self.decode_backend.init_forward_for_replay(batch)

@@ -1,0 +1,124 @@
+"""The ``hybrid`` attention backend on the CPU: flashinfer (a torch stand-in,
+tests/flashinfer_standin.py) for extend passes, Triton (interpreted) for decode passes,
+over one KV pool; its results equal the torch backend's, and each pass runs where it should.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+import flashinfer_standin  # noqa: E402
+from test_triton_attention import TOLERANCE, make_batch, reference, rel_err  # noqa: E402
+
+GEOMETRY = dict(num_q_heads=6, num_kv_heads=2, head_dim=16, scale=0.25, device="cpu")
+
+
+@pytest.fixture
+def hybrid_cls(monkeypatch):
+    """HybridAttention with the stand-in flashinfer, allowed on the CPU."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU stand-in test; tests/test_gpu_attention.py runs the real thing")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py)")
+    from aiolm.engine.attention import flashinfer as fi_backend
+
+    monkeypatch.setitem(sys.modules, "flashinfer", flashinfer_standin.as_module())
+    monkeypatch.setattr(fi_backend, "_DEVICE_TYPES", ("cuda", "cpu"))
+    from aiolm.engine.attention.hybrid import HybridAttention
+
+    return HybridAttention
+
+
+def shapes(dtype):
+    return dict(num_q_heads=6, num_kv_heads=2, head_dim=16, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_extend_then_decode_match_torch_and_use_flashinfer_then_triton(hybrid_cls, dtype):
+    from aiolm.engine.attention import create
+
+    attn = create("hybrid", **GEOMETRY)
+    assert isinstance(attn, hybrid_cls)
+    prefill = attn.extend_backend._prefill
+
+    batch, q, k, v = make_batch(prefix_lens=[0, 9, 30], extend_lens=[7, 1, 20], seed=1,
+                                **shapes(dtype))
+    expected = reference(batch, q, k, v, GEOMETRY)
+    attn.init_forward(batch)
+    out = attn.forward(q, k, v, 0, batch)
+    assert prefill.runs == 1
+    assert rel_err(out, expected) < TOLERANCE[dtype]
+    k_buf, v_buf = batch.kv_pool.get_kv(0)
+    assert torch.equal(k_buf[batch.out_cache_loc], k) and torch.equal(v_buf[batch.out_cache_loc], v)
+
+    batch, q, k, v = make_batch(prefix_lens=[0, 16, 49], extend_lens=[1, 1, 1], seed=2,
+                                decode=True, **shapes(dtype))
+    expected = reference(batch, q, k, v, GEOMETRY)
+    attn.init_forward(batch)
+    out = attn.forward(q, k, v, 0, batch)
+    assert prefill.runs == 1 and attn.extend_backend._decode.runs == 0  # Triton decoded
+    assert rel_err(out, expected) < TOLERANCE[dtype]
+
+
+def test_graph_hooks_are_tritons(hybrid_cls):
+    attn = hybrid_cls(**GEOMETRY)
+    batch, q, k, v = make_batch(prefix_lens=[40, 9], extend_lens=[1, 1], seed=3, decode=True,
+                                **shapes(torch.float32))
+    expected = reference(batch, q, k, v, GEOMETRY)
+    attn.init_cuda_graph_state(max_batch_size=4, max_context_len=64)
+    attn.init_forward_for_capture(batch)
+    attn.init_forward(batch)
+    out = attn.forward(q, k, v, 0, batch)
+    assert rel_err(out, expected) < TOLERANCE[torch.float32]
+    attn.init_forward_for_replay(batch)
+    assert batch in attn.decode_backend._graph_meta
+
+
+def test_forward_before_init_forward_says_so(hybrid_cls):
+    attn = hybrid_cls(**GEOMETRY)
+    batch, q, k, v = make_batch(prefix_lens=[0], extend_lens=[3], seed=4,
+                                **shapes(torch.float32))
+    with pytest.raises(RuntimeError, match="init_forward"):
+        attn.forward(q, k, v, 0, batch)
+
+
+@pytest.mark.anyio
+async def test_engine_greedy_tokens_with_hybrid_equal_torch_backend(hybrid_cls):
+    """Prompts of mixed lengths through the whole engine (prefill, decode), float32."""
+    import anyio
+
+    from aiolm.backends.engine import Engine, LoadedModel
+
+    loaded = LoadedModel.load("tiny-llama", load_format="dummy", device="cpu", seed=0)
+    prompts = [[5, 17, 200, 31], list(range(3, 40)), [9] * 20]
+
+    async def run(backend):
+        results = [None] * len(prompts)
+        async with Engine(loaded, attention_backend=backend, max_total_tokens=4096) as engine:
+            async def one(i):
+                results[i] = await engine.generate(input_ids=prompts[i], max_tokens=5,
+                                                   ignore_eos=True, temperature=0.0)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(len(prompts)):
+                    tg.start_soon(one, i)
+        return [r.token_ids for r in results]
+
+    assert await run("hybrid") == await run("torch")
+
+
+@pytest.mark.parametrize(("has_flashinfer", "expected"), [(True, "hybrid"), (False, "triton")])
+def test_auto_picks_hybrid_on_cuda_when_flashinfer_imports(monkeypatch, has_flashinfer,
+                                                           expected):
+    from aiolm.engine.attention import flashinfer as fi_backend
+    from aiolm.engine.runner import choose_attention_backend
+
+    monkeypatch.setattr(fi_backend, "flashinfer_available", lambda: has_flashinfer)
+    assert choose_attention_backend(torch.device("cuda")) == expected
+    assert choose_attention_backend(torch.device("cpu")) == "torch"
