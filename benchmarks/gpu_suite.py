@@ -8,9 +8,10 @@
 2. limits — device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate
    (8192³, random data), medians of CUDA-event timings;
 3. aiolm — Llama-3-8B shape with dummy bf16 weights through ``aiolm.Engine`` with token ids,
-   for each attention backend (triton; flashinfer where it imports): decode-bs1, prefill of
-   one 8k prompt, few-shot (shared 1.5k prefixes) and throughput; few-shot again with the
-   radix cache off on the faster backend (the one ``"auto"`` should pick);
+   for each attention backend (triton; hybrid — flashinfer extend + triton decode — where
+   flashinfer imports): decode-bs1, prefill of one 8k prompt, few-shot (shared 1.5k
+   prefixes) and throughput; few-shot again with the radix cache off on the faster backend
+   (the one ``"auto"`` should pick);
 4. peer — transformers with the same config and weights (benchmarks/hf_peer.py);
 5. DIR/gpu_results.json (every figure next to its peer's and its limit), DIR/gpu_suite.log,
    and a short table printed last.
