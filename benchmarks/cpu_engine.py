@@ -10,7 +10,7 @@
 Usage::
 
     .venv/bin/python benchmarks/cpu_engine.py [--decode-tokens 128] [--requests 64]
-        [--reps 5] [--threads N] [--skip-hf] [--json results.json]
+        [--reps 5] [--threads N] [--skip-hf] [--only decode|prefix] [--json results.json]
 """
 
 from __future__ import annotations
@@ -164,6 +164,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
               "<|im_end|>\n<|im_start|>assistant\n")
     results: dict[str, Any] = {"threads": torch.get_num_threads(),
                                "decode_tokens": args.decode_tokens}
+    if args.only in (None, "decode"):
+        await decode_part(loaded, path, prompt, args, results)
+    if args.only in (None, "prefix"):
+        await prefix_part(loaded, args, results)
+    return results
+
+
+async def decode_part(loaded: LoadedModel, path: str, prompt: str, args: argparse.Namespace,
+                      results: dict[str, Any]) -> None:
     decode = await decode_comparison(loaded, path, prompt, args.decode_tokens, args.reps,
                                      not args.skip_hf)
     results["decode"] = decode
@@ -173,6 +182,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
               f"-> engine / transformers = {decode['ratio']:.2f}x (median of {args.reps} "
               "alternating runs)")
 
+
+async def prefix_part(loaded: LoadedModel, args: argparse.Namespace,
+                      results: dict[str, Any]) -> None:
     prefix = few_shot_prefix(loaded.tokenizer)
     results["prefix_tokens"] = len(loaded.tokenizer.encode(prefix))
     on = await shared_prefix_run(loaded, prefix, args.requests, radix=True)
@@ -184,7 +196,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
           f"radix on {on['seconds']:.1f} s (hit rate {on['cache_hit_rate']:.2f}), "
           f"off {off['seconds']:.1f} s -> {off['seconds'] / on['seconds']:.1f}x; "
           f"{same}/{args.requests} answers identical")
-    return results
 
 
 if __name__ == "__main__":
@@ -194,6 +205,7 @@ if __name__ == "__main__":
     parser.add_argument("--reps", type=int, default=5, help="alternating decode runs")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--only", choices=["decode", "prefix"], default=None)
     parser.add_argument("--json", default=None, help="write the results here")
     ns = parser.parse_args()
     if ns.threads:
