@@ -15,6 +15,7 @@ through ``aiolm.engine.cuda_graph.CudaGraphRunner(runner)``, which offers
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -200,8 +201,7 @@ class ModelRunner:
         self.forward_passes += 1
 
         if fb.return_logits == "all":
-            ends = torch.tensor(batch.extend_lens).cumsum(0) - 1
-            last_rows = ends.tolist()
+            last_rows = [end - 1 for end in itertools.accumulate(batch.extend_lens)]
         else:
             last_rows = list(range(len(reqs)))
         sample_rows = [i for i, r in enumerate(reqs) if batch.sample_mask[i]
@@ -214,7 +214,7 @@ class ModelRunner:
             sample_reqs = [reqs[i] for i in sample_rows]
             info = self.sampler.prepare(sample_reqs)
             bitmask = bitmask_fn(sample_reqs) if bitmask_fn is not None else None
-            index = torch.tensor([last_rows[i] for i in sample_rows], device=self.device)
+            index = self._h2d([last_rows[i] for i in sample_rows])
             sample_out = self.sampler.sample(logits.index_select(0, index), info, bitmask)
             fetch.append(sample_out.next_ids)
             if sample_out.logprobs is not None:
@@ -223,12 +223,16 @@ class ModelRunner:
                 fetch += [sample_out.top_ids, sample_out.top_logprobs]
         score_spans = self._score_spans(batch, score_rows)
         if score_spans:
-            rows = torch.cat([torch.arange(a, b) for _, a, b, _ in score_spans]).to(self.device)
-            targets = torch.tensor([t for *_, ts in score_spans for t in ts], device=self.device)
+            rows = self._h2d([r for _, a, b, _ in score_spans for r in range(a, b)])
+            targets = self._h2d([t for *_, ts in score_spans for t in ts])
             lp, greedy = token_logprobs(logits.index_select(0, rows), targets)
             fetch += [lp, greedy]
         host = self._to_host(fetch)
         return self._unpack(host, sample_rows, sample_out, score_spans, batch)
+
+    def _h2d(self, values: list[int]) -> torch.Tensor:
+        """An int64 device tensor of ``values``, copied without waiting for the device."""
+        return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
 
     def _score_spans(self, batch: ScheduleBatch,
                      rows: Sequence[int]) -> list[tuple[int, int, int, list[int]]]:

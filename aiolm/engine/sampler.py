@@ -73,7 +73,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """
     bs, vocab = logits.shape
     shifts = torch.arange(_BITS, device=logits.device, dtype=torch.int32)
-    words = bitmask.to(device=logits.device, dtype=torch.int32)
+    words = bitmask.to(device=logits.device, dtype=torch.int32, non_blocking=True)
     allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().view(bs, -1)
     covered = min(vocab, allowed.shape[1])
     logits[:, :covered].masked_fill_(~allowed[:, :covered], float("-inf"))
