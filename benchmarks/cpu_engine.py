@@ -1,16 +1,17 @@
 """CPU benchmarks of the engine on the embedded SmolLM2-135M-Instruct, in one run.
 
 1. Batch-1 decode speed: the engine vs ``transformers`` ``generate`` on the same GGUF file
-   (both float32, greedy, same prompt, same number of tokens; decode rate = tokens after the
-   first / time after the first token), in alternating runs so that the machine's load
-   affects both alike.
+   (same dtype, float32 by default; greedy; same prompt and number of tokens; decode rate =
+   tokens after the first / time after the first token), in alternating runs so that the
+   machine's load affects both alike.
 2. Prefix sharing: ``--requests`` requests sharing a ~1k-token few-shot prefix, run
    concurrently as an aiolm program batch, with the radix cache on and off.
 
 Usage::
 
     .venv/bin/python benchmarks/cpu_engine.py [--decode-tokens 128] [--requests 64]
-        [--reps 5] [--threads N] [--skip-hf] [--only decode|prefix] [--json results.json]
+        [--reps 5] [--threads N] [--dtype float32|bfloat16] [--skip-hf]
+        [--only decode|prefix] [--json results.json]
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ async def engine_decode_once(eng: Engine, prompt: str, n: int) -> float:
 class HFDecoder:
     """``transformers`` ``generate`` on the same GGUF file, float32, greedy."""
 
-    def __init__(self, path: str, prompt: str) -> None:
+    def __init__(self, path: str, prompt: str, dtype: str) -> None:
         import os
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -89,7 +90,7 @@ class HFDecoder:
         directory, name = os.path.split(path)
         tok = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(
-            directory, gguf_file=name, dtype=torch.float32, local_files_only=True).eval()
+            directory, gguf_file=name, dtype=getattr(torch, dtype), local_files_only=True).eval()
         self.inputs = tok(prompt, return_tensors="pt", add_special_tokens=False)
         self.pad = tok.eos_token_id
 
@@ -117,7 +118,8 @@ class HFDecoder:
 async def decode_comparison(loaded: LoadedModel, path: str, prompt: str, n: int, reps: int,
                             with_hf: bool) -> dict[str, Any]:
     """Alternate engine and transformers runs, so machine load hits both alike."""
-    hf = await anyio.to_thread.run_sync(HFDecoder, path, prompt) if with_hf else None
+    dtype = loaded.model_config.dtype
+    hf = await anyio.to_thread.run_sync(HFDecoder, path, prompt, dtype) if with_hf else None
     ours: list[float] = []
     theirs: list[float] = []
     async with Engine(loaded) as eng:
@@ -159,10 +161,11 @@ async def shared_prefix_run(loaded: LoadedModel, prefix: str, requests: int,
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     path = default_model_path()
-    loaded = await anyio.to_thread.run_sync(LoadedModel.load)
+    loaded = await anyio.to_thread.run_sync(lambda: LoadedModel.load(dtype=args.dtype))
     prompt = ("<|im_start|>user\nWrite a long story about a dragon who learns to paint."
               "<|im_end|>\n<|im_start|>assistant\n")
     results: dict[str, Any] = {"threads": torch.get_num_threads(),
+                               "dtype": loaded.model_config.dtype,
                                "decode_tokens": args.decode_tokens}
     if args.only in (None, "decode"):
         await decode_part(loaded, path, prompt, args, results)
@@ -204,6 +207,8 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5, help="alternating decode runs")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", default="auto",
+                        help="weights of both systems (auto: float32 on the CPU)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--only", choices=["decode", "prefix"], default=None)
     parser.add_argument("--json", default=None, help="write the results here")
