@@ -107,6 +107,8 @@ WORKLOAD = Workload(
     headline="requests",
     ablations=("spec",),
     runner=run_through_api,
+    # The peer is about the engine; this workload is about the OpenAI client.
+    peer=False,
     spec_tokens=SPEC_TOKENS,
     via_openai=True,
 )

@@ -41,8 +41,8 @@ class Shape:
 
 SHAPES: dict[Size, Shape] = {
     "tiny": Shape(subjects=2, questions_per_subject=2, question_words=8, choice_words=2),
-    "small": Shape(subjects=6, questions_per_subject=4, question_words=30, choice_words=5,
-                   cached_prefixes=3),
+    "small": Shape(subjects=4, questions_per_subject=4, question_words=24, choice_words=4,
+                   cached_prefixes=2),
     "full": Shape(subjects=20, questions_per_subject=25, question_words=220, choice_words=15),
 }
 

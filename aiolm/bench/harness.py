@@ -2,7 +2,7 @@
 
 Variants: ``aiolm`` (everything on), one per ablation (``radix-off``, ``fcfs``,
 ``jump-forward-off``, ``spec-off``), and the transformers peer (``hf``). Each variant runs
-the same inputs after a warm-up program, from a cold prefix cache. Figures:
+the same inputs after a warm-up program (of the tiny shape), from a flushed cache. Figures:
 
 - ``programs``, ``wall_s``, ``programs_per_s``;
 - ``requests`` (generate and score calls the backend received), ``prompt_tokens``,
@@ -59,7 +59,7 @@ class Variant:
 
 def variants(workload: Workload, target: Target, ablations: Sequence[str], peer: Target | None) -> list[Variant]:
     """``aiolm``, then each requested ablation that applies to the workload and target,
-    then the peer (when given)."""
+    then the peer (when given and the workload has one)."""
     out = [Variant(name="aiolm", spec_tokens=workload.spec_tokens)]
     for ablation in ablations:
         if ablation not in workload.ablations:
@@ -69,7 +69,7 @@ def variants(workload: Workload, target: Target, ablations: Sequence[str], peer:
         elif target.supports(ablation):
             out.append(Variant(name=ABLATIONS[ablation], engine_kwargs=ABLATION_ENGINE_KWARGS[ablation],
                                spec_tokens=workload.spec_tokens))
-    if peer is not None:
+    if peer is not None and workload.peer:
         out.append(Variant(name=peer.kind, peer=True, spec_tokens=workload.spec_tokens))
     return out
 
@@ -225,7 +225,8 @@ async def run_plan(steps: Sequence[Step], *, size: Size, seed: int = 0,
         try:
             async with step.where.open(step.engine_kwargs) as backend:
                 tokenize = step.where.tokenizer(backend)
-                await measure(w, backend, inputs[w.name][:1], options, tokenize=tokenize)  # warm-up
+                # Warm up on one program of the tiny shape: same code paths, little time.
+                await measure(w, backend, w.make_inputs("tiny", seed)[:1], options, tokenize=tokenize)
                 await step.where.reset(backend)
                 figures = await measure(w, backend, inputs[w.name], options, tokenize=tokenize)
             records[w.name]["runs"][step.variant.name] = figures

@@ -34,7 +34,7 @@ class Shape:
 
 SHAPES: dict[Size, Shape] = {
     "tiny": Shape(programs=2, schemas=1, fields=2, key_words=(2, 3), value_chars=4, document_words=10),
-    "small": Shape(programs=6, fields=6, document_words=40),
+    "small": Shape(programs=4, fields=5, document_words=40),
     "full": Shape(programs=256, fields=10, document_words=150),
 }
 

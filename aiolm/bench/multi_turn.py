@@ -37,7 +37,7 @@ class Shape:
 
 SHAPES: dict[Size, Shape] = {
     "tiny": Shape(programs=2, turns=2, question_words=(8, 16), answer_tokens=(2, 3)),
-    "small": Shape(programs=6, question_words=(64, 128), answer_tokens=(4, 8)),
+    "small": Shape(programs=4, question_words=(48, 96), answer_tokens=(4, 8)),
     "full": Shape(programs=128, question_words=(256, 512), answer_tokens=(4, 8)),
 }
 

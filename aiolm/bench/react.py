@@ -34,7 +34,7 @@ class Shape:
 
 SHAPES: dict[Size, Shape] = {
     "tiny": Shape(programs=2, examples=1, steps=2, step_words=6, observation_words=6, thought_tokens=4),
-    "small": Shape(programs=4, examples=2, steps=3, step_words=20, observation_words=20, thought_tokens=12),
+    "small": Shape(programs=4, examples=2, steps=3, step_words=15, observation_words=15, thought_tokens=8),
     "full": Shape(programs=64, examples=4, steps=5, step_words=40, observation_words=60, thought_tokens=48),
 }
 

@@ -27,7 +27,7 @@ class Shape:
 
 SHAPES: dict[Size, Shape] = {
     "tiny": Shape(questions=3, shots=2, context_words=8, ending_words=3),
-    "small": Shape(questions=12, shots=10, context_words=12, ending_words=5),
+    "small": Shape(questions=6, shots=8, context_words=12, ending_words=5),
     "full": Shape(questions=200, context_words=40, ending_words=15),
 }
 

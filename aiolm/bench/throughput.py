@@ -29,7 +29,7 @@ class Shape:
 
 SHAPES: dict[Size, Shape] = {
     "tiny": Shape(requests=4, prompt_words=(8, 24), output_tokens=(2, 6)),
-    "small": Shape(requests=12, prompt_words=(64, 256), output_tokens=(8, 32)),
+    "small": Shape(requests=10, prompt_words=(64, 256), output_tokens=(8, 24)),
     "full": Shape(requests=1000, prompt_words=(256, 1024), output_tokens=(64, 256)),
 }
 

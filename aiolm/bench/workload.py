@@ -79,6 +79,8 @@ class Workload:
     max_concurrency: int = 64
     runner: Runner | None = None
     engine_kwargs: Callable[[Size], dict[str, Any]] = _no_engine_kwargs
+    #: Whether the transformers peer runs this workload too.
+    peer: bool = True
     #: ``spec_tokens`` of the OpenAI backend in every variant but ``spec-off``.
     spec_tokens: int | None = None
     #: Only on the OpenAI backend (served by aiolm's own server over the chosen backend).
