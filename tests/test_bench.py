@@ -143,3 +143,25 @@ async def test_api_speculation_saves_calls_and_keeps_the_fields():
     assert fields[SPEC_TOKENS] == fields[None]
     assert calls[None] == len(inputs) * len(FIELDS)
     assert calls[None] / calls[SPEC_TOKENS] >= 2.5
+
+
+@pytest.mark.anyio
+async def test_optimal_hit_rate_is_computed_over_the_requests_a_fork_issues():
+    from aiolm import gen, program
+    from aiolm.bench.workload import Workload
+
+    @program
+    async def branches(s):
+        s += "a b c"
+        async with s.fork(2) as forks:
+            forks[0] += " d" + gen("x", max_tokens=1)
+            forks[1] += " e" + gen("x", max_tokens=1)
+
+    w = Workload(name="t", summary="", program=branches, make_inputs=lambda size, seed: [{}],
+                 shape=lambda size: None, vs_optimal=True)
+    figures = await measure(w, ScriptedBackend(lambda prompt: " z"), [{}], RunOptions(),
+                            tokenize=str.split)
+    # The requests: the shared prefix (a fork's prefill), then a b c d and a b c e:
+    # 11 prompt tokens, 5 distinct ones in their prefix tree.
+    assert figures["optimal_hit_rate"] == pytest.approx(1 - 5 / 11)
+    assert figures["hit_rate_vs_optimal"] == 0.0            # the scripted backend caches nothing
