@@ -3,7 +3,9 @@
 1. Batch-1 decode speed: the engine vs ``transformers`` ``generate`` on the same GGUF file
    (same dtype, float32 by default; greedy; same prompt and number of tokens; decode rate =
    tokens after the first / time after the first token), in alternating runs so that the
-   machine's load affects both alike.
+   machine's load affects both alike. transformers runs the GGUF file two ways: dequantized
+   into a dense model at load (the engine's weights and math) and, its default for GGUF
+   files, with the weights kept in their quantized blocks.
 2. Prefix sharing: ``--requests`` requests sharing a ~1k-token few-shot prefix, run
    concurrently as an aiolm program batch, with the radix cache on and off.
 
@@ -11,6 +13,7 @@ Usage::
 
     .venv/bin/python benchmarks/cpu_engine.py [--decode-tokens 128] [--requests 64]
         [--reps 5] [--threads N] [--dtype float32|bfloat16] [--skip-hf]
+        [--hf dense|packed|both]
         [--only decode|prefix] [--json results.json]
 """
 
@@ -80,17 +83,25 @@ async def engine_decode_once(eng: Engine, prompt: str, n: int) -> float:
 
 
 class HFDecoder:
-    """``transformers`` ``generate`` on the same GGUF file, float32, greedy."""
+    """``transformers`` ``generate`` on the same GGUF file, greedy.
 
-    def __init__(self, path: str, prompt: str, dtype: str) -> None:
+    ``packed``: transformers' default for a GGUF file (weights kept in their quantized
+    blocks, its own kernels); otherwise dequantized at load into a dense model, the same
+    weights and math as the engine's.
+    """
+
+    def __init__(self, path: str, prompt: str, dtype: str, packed: bool) -> None:
         import os
 
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
         directory, name = os.path.split(path)
         tok = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
+        extra = {} if packed else {
+            "quantization_config": GgufConfig(gguf_file=name, dequantize=True)}
         self.model = AutoModelForCausalLM.from_pretrained(
-            directory, gguf_file=name, dtype=getattr(torch, dtype), local_files_only=True).eval()
+            directory, gguf_file=name, dtype=getattr(torch, dtype), local_files_only=True,
+            **extra).eval()
         self.inputs = tok(prompt, return_tensors="pt", add_special_tokens=False)
         self.pad = tok.eos_token_id
 
@@ -116,26 +127,27 @@ class HFDecoder:
 
 
 async def decode_comparison(loaded: LoadedModel, path: str, prompt: str, n: int, reps: int,
-                            with_hf: bool) -> dict[str, Any]:
-    """Alternate engine and transformers runs, so machine load hits both alike."""
+                            hf_modes: list[str]) -> dict[str, Any]:
+    """Alternate engine and transformers runs, so machine load hits them alike."""
     dtype = loaded.model_config.dtype
-    hf = await anyio.to_thread.run_sync(HFDecoder, path, prompt, dtype) if with_hf else None
-    ours: list[float] = []
-    theirs: list[float] = []
+    peers = {mode: await anyio.to_thread.run_sync(HFDecoder, path, prompt, dtype,
+                                                  mode == "packed")
+             for mode in hf_modes}
+    runs: dict[str, list[float]] = {"engine": [], **{f"transformers_{m}": [] for m in peers}}
     async with Engine(loaded) as eng:
         await engine_decode_once(eng, prompt, 8)  # warm-up
-        if hf is not None:
-            await anyio.to_thread.run_sync(hf.decode_once, 8)
+        for peer in peers.values():
+            await anyio.to_thread.run_sync(peer.decode_once, 8)
         for _ in range(reps):
-            ours.append(await engine_decode_once(eng, prompt, n))
-            if hf is not None:
-                theirs.append(await anyio.to_thread.run_sync(hf.decode_once, n))
-    out: dict[str, Any] = {"engine_tok_per_s": statistics.median(ours), "engine_runs": ours}
-    if theirs:
-        out["transformers_tok_per_s"] = statistics.median(theirs)
-        out["transformers_runs"] = theirs
-        out["ratio"] = out["engine_tok_per_s"] / out["transformers_tok_per_s"]
-        out["ratio_per_pair"] = [a / b for a, b in zip(ours, theirs, strict=True)]
+            runs["engine"].append(await engine_decode_once(eng, prompt, n))
+            for mode, peer in peers.items():
+                runs[f"transformers_{mode}"].append(
+                    await anyio.to_thread.run_sync(peer.decode_once, n))
+    out: dict[str, Any] = {"runs": runs}
+    for name, values in runs.items():
+        out[f"{name}_tok_per_s"] = statistics.median(values)
+    for mode in peers:
+        out[f"ratio_vs_{mode}"] = out["engine_tok_per_s"] / out[f"transformers_{mode}_tok_per_s"]
     return out
 
 
@@ -176,14 +188,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 async def decode_part(loaded: LoadedModel, path: str, prompt: str, args: argparse.Namespace,
                       results: dict[str, Any]) -> None:
-    decode = await decode_comparison(loaded, path, prompt, args.decode_tokens, args.reps,
-                                     not args.skip_hf)
+    modes = [] if args.skip_hf else ["dense", "packed"] if args.hf == "both" else [args.hf]
+    decode = await decode_comparison(loaded, path, prompt, args.decode_tokens, args.reps, modes)
     results["decode"] = decode
-    print(f"engine decode (batch 1): {decode['engine_tok_per_s']:.1f} tok/s")
-    if "ratio" in decode:
-        print(f"transformers generate (batch 1): {decode['transformers_tok_per_s']:.1f} tok/s "
-              f"-> engine / transformers = {decode['ratio']:.2f}x (median of {args.reps} "
-              "alternating runs)")
+    print(f"engine decode (batch 1, {loaded.model_config.dtype}): "
+          f"{decode['engine_tok_per_s']:.1f} tok/s")
+    for mode in modes:
+        print(f"transformers generate ({mode} GGUF weights): "
+              f"{decode[f'transformers_{mode}_tok_per_s']:.1f} tok/s -> engine / transformers = "
+              f"{decode[f'ratio_vs_{mode}']:.2f}x (medians of {args.reps} alternating runs)")
 
 
 async def prefix_part(loaded: LoadedModel, args: argparse.Namespace,
@@ -210,6 +223,8 @@ if __name__ == "__main__":
     parser.add_argument("--dtype", default="auto",
                         help="weights of both systems (auto: float32 on the CPU)")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--hf", choices=["dense", "packed", "both"], default="both",
+                        help="transformers with the GGUF dequantized (dense) or kept packed")
     parser.add_argument("--only", choices=["decode", "prefix"], default=None)
     parser.add_argument("--json", default=None, help="write the results here")
     ns = parser.parse_args()
