@@ -10,7 +10,6 @@ state's job (``aiolm.program``). Exprs compose with ``+`` into a :class:`Concat`
 
 from __future__ import annotations
 
-
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -19,8 +18,8 @@ import attrs
 
 from .constraints.base import Constraint
 from .constraints.choices import Choices
-from .constraints.json_schema import JSONSchema
 from .constraints.grammar import Grammar
+from .constraints.json_schema import JSONSchema
 from .constraints.regex import Regex
 from .sampling import SamplingParams, normalize_stop
 

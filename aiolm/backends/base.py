@@ -263,6 +263,7 @@ class Backend(abc.ABC):
 
         The default does nothing (backends without a prefix cache).
         """
+        return None
 
     def new_session(self) -> Any:
         """A fresh per-program-run object passed back in ``GenerateRequest.session``."""
@@ -270,3 +271,4 @@ class Backend(abc.ABC):
 
     async def aclose(self) -> None:
         """Release the backend's resources. The default does nothing."""
+        return None
