@@ -10,7 +10,6 @@ The loop crosses into the event loop once per step with a non-blocking, thread-s
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import itertools
 import math
@@ -19,12 +18,21 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..chat import SIMPLE_TEMPLATE, ChatTemplate, render_text
-from ..errors import AiolmError, BackendUnavailable, EngineError, UnsupportedFeature
+from ..engine.loaded import LoadedModel
+from ..errors import BackendUnavailable, UnsupportedFeature
 from ..sampling import SamplingParams
+from ._engine_plumbing import (
+    ChunkStream,
+    Pending,
+    as_request,
+    chat_template_of,
+    common_prefix_len,
+    final_event,
+    soon_caller,
+)
 from .base import (
     Backend,
     Capabilities,
@@ -38,120 +46,14 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    import torch
-    from torch import nn
 
     from ..constraints.base import Constraint
     from ..engine.engine import EngineCore, EngineStatistics, RequestOutput
-    from ..engine.model_config import ModelConfig
     from ..engine.tokenizer import Tokenizer
 
 __all__ = ["Engine", "LoadedModel"]
 
 _SELECT_METHODS = ("token_length_normalized", "greedy", "unconditional_normalized")
-
-
-@attrs.define(eq=False, kw_only=True)
-class LoadedModel:
-    """Weights, model config and tokenizer, loaded once.
-
-    Pass it as ``Engine(model=loaded)`` to open engines without reloading (one open engine
-    at a time: the weights carry the engine's attention backend).
-    """
-
-    model: nn.Module
-    model_config: ModelConfig
-    tokenizer: Tokenizer | None
-    device: torch.device
-    source: str
-    load_format: str
-    in_use: bool = False
-
-    @classmethod
-    def load(cls, model: str | os.PathLike[str] | None = None, *, dtype: str = "auto",
-             device: str = "auto", load_format: str = "auto", seed: int = 0) -> LoadedModel:
-        """Load ``model`` (blocking): a HF directory, a ``.gguf`` file, or a named dummy config.
-
-        ``None`` is the embedded SmolLM2. Raises ``FileNotFoundError`` for a missing model
-        (saying how to install the default one), ``ValueError`` for bad arguments.
-        """
-        from ..engine.default_model import default_model_path
-        from ..engine.loader import load_model
-        from ..engine.runner import resolve_device
-
-        source = os.fspath(model) if model is not None else default_model_path()
-        dev = resolve_device(device)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            tokenizer_future = None
-            if load_format != "dummy":  # the tokenizer loads while the weights do
-                from ..engine.tokenizer import Tokenizer
-
-                tokenizer_future = pool.submit(Tokenizer.from_pretrained, source)
-            module, config = load_model(source, load_format=load_format, dtype=dtype,
-                                        device=dev, seed=seed)
-            tokenizer = tokenizer_future.result() if tokenizer_future is not None else None
-        return cls(model=module, model_config=config, tokenizer=tokenizer, device=dev,
-                   source=source, load_format=load_format)
-
-
-@attrs.define(eq=False)
-class _Pending:
-    event: anyio.Event = attrs.field(factory=anyio.Event)
-    value: Any = None
-    error: BaseException | None = None
-
-
-def _soon_caller() -> Callable[..., None]:
-    """``call_soon(fn, *args)`` into the running event loop, callable from any thread."""
-    token = anyio.lowlevel.current_token().native_token
-    run_sync_soon = getattr(token, "run_sync_soon", None)  # trio.lowlevel.TrioToken
-    if run_sync_soon is not None:
-        return run_sync_soon
-    return token.call_soon_threadsafe  # an asyncio event loop
-
-
-class _ChunkStream:
-    """The async iterator ``Engine.stream`` yields: one :class:`Chunk` per engine step."""
-
-    def __init__(self, receive: MemoryObjectReceiveStream[RequestOutput]) -> None:
-        self._receive = receive
-        self.done = False
-
-    def __aiter__(self) -> _ChunkStream:
-        return self
-
-    async def __anext__(self) -> Chunk:
-        if self.done:
-            raise StopAsyncIteration
-        try:
-            out = await self._receive.receive()
-        except anyio.EndOfStream:
-            self.done = True
-            raise BackendUnavailable("the engine closed before the request finished") from None
-        if out.error is not None:
-            self.done = True
-            raise _translate(out.error)
-        if out.finish_reason is not None:
-            self.done = True
-        return Chunk(text=out.text, token_ids=out.token_ids, logprobs=out.logprobs,
-                     finish_reason=out.finish_reason, usage=out.usage,
-                     matched_stop=out.matched_stop)
-
-
-def _translate(error: BaseException) -> BaseException:
-    if isinstance(error, AiolmError | ValueError | TypeError):
-        return error
-    wrapped = EngineError(f"the engine failed this request: {type(error).__name__}: {error}")
-    wrapped.__cause__ = error
-    return wrapped
-
-
-def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class Engine(Backend):
@@ -191,7 +93,7 @@ class Engine(Backend):
         self._template: ChatTemplate = SIMPLE_TEMPLATE
         self._call_soon: Callable[..., None] | None = None
         self._streams: dict[str, MemoryObjectSendStream[RequestOutput]] = {}
-        self._tickets: dict[int, _Pending] = {}
+        self._tickets: dict[int, Pending] = {}
         self._ticket_ids = itertools.count()
         self._failed: BaseException | None = None
         self._closed = False
@@ -205,7 +107,7 @@ class Engine(Backend):
         """
         if self._core is not None or self._closed:
             raise RuntimeError("Engine.start: the engine was already started")
-        self._call_soon = _soon_caller()
+        self._call_soon = soon_caller()
         loaded = self._loaded
         if loaded is None:
             cfg = self.config
@@ -226,7 +128,7 @@ class Engine(Backend):
             loaded.in_use = False
             raise
         self._tokenizer = loaded.tokenizer
-        self._template = _chat_template(loaded.tokenizer)
+        self._template = chat_template_of(loaded.tokenizer)
         self._core.start()
 
     async def aclose(self) -> None:
@@ -273,7 +175,7 @@ class Engine(Backend):
         """Evict every cached prefix no request uses; returns the number of freed tokens."""
         core = self._require_core()
         ticket = next(self._ticket_ids)
-        pending = self._tickets[ticket] = _Pending()
+        pending = self._tickets[ticket] = Pending()
         core.flush_cache(ticket)
         await pending.event.wait()
         if pending.error is not None:
@@ -291,14 +193,14 @@ class Engine(Backend):
         options. Validation errors (``ValueError``, ``ContextLengthExceeded``, ...) raise on
         entry. Leaving the block early aborts the request and frees its KV slots.
         """
-        req = _as_request(request, prompt, input_ids, constraint, sampling)
+        req = as_request(request, prompt, input_ids, constraint, sampling)
         return self._open(req)
 
     async def generate(self, request: GenerateRequest | str | Sequence[int] | None = None, /,
                        *, prompt: str | None = None, input_ids: Sequence[int] | None = None,
                        constraint: Constraint | None = None, **sampling: Any) -> Completion:
         """Run one request to the end; same arguments as :meth:`stream`."""
-        req = _as_request(request, prompt, input_ids, constraint, sampling)
+        req = as_request(request, prompt, input_ids, constraint, sampling)
         return await super().generate(req)
 
     async def prefill(self, prefix: GenerateRequest) -> None:
@@ -327,7 +229,7 @@ class Engine(Backend):
             text = self._prompt_text(prefix)
             prefix_ids = tok.encode(text)
             fulls = [tok.encode(text + c) for c in continuations]
-        shared = min(_lcp(prefix_ids, f) for f in fulls)
+        shared = min(common_prefix_len(prefix_ids, f) for f in fulls)
         if shared == 0:  # nothing to condition on: start from a context token
             ctx = [self._context_token()]
             fulls, shared = [ctx + f for f in fulls], 1
@@ -389,7 +291,7 @@ class Engine(Backend):
             matcher = await anyio.to_thread.run_sync(request.constraint.compile, self._tokenizer)
         req = core.new_request(request.request_id, ids, request.sampling, matcher=matcher)
         receive = self._submit(req)
-        chunks = _ChunkStream(receive)
+        chunks = ChunkStream(receive)
         try:
             yield chunks
         finally:
@@ -422,7 +324,7 @@ class Engine(Backend):
         finals: list[Any] = []
         try:
             for receive in receives:
-                finals.append(await _final_event(receive))
+                finals.append(await final_event(receive))
         finally:
             for i, (r, receive) in enumerate(zip(reqs, receives, strict=True)):
                 self._release(r.rid, receive, abort=i >= len(finals))
@@ -507,54 +409,3 @@ class Engine(Backend):
         self._tickets.clear()
 
 
-async def _final_event(receive: MemoryObjectReceiveStream[RequestOutput]) -> RequestOutput:
-    """Wait for a request's last event (raising its error)."""
-    while True:
-        try:
-            out = await receive.receive()
-        except anyio.EndOfStream:
-            raise BackendUnavailable("the engine closed before the request finished") from None
-        if out.error is not None:
-            raise _translate(out.error)
-        if out.finish_reason is not None:
-            return out
-
-
-def _as_request(request: Any, prompt: str | None, input_ids: Sequence[int] | None,
-                constraint: Constraint | None, sampling: dict[str, Any]) -> GenerateRequest:
-    if isinstance(request, GenerateRequest):
-        if prompt is not None or input_ids is not None or constraint is not None or sampling:
-            raise TypeError("request: give a GenerateRequest or prompt/sampling arguments, "
-                            "not both")
-        return request
-    if isinstance(request, str):
-        if prompt is not None:
-            raise TypeError("prompt: given twice")
-        prompt = request
-    elif request is not None:
-        if input_ids is not None:
-            raise TypeError("input_ids: given twice")
-        input_ids = request
-    if input_ids is not None:
-        ids = tuple(input_ids)
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int):
-                raise TypeError(f"input_ids: expected ints, got {type(t).__name__}")
-        input_ids = ids
-    if (prompt is None) == (input_ids is None):
-        raise TypeError("prompt: give exactly one of a prompt text or input_ids")
-    return GenerateRequest(prompt=prompt, input_ids=input_ids,
-                           sampling=SamplingParams(**sampling), constraint=constraint)
-
-
-def _chat_template(tokenizer: Tokenizer | None) -> ChatTemplate:
-    if tokenizer is None:
-        return SIMPLE_TEMPLATE
-
-    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-
-    try:
-        return ChatTemplate.from_renderer("model", render)
-    except Exception:  # no template, or one that does not wrap turns verbatim
-        return SIMPLE_TEMPLATE

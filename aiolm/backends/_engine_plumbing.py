@@ -1,0 +1,148 @@
+"""The async plumbing of :class:`aiolm.Engine`: the engine thread's crossing into the event
+loop, the per-request chunk streams, and argument handling (private to ``backends.engine``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from ..chat import SIMPLE_TEMPLATE, ChatTemplate
+from ..errors import AiolmError, BackendUnavailable, EngineError
+from ..sampling import SamplingParams
+from .base import Chunk, GenerateRequest
+
+if TYPE_CHECKING:
+    from ..constraints.base import Constraint
+    from ..engine.engine import RequestOutput
+    from ..engine.tokenizer import Tokenizer
+
+__all__ = ["ChunkStream", "Pending", "as_request", "chat_template_of", "common_prefix_len",
+           "final_event", "soon_caller", "translate_error"]
+
+
+@attrs.define(eq=False)
+class Pending:
+    """A command posted to the engine loop, awaiting its reply (set on the event loop)."""
+
+    event: anyio.Event = attrs.field(factory=anyio.Event)
+    value: Any = None
+    error: BaseException | None = None
+
+
+def soon_caller() -> Callable[..., None]:
+    """``call_soon(fn, *args)`` into the running event loop, callable from any thread."""
+    token = anyio.lowlevel.current_token().native_token
+    run_sync_soon = getattr(token, "run_sync_soon", None)  # trio.lowlevel.TrioToken
+    if run_sync_soon is not None:
+        return run_sync_soon
+    return token.call_soon_threadsafe  # an asyncio event loop
+
+
+class ChunkStream:
+    """The async iterator ``Engine.stream`` yields: one :class:`Chunk` per engine step."""
+
+    def __init__(self, receive: MemoryObjectReceiveStream[RequestOutput]) -> None:
+        self._receive = receive
+        self.done = False
+
+    def __aiter__(self) -> ChunkStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            out = await self._receive.receive()
+        except anyio.EndOfStream:
+            self.done = True
+            raise BackendUnavailable("the engine closed before the request finished") from None
+        if out.error is not None:
+            self.done = True
+            raise translate_error(out.error)
+        if out.finish_reason is not None:
+            self.done = True
+        return Chunk(text=out.text, token_ids=out.token_ids, logprobs=out.logprobs,
+                     finish_reason=out.finish_reason, usage=out.usage,
+                     matched_stop=out.matched_stop)
+
+
+def translate_error(error: BaseException) -> BaseException:
+    """A request's error as the caller sees it: aiolm and argument errors as they are,
+    anything else wrapped in :class:`EngineError`."""
+    if isinstance(error, AiolmError | ValueError | TypeError):
+        return error
+    wrapped = EngineError(f"the engine failed this request: {type(error).__name__}: {error}")
+    wrapped.__cause__ = error
+    return wrapped
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+async def final_event(receive: MemoryObjectReceiveStream[RequestOutput]) -> RequestOutput:
+    """Wait for a request's last event (raising its error)."""
+    while True:
+        try:
+            out = await receive.receive()
+        except anyio.EndOfStream:
+            raise BackendUnavailable("the engine closed before the request finished") from None
+        if out.error is not None:
+            raise translate_error(out.error)
+        if out.finish_reason is not None:
+            return out
+
+
+def as_request(request: Any, prompt: str | None, input_ids: Sequence[int] | None,
+               constraint: Constraint | None, sampling: dict[str, Any]) -> GenerateRequest:
+    """The :class:`GenerateRequest` of ``Engine.stream`` / ``generate``'s arguments.
+
+    Raises ``TypeError`` for a missing or doubled prompt, ``ValueError`` / ``TypeError``
+    (from :class:`SamplingParams`) for bad sampling options.
+    """
+    if isinstance(request, GenerateRequest):
+        if prompt is not None or input_ids is not None or constraint is not None or sampling:
+            raise TypeError("request: give a GenerateRequest or prompt/sampling arguments, "
+                            "not both")
+        return request
+    if isinstance(request, str):
+        if prompt is not None:
+            raise TypeError("prompt: given twice")
+        prompt = request
+    elif request is not None:
+        if input_ids is not None:
+            raise TypeError("input_ids: given twice")
+        input_ids = request
+    if input_ids is not None:
+        ids = tuple(input_ids)
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"input_ids: expected ints, got {type(t).__name__}")
+        input_ids = ids
+    if (prompt is None) == (input_ids is None):
+        raise TypeError("prompt: give exactly one of a prompt text or input_ids")
+    return GenerateRequest(prompt=prompt, input_ids=input_ids,
+                           sampling=SamplingParams(**sampling), constraint=constraint)
+
+
+def chat_template_of(tokenizer: Tokenizer | None) -> ChatTemplate:
+    """The tokenizer's chat template as role prefixes/suffixes (SIMPLE_TEMPLATE if none)."""
+    if tokenizer is None:
+        return SIMPLE_TEMPLATE
+
+    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    try:
+        return ChatTemplate.from_renderer("model", render)
+    except Exception:  # no template, or one that does not wrap turns verbatim
+        return SIMPLE_TEMPLATE

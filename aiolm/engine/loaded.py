@@ -1,0 +1,61 @@
+"""Loaded weights, model config and tokenizer, shareable by engines opened one after another."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from typing import TYPE_CHECKING
+
+import attrs
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .model_config import ModelConfig
+    from .tokenizer import Tokenizer
+
+__all__ = ["LoadedModel"]
+
+
+@attrs.define(eq=False, kw_only=True)
+class LoadedModel:
+    """Weights, model config and tokenizer, loaded once.
+
+    Pass it as ``Engine(model=loaded)`` to open engines without reloading (one open engine
+    at a time: the weights carry the engine's attention backend).
+    """
+
+    model: nn.Module
+    model_config: ModelConfig
+    tokenizer: Tokenizer | None
+    device: torch.device
+    source: str
+    load_format: str
+    in_use: bool = False
+
+    @classmethod
+    def load(cls, model: str | os.PathLike[str] | None = None, *, dtype: str = "auto",
+             device: str = "auto", load_format: str = "auto", seed: int = 0) -> LoadedModel:
+        """Load ``model`` (blocking): a HF directory, a ``.gguf`` file, or a named dummy config.
+
+        ``None`` is the embedded SmolLM2. Raises ``FileNotFoundError`` for a missing model
+        (saying how to install the default one), ``ValueError`` for bad arguments.
+        """
+        from .default_model import default_model_path
+        from .loader import load_model
+        from .runner import resolve_device
+
+        source = os.fspath(model) if model is not None else default_model_path()
+        dev = resolve_device(device)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            tokenizer_future = None
+            if load_format != "dummy":  # the tokenizer loads while the weights do
+                from .tokenizer import Tokenizer
+
+                tokenizer_future = pool.submit(Tokenizer.from_pretrained, source)
+            module, config = load_model(source, load_format=load_format, dtype=dtype,
+                                        device=dev, seed=seed)
+            tokenizer = tokenizer_future.result() if tokenizer_future is not None else None
+        return cls(model=module, model_config=config, tokenizer=tokenizer, device=dev,
+                   source=source, load_format=load_format)
