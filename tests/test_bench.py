@@ -165,3 +165,20 @@ async def test_optimal_hit_rate_is_computed_over_the_requests_a_fork_issues():
     # 11 prompt tokens, 5 distinct ones in their prefix tree.
     assert figures["optimal_hit_rate"] == pytest.approx(1 - 5 / 11)
     assert figures["hit_rate_vs_optimal"] == 0.0            # the scripted backend caches nothing
+
+
+def test_plan_groups_runs_by_engine_settings_or_by_workload():
+    from aiolm.bench.harness import plan
+    from aiolm.bench.targets import HFTarget
+
+    engine = EngineTarget("tiny-llama", load_format="dummy")
+    chosen = [WORKLOADS["select"], WORKLOADS["react"]]
+    grouped = plan(chosen, engine, size="tiny", ablations=["radix"], peer=HFTarget(engine))
+    names = [(st.workload.name, st.variant.name) for st in grouped]
+    assert names == [("select", "aiolm"), ("react", "aiolm"), ("select", "radix-off"),
+                     ("react", "radix-off"), ("select", "hf"), ("react", "hf")]
+    side_by_side = plan(chosen, engine, size="tiny", ablations=["radix"], peer=HFTarget(engine),
+                        by_workload=True)
+    assert [(st.workload.name, st.variant.name) for st in side_by_side] == [
+        ("select", "aiolm"), ("select", "radix-off"), ("select", "hf"),
+        ("react", "aiolm"), ("react", "radix-off"), ("react", "hf")]

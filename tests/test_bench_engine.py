@@ -77,6 +77,7 @@ async def test_transformers_peer_generates_what_the_engine_generates(loaded):
     stopped = GenerateRequest(prompt="Thought 1: people way day", sampling=SamplingParams(
         max_tokens=16, stop=["e"]))
     async with Engine(loaded, device="cpu") as engine:
+        assert peer.chat_template == engine.chat_template
         for request in (fixed, stopped):
             ours, theirs = await engine.generate(request), await peer.generate(request)
             assert theirs.text == ours.text
@@ -116,3 +117,30 @@ def test_cli_on_a_dummy_model_writes_every_variant(tmp_path):
     assert set(few_shot["ratios"]) == {"aiolm/radix-off", "aiolm/fcfs", "aiolm/hf"}
     assert list(json_decode["runs"]) == ["aiolm", "jump-forward-off", "hf"]
     assert few_shot["runs"]["radix-off"]["cache_hit_rate"] == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_transformers_peer_sees_the_engines_chat_prompts_on_smollm2():
+    from aiolm import assistant, gen, program, system, user
+    from aiolm.backends.engine import Engine
+    from aiolm.bench.hf_backend import HFBackend
+    from aiolm.bench.models import load_for_bench
+
+    pytest.importorskip("gguf")
+    loaded = load_for_bench(None, device="cpu")
+    peer = HFBackend(loaded)
+
+    @program
+    async def ask(s):
+        s += system("You are a helpful assistant.")
+        s += user("What is the capital of France?")
+        s += assistant(gen("answer", max_tokens=12))
+
+    async with Engine(loaded, device="cpu") as engine:
+        assert peer.chat_template == engine.chat_template
+        assert peer.chat_template.name == "model"           # SmolLM2's own template
+        ours = await ask.run(backend=engine)
+    theirs = await ask.run(backend=peer)
+    assert theirs["answer"] == ours["answer"]
+    assert "Paris" in ours["answer"]

@@ -120,6 +120,17 @@ def _make_target(args: argparse.Namespace, dummy: str | None):
     return OpenAITarget(engine) if args.backend == "openai" else engine
 
 
+def _on_cpu(args: argparse.Namespace) -> bool:
+    """Whether the benchmark runs on the CPU (then each workload's variants run together)."""
+    if args.backend == "scripted" or args.device == "cpu":
+        return True
+    if args.device != "auto":
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 async def _rooflines(target: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
     """Measure the device's limits and add roofline fractions, when a workload needs them."""
     from .limits import add_roofline_figures, measure_limits, weight_figures
@@ -158,7 +169,8 @@ async def _run(args: argparse.Namespace, argv: list[str], names: list[str], size
         if not isinstance(engine, EngineTarget):
             raise SystemExit("aiolm bench: --peer hf needs a model (not --backend scripted)")
         peer = HFTarget(engine)
-    steps = plan([WORKLOADS[n] for n in names], target, size=size, ablations=ablations, peer=peer)
+    steps = plan([WORKLOADS[n] for n in names], target, size=size, ablations=ablations, peer=peer,
+                 by_workload=_on_cpu(args))
     try:
         with tqdm(total=len(steps), unit="run", disable=args.no_progress, file=sys.stderr) as bar:
             def done(step: Any) -> None:

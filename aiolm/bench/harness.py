@@ -180,9 +180,15 @@ class Step:
 
 
 def plan(workloads: Sequence[Workload], target: Target, *, size: Size, ablations: Sequence[str] = (),
-         peer: Target | None = None) -> list[Step]:
-    """Every variant of every workload, grouped so that runs sharing a backend and its
-    settings are adjacent (an engine opens once per group), the peer last."""
+         peer: Target | None = None, by_workload: bool = False) -> list[Step]:
+    """Every variant of every workload.
+
+    ``by_workload``: each workload's variants back to back (aiolm, ablations, peer), so
+    that a shared machine's drift hits the runs that are compared in the same minutes; for
+    the CPU, where opening an engine over loaded weights is cheap. Otherwise runs sharing a
+    backend and its settings are adjacent (an engine opens once per group, which matters
+    where opening one captures CUDA graphs) and the peer runs last.
+    """
     steps = []
     for position, workload in enumerate(workloads):
         base = workload.engine_kwargs(size)
@@ -192,6 +198,8 @@ def plan(workloads: Sequence[Workload], target: Target, *, size: Size, ablations
                 where = where.inner  # the workload serves its backend itself
             steps.append(Step(workload=workload, variant=variant, where=where,
                               engine_kwargs={**base, **variant.engine_kwargs}, position=position))
+    if by_workload:
+        return steps
     order: dict[tuple[int, str], int] = {}
     for step in steps:
         order.setdefault(step.key, len(order))

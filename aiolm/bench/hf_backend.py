@@ -56,7 +56,7 @@ class HFBackend(Backend):
     def __init__(self, model: str | LoadedModel | None = None, *, load_format: str = "auto",
                  seed: int = 0, device: str = "auto", dtype: str = "auto",
                  cache_implementation: str | None = None) -> None:
-        from ..backends.engine import LoadedModel, _chat_template
+        from ..backends.engine import LoadedModel
         from .models import load_for_bench, to_transformers
 
         loaded = model if isinstance(model, LoadedModel) else load_for_bench(
@@ -64,8 +64,7 @@ class HFBackend(Backend):
         self.loaded = loaded
         self.model = to_transformers(loaded)
         self.tokenizer: Tokenizer = loaded.tokenizer  # type: ignore[assignment]
-        # The engine's own rendering of chat roles, so both systems see the same prompts.
-        self._template: ChatTemplate = _chat_template(self.tokenizer)
+        self._template = _chat_template(self.tokenizer)
         self.eos_token_ids = tuple(sorted(set(loaded.model_config.eos_token_ids)
                                           | set(self.tokenizer.eos_token_ids)))
         self.context_len = loaded.model_config.context_len
@@ -216,6 +215,24 @@ class HFBackend(Backend):
             unconditional_logprobs=None if unconditional is None else tuple(map(tuple, unconditional)),
             usage=Usage(prompt_tokens=sum(len(f) for f in fulls)),
         )
+
+
+def _chat_template(tokenizer: Tokenizer) -> ChatTemplate:
+    """The engine's rule for chat roles (its tokenizer's template as role prefixes/suffixes,
+    SIMPLE_TEMPLATE when there is none or it cannot be split), so both systems see the same
+    prompts; tests/test_bench_engine.py checks that the two agree."""
+    from ..chat import SIMPLE_TEMPLATE
+
+    if not tokenizer.has_chat_template:
+        return SIMPLE_TEMPLATE
+
+    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    try:
+        return ChatTemplate.from_renderer("model", render)
+    except Exception:  # as the engine: no usable template, or one that does not wrap turns verbatim
+        return SIMPLE_TEMPLATE
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:

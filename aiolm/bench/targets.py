@@ -263,7 +263,12 @@ class HFTarget(Target):
         return backend.tokenizer.encode  # type: ignore[attr-defined]
 
     async def release(self) -> None:
-        self._backend = None
+        # The model's weights are the engine's; only the allocator's cached blocks are ours.
+        if self._backend is not None and self._backend.loaded.device.type == "cuda":  # type: ignore[attr-defined]
+            import torch
+
+            torch.cuda.empty_cache()
 
     async def aclose(self) -> None:
         await self.release()
+        self._backend = None
