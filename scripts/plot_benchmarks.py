@@ -108,6 +108,40 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def from_gpu_suite(doc: dict[str, Any]) -> dict[str, Any]:
+    """The GPU suite's results (benchmarks/gpu_suite.py) as an aiolm-bench document.
+
+    Its figures are per attention backend; the page shows the one the suite picked for
+    ``"auto"`` (else the first), with the peer and the radix-off ablation where measured.
+    """
+    env = doc["sections"]["environment"]["result"]
+    chosen = doc["sections"].get("aiolm", {}).get("result", {}).get("auto_choice")
+    figures = [f for f in doc["figures"] if f.get("backend") == (chosen or doc["figures"][0]["backend"])]
+    records = []
+    for f in figures:
+        headline = {"tok/s": "output_tok_per_s", "out tok/s": "output_tok_per_s",
+                    "programs/s": "programs_per_s"}.get(f["unit"])
+        if headline is None or f.get("aiolm") is None:
+            continue  # FLOP/s figures have no variants to compare
+        runs = {"aiolm": {headline: f["aiolm"]}}
+        ratios = {}
+        if f.get("peer"):
+            runs["hf"] = {headline: f["peer"]}
+            ratios["aiolm/hf"] = f["aiolm"] / f["peer"]
+        if f.get("radix_off"):
+            runs["radix-off"] = {headline: f["radix_off"]}
+            ratios["aiolm/radix-off"] = f["aiolm"] / f["radix_off"]
+        records.append({"name": f["figure"], "runs": runs, "ratios": ratios, "errors": {},
+                        "headline": headline})
+    return {
+        "format": "gpu-suite", "device": {"kind": "cuda", "name": env["device"]},
+        "config": {"backend": {"model": doc["plan"]["model"] + " (dummy weights)"},
+                   "size": f"GPU suite, {chosen or 'first'} attention backend"},
+        "command": "python benchmarks/gpu_suite.py", "created": doc.get("started", ""),
+        "workloads": records,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default="docs/benchmarks", help="where the results JSON files are")
@@ -118,6 +152,11 @@ def main() -> int:
         parser.error(f"no results (*.json) in {args.dir}")
     for path in files:
         doc = json.loads(path.read_text())
+        if doc.get("suite") == "gpu" and "figures" in doc:
+            doc = from_gpu_suite(doc)
+        elif doc.get("format") != "aiolm-bench/1":
+            print(f"skipped {path}: not a results document")
+            continue
         plot(doc, path.with_suffix(".png"))
         print(f"wrote {path.with_suffix('.png')}")
         if args.markdown:
