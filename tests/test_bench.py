@@ -182,3 +182,18 @@ def test_plan_groups_runs_by_engine_settings_or_by_workload():
     assert [(st.workload.name, st.variant.name) for st in side_by_side] == [
         ("select", "aiolm"), ("select", "radix-off"), ("select", "hf"),
         ("react", "aiolm"), ("react", "radix-off"), ("react", "hf")]
+
+
+def test_gpu_suite_is_delegated_with_its_own_options(monkeypatch, tmp_path):
+    import subprocess
+
+    from aiolm.bench import cli
+
+    script = tmp_path / "benchmarks" / "gpu_suite.py"
+    script.parent.mkdir()
+    script.write_text("")
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert cli.bench_main(["--suite", "gpu", "--out", "results", "--budget", "400"]) == 0
+    assert calls[0][1:] == [str(script), "--out", "results", "--budget", "400"]
