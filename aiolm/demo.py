@@ -11,8 +11,8 @@ from aiolm import assistant, gen, program, select, system, user
 @program
 async def trip_planner(s, city: str):
     s += system("You are a concise travel assistant. Answer in one short sentence.")
-    s += user(f"Is {city} the capital of France? Answer yes or no.")
-    s += assistant(select("is_capital", choices=["Yes", "No"]))
+    s += user("Which city is the capital of France?")
+    s += assistant(select("capital", choices=["London", "Paris", "Berlin"]))
     s += user(f"What is {city} famous for?")
     s += assistant(gen("famous", max_tokens=40, stop="\n"))
     aspects = ["food", "museums", "parks"]
@@ -31,7 +31,7 @@ async def run_demo(model: str | None = None, device: str = "auto") -> None:
         answer = await engine.generate("The capital of France is", max_tokens=8)
         print(f"completion: 'The capital of France is{answer.text}'")
         state = await trip_planner.run(city="Paris", backend=engine)
-        print(f"is_capital: {state['is_capital']}")
+        print(f"capital:    {state['capital']}")
         print(f"famous:     {state['famous'].strip()}")
         for aspect, tip in zip(["food", "museums", "parks"], state["tip"], strict=True):
             print(f"tip ({aspect}): {tip.strip()}")
