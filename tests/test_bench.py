@@ -10,6 +10,7 @@ from aiolm.backends import ScriptedBackend
 from aiolm.bench import WORKLOADS
 from aiolm.bench.cli import bench_main
 from aiolm.bench.harness import measure, ratios, run_workload, variants
+from aiolm.bench.judge import DIMENSIONS
 from aiolm.bench.recording import RecordingBackend
 from aiolm.bench.results import write_json
 from aiolm.bench.targets import EngineTarget, ScriptedTarget, scripted_reply
@@ -197,3 +198,17 @@ def test_gpu_suite_is_delegated_with_its_own_options(monkeypatch, tmp_path):
     monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
     assert cli.bench_main(["--suite", "gpu", "--out", "results", "--budget", "400"]) == 0
     assert calls[0][1:] == [str(script), "--out", "results", "--budget", "400"]
+
+
+@pytest.mark.anyio
+async def test_programs_run_through_the_openai_server_when_asked():
+    from aiolm.bench.harness import plan, run_plan
+
+    steps = plan([WORKLOADS["judge"], WORKLOADS["multi-turn"]], ScriptedTarget(), size="tiny",
+                 via_openai=True)
+    judge, chat = await run_plan(steps, size="tiny")
+    assert judge["errors"] == chat["errors"] == {}
+    shape = WORKLOADS["judge"].shape("tiny")
+    # Counted at the server: each essay's verdicts and its score (fork prefills stay client-side).
+    assert judge["runs"]["aiolm"]["requests"] == shape.programs * (len(DIMENSIONS) + 1)
+    assert chat["runs"]["aiolm"]["ttft_later_turns_ms"] >= 0

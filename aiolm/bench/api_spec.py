@@ -86,9 +86,9 @@ async def run_through_api(
     backend: Backend, inputs: Sequence[dict[str, Any]], options: RunOptions
 ) -> dict[str, float]:
     """Serve ``backend`` with aiolm's server and run the programs on ``aiolm.OpenAI`` over it."""
-    from .openai_bridge import served_as_openai
+    from .openai_bridge import served_if
 
-    async with served_as_openai(backend, spec_tokens=options.spec_tokens) as api:
+    async with served_if(backend, attrs.evolve(options, via_openai=True)) as api:
         states = await extract_fields.run_batch(
             list(inputs), backend=api, max_concurrency=options.max_concurrency
         )

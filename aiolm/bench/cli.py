@@ -123,14 +123,13 @@ def bench_main(argv: list[str]) -> int:
 
 
 def _make_target(args: argparse.Namespace, dummy: str | None):
-    from .targets import EngineTarget, OpenAITarget, ScriptedTarget
+    from .targets import EngineTarget, ScriptedTarget
 
     if args.backend == "scripted":
         return ScriptedTarget()
-    engine = EngineTarget(
+    return EngineTarget(
         dummy or args.model, load_format="dummy" if dummy else "auto", seed=args.seed, device=args.device,
     )
-    return OpenAITarget(engine) if args.backend == "openai" else engine
 
 
 def _on_cpu(args: argparse.Namespace) -> bool:
@@ -147,16 +146,15 @@ def _on_cpu(args: argparse.Namespace) -> bool:
 async def _rooflines(target: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
     """Measure the device's limits and add roofline fractions, when a workload needs them."""
     from .limits import add_roofline_figures, measure_limits, weight_figures
-    from .targets import EngineTarget, OpenAITarget
+    from .targets import EngineTarget
 
-    engine = target.inner if isinstance(target, OpenAITarget) else target
-    if not isinstance(engine, EngineTarget) or not any(
+    if not isinstance(target, EngineTarget) or not any(
             r["name"] in ("decode-bs1", "throughput") for r in results):
         return {}
     import anyio.to_thread
 
-    await engine.release()  # the engine's KV memory is not needed for this
-    loaded = await engine.loaded()
+    await target.release()  # the engine's KV memory is not needed for this
+    loaded = await target.loaded()
     limits = await anyio.to_thread.run_sync(
         measure_limits, loaded.device, loaded.model_config.torch_dtype)
     weights = weight_figures(loaded.model)
@@ -173,17 +171,16 @@ async def _run(args: argparse.Namespace, argv: list[str], names: list[str], size
     from .goals import check_goals, format_goals
     from .harness import plan, run_plan
     from .results import device_info, format_table, make_document, write_json
-    from .targets import EngineTarget, HFTarget, OpenAITarget
+    from .targets import EngineTarget, HFTarget
 
     target = _make_target(args, dummy)
     peer = None
     if peer_name:
-        engine = target.inner if isinstance(target, OpenAITarget) else target
-        if not isinstance(engine, EngineTarget):
+        if not isinstance(target, EngineTarget):
             raise SystemExit("aiolm bench: --peer hf needs a model (not --backend scripted)")
-        peer = HFTarget(engine)
+        peer = HFTarget(target)
     steps = plan([WORKLOADS[n] for n in names], target, size=size, ablations=ablations, peer=peer,
-                 by_workload=_on_cpu(args))
+                 by_workload=_on_cpu(args), via_openai=args.backend == "openai")
     try:
         with tqdm(total=len(steps), unit="run", disable=args.no_progress, file=sys.stderr) as bar:
             def done(step: Any) -> None:
@@ -197,7 +194,8 @@ async def _run(args: argparse.Namespace, argv: list[str], names: list[str], size
         if peer is not None:
             await peer.aclose()
     config = {
-        "backend": target.describe(), "peer": peer.describe() if peer else None,
+        "backend": target.describe(), "via_openai": args.backend == "openai",
+        "peer": peer.describe() if peer else None,
         "workloads": names, "size": size, "seed": args.seed, "ablations": ablations,
         "suite": args.suite,
     }

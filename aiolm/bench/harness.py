@@ -29,7 +29,7 @@ import attrs
 
 from .recording import RecordingBackend
 from .synth import Size
-from .targets import ABLATION_ENGINE_KWARGS, OpenAITarget, Target
+from .targets import ABLATION_ENGINE_KWARGS, Target
 from .workload import ABLATIONS, RunOptions, Workload
 
 if TYPE_CHECKING:
@@ -76,9 +76,12 @@ def variants(workload: Workload, target: Target, ablations: Sequence[str], peer:
 
 def _run_batch_runner(workload: Workload) -> Callable[..., Any]:
     async def run(backend: Backend, inputs: Sequence[dict[str, Any]], options: RunOptions) -> dict[str, float]:
-        states = await workload.program.run_batch(
-            list(inputs), backend=backend, max_concurrency=options.max_concurrency
-        )
+        from .openai_bridge import served_if
+
+        async with served_if(backend, options) as programs_backend:
+            states = await workload.program.run_batch(
+                list(inputs), backend=programs_backend, max_concurrency=options.max_concurrency
+            )
         failed = [st.error for st in states if st.error is not None]
         if failed:
             raise failed[0]
@@ -171,6 +174,8 @@ class Step:
     engine_kwargs: dict[str, Any]
     #: The workload's position on the command line (results come back in this order).
     position: int = 0
+    #: Programs run on ``aiolm.OpenAI`` against aiolm's server over the backend.
+    via_openai: bool = False
 
     @property
     def key(self) -> tuple[int, str]:
@@ -180,24 +185,25 @@ class Step:
 
 
 def plan(workloads: Sequence[Workload], target: Target, *, size: Size, ablations: Sequence[str] = (),
-         peer: Target | None = None, by_workload: bool = False) -> list[Step]:
+         peer: Target | None = None, by_workload: bool = False, via_openai: bool = False) -> list[Step]:
     """Every variant of every workload.
 
     ``by_workload``: each workload's variants back to back (aiolm, ablations, peer), so
     that a shared machine's drift hits the runs that are compared in the same minutes; for
     the CPU, where opening an engine over loaded weights is cheap. Otherwise runs sharing a
     backend and its settings are adjacent (an engine opens once per group, which matters
-    where opening one captures CUDA graphs) and the peer runs last.
+    where opening one captures CUDA graphs) and the peer runs last. ``via_openai``: the
+    programs go through aiolm's server and ``aiolm.OpenAI`` (the recorder and the engine's
+    statistics stay on the server's side, so the figures count what the engine saw).
     """
     steps = []
     for position, workload in enumerate(workloads):
         base = workload.engine_kwargs(size)
         for variant in variants(workload, target, ablations, peer):
             where = peer if variant.peer and peer is not None else target
-            if workload.via_openai and isinstance(where, OpenAITarget):
-                where = where.inner  # the workload serves its backend itself
             steps.append(Step(workload=workload, variant=variant, where=where,
-                              engine_kwargs={**base, **variant.engine_kwargs}, position=position))
+                              engine_kwargs={**base, **variant.engine_kwargs}, position=position,
+                              via_openai=via_openai))
     if by_workload:
         return steps
     order: dict[tuple[int, str], int] = {}
@@ -229,7 +235,7 @@ async def run_plan(steps: Sequence[Step], *, size: Size, seed: int = 0,
             await current.release()  # free device memory for the other side
         current = step.where
         options = RunOptions(variant=step.variant.name, max_concurrency=w.max_concurrency,
-                             spec_tokens=step.variant.spec_tokens)
+                             spec_tokens=step.variant.spec_tokens, via_openai=step.via_openai)
         try:
             async with step.where.open(step.engine_kwargs) as backend:
                 tokenize = step.where.tokenizer(backend)

@@ -100,7 +100,9 @@ async def run_streamed(
                 (first_turn if i == 0 else later_turns).append(first_seen[name] - previous_end)
                 previous_end = last_seen[name]
 
-    async with anyio.create_task_group() as tg:
+    from .openai_bridge import served_if
+
+    async with served_if(backend, options) as backend, anyio.create_task_group() as tg:
         for kwargs in inputs:
             tg.start_soon(one, kwargs)
     if errors:

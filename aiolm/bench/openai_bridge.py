@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..backends.base import Backend
     from ..backends.openai import OpenAI
+    from .workload import RunOptions
 
-__all__ = ["MODEL_NAME", "served_as_openai"]
+__all__ = ["MODEL_NAME", "served_as_openai", "served_if"]
 
 #: The model id the bench server answers to.
 MODEL_NAME = "aiolm-bench"
@@ -47,3 +48,13 @@ async def served_as_openai(backend: Backend, *, spec_tokens: int | None = None,
             yield api
         finally:
             await api.aclose()
+
+
+@asynccontextmanager
+async def served_if(backend: Backend, options: RunOptions) -> AsyncIterator[Backend]:
+    """``backend`` itself, or (``options.via_openai``) ``aiolm.OpenAI`` served over it."""
+    if not options.via_openai:
+        yield backend
+        return
+    async with served_as_openai(backend, spec_tokens=options.spec_tokens) as api:
+        yield api

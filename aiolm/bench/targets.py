@@ -1,5 +1,4 @@
-"""What a benchmark runs on: the engine, the scripted backend, the transformers peer, or the
-OpenAI path (aiolm's server over the engine, reached by ``aiolm.OpenAI``).
+"""What a benchmark runs on: the engine, the scripted backend or the transformers peer.
 
 A :class:`Target` opens a backend for one variant (engine settings differ per ablation),
 says which ablations it can run, how its prompts tokenize (for the recorder) and how to
@@ -20,7 +19,7 @@ from ..backends.base import Backend
 from .recording import WordTokenizer
 from .synth import words
 
-__all__ = ["EngineTarget", "HFTarget", "OpenAITarget", "ScriptedTarget", "Target", "scripted_reply"]
+__all__ = ["EngineTarget", "HFTarget", "ScriptedTarget", "Target", "scripted_reply"]
 
 #: Engine settings that switch each of the paper's ablations off.
 ABLATION_ENGINE_KWARGS: dict[str, dict[str, Any]] = {
@@ -205,34 +204,6 @@ class EngineTarget(Target):
         await self.release()
         if not self._keep_loaded:
             self._loaded = None
-
-
-class OpenAITarget(Target):
-    """aiolm's OpenAI-compatible server over an engine, used through ``aiolm.OpenAI``."""
-
-    kind = "openai"
-
-    def __init__(self, inner: Target) -> None:
-        self.inner = inner
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "served": self.inner.describe()}
-
-    def supports(self, ablation: str) -> bool:
-        return self.inner.supports(ablation)
-
-    @asynccontextmanager
-    async def open(self, engine_kwargs: dict[str, Any]) -> AsyncIterator[Backend]:
-        from .openai_bridge import served_as_openai
-
-        async with self.inner.open(engine_kwargs) as backend, served_as_openai(backend) as api:
-            yield api
-
-    async def release(self) -> None:
-        await self.inner.release()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 class HFTarget(Target):

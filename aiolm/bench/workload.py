@@ -40,6 +40,9 @@ class RunOptions:
     max_concurrency: int = 64
     #: API speculation (``spec_tokens``) for workloads that go through the OpenAI backend.
     spec_tokens: int | None = None
+    #: Run the programs on ``aiolm.OpenAI`` against aiolm's server over the backend
+    #: (``aiolm bench --backend openai``; always for workloads with ``via_openai``).
+    via_openai: bool = False
 
 
 def fixed_length(n: int) -> dict[str, Any]:
@@ -83,7 +86,7 @@ class Workload:
     peer: bool = True
     #: ``spec_tokens`` of the OpenAI backend in every variant but ``spec-off``.
     spec_tokens: int | None = None
-    #: Only on the OpenAI backend (served by aiolm's own server over the chosen backend).
+    #: Always through the OpenAI API (aiolm's server over the benchmarked backend).
     via_openai: bool = False
 
     def __attrs_post_init__(self) -> None:
