@@ -106,7 +106,8 @@ async def test_transformers_peer_runs_a_constrained_program(loaded):
 def test_cli_on_a_dummy_model_writes_every_variant(tmp_path):
     out = tmp_path / "r.json"
     code = bench_main(["few-shot", "json-decode", "--dummy", "tiny-llama", "--device", "cpu",
-                       "--size", "tiny", "--peer", "hf", "--ablate", "all", "--no-progress",
+                       "--size", "tiny", "--peer", "hf", "--peer-programs", "1", "--ablate", "all",
+                       "--no-progress",
                        "--out", str(out)])
     assert code == 0
     doc = json.loads(out.read_text())
@@ -117,6 +118,8 @@ def test_cli_on_a_dummy_model_writes_every_variant(tmp_path):
     assert set(few_shot["ratios"]) == {"aiolm/radix-off", "aiolm/fcfs", "aiolm/hf"}
     assert list(json_decode["runs"]) == ["aiolm", "jump-forward-off", "hf"]
     assert few_shot["runs"]["radix-off"]["cache_hit_rate"] == 0.0
+    assert few_shot["runs"]["aiolm"]["programs"] == 4
+    assert few_shot["runs"]["hf"]["programs"] == 1              # --peer-programs 1
 
 
 @pytest.mark.slow

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dummy", metavar="NAME", help="random weights of a named config, e.g. llama-3-8b")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--peer", choices=("hf",), help="also run the programs on transformers generate")
+    parser.add_argument("--peer-programs", type=int, metavar="N",
+                        help="the peer runs only each workload's first N programs (its rate is per call)")
     parser.add_argument("--ablate", action="append", choices=(*ABLATIONS, "all"), default=None,
                         help="also run with this feature off (repeatable)")
     parser.add_argument("--size", choices=SIZES, help="workload size (default: small; the suites set theirs)")
@@ -99,6 +101,8 @@ def bench_main(argv: list[str]) -> int:
             return subprocess.call([sys.executable, str(script), *_without_suite(argv)])
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.peer_programs is not None and args.peer_programs < 1:
+        parser.error(f"--peer-programs: must be >= 1, got {args.peer_programs}")
     if args.suite and args.workloads:
         parser.error("give either workloads or --suite, not both")
     unknown = [w for w in args.workloads if w not in WORKLOADS]
@@ -180,7 +184,8 @@ async def _run(args: argparse.Namespace, argv: list[str], names: list[str], size
             raise SystemExit("aiolm bench: --peer hf needs a model (not --backend scripted)")
         peer = HFTarget(target)
     steps = plan([WORKLOADS[n] for n in names], target, size=size, ablations=ablations, peer=peer,
-                 by_workload=_on_cpu(args), via_openai=args.backend == "openai")
+                 by_workload=_on_cpu(args), via_openai=args.backend == "openai",
+                 peer_programs=args.peer_programs)
     try:
         with tqdm(total=len(steps), unit="run", disable=args.no_progress, file=sys.stderr) as bar:
             def done(step: Any) -> None:
@@ -197,7 +202,7 @@ async def _run(args: argparse.Namespace, argv: list[str], names: list[str], size
         "backend": target.describe(), "via_openai": args.backend == "openai",
         "peer": peer.describe() if peer else None,
         "workloads": names, "size": size, "seed": args.seed, "ablations": ablations,
-        "suite": args.suite,
+        "suite": args.suite, "peer_programs": args.peer_programs,
     }
     device = device_info("cpu" if args.backend == "scripted" else args.device)
     document = make_document(device=device, config=config, workloads=results, limits=limits, argv=argv)

@@ -176,6 +176,8 @@ class Step:
     position: int = 0
     #: Programs run on ``aiolm.OpenAI`` against aiolm's server over the backend.
     via_openai: bool = False
+    #: Run only the first this many programs (None: all).
+    max_programs: int | None = None
 
     @property
     def key(self) -> tuple[int, str]:
@@ -185,7 +187,8 @@ class Step:
 
 
 def plan(workloads: Sequence[Workload], target: Target, *, size: Size, ablations: Sequence[str] = (),
-         peer: Target | None = None, by_workload: bool = False, via_openai: bool = False) -> list[Step]:
+         peer: Target | None = None, by_workload: bool = False, via_openai: bool = False,
+         peer_programs: int | None = None) -> list[Step]:
     """Every variant of every workload.
 
     ``by_workload``: each workload's variants back to back (aiolm, ablations, peer), so
@@ -195,6 +198,9 @@ def plan(workloads: Sequence[Workload], target: Target, *, size: Size, ablations
     where opening one captures CUDA graphs) and the peer runs last. ``via_openai``: the
     programs go through aiolm's server and ``aiolm.OpenAI`` (the recorder and the engine's
     statistics stay on the server's side, so the figures count what the engine saw).
+    ``peer_programs``: the peer runs only the first that many programs of each workload (it
+    runs them one call at a time, so its rate does not depend on how many; this keeps
+    the paper's shapes affordable on a GPU).
     """
     steps = []
     for position, workload in enumerate(workloads):
@@ -203,7 +209,8 @@ def plan(workloads: Sequence[Workload], target: Target, *, size: Size, ablations
             where = peer if variant.peer and peer is not None else target
             steps.append(Step(workload=workload, variant=variant, where=where,
                               engine_kwargs={**base, **variant.engine_kwargs}, position=position,
-                              via_openai=via_openai))
+                              via_openai=via_openai,
+                              max_programs=peer_programs if variant.peer else None))
     if by_workload:
         return steps
     order: dict[tuple[int, str], int] = {}
@@ -242,7 +249,8 @@ async def run_plan(steps: Sequence[Step], *, size: Size, seed: int = 0,
                 # Warm up on one program of the tiny shape: same code paths, little time.
                 await measure(w, backend, w.make_inputs("tiny", seed)[:1], options, tokenize=tokenize)
                 await step.where.reset(backend)
-                figures = await measure(w, backend, inputs[w.name], options, tokenize=tokenize)
+                figures = await measure(w, backend, inputs[w.name][: step.max_programs], options,
+                                        tokenize=tokenize)
             records[w.name]["runs"][step.variant.name] = figures
         except Exception as exc:  # one broken variant must not hide the others' figures
             records[w.name]["errors"][step.variant.name] = f"{type(exc).__name__}: {exc}"
