@@ -122,17 +122,22 @@ def test_cli_on_a_dummy_model_writes_every_variant(tmp_path):
     assert few_shot["runs"]["hf"]["programs"] == 1              # --peer-programs 1
 
 
-@pytest.mark.slow
-@pytest.mark.anyio
-async def test_transformers_peer_sees_the_engines_chat_prompts_on_smollm2():
-    from aiolm import assistant, gen, program, system, user
-    from aiolm.backends.engine import Engine
-    from aiolm.bench.hf_backend import HFBackend
+@pytest.fixture(scope="module")
+def smollm2():
     from aiolm.bench.models import load_for_bench
 
     pytest.importorskip("gguf")
-    loaded = load_for_bench(None, device="cpu")
-    peer = HFBackend(loaded)
+    return load_for_bench(None, device="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_transformers_peer_sees_the_engines_chat_prompts_on_smollm2(smollm2):
+    from aiolm import assistant, gen, program, system, user
+    from aiolm.backends.engine import Engine
+    from aiolm.bench.hf_backend import HFBackend
+
+    loaded, peer = smollm2, HFBackend(smollm2)
 
     @program
     async def ask(s):
