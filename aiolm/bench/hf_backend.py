@@ -49,6 +49,7 @@ class HFBackend(Backend):
     a ``.gguf`` file, or with ``load_format="dummy"`` a named config, e.g. ``"llama-3-8b"``),
     or an already loaded ``LoadedModel`` to share its weights. Loading blocks.
     ``cache_implementation`` is passed to ``generate`` (e.g. ``"static"`` on a GPU).
+    Like the engine, one instance serves one event loop.
     """
 
     capabilities = Capabilities(logprobs=False, images=False)
