@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from ..backends.base import Backend, Capabilities, TokenLogprob
+from ..backends.base import Backend, Capabilities, TokenLogprob, Usage
 from ..chat import SIMPLE_TEMPLATE, ChatTemplate
 from ..constraints.base import Constraint
 from ..constraints.json_schema import JSONSchema
@@ -65,6 +65,17 @@ class GenerationMeta:
     logprobs: tuple[TokenLogprob, ...] | None = None
     matched_stop: str | int | None = None
     choice_logprobs: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_usage(cls, usage: Usage, *, finish_reason: str, **extra: object) -> GenerationMeta:
+        """Meta of a variable from the backend's token counts (``extra``: the other fields)."""
+        return cls(
+            finish_reason=finish_reason,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            **extra,
+        )
 
 
 EmitFn = Callable[[StreamEvent], Awaitable[None]]

@@ -73,11 +73,8 @@ async def run_gen(state: ProgramState, gen: Gen) -> None:
     state._append_text(text)
     if gen.name is not None:
         usage = last.usage or Usage()
-        meta = GenerationMeta(
-            finish_reason=last.finish_reason,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cached_tokens=usage.cached_tokens,
+        meta = GenerationMeta.from_usage(
+            usage, finish_reason=last.finish_reason,
             logprobs=tuple(logprobs) if request.sampling.logprobs else None,
             matched_stop=last.matched_stop,
         )
@@ -106,13 +103,8 @@ async def run_select(state: ProgramState, sel: Select) -> None:
     if ctx.emit is not None:
         await ctx.emit(StreamEvent(name=sel.name, text=choice, branch=state._path))
     state._append_text(choice)
-    usage = result.usage
-    meta = GenerationMeta(
-        finish_reason="stop",
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        cached_tokens=usage.cached_tokens,
-        choice_logprobs=result.normalized_logprobs,
+    meta = GenerationMeta.from_usage(
+        result.usage, finish_reason="stop", choice_logprobs=result.normalized_logprobs
     )
     state._set(sel.name, choice, meta)
 
