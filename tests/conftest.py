@@ -13,6 +13,8 @@ def anyio_backend(request):
 
 
 def pytest_configure(config):
+    # Every engine the tests open checks each index before it reaches a kernel.
+    os.environ.setdefault("AIOLM_DEBUG_CHECKS", "1")
     # Without a GPU, Triton kernels run only through Triton's interpreter, which must be
     # chosen before triton is first imported (tests/test_triton_attention.py uses it).
     try:

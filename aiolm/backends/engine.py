@@ -48,7 +48,7 @@ from .base import (
 if TYPE_CHECKING:
 
     from ..constraints.base import Constraint
-    from ..engine.engine import EngineCore, EngineStatistics, RequestOutput
+    from ..engine.engine import EngineCore, EngineStatistics, IntegrityReport, RequestOutput
     from ..engine.tokenizer import Tokenizer
 
 __all__ = ["Engine", "LoadedModel"]
@@ -173,10 +173,26 @@ class Engine(Backend):
 
     async def flush_cache(self) -> int:
         """Evict every cached prefix no request uses; returns the number of freed tokens."""
-        core = self._require_core()
+        return await self._command(self._require_core().flush_cache)
+
+    async def check_integrity(self) -> IntegrityReport:
+        """Check the engine's KV accounting between two steps (waits for the loop to reach it).
+
+        Returns an :class:`~aiolm.engine.engine.IntegrityReport`; raises ``RuntimeError``
+        naming the broken invariant: a radix-cache invariant, a slot both free and cached or
+        freed twice, a table row without its request, or, once idle, slots or locks still
+        held (a leak). For tests, soaks and debugging; cheap enough to call between programs.
+        """
+        value = await self._command(self._require_core().check)
+        if isinstance(value, RuntimeError):
+            raise value
+        return value
+
+    async def _command(self, post: Callable[[int], None]) -> Any:
+        """Post a command to the engine loop and wait for its ``CommandDone`` value."""
         ticket = next(self._ticket_ids)
         pending = self._tickets[ticket] = Pending()
-        core.flush_cache(ticket)
+        post(ticket)
         await pending.event.wait()
         if pending.error is not None:
             raise pending.error

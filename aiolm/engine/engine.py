@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     from .scheduler import ScheduleBatch
     from .tokenizer import Tokenizer
 
-__all__ = ["EngineCore", "EngineFailed", "EngineStatistics", "CommandDone", "RequestOutput"]
+__all__ = ["CommandDone", "EngineCore", "EngineFailed", "EngineStatistics", "IntegrityReport",
+           "RequestOutput"]
 
 
 @attrs.frozen(kw_only=True)
@@ -115,6 +116,25 @@ class EngineStatistics:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
+@attrs.frozen(kw_only=True)
+class IntegrityReport:
+    """What :meth:`EngineCore.check_integrity` verified, taken between two steps.
+
+    ``request_slots``: KV slots held by requests (neither free nor in the radix cache);
+    ``locked_tokens``: cached tokens locked by running requests; ``rows_in_use``: taken
+    ``req_to_token`` rows. Once idle (no request waiting or running) all three are 0.
+    """
+
+    idle: bool
+    running_requests: int
+    waiting_requests: int
+    free_slots: int
+    cached_tokens: int
+    request_slots: int
+    locked_tokens: int
+    rows_in_use: int
+
+
 @attrs.define(eq=False)
 class _ReqState:
     """Engine-side state of one request (kept in ``Req.user_data``)."""
@@ -136,6 +156,11 @@ class _Abort:
 
 @attrs.frozen
 class _Flush:
+    ticket: int
+
+
+@attrs.frozen
+class _Check:
     ticket: int
 
 
@@ -253,9 +278,51 @@ class EngineCore:
         """Evict every unused cached prefix; replies ``CommandDone(ticket, freed_tokens)``."""
         self._inbox.put(_Flush(ticket))
 
+    def check(self, ticket: int) -> None:
+        """Check the KV accounting between two steps; replies ``CommandDone(ticket, value)``
+        with an :class:`IntegrityReport`, or with the ``RuntimeError`` naming what is broken."""
+        self._inbox.put(_Check(ticket))
+
     def shutdown(self) -> None:
         """Stop the loop after its current step; open requests end with ``"abort"``."""
         self._inbox.put(_Shutdown())
+
+    def check_integrity(self) -> IntegrityReport:
+        """Verify the KV accounting (on the loop thread, between steps).
+
+        The radix cache's own invariants (``RadixCache.check_integrity``); every slot is
+        exactly one of free, cached or held by a request, and every taken table row belongs
+        to a running request; once idle, no slot is held by a request, no cached token is
+        locked and no row is taken. Raises ``RuntimeError`` naming the broken invariant.
+        """
+        self.cache.check_integrity()
+        allocator, rows = self.runner.allocator, self.runner.req_to_token_pool
+        sched = self.scheduler.statistics()
+        free, cached = allocator.available_size(), self.cache.total_size()
+        report = IntegrityReport(
+            idle=not self._live and sched.running == 0 and sched.waiting == 0,
+            running_requests=sched.running, waiting_requests=sched.waiting, free_slots=free,
+            cached_tokens=cached, request_slots=allocator.size - free - cached,
+            locked_tokens=self.cache.protected_size(),
+            rows_in_use=rows.max_requests - rows.available_size(),
+        )
+        free_list = allocator.free_slots()
+        if free != free_list.numel():
+            raise RuntimeError(f"KV accounting: the allocator counts {free} free slots but "
+                               f"holds {free_list.numel()}")
+        if free_list.unique().numel() != free_list.numel():
+            raise RuntimeError("KV accounting: a KV slot is on the free list twice (a double free)")
+        if report.request_slots < 0:
+            raise RuntimeError(f"KV accounting: {free} free + {cached} cached slots exceed "
+                               f"the pool's {allocator.size} (a slot freed twice?)")
+        if report.rows_in_use != sched.running:
+            raise RuntimeError(f"KV accounting: {report.rows_in_use} req_to_token rows are "
+                               f"taken for {sched.running} running requests")
+        if report.idle and (report.request_slots or report.locked_tokens):
+            raise RuntimeError(
+                f"KV accounting: idle, yet {report.request_slots} KV slots are held by no "
+                f"request and {report.locked_tokens} cached tokens are still locked (leaked)")
+        return report
 
     # -------------------------------------------------------------- the loop
     def _loop(self) -> None:
@@ -304,6 +371,12 @@ class EngineCore:
             self._abort(cmd.rid, events, None)
         elif isinstance(cmd, _Flush):
             events.append(CommandDone(ticket=cmd.ticket, value=self.scheduler.flush_cache()))
+        elif isinstance(cmd, _Check):
+            try:
+                value: Any = self.check_integrity()
+            except RuntimeError as exc:
+                value = exc
+            events.append(CommandDone(ticket=cmd.ticket, value=value))
         elif isinstance(cmd, _Shutdown):
             return False
         return True

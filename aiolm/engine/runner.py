@@ -24,6 +24,7 @@ import torch
 
 from ..cache.pool import KVPool, ReqToTokenPool, TokenSlotAllocator
 from .attention import create as create_attention
+from .debug_checks import check_forward_batch, debug_checks_enabled
 from .forward_batch import ForwardBatch, ForwardMode
 from .sampler import Sampler, token_logprobs
 
@@ -160,6 +161,8 @@ class ModelRunner:
             eos_token_ids=model_config.eos_token_ids if eos_token_ids is None else eos_token_ids,
         )
         self.forward_passes = 0
+        # AIOLM_DEBUG_CHECKS=1: every index is checked on the host before it reaches a kernel.
+        self.debug_checks = debug_checks_enabled()
         self.graph_runner: Any = None
         if config.cuda_graphs and cuda and self.attn.supports_cuda_graph:
             from .cuda_graph import CudaGraphRunner
@@ -190,10 +193,16 @@ class ModelRunner:
         rows about to be sampled; it runs on the host while the device computes the
         forward pass. Scoring requests (``return_all_logits``) and prefill-only requests
         (``max_tokens == 0``) are never sampled; scoring requests' raw logprobs come back in
-        ``StepOutput.scored``. Mutates nothing but the KV pool.
+        ``StepOutput.scored``. Mutates nothing but the KV pool. With ``AIOLM_DEBUG_CHECKS=1``
+        raises :class:`~aiolm.engine.debug_checks.DebugCheckError` before the pass for a bad
+        index (see :mod:`aiolm.engine.debug_checks`).
         """
         reqs = batch.reqs
         fb = self._forward_batch(batch)
+        if self.debug_checks:
+            check_forward_batch(fb, allocator=self.allocator,
+                                req_to_token_pool=self.req_to_token_pool,
+                                vocab_size=self.model_config.vocab_size)
         if fb.is_decode and self.graph_runner is not None and self.graph_runner.can_run(fb):
             logits = self.graph_runner.replay(fb)
         else:
