@@ -5,6 +5,10 @@ It implements the two wrappers aiolm's flashinfer backend uses, with the same ``
 ``BatchPrefillWithPagedKVCacheWrapper`` (causal, aligned to the end of each sequence) and
 ``BatchDecodeWithPagedKVCacheWrapper``. Tests put it in ``sys.modules["flashinfer"]``.
 Each wrapper counts its ``run`` calls so a test can tell which kernels a pass used.
+
+Like flashinfer's SM90 paged prefill, ``run`` gathers the page indices of each request's
+whole last KV tile (``TILE_KV`` entries) before masking: an indices tensor too short for
+that raises ``IndexError`` here, where the GPU kernel reads past the tensor.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import types
 import torch
 
 __version__ = "stand-in"
+# The KV tile of flashinfer's SM90 paged prefill for head dims 64 and 128.
+TILE_KV = 96
 
 
 class _PagedWrapper:
@@ -39,7 +45,13 @@ class _PagedWrapper:
         out = torch.empty_like(q)
         group = q.shape[1] // k_pages.shape[2]
         for i in range(len(kv_indptr) - 1):
-            pages = kv_indices[kv_indptr[i]:kv_indptr[i + 1]].long()
+            start, n = kv_indptr[i], kv_indptr[i + 1] - kv_indptr[i]
+            tile_end = start + -(-n // TILE_KV) * TILE_KV
+            if tile_end > kv_indices.numel():
+                raise IndexError(
+                    f"page indices {start}..{tile_end} of request {i} gathered (a whole KV "
+                    f"tile), but the indices tensor has {kv_indices.numel()} entries")
+            pages = kv_indices[start:tile_end][:n].long()
             k = k_pages[pages, 0].float().repeat_interleave(group, dim=1)  # [S, Hq, D]
             v = v_pages[pages, 0].float().repeat_interleave(group, dim=1)
             rows = slice(qo_indptr[i], qo_indptr[i + 1])

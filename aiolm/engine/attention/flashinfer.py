@@ -31,6 +31,16 @@ from .base import AttentionBackend
 __all__ = ["FlashInferAttention", "flashinfer_available"]
 
 _WORKSPACE_BYTES = 128 * 1024 * 1024
+# NOTE: flashinfer's SM90 (Hopper) paged prefill gathers the page indices of a request's
+# whole last KV tile before it masks the loads past the sequence (BlockSparseIndexedGather:
+# "the user's responsibility to ensure that indptr[-2] + TILE_KV is less than the size of
+# the indices tensor"). With an indices tensor of exactly ``indptr[-1]`` entries the last
+# request's tile reads up to TILE_KV - 1 entries past its end: an illegal address whenever
+# the caching allocator placed the tensor at the end of a mapped segment (aiolm bench
+# select → tree-of-thought with the radix cache off, on an H200). So the page list carries
+# this many extra entries (the largest TILE_KV of the SM90 kernels is 96, the decode
+# kernels' smaller), all slot 0: the padding row, which holds zeros, never a stray address.
+KV_INDICES_PAD = 256
 # Devices the kernels run on (tests with a CPU stand-in for flashinfer widen it).
 _DEVICE_TYPES = ("cuda",)
 
@@ -92,14 +102,20 @@ class FlashInferAttention(AttentionBackend):
     # ----------------------------------------------------------------- metadata
 
     def _kv_indices(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indptr on the host, page indices on the device) for ``batch``'s sequences."""
+        """(indptr on the host, page indices on the device) for ``batch``'s sequences.
+
+        The indices end with ``KV_INDICES_PAD`` entries of slot 0 that no sequence owns, so
+        a kernel that reads a whole tile of page indices stays inside the tensor.
+        """
         if batch.req_to_token_pool is None:
             raise RuntimeError("ForwardBatch needs req_to_token_pool for attention")
         if len(batch.seq_lens_cpu) != batch.batch_size:
             raise RuntimeError("ForwardBatch.seq_lens_cpu must hold one length per request")
         indptr = torch.zeros(batch.batch_size + 1, dtype=torch.int32)
         indptr[1:] = torch.tensor(batch.seq_lens_cpu, dtype=torch.int32).cumsum(0)
-        indices = torch.empty(int(indptr[-1]), dtype=torch.int32, device=self._device)
+        total = int(indptr[-1])
+        indices = torch.empty(total + KV_INDICES_PAD, dtype=torch.int32, device=self._device)
+        indices[total:].zero_()
         tk.fill_kv_indices(batch.req_to_token_pool.req_to_token, batch.req_pool_indices,
                            batch.seq_lens, indptr.to(self._device, non_blocking=True), indices)
         return indptr, indices
@@ -157,8 +173,8 @@ class FlashInferAttention(AttentionBackend):
         """Allocate the fixed page-table buffers every captured decode wrapper reads."""
         self._graph_indptr = torch.zeros(max_batch_size + 1, dtype=torch.int32,
                                          device=self._device)
-        self._graph_indices = torch.zeros(max_batch_size * max_context_len, dtype=torch.int32,
-                                          device=self._device)
+        self._graph_indices = torch.zeros(max_batch_size * max_context_len + KV_INDICES_PAD,
+                                          dtype=torch.int32, device=self._device)
         self._graph_last_page = torch.ones(max_batch_size, dtype=torch.int32,
                                            device=self._device)
 
