@@ -107,22 +107,34 @@ def check_forward_batch(fb: ForwardBatch, *, allocator: TokenSlotAllocator,
             fail(f"input_ids[{k}] = {t} is not a token id (0..{vocab_size - 1})")
 
     size = allocator.size
-    free = set(allocator.free_slots().tolist())
     table = req_to_token_pool.req_to_token
+    # The sequences' slots, checked as one tensor: a pool holds up to millions of slots.
+    seqs = torch.cat([table[row, :n] for row, n in zip(rows, seq_lens, strict=True)]).long()
+    starts = [0]
+    for n in seq_lens:
+        starts.append(starts[-1] + n)
+
+    def locate(flat: int) -> tuple[int, int, int]:
+        i = max(r for r in range(bs) if starts[r] <= flat)
+        return i, rows[i], flat - starts[i]
+
+    bad = ((seqs < 1) | (seqs > size)).nonzero()
+    if bad.numel():
+        i, row, j = locate(int(bad[0]))
+        fail(f"req_to_token[{row}, {j}] = {int(seqs[int(bad[0])])} (request {i}) is not a KV "
+             f"slot (1..{size}; 0 is padding)")
+    stale = torch.isin(seqs, allocator.free_slots().to(seqs.device)).nonzero()
+    if stale.numel():
+        i, row, j = locate(int(stale[0]))
+        fail(f"req_to_token[{row}, {j}] = {int(seqs[int(stale[0])])} (request {i}) is a free "
+             "KV slot (use after free)")
+
     seen_slots: dict[int, int] = {}
     k = 0
     for i, (row, p, e, n) in enumerate(zip(rows, prefix, extend, seq_lens, strict=True)):
-        want = list(range(p, n))
-        if positions[k:k + e] != want:
+        if positions[k:k + e] != list(range(p, n)):
             fail(f"request {i}: positions {positions[k:k + e][:8]}... are not {p}..{n - 1}")
-        seq = _host(table[row, :n])
-        for j, slot in enumerate(seq):
-            if not 1 <= slot <= size:
-                fail(f"req_to_token[{row}, {j}] = {slot} (request {i}) is not a KV slot "
-                     f"(1..{size}; 0 is padding)")
-            if slot in free:
-                fail(f"req_to_token[{row}, {j}] = {slot} (request {i}) is a free KV slot "
-                     "(use after free)")
+        new = _host(table[row, p:n])
         for j in range(e):
             slot = locs[k + j]
             if not 1 <= slot <= size:
@@ -132,7 +144,7 @@ def check_forward_batch(fb: ForwardBatch, *, allocator: TokenSlotAllocator,
                 fail(f"out_cache_loc[{k + j}] = {slot} (request {i}) is also written by "
                      f"out_cache_loc[{seen_slots[slot]}]")
             seen_slots[slot] = k + j
-            if slot != seq[p + j]:
+            if slot != new[j]:
                 fail(f"out_cache_loc[{k + j}] = {slot} but req_to_token[{row}, {p + j}] = "
-                     f"{seq[p + j]} (request {i})")
+                     f"{new[j]} (request {i})")
         k += e
