@@ -16,13 +16,27 @@ the same inputs after a warm-up program (of the tiny shape), from a flushed cach
 
 ``ratios`` compare the headline figure of ``aiolm`` with each other variant's, oriented so
 that a ratio above 1 means aiolm is better (throughput divided, call counts inverted).
+
+A failing variant is recorded and the plan goes on, except after a CUDA fault that leaves
+the process's CUDA context unusable (:func:`cuda_context_lost`): every later step would fail
+or, worse, measure a broken device. :func:`run_plan` then records that variant's error and
+raises :class:`ContextLost` with the records so far; the rest of the plan can run in a fresh
+process from ``ContextLost.next_step`` (``run_plan(..., start=K)``), as ``aiolm bench`` does.
+
+Testing hook: ``AIOLM_BENCH_INJECT_CUDA_FAULT="WORKLOAD/VARIANT[,WORKLOAD/VARIANT...]"`` makes
+the step of that workload and variant raise :class:`InjectedCudaFault` (a ``RuntimeError``
+with CUDA's illegal-memory-access message) instead of running, and
+:func:`cuda_context_lost` treats it as a lost context. It exercises the fault path without
+a GPU.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -36,8 +50,9 @@ if TYPE_CHECKING:
     from ..backends.base import Backend
 
 __all__ = [
-    "HIGHER_IS_BETTER", "Step", "Variant", "measure", "plan", "ratios", "run_plan", "run_workload",
-    "variants",
+    "HIGHER_IS_BETTER", "INJECT_FAULT_ENV", "ContextLost", "InjectedCudaFault", "Step", "Variant",
+    "cuda_context_lost", "injected_faults", "measure", "merge_records", "new_record", "plan", "ratios",
+    "run_plan", "run_workload", "variants",
 ]
 
 #: Figures where more is better; the others (``requests``, ``wall_s``, ``ttft_*``) are costs.
@@ -180,6 +195,11 @@ class Step:
     max_programs: int | None = None
 
     @property
+    def name(self) -> str:
+        """``WORKLOAD/VARIANT``, as progress, errors and the fault-injection hook name it."""
+        return f"{self.workload.name}/{self.variant.name}"
+
+    @property
     def key(self) -> tuple[int, str]:
         import json
 
@@ -219,48 +239,191 @@ def plan(workloads: Sequence[Workload], target: Target, *, size: Size, ablations
     return sorted(steps, key=lambda st: (st.variant.peer, order[st.key]))
 
 
+#: Environment variable of the fault-injection testing hook (see the module docstring).
+INJECT_FAULT_ENV = "AIOLM_BENCH_INJECT_CUDA_FAULT"
+
+#: Words of CUDA's messages for its sticky errors: after one, every later CUDA call in the
+#: process fails too, so nothing more can be measured here. Ordinary CUDA errors (out of
+#: memory, a bad argument) leave the context usable and are not listed.
+_STICKY_CUDA_FAULTS = (
+    "illegal memory access",       # cudaErrorIllegalAddress: a kernel read or wrote out of bounds
+    "illegal instruction",         # cudaErrorIllegalInstruction
+    "misaligned address",          # cudaErrorMisalignedAddress
+    "unspecified launch failure",  # cudaErrorLaunchFailure: a kernel crashed
+    "device-side assert",          # cudaErrorAssert: a kernel's assert fired (e.g. an index check)
+)
+
+
+class InjectedCudaFault(RuntimeError):
+    """The fault that the testing hook raises at a step (see the module docstring)."""
+
+
+class ContextLost(Exception):
+    """A step left the process's CUDA context unusable; :func:`run_plan` stopped after it.
+
+    ``records``: one record per workload reached, with the figures measured before the fault
+    and the faulted variant's error (JSON-ready, as :func:`run_plan` returns them). ``index``:
+    the faulted step's index in the plan; ``next_step``: the first step not run; ``not_run``:
+    the names (``WORKLOAD/VARIANT``) of the steps not run. Nothing more should touch CUDA in
+    this process: run ``steps[next_step:]`` in a fresh one.
+    """
+
+    def __init__(self, *, records: list[dict[str, Any]], steps: Sequence[Step], index: int,
+                 error: str) -> None:
+        self.records = records
+        self.index = index
+        self.step = steps[index]
+        self.error = error
+        self.not_run = [step.name for step in steps[index + 1:]]
+        super().__init__(f"{self.step.name} (step {index}): {error}; not run in this process: "
+                         f"{', '.join(self.not_run) or 'none'}")
+
+    @property
+    def next_step(self) -> int:
+        """The index of the first step that was not run."""
+        return self.index + 1
+
+
+def injected_faults(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The steps (``WORKLOAD/VARIANT``) where the testing hook injects a CUDA fault."""
+    return [name.strip() for name in environ.get(INJECT_FAULT_ENV, "").split(",") if name.strip()]
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, its causes and contexts, and the members of exception groups among them."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo += [current.__cause__, current.__context__]
+        if isinstance(current, BaseExceptionGroup):
+            todo += current.exceptions
+
+
+def cuda_context_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` means this process's CUDA context is unusable (a sticky CUDA fault).
+
+    True for :class:`InjectedCudaFault` anywhere in ``exc``'s chain. Otherwise only when torch
+    is imported already and has initialised CUDA (this never imports torch), and then when
+    a device synchronisation fails or the text of ``exc`` (its causes and contexts included)
+    names a sticky fault. Waits for the current device's queued work (the probe).
+    """
+    chain = list(_chain(exc))
+    if any(isinstance(e, InjectedCudaFault) for e in chain):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return False
+    try:
+        torch.cuda.synchronize()
+    except Exception:  # the probe failing is the answer
+        return True
+    # The probe can pass while the fault is on another device (or on its way): trust the text.
+    text = " ".join(str(e) for e in chain).lower()
+    return any(fault in text for fault in _STICKY_CUDA_FAULTS)
+
+
+def new_record(workload: Workload, size: Size) -> dict[str, Any]:
+    """An empty result record of ``workload`` (JSON-ready): no runs, no errors yet."""
+    return {
+        "name": workload.name, "summary": workload.summary, "shape": attrs.asdict(workload.shape(size)),
+        "engine_kwargs": workload.engine_kwargs(size), "headline": workload.headline,
+        "higher_is_better": workload.headline in HIGHER_IS_BETTER, "runs": {}, "ratios": {},
+        "errors": {},
+    }
+
+
+def _finish_record(record: dict[str, Any]) -> dict[str, Any]:
+    """Put ``aiolm``'s run first and compute the ratios (in place); return ``record``."""
+    order = ["aiolm", *(n for n in record["runs"] if n != "aiolm")]
+    record["runs"] = {n: record["runs"][n] for n in order if n in record["runs"]}
+    record["ratios"] = ratios(record["headline"], record["runs"])
+    return record
+
+
+def merge_records(parts: Sequence[Sequence[dict[str, Any]]], order: Sequence[str]) -> list[dict[str, Any]]:
+    """Join the records of runs of parts of one plan: one record per workload, its runs and
+    errors joined by variant name (a later part wins), ratios recomputed; sorted by the
+    workloads' places in ``order`` (their names). Mutates the records of the first part that
+    names each workload."""
+    merged: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for record in part:
+            into = merged.setdefault(record["name"], record)
+            if into is not record:
+                into["runs"].update(record["runs"])
+                into["errors"].update(record["errors"])
+    return sorted((_finish_record(r) for r in merged.values()), key=lambda r: order.index(r["name"]))
+
+
+async def _run_step(step: Step, inputs: Sequence[dict[str, Any]], *, seed: int, inject: bool) -> dict[str, float]:
+    """Warm up, flush the cache, then measure ``inputs`` on ``step``'s target; return the figures.
+
+    Raises whatever the run raises; :class:`InjectedCudaFault` when ``inject``.
+    """
+    if inject:
+        raise InjectedCudaFault(f"CUDA error: an illegal memory access was encountered "
+                                f"(injected at {step.name} by {INJECT_FAULT_ENV})")
+    w = step.workload
+    options = RunOptions(variant=step.variant.name, max_concurrency=w.max_concurrency,
+                         spec_tokens=step.variant.spec_tokens, via_openai=step.via_openai)
+    async with step.where.open(step.engine_kwargs) as backend:
+        tokenize = step.where.tokenizer(backend)
+        # Warm up on one program of the tiny shape: same code paths, little time.
+        await measure(w, backend, w.make_inputs("tiny", seed)[:1], options, tokenize=tokenize)
+        await step.where.reset(backend)
+        return await measure(w, backend, inputs[: step.max_programs], options, tokenize=tokenize)
+
+
 async def run_plan(steps: Sequence[Step], *, size: Size, seed: int = 0,
-                   on_step_done: Callable[[Step], None] | None = None) -> list[dict[str, Any]]:
-    """Run ``steps`` in order; return one result record per workload (JSON-ready), in the
-    order of the workloads' positions. A failing variant is recorded under ``errors`` with
-    its message; the others still run."""
+                   on_step_done: Callable[[Step], None] | None = None, start: int = 0) -> list[dict[str, Any]]:
+    """Run ``steps[start:]`` in order; return one result record per workload they reach
+    (JSON-ready), in the order of the workloads' positions. Steps before ``start`` are not
+    run, nor are their inputs made.
+
+    A failing variant is recorded under ``errors`` with its message; the others still run.
+    Raises :class:`ContextLost` (carrying the records so far) when a failure left the CUDA
+    context unusable: that variant's error says so, and no later step runs.
+    """
     records: dict[str, dict[str, Any]] = {}
     positions = {step.workload.name: step.position for step in steps}
     inputs: dict[str, list[dict[str, Any]]] = {}
+    inject = set(injected_faults())
     current: Target | None = None
-    for step in steps:
-        w = step.workload
+    for index in range(start, len(steps)):
+        step, w = steps[index], steps[index].workload
         if w.name not in records:
             inputs[w.name] = w.make_inputs(size, seed)
-            records[w.name] = {
-                "name": w.name, "summary": w.summary, "shape": attrs.asdict(w.shape(size)),
-                "engine_kwargs": w.engine_kwargs(size), "headline": w.headline,
-                "higher_is_better": w.headline in HIGHER_IS_BETTER, "runs": {}, "ratios": {},
-                "errors": {},
-            }
-        if current is not None and current is not step.where:
-            await current.release()  # free device memory for the other side
-        current = step.where
-        options = RunOptions(variant=step.variant.name, max_concurrency=w.max_concurrency,
-                             spec_tokens=step.variant.spec_tokens, via_openai=step.via_openai)
+            records[w.name] = new_record(w, size)
+        previous, current = current, step.where
+        fault: Exception | None = None
         try:
-            async with step.where.open(step.engine_kwargs) as backend:
-                tokenize = step.where.tokenizer(backend)
-                # Warm up on one program of the tiny shape: same code paths, little time.
-                await measure(w, backend, w.make_inputs("tiny", seed)[:1], options, tokenize=tokenize)
-                await step.where.reset(backend)
-                figures = await measure(w, backend, inputs[w.name][: step.max_programs], options,
-                                        tokenize=tokenize)
+            if previous is not None and previous is not step.where:
+                # Free device memory for the other side. Inside the try: a CUDA fault of
+                # the previous step can surface here, in the engine's teardown.
+                await previous.release()
+            figures = await _run_step(step, inputs[w.name], seed=seed, inject=step.name in inject)
             records[w.name]["runs"][step.variant.name] = figures
         except Exception as exc:  # one broken variant must not hide the others' figures
-            records[w.name]["errors"][step.variant.name] = f"{type(exc).__name__}: {exc}"
+            error = f"{type(exc).__name__}: {exc}"
+            if cuda_context_lost(exc):
+                fault, error = exc, f"CUDA context lost: {error}"
+            records[w.name]["errors"][step.variant.name] = error
         if on_step_done is not None:
             on_step_done(step)
-    for record in records.values():
-        order = ["aiolm", *(n for n in record["runs"] if n != "aiolm")]
-        record["runs"] = {n: record["runs"][n] for n in order if n in record["runs"]}
-        record["ratios"] = ratios(record["headline"], record["runs"])
-    return sorted(records.values(), key=lambda r: positions[r["name"]])
+        if fault is not None:
+            raise ContextLost(records=_in_order(records, positions), steps=steps, index=index,
+                              error=records[w.name]["errors"][step.variant.name]) from fault
+    return _in_order(records, positions)
+
+
+def _in_order(records: dict[str, dict[str, Any]], positions: dict[str, int]) -> list[dict[str, Any]]:
+    """The finished records, in the order of the workloads' positions."""
+    return sorted((_finish_record(r) for r in records.values()), key=lambda r: positions[r["name"]])
 
 
 async def run_workload(workload: Workload, target: Target, *, size: Size, seed: int = 0,

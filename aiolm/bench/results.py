@@ -7,7 +7,11 @@ The JSON layout (``"format": "aiolm-bench/1"``)::
      "versions": {...}, "config": {...}, "limits": {...},
      "workloads": [{"name", "summary", "shape", "engine_kwargs", "headline",
                     "higher_is_better", "runs": {variant: {figure: value}},
-                    "ratios": {"aiolm/<variant>": value}, "errors": {variant: message}}]}
+                    "ratios": {"aiolm/<variant>": value}, "errors": {variant: message}}],
+     "context_lost": [{"workload", "variant", "error"}]}
+
+``context_lost`` lists the variants whose CUDA fault broke their process's CUDA context (the
+steps after each ran in a fresh process); it is empty when there was none.
 """
 
 from __future__ import annotations
@@ -72,7 +76,8 @@ def versions() -> dict[str, str]:
 
 
 def make_document(*, device: dict[str, Any], config: dict[str, Any], workloads: list[dict[str, Any]],
-                  limits: dict[str, float] | None = None, argv: Sequence[str] | None = None) -> dict[str, Any]:
+                  limits: dict[str, float] | None = None, argv: Sequence[str] | None = None,
+                  context_lost: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """Assemble the results document (see the module docstring)."""
     return {
         "format": FORMAT,
@@ -83,6 +88,7 @@ def make_document(*, device: dict[str, Any], config: dict[str, Any], workloads: 
         "config": config,
         "limits": limits or {},
         "workloads": workloads,
+        "context_lost": context_lost or [],
     }
 
 
@@ -127,7 +133,9 @@ def format_table(workloads: list[dict[str, Any]]) -> str:
                 _fmt(f.get("hit_rate_vs_optimal"), "pct"), _fmt(ratio, "ratio"),
             ))
         for variant, message in w["errors"].items():
-            rows.append((w["name"], variant, "FAILED: " + message[:80], "", "", "", "", ""))
+            # The first line: CUDA's errors go on with lines of advice (the JSON keeps them).
+            first = message.splitlines()[0] if message else ""
+            rows.append((w["name"], variant, "FAILED: " + first[:80], "", "", "", "", ""))
     widths = [max(len(r[i]) for r in rows if not r[2].startswith("FAILED")) for i in range(len(header))]
     lines = []
     for r in rows:
