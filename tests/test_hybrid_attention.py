@@ -113,6 +113,34 @@ async def test_engine_greedy_tokens_with_hybrid_equal_torch_backend(hybrid_cls):
     assert await run("hybrid") == await run("torch")
 
 
+def test_the_pool_stays_within_flashinfers_32_bit_offsets(hybrid_cls):
+    """flashinfer's SM90 prefill multiplies page index by stride in 32 bits: a layer's K
+    buffer must stay under 2**32 elements, whatever the card's memory would allow."""
+    attn = hybrid_cls(**GEOMETRY)
+    assert attn.max_kv_slots(2, 128) == (2**32 - 1) // 256 - 1
+    assert attn.max_kv_slots(8, 128) * 8 * 128 < 2**32
+    from aiolm.engine.attention import create
+
+    assert create("torch", **GEOMETRY).max_kv_slots(2, 128) == 2**31 - 2
+
+
+def test_max_total_tokens_past_the_kernels_reach_is_refused(hybrid_cls):
+    import anyio
+
+    from aiolm.backends.engine import Engine, LoadedModel
+
+    loaded = LoadedModel.load("tiny-llama", load_format="dummy", device="cpu", seed=0)
+    per_row = loaded.model_config.num_kv_heads * loaded.model_config.head_dim
+    too_many = (2**32 - 1) // per_row  # one past the limit
+
+    async def main():
+        async with Engine(loaded, attention_backend="hybrid", max_total_tokens=too_many):
+            pass
+
+    with pytest.raises(ValueError, match="max_total_tokens: .* more than hybrid attention can address"):
+        anyio.run(main)
+
+
 @pytest.mark.parametrize(("has_flashinfer", "expected"), [(True, "hybrid"), (False, "triton")])
 def test_auto_picks_hybrid_on_cuda_when_flashinfer_imports(monkeypatch, has_flashinfer,
                                                            expected):

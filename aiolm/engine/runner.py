@@ -140,13 +140,6 @@ class ModelRunner:
         self.max_running_requests = config.max_running_requests or (256 if cuda else 64)
         self.chunked_prefill_size = config.chunked_prefill_size or (8192 if cuda else 2048)
 
-        size = self._kv_size()
-        self.allocator = TokenSlotAllocator(size, device)
-        self.kv_pool = KVPool(model_config.num_layers, model_config.num_kv_heads,
-                              model_config.head_dim, size, model_config.torch_dtype, device)
-        self.req_to_token_pool = ReqToTokenPool(self.max_running_requests, self.context_len,
-                                                device)
-
         backend = config.attention_backend
         if backend == "auto":
             backend = choose_attention_backend(device)
@@ -156,6 +149,13 @@ class ModelRunner:
             head_dim=model_config.head_dim, scale=model_config.head_dim ** -0.5, device=device,
         )
         self.model.set_attention(self.attn)
+
+        size = self._kv_size()
+        self.allocator = TokenSlotAllocator(size, device)
+        self.kv_pool = KVPool(model_config.num_layers, model_config.num_kv_heads,
+                              model_config.head_dim, size, model_config.torch_dtype, device)
+        self.req_to_token_pool = ReqToTokenPool(self.max_running_requests, self.context_len,
+                                                device)
         self.sampler = Sampler(
             vocab_size=model_config.vocab_size, device=device, seed=config.seed,
             eos_token_ids=model_config.eos_token_ids if eos_token_ids is None else eos_token_ids,
@@ -170,9 +170,18 @@ class ModelRunner:
             self.graph_runner = CudaGraphRunner(self)
 
     def _kv_size(self) -> int:
+        """KV slots: ``max_total_tokens``, or what memory holds, within what the kernels can
+        address (raises ``ValueError`` for a ``max_total_tokens`` past that limit)."""
+        cfg = self.model_config
+        limit = self.attn.max_kv_slots(cfg.num_kv_heads, cfg.head_dim)
         if self.config.max_total_tokens is not None:
+            if self.config.max_total_tokens > limit:
+                raise ValueError(
+                    f"max_total_tokens: {self.config.max_total_tokens} KV slots are more than "
+                    f"{self.attention_backend} attention can address ({limit} for "
+                    f"{cfg.num_kv_heads} KV heads of dimension {cfg.head_dim})")
             return self.config.max_total_tokens
-        per_token = _kv_bytes_per_token(self.model_config)
+        per_token = _kv_bytes_per_token(cfg)
         if self.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.device)
             size = int(free * self.config.mem_fraction) // per_token
@@ -182,7 +191,7 @@ class ModelRunner:
             raise ValueError(
                 f"max_total_tokens: not enough memory for a KV pool ({per_token} bytes per token)"
             )
-        return size
+        return min(size, limit)
 
     # ---------------------------------------------------------------- the step
     @torch.inference_mode()

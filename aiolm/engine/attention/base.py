@@ -51,6 +51,15 @@ class AttentionBackend(abc.ABC):
         num_kv_heads, head_dim]. Returns [num_tokens, num_q_heads, head_dim].
         """
 
+    def max_kv_slots(self, num_kv_heads: int, head_dim: int) -> int:
+        """The most KV slots a pool may have for these kernels to address every row.
+
+        Slot ids travel as int32 (the request → slots table), so never more than
+        ``2**31 - 2`` (slot 0 is padding); backends whose kernels compute offsets in
+        narrower arithmetic lower it.
+        """
+        return 2**31 - 2
+
     # CUDA-graph hooks (decode only). Backends without graph support keep the defaults.
     def init_cuda_graph_state(self, max_batch_size: int, max_context_len: int) -> None:
         raise NotImplementedError(f"{self.name} attention does not support CUDA graphs")

@@ -99,6 +99,18 @@ class FlashInferAttention(AttentionBackend):
         self._graph_indices: torch.Tensor | None = None
         self._graph_last_page: torch.Tensor | None = None
 
+    def max_kv_slots(self, num_kv_heads: int, head_dim: int) -> int:
+        """Rows of one layer's K buffer the kernels address: fewer than ``2**32`` elements.
+
+        NOTE: flashinfer's SM90 paged prefill multiplies a page index by the page stride in
+        32-bit unsigned arithmetic (``CustomStride`` in its block-sparse gather), so a K
+        buffer of ``2**32`` elements or more wraps to a wrong address. A ~140 GB card gives a
+        model with few layers a pool that large (two layers, 2 x 128 KV elements a token:
+        about 60 million slots) unless the pool is capped here.
+        """
+        return min(super().max_kv_slots(num_kv_heads, head_dim),
+                   (2**32 - 1) // (num_kv_heads * head_dim) - 1)
+
     # ----------------------------------------------------------------- metadata
 
     def _kv_indices(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,6 +44,11 @@ class HybridAttention(AttentionBackend):
         self.decode_backend = TritonAttention(**geometry)
         self._active: AttentionBackend | None = None
 
+    def max_kv_slots(self, num_kv_heads: int, head_dim: int) -> int:
+        """The tighter of the two backends' limits (flashinfer's 32-bit offsets)."""
+        return min(self.extend_backend.max_kv_slots(num_kv_heads, head_dim),
+                   self.decode_backend.max_kv_slots(num_kv_heads, head_dim))
+
     def init_forward(self, batch: ForwardBatch) -> None:
         """Prepare the pass on the backend that runs it (flashinfer plans, Triton splits)."""
         self._active = self.decode_backend if batch.is_decode else self.extend_backend
