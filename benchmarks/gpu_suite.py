@@ -13,7 +13,13 @@
    prefixes) and throughput; few-shot again with the radix cache off on the faster backend
    (the one ``"auto"`` should pick);
 4. peer — transformers with the same config and weights (benchmarks/hf_peer.py);
-5. DIR/gpu_results.json (every figure next to its peer's and its limit), DIR/gpu_suite.log,
+5. sanitizer — compute-sanitizer memcheck over flashinfer's paged prefill with the page
+   index list unpadded (the illegal address the engine once hit) and padded as the engine
+   pads it (benchmarks/flashinfer_index_probe.py), where flashinfer imports;
+6. soak — benchmarks/gpu_soak.py: every bench workload and ablation, a greedy oracle against
+   the torch backend and the random-program fuzzer, per attention backend, the engine's KV
+   accounting checked after each;
+7. DIR/gpu_results.json (every figure next to its peer's and its limit), DIR/gpu_suite.log,
    and a short table printed last.
 
 Every section is failure-isolated (its error is recorded, the suite goes on) and
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -104,6 +111,7 @@ class Suite:
             "timed_out": False,
         }
         self.loaded: Any = None  # the dummy model, shared by the aiolm and peer sections
+        self.soak_backends: str | None = None
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -222,7 +230,13 @@ def run_tests(suite: Suite) -> dict[str, Any]:
             "-W", "ignore::FutureWarning", *files]
     budget = min(suite.plan.test_budget, suite.remaining() - suite.plan.reserve)
     os.chdir(ROOT)
-    code = pytest.main(args, plugins=[_Deadline(time.monotonic() + budget)])
+    before = os.environ.get("AIOLM_DEBUG_CHECKS")
+    try:
+        code = pytest.main(args, plugins=[_Deadline(time.monotonic() + budget)])
+    finally:
+        # tests/conftest.py turns the debug checks on; the benchmarks after must not pay them.
+        if before is None:
+            os.environ.pop("AIOLM_DEBUG_CHECKS", None)
     summary = wl.junit_summary(junit)
     summary["exit_code"] = int(code)
     return summary
@@ -338,6 +352,44 @@ def peer(suite: Suite) -> dict[str, Any]:
     return out
 
 
+def sanitizer(suite: Suite) -> dict[str, Any]:
+    """compute-sanitizer memcheck over one flashinfer prefill, index list unpadded and padded."""
+    import shutil
+
+    tool = shutil.which("compute-sanitizer")
+    if tool is None:
+        raise RuntimeError("compute-sanitizer is not on the PATH")
+    probe = str(ROOT / "benchmarks" / "flashinfer_index_probe.py")
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    out: dict[str, Any] = {}
+    for pad in (0, 256):
+        budget = min(150.0, suite.remaining() - suite.plan.reserve)
+        run = subprocess.run([tool, "--tool", "memcheck", "--print-limit", "4", sys.executable,
+                              probe, "--pad", str(pad)], capture_output=True, text=True,
+                             timeout=budget, env=env)
+        text = run.stdout + run.stderr
+        summary = [line for line in text.splitlines() if "ERROR SUMMARY" in line]
+        first = [line.strip() for line in text.splitlines() if "Invalid" in line][:2]
+        out[f"pad_{pad}"] = {"exit_code": run.returncode, "summary": summary[-1:],
+                             "first_errors": first, "probe": [
+                                 line for line in text.splitlines() if "relative error" in line]}
+        print(f"-- sanitizer pad={pad}: {summary[-1:] or text[-300:]}", flush=True)
+    return out
+
+
+def soak(suite: Suite, budget: float) -> dict[str, Any]:
+    import gpu_soak
+
+    plan = gpu_soak.SoakPlan.make(dry_run=suite.plan.dry_run, backends=suite.soak_backends)
+    record = suite.results["sections"]["soak"]
+    partial: dict[str, Any] = {}
+    record["partial"] = partial
+    deadline = time.monotonic() + min(budget, suite.remaining() - suite.plan.reserve)
+    gpu_soak.run_soak(plan, deadline, partial, suite.save)
+    print("\n".join(gpu_soak.summary_lines(partial)), flush=True)
+    return partial
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="aiolm GPU suite (see docs/gpu.md)")
     parser.add_argument("--out", required=True, help="folder for the JSON, the log, JUnit XML")
@@ -349,7 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput-requests", type=int,
                         help="throughput workload size (default 500 on the GPU; the paper's 1000)")
     parser.add_argument("--skip", action="append", default=[],
-                        choices=["tests", "limits", "aiolm", "peer"], help="skip a section")
+                        choices=["tests", "limits", "aiolm", "peer", "sanitizer", "soak"],
+                        help="skip a section")
+    parser.add_argument("--soak-budget", type=float, default=240.0,
+                        help="seconds for the soak section")
+    parser.add_argument("--soak-backends", help="attention backends the soak runs (default: all)")
     parser.add_argument("--backends", help="comma-separated attention backends to benchmark")
     parser.add_argument("--no-hf-compile", action="store_true",
                         help="skip transformers' compiled batch-1 decode (a long compile)")
@@ -364,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = wl.Plan.make(dry_run=args.dry_run, throughput_requests=args.throughput_requests,
                         backends=args.backends, hf_compile=not args.no_hf_compile)
     suite = Suite(out, plan, args.budget, args.kind)
+    suite.soak_backends = args.soak_backends
     suite.start_watchdog()
     env = suite.section("environment", lambda: environment(plan))
     if suite.results["kind"] is None:
@@ -376,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
         suite.section("aiolm", lambda: aiolm_benchmarks(suite), needs=60)
     if "peer" not in args.skip:
         suite.section("peer", lambda: peer(suite), needs=30)
+    if "sanitizer" not in args.skip and not plan.dry_run and importlib.util.find_spec(
+            "flashinfer") is not None:
+        suite.section("sanitizer", lambda: sanitizer(suite), needs=60)
+    if "soak" not in args.skip:
+        suite.section("soak", lambda: soak(suite, args.soak_budget), needs=60)
     suite.results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     suite.save()
     print(wl.table(suite.results), flush=True)
