@@ -88,7 +88,7 @@ class Plan:
             throughput_requests=throughput_requests or 500, throughput_prompt=(256, 1024),
             throughput_out=(64, 256), hf_batch=128, hf_requests=128, hf_few_shot=64,
             hf_compile=hf_compile, copy_bytes=2 * 2**30, matmul_n=8192,
-            max_total_tokens=None, test_budget=240, test_timeout=120, engine_budget=110,
+            max_total_tokens=None, test_budget=330, test_timeout=120, engine_budget=110,
             ablation_budget=40, peer_budget=100, reserve=15,
         )
 
