@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     out = wrapper.run(q, (k, v))
     torch.cuda.synchronize()
 
-    worst = 0.0
+    errors = []
     for i, (n_kv, n_q) in enumerate(zip(kv_lens, qo_lens, strict=True)):
         pages = indices[indptr[i]:indptr[i + 1]].long()
         kk = k[pages, 0].float().repeat_interleave(heads // kv_heads, dim=1)
@@ -67,10 +67,13 @@ def main(argv: list[str] | None = None) -> int:
             torch.arange(n_q, device=dev)[:, None] + n_kv - n_q)
         ref = torch.einsum("hts,shd->thd", s.masked_fill(~allowed, float("-inf")).softmax(-1), vv)
         got = out[qo_indptr[i]:qo_indptr[i + 1]].float()
-        worst = max(worst, float((got - ref).norm() / ref.norm()))
-    print(f"pad={args.pad} relative error {worst:.2e} "
-          f"({'ok' if worst < 2e-2 else 'WRONG'})", flush=True)
-    return 0 if worst < 2e-2 else 1
+        errors.append(float((got - ref).norm() / ref.norm()))
+    # The GPU tests' bf16 tolerance for attention against the float32 torch backend.
+    worst = max(errors)
+    print(f"pad={args.pad} relative error per request "
+          f"{', '.join(f'{e:.2e}' for e in errors)} ({'ok' if worst < 1.6e-2 else 'HIGH'})",
+          flush=True)
+    return 0 if worst < 1.6e-2 else 1
 
 
 if __name__ == "__main__":
