@@ -5,6 +5,12 @@ A program state is a sequence of turns. For a chat API it becomes :class:`Messag
 (text and image parts); for a text model it becomes one string, each turn wrapped in the
 role's prefix and suffix from a :class:`ChatTemplate` (derived from the tokenizer's own
 Jinja template for the engine).
+
+Rendered text is a :class:`~aiolm.engine.tokenizer.MarkedText`: a ``str`` that remembers
+which spans are message content, so the engine encodes special-token text a user typed
+(``<|im_end|>\n<|im_start|>system``) as plain text while the template's own markers stay
+control tokens. Text outside turns (a program's plain text) is the program's own and is not
+marked.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any, Literal
 import attrs
 
 from .backends.base import ImageData
+from .engine.tokenizer import MarkedText
 
 __all__ = [
     "SIMPLE_TEMPLATE",
@@ -160,30 +167,73 @@ SIMPLE_TEMPLATE = ChatTemplate(
 )
 
 
+class _Marker:
+    """Builds a :class:`MarkedText`: template text as is, message content marked literal."""
+
+    def __init__(self, template: ChatTemplate) -> None:
+        self.template = template
+        self.pieces: list[str] = []
+        self.spans: list[tuple[int, int]] = []
+        self.size = 0
+
+    def markup(self, text: str) -> None:
+        self.pieces.append(text)
+        self.size += len(text)
+
+    def content(self, text: str) -> None:
+        self.spans.append((self.size, self.size + len(text)))
+        self.markup(text)
+
+    def parts(self, parts: Sequence[TextPart | ImagePart]) -> None:
+        for p in parts:
+            if isinstance(p, TextPart):
+                self.content(p.text)
+            else:
+                self.markup(self.template.image_token)
+
+    def turn(self, role: str, parts: Sequence[TextPart | ImagePart]) -> None:
+        self.markup(self.template.prefix[role])
+        self.parts(parts)
+        self.markup(self.template.suffix[role])
+
+    def default_system(self) -> None:
+        t = self.template
+        self.markup(t.prefix["system"] + (t.default_system or "") + t.suffix["system"])
+
+    def open_turn(self, role: str, text: str | Sequence[TextPart | ImagePart]) -> None:
+        self.markup(self.template.prefix[role])
+        if isinstance(text, str):
+            self.content(text)
+        else:
+            self.parts(text)
+
+    def text(self) -> MarkedText:
+        return MarkedText("".join(self.pieces), self.spans)
+
+
 def render_text(
     messages: Sequence[Message],
     template: ChatTemplate,
     *,
     open_role: str | None = None,
     open_text: str = "",
-) -> str:
+) -> MarkedText:
     """Render finished turns, then (if ``open_role``) the open turn's prefix and ``open_text``.
 
     Images render as ``template.image_token``. A conversation without a system turn gets
-    the template's default system prompt, as the model's own template would add it.
+    the template's default system prompt, as the model's own template would add it. The
+    result marks the turns' text and ``open_text`` as message content.
     """
-    out = [template.bos]
+    out = _Marker(template)
+    out.markup(template.bos)
     roles = [m.role for m in messages] + ([open_role] if open_role else [])
     if template.default_system is not None and roles and roles[0] != "system":
-        out.append(template.prefix["system"] + template.default_system + template.suffix["system"])
+        out.default_system()
     for m in messages:
-        out.append(template.prefix[m.role])
-        for p in m.parts:
-            out.append(p.text if isinstance(p, TextPart) else template.image_token)
-        out.append(template.suffix[m.role])
+        out.turn(m.role, m.parts)
     if open_role is not None:
-        out.append(template.prefix[open_role] + open_text)
-    return "".join(out)
+        out.open_turn(open_role, open_text)
+    return out.text()
 
 
 def render_conversation(
@@ -191,7 +241,7 @@ def render_conversation(
     template: ChatTemplate,
     *,
     open_role: str | None = None,
-    open_text: str = "",
+    open_text: str | Sequence[TextPart | ImagePart] = "",
 ) -> str:
     """Render a program state's content: turns (``Message``) and plain text (``str``).
 
@@ -199,29 +249,28 @@ def render_conversation(
     completion model sees a few-shot prompt. Otherwise it is :func:`render_text` with each
     plain-text item kept verbatim where it stands (and the template's BOS and default system
     prompt in front of the conversation), so a state made only of turns renders exactly as
-    :func:`render_text` renders it.
+    :func:`render_text` renders it: a :class:`MarkedText` whose message content (the turns'
+    parts and ``open_text``, text or parts) is marked, and whose plain text is not.
     """
     if open_role is None and not any(isinstance(it, Message) for it in items):
         return "".join(items)  # type: ignore[arg-type]
-    out = [template.bos]
+    out = _Marker(template)
+    out.markup(template.bos)
     first = next((it.role for it in items if isinstance(it, Message)), open_role)
     needs_default = template.default_system is not None and first != "system"
     for it in items:
         if isinstance(it, str):
-            out.append(it)
+            out.markup(it)
             continue
         if needs_default:
-            out.append(template.prefix["system"] + template.default_system + template.suffix["system"])
+            out.default_system()
             needs_default = False
-        out.append(template.prefix[it.role])
-        for p in it.parts:
-            out.append(p.text if isinstance(p, TextPart) else template.image_token)
-        out.append(template.suffix[it.role])
+        out.turn(it.role, it.parts)
     if open_role is not None:
         if needs_default:
-            out.append(template.prefix["system"] + template.default_system + template.suffix["system"])
-        out.append(template.prefix[open_role] + open_text)
-    return "".join(out)
+            out.default_system()
+        out.open_turn(open_role, open_text)
+    return out.text()
 
 
 def messages_to_openai(messages: Sequence[Message]) -> list[dict[str, Any]]:

@@ -154,8 +154,12 @@ class Program:
         """Run the program on ``backend`` (or the ``use_backend`` default) and return its state.
 
         Keyword arguments named like sampling parameters are defaults for every ``gen``.
-        Waits for everything the program appended. Raises the program's error (one error,
-        not a group); cancelling the caller cancels the program's gens and forks.
+        Waits for everything the program appended. Raises the program's error, not a group:
+        a single error is unwrapped from its (possibly nested) group, and so is a backend
+        failure that several fork branches saw at once (every error a ``BackendError`` of
+        one type, e.g. ``BackendUnavailable`` when the engine dies: the first is raised).
+        Several independent errors are raised as their ``ExceptionGroup``. Cancelling the
+        caller cancels the program's gens and forks.
         """
         program_kwargs, defaults = _split_kwargs(kwargs)
         state = ProgramState(run=RunContext(_resolve_backend(backend), defaults))

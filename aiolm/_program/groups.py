@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+from ..errors import BackendError
+
 __all__ = ["single_error"]
 
 
 def single_error(group: BaseExceptionGroup) -> BaseException | None:
-    """The one exception inside ``group`` (however deeply nested), or None if there are more.
+    """The one error ``group`` stands for (however deeply nested), or None.
 
-    A group with several errors is left for the caller to re-raise as it is.
+    - One exception inside: that exception.
+    - Several, all :class:`~aiolm.BackendError`\\ s of the same type: the first of them
+      (depth first, in order). They are one failure of the shared backend (the engine
+      died, the API is down) that every fork branch running at that moment saw.
+    - Anything else (independent errors, or backend errors of different types): None; the
+      caller re-raises the group as it is.
     """
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        exc = stack.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            stack.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-            if len(leaves) > 1:
-                return None
-    return leaves[0] if leaves else None
+    leaves = _leaves(group)
+    first = next(leaves, None)
+    if first is None:
+        return None
+    kind = type(first) if isinstance(first, BackendError) else None
+    for other in leaves:
+        if kind is None or type(other) is not kind:
+            return None
+    return first
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc

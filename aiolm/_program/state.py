@@ -294,14 +294,17 @@ class ProgramState:
     def text(self) -> str:
         """The whole text so far, as a text backend sees it (roles through its chat
         template; the scripted template for chat backends). Queued exprs are not in it."""
+        return str(self._prompt())
+
+    def _prompt(self) -> str:
+        """:meth:`text` as a text backend's prompt: a ``MarkedText`` marking message content
+        (see :mod:`aiolm.chat`) once there are turns."""
         items = self._items
         if self._plain:
             items = [*items, "".join(self._plain)]
-        open_text = ""
-        if self._role is not None:
-            token = self._run.template.image_token
-            open_text = "".join(p if type(p) is str else token for p in self._parts)
-        return render_conversation(items, self._run.template, open_role=self._role, open_text=open_text)
+        open_parts = _to_parts(self._parts) if self._role is not None else ()
+        return render_conversation(items, self._run.template, open_role=self._role,
+                                   open_text=open_parts)
 
     def messages(self) -> list[Message]:
         """The chat turns so far (the open turn last); text outside turns is not a message."""
@@ -314,7 +317,7 @@ class ProgramState:
         """The prompt part of a ``GenerateRequest`` for what this state holds now."""
         ctx = self._run
         if not ctx.chat:
-            return {"prompt": self.text(), "images": tuple(self._images)}
+            return {"prompt": self._prompt(), "images": tuple(self._images)}
         if for_gen:
             if self._role != "assistant":
                 raise UnsupportedFeature(

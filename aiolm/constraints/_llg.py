@@ -102,6 +102,13 @@ def grammar_for(spec: Constraint, *, for_checking: bool = False) -> str:
     )
 
 
+_NOTHING = {
+    Regex: "the pattern matches no string (an empty character class like [^\\s\\S]?)",
+    JSONSchema: "no JSON value is valid under the schema (a $ref cycle with no other way out?)",
+    Grammar: "the grammar derives no sentence (a rule that only refers to itself?)",
+}
+
+
 def _kind(spec: Constraint) -> str:
     if isinstance(spec, Regex):
         return f"regex {spec.pattern!r}"
@@ -110,7 +117,8 @@ def _kind(spec: Constraint) -> str:
 
 @functools.lru_cache(maxsize=1024)
 def validate_spec(spec: Constraint) -> None:
-    """Raise :class:`ConstraintError` naming the problem if llguidance cannot compile ``spec``.
+    """Raise :class:`ConstraintError` naming the problem if llguidance cannot compile ``spec``
+    or no output can satisfy it.
 
     Needs no tokenizer, so programs call it when they submit a ``gen``, before any token.
     Cached by spec (only successes are cached: an exception is re-raised each time).
@@ -119,6 +127,18 @@ def validate_spec(spec: Constraint) -> None:
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar_for(spec))
     if is_error:
         raise ConstraintError(_describe(_kind(spec), messages[0]))
+    # A grammar can be well formed and still allow no output at all (``[^\s\S]``, a
+    # ``$ref`` to itself): llguidance would only say so at the first token. One that allows
+    # neither the empty output nor any first byte allows nothing (checked over bytes, once
+    # per spec: about a millisecond).
+    # NOTE: this catches a constraint that cannot start; one that can start but never
+    # finish (a required property that recurses forever) still fails while decoding.
+    ll = _checker(spec).deep_copy()
+    if not ll.is_accepting():
+        mask = ll.compute_bitmask()
+        if ll.is_error() or not any(mask):
+            raise ConstraintError(f"{_kind(spec)}: unsatisfiable: "
+                                  f"{_NOTHING.get(type(spec), 'no output can match it')}")
 
 
 @attrs.define(eq=False)
@@ -221,6 +241,11 @@ def _byte_entry() -> _TokenizerEntry:
     return _TokenizerEntry(ll_tokenizer=llt, eos_token_ids=frozenset({256}))
 
 
+def _checker(spec: Constraint) -> Any:
+    """A pristine matcher of ``spec`` over bytes (any JSON layout): callers deep-copy it."""
+    return _template(_byte_entry(), spec, grammar_for(spec, for_checking=True), spec)
+
+
 def text_matches(spec: Constraint, text: str) -> bool:
     """True when ``text`` is a complete output ``spec`` allows (no model tokenizer needed).
 
@@ -231,7 +256,5 @@ def text_matches(spec: Constraint, text: str) -> bool:
     validate_spec(spec)
     if isinstance(spec, JSONSchema):
         text = text.strip()
-    grammar = grammar_for(spec, for_checking=True)
-    entry = _byte_entry()
-    ll = _template(entry, spec, grammar, spec).deep_copy()
+    ll = _checker(spec).deep_copy()
     return ll.consume_tokens(list(text.encode())) and ll.is_accepting()

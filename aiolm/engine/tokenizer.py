@@ -6,22 +6,84 @@ a request's output tokens into text as they arrive without ever splitting a char
 byte-level tokenizers spread one emoji or CJK character over several tokens, and a piece
 whose decoding ends in U+FFFD (an incomplete UTF-8 sequence) is held back until the
 character completes.
+
+Chat content must not smuggle control tokens: a user message containing ``<|im_start|>``
+would otherwise encode as the template's own marker and forge a turn. A chat rendered to text
+is therefore a :class:`MarkedText` whose *literal* spans (the message content) encode any
+special-token text as ordinary tokens; plain ``str`` prompts encode as they always did.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["IncrementalDetokenizer", "Tokenizer"]
+__all__ = ["IncrementalDetokenizer", "MarkedText", "Tokenizer"]
 
 _REPLACEMENT = "\ufffd"
 # Prompt tokens kept as left context so the first output piece decodes as it would in
 # the middle of the text (SentencePiece tokenizers drop a leading space otherwise).
 _CONTEXT_TOKENS = 5
+
+
+class MarkedText(str):
+    """A ``str`` with *literal* spans: special-token text inside them is plain text.
+
+    ``literal_spans`` are sorted, disjoint, non-empty ``(start, end)`` character ranges.
+    :meth:`Tokenizer.encode` encodes a control token's text that overlaps a literal span as
+    the ordinary tokens of that text, and everything else as it encodes a plain ``str``.
+    ``+`` keeps the spans of both operands (a plain ``str`` operand adds none); every other
+    ``str`` operation returns a plain ``str``.
+
+    NOTE: a plain ``str`` encodes raw, so code between the chat renderer and the engine must
+    pass the rendered text on as it is (or extend it with ``+``), never rebuild it.
+
+    Raises ``ValueError`` for spans out of order, overlapping or outside the text.
+    """
+
+    literal_spans: tuple[tuple[int, int], ...]
+
+    def __new__(cls, text: str = "", literal_spans: Iterable[tuple[int, int]] = ()) -> MarkedText:
+        self = super().__new__(cls, text)
+        spans: list[tuple[int, int]] = []
+        end = 0
+        for start, stop in literal_spans:
+            if not end <= start <= stop <= len(text):
+                raise ValueError(
+                    f"literal_spans: ({start}, {stop}) is out of order or outside a text of "
+                    f"{len(text)} characters"
+                )
+            if start == stop:
+                continue
+            if spans and spans[-1][1] == start:  # adjacent: one span
+                start = spans.pop()[0]
+            spans.append((start, stop))
+            end = stop
+        self.literal_spans = tuple(spans)
+        return self
+
+    def __add__(self, other: str) -> MarkedText:
+        if not isinstance(other, str):
+            return NotImplemented
+        return MarkedText(str.__add__(self, other),
+                          (*self.literal_spans, *_shifted(other, len(self))))
+
+    def __radd__(self, other: str) -> MarkedText:
+        if not isinstance(other, str):
+            return NotImplemented
+        return MarkedText(str.__add__(other, self), _shifted(self, len(other)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return MarkedText, (str(self), self.literal_spans)
+
+
+def _shifted(text: str, by: int) -> list[tuple[int, int]]:
+    spans = text.literal_spans if isinstance(text, MarkedText) else ()
+    return [(start + by, stop + by) for start, stop in spans]
 
 
 class Tokenizer:
@@ -37,6 +99,7 @@ class Tokenizer:
         if hf.eos_token_id is not None:
             ids.insert(0, hf.eos_token_id)
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(ids))
+        self._specials: dict[int, str] | None = None  # control token id -> its text
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -72,8 +135,65 @@ class Tokenizer:
 
         No BOS is added by default: prompts rendered from a chat template already carry the
         template's BOS text, and programs re-encode text that already starts with one.
+        Special-token text (``<|im_start|>``) in a plain ``str`` encodes as the control
+        token; inside a :class:`MarkedText`'s literal spans it encodes as ordinary tokens.
         """
-        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        spans = text.literal_spans if isinstance(text, MarkedText) else ()
+        if not spans:
+            return list(self.hf.encode(str(text), add_special_tokens=add_special_tokens))
+        if not getattr(self.hf, "is_fast", False):
+            return self._encode_runs(str(text), spans, add_special_tokens)
+        return self._encode_escaped(str(text), spans, add_special_tokens)
+
+    def _encode_escaped(self, text: str, spans: Sequence[tuple[int, int]],
+                        add_special_tokens: bool) -> list[int]:
+        # Encode the text whole, as a plain str, then replace each control token whose text
+        # overlaps a literal span by the ordinary tokens of that text. Every other token is
+        # kept, so benign text encodes exactly as a plain str does and a conversation's
+        # tokens stay a prefix of the next turn's (the prefix cache keeps hitting).
+        enc = self.hf(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        ids: list[int] = list(enc["input_ids"])
+        offsets = enc["offset_mapping"]
+        specials = self._special_tokens()
+        starts = [start for start, _ in spans]
+        forged = [i for i, token in enumerate(ids) if token in specials
+                  and _in_literal(text, specials[token], offsets[i], spans, starts)]
+        if not forged:
+            return ids
+        out: list[int] = []
+        pos = 0
+        for i in forged:
+            a, b = offsets[i]
+            out += ids[pos:i]
+            out += self.hf.encode(text[a:b], add_special_tokens=False, split_special_tokens=True)
+            pos = i + 1
+        out += ids[pos:]
+        return out
+
+    def _encode_runs(self, text: str, spans: Sequence[tuple[int, int]],
+                     add_special_tokens: bool) -> list[int]:
+        # Without offsets (a Python tokenizer), each literal span encodes on its own with
+        # special-token parsing off; the text between spans encodes as usual.
+        out: list[int] = []
+        pos = 0
+        for start, stop in spans:
+            if start > pos:
+                out.extend(self.hf.encode(text[pos:start], add_special_tokens=False))
+            out.extend(self.hf.encode(text[start:stop], add_special_tokens=False,
+                                      split_special_tokens=True))
+            pos = stop
+        if pos < len(text):
+            out.extend(self.hf.encode(text[pos:], add_special_tokens=False))
+        if add_special_tokens:
+            out = list(self.hf.build_inputs_with_special_tokens(out))
+        return out
+
+    def _special_tokens(self) -> dict[int, str]:
+        """The control tokens (added tokens marked special), by id."""
+        if self._specials is None:
+            self._specials = {i: t.content for i, t in self.hf.added_tokens_decoder.items()
+                              if t.special}
+        return self._specials
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """The text of ``ids`` (special tokens left out unless asked)."""
@@ -142,6 +262,18 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=self._skip) if ids else ""
+
+
+def _in_literal(text: str, content: str, offset: tuple[int, int],
+                spans: Sequence[tuple[int, int]], starts: Sequence[int]) -> bool:
+    """Whether a control token's text at ``offset`` overlaps a literal span."""
+    a, b = offset
+    # NOTE: a token that strips whitespace around it has offsets that include the
+    # whitespace; only the token's own text decides whether it was forged.
+    at = text.find(content, a, b)
+    lo, hi = (at, at + len(content)) if at >= 0 else (a, b)
+    k = bisect.bisect_right(starts, hi - 1) - 1  # the last span starting before ``hi``
+    return lo < hi and k >= 0 and spans[k][1] > lo
 
 
 def _common_prefix(a: str, b: str) -> int:
