@@ -38,7 +38,7 @@ async def served_as_openai(backend: Backend, *, spec_tokens: int | None = None,
     from ..backends.openai import OpenAI
     from ..server import create_app
 
-    app = create_app(backend, model_name=MODEL_NAME)
+    app = create_app(backend, model_name=MODEL_NAME, allowed_hosts=["aiolm.bench"])
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://aiolm.bench") as http:
         client = openai.AsyncOpenAI(base_url="http://aiolm.bench/v1", api_key="bench", http_client=http)

@@ -7,6 +7,11 @@ and aiolm's ``POST /v1/aiolm/score`` (``select`` scoring for remote programs).
 Every generation runs while a watcher reads the client's ``receive`` channel: when the
 client disconnects, the work is cancelled, which leaves the backend's stream context and so
 aborts the backend request.
+
+Hostile input is bounded before it costs anything: the body's size and read time, its JSON
+nesting and what one request may ask for (:class:`~aiolm.server.protocol.Limits`, 400), the
+work admitted at once (429), and, on a key-less server, who may call (:mod:`.guard`). The
+body is parsed on a worker thread, so a large one never stalls the event loop.
 """
 
 from __future__ import annotations
@@ -16,26 +21,32 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
 import attrs
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ..backends.base import Backend, Chunk, new_request_id
+from ..backends.base import Backend, Chunk, GenerateRequest, new_request_id
 from ..errors import BackendError
 from .errors import ApiError, api_error_for
+from .guard import RequestGuard
 from .metrics import Metrics
-from .protocol import Parsed, parse_chat, parse_completion, parse_json, parse_score
+from .protocol import Limits, Parsed, parse_chat, parse_completion, parse_json, parse_score
 from .responses import Choice, Reply
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
+__all__ = ["DEFAULT_BODY_TIMEOUT", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_PENDING", "create_app"]
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT = 30.0
+DEFAULT_MAX_PENDING = 1024
+_DEFAULT_LIMITS = Limits()
 _log = logging.getLogger("aiolm.server")
 _CLIENT_CLOSED = 499   # nginx's status for "the client went away" (metrics only)
 
@@ -50,22 +61,57 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     lifespan: Callable[[Any], Any] | None = None,
+    allowed_hosts: Sequence[str] = (),
+    allowed_origins: Sequence[str] = (),
+    body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
+    max_pending: int = DEFAULT_MAX_PENDING,
+    max_json_depth: int = _DEFAULT_LIMITS.max_json_depth,
+    max_prompts: int = _DEFAULT_LIMITS.max_prompts,
+    max_n: int = _DEFAULT_LIMITS.max_n,
+    max_choices: int = _DEFAULT_LIMITS.max_choices,
+    max_score_continuations: int = _DEFAULT_LIMITS.max_score_continuations,
 ) -> Starlette:
     """An ASGI app serving ``backend`` under the OpenAI API.
 
     ``model_name`` is the id clients must send (default ``backend.model_name``); with
-    ``api_key`` every ``/v1`` route and ``/metrics`` need ``Authorization: Bearer <key>``;
-    bodies over ``max_body_bytes`` get 413. ``lifespan`` is Starlette's (e.g. to open an
-    engine when the server starts). The backend is not opened or closed by the app.
+    ``api_key`` every ``/v1`` route and ``/metrics`` need ``Authorization: Bearer <key>``.
+    ``lifespan`` is Starlette's (e.g. to open an engine when the server starts). The backend
+    is not opened or closed by the app.
+
+    Limits (each answered with an OpenAI-style error naming the field): bodies over
+    ``max_body_bytes`` get 413, bodies not received within ``body_timeout`` seconds 408,
+    JSON nested over ``max_json_depth`` levels 400; over ``max_prompts`` prompts, ``n`` over
+    ``max_n``, prompts x ``n`` over ``max_choices``, over ``max_score_continuations``
+    continuations: 400; a request that would take the backend requests admitted and not yet
+    done (one per choice or scored continuation) past ``max_pending``: 429 with
+    ``Retry-After``. POST bodies must be ``Content-Type: application/json`` (415).
+
+    Without ``api_key``, requests must come from this machine's names, an IP address or
+    ``allowed_hosts``, and carry no ``Origin`` outside ``allowed_origins`` (403; see
+    :mod:`aiolm.server.guard`). ``allowed_origins`` also get CORS headers, so a web UI on
+    one of them can call the server. Raises ``ValueError`` naming a bad option.
     """
     if not isinstance(backend, Backend):
         raise TypeError(f"backend: expected an aiolm Backend, got {type(backend).__name__}")
-    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
-        raise ValueError(f"max_body_bytes: expected a positive int, got {max_body_bytes!r}")
+    for name, value in (("max_body_bytes", max_body_bytes), ("max_pending", max_pending)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if body_timeout is not None and not (isinstance(body_timeout, int | float) and body_timeout > 0):
+        raise ValueError(f"body_timeout: expected a positive number of seconds or None, got {body_timeout!r}")
+    for name, value in (("allowed_hosts", allowed_hosts), ("allowed_origins", allowed_origins)):
+        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"{name}: expected a list of strings, got {value!r}")
+    limits = Limits(max_json_depth=max_json_depth, max_prompts=max_prompts, max_n=max_n,
+                    max_choices=max_choices, max_score_continuations=max_score_continuations)
+    for name in ("max_choices", "max_score_continuations"):
+        if getattr(limits, name) > max_pending:
+            raise ValueError(f"{name}: {getattr(limits, name)} is over max_pending ({max_pending}): "
+                             "such a request could never be admitted")
     server = _Server(backend=backend, model=model_name or backend.model_name, api_key=api_key,
-                     max_body_bytes=max_body_bytes)
+                     max_body_bytes=max_body_bytes, body_timeout=body_timeout,
+                     max_pending=max_pending, limits=limits)
 
-    def post(route: str, parse: Callable[[dict[str, Any], Backend], Any] | None) -> Route:
+    def post(route: str, parse: Callable[[dict[str, Any], Backend, Limits], Any] | None) -> Route:
         async def endpoint(request: Request) -> _Answer:
             return _Answer(server, route, parse)
         return Route(route, endpoint, methods=["POST"])
@@ -79,8 +125,17 @@ def create_app(
         Route("/health", server.health, methods=["GET"]),
         Route("/metrics", server.metrics_text, methods=["GET"]),
     ]
-    handlers = {404: _not_found, 405: _not_allowed}
-    return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    middleware = []
+    if allowed_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(allowed_origins),
+                                     allow_methods=["GET", "POST"],
+                                     allow_headers=["authorization", "content-type"]))
+    if api_key is None:
+        middleware.append(Middleware(RequestGuard, allowed_hosts=allowed_hosts,
+                                     allowed_origins=allowed_origins))
+    handlers = {404: _not_found, 405: _not_allowed, Exception: _internal_error}
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers,
+                     lifespan=lifespan)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
@@ -93,12 +148,21 @@ async def _not_allowed(request: Request, exc: Exception) -> Response:
     return JSONResponse(err.body(), status_code=405)
 
 
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # Starlette logs the traceback (it re-raises to the server); the client learns nothing more.
+    err = ApiError(500, "internal server error", type="server_error", code="internal_error")
+    return JSONResponse(err.body(), status_code=500)
+
+
 @attrs.define(eq=False)
 class _Server:
     backend: Backend
     model: str
     api_key: str | None
     max_body_bytes: int
+    body_timeout: float | None
+    max_pending: int
+    limits: Limits
     metrics: Metrics = attrs.field(factory=Metrics)
     created: int = attrs.field(factory=lambda: int(time.time()))
 
@@ -112,6 +176,34 @@ class _Server:
                            code="invalid_api_key")
         if not hmac.compare_digest(given[7:].strip().encode(), self.api_key.encode()):
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    def check_content_type(self, headers: dict[str, str]) -> None:
+        """Raise 415 unless the body is declared JSON.
+
+        A web page can send ``text/plain`` (or, through a ``Blob``, no type at all) to any
+        server without a CORS preflight; requiring JSON stops such requests. A missing type
+        is accepted when a key is set: the page cannot send the key without a preflight.
+        """
+        declared = headers.get("content-type")
+        if declared is None and self.api_key is not None:
+            return
+        media = (declared or "").partition(";")[0].strip().lower()
+        if media != "application/json":
+            shown = "none" if declared is None else repr(declared)
+            raise ApiError(415, f"Content-Type must be application/json (got {shown}).",
+                           code="unsupported_media_type")
+
+    def admit(self, size: int) -> None:
+        """Count ``size`` more pending backend requests, or raise 429 when that passes the limit."""
+        if self.metrics.pending + size > self.max_pending:
+            raise ApiError(429, f"The server is busy ({self.metrics.pending} generations pending, "
+                                f"limit {self.max_pending}): retry shortly.",
+                           type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
+        self.metrics.pending += size
+
+    def failure(self) -> BaseException | None:
+        """The error that stopped the backend's engine loop (None while it serves)."""
+        return getattr(self.backend, "failure", None)
 
     def check_model(self, body: dict[str, Any]) -> None:
         model = body.get("model")
@@ -148,20 +240,40 @@ class _Server:
         return JSONResponse(self._model_card())
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": self.model})
+        failure = self.failure()
+        if failure is None:
+            return JSONResponse({"status": "ok", "model": self.model})
+        return JSONResponse({"status": "failed", "model": self.model,
+                             "failure": type(failure).__name__,
+                             "message": "The engine stopped on an error; restart the server."},
+                            status_code=503)
 
     async def metrics_text(self, request: Request) -> Response:
         if (err := self._guarded(request, "/metrics")) is not None:
             return JSONResponse(err.body(), status_code=err.status)
-        return PlainTextResponse(self.metrics.render(self.backend),
+        return PlainTextResponse(self.metrics.render(self.backend, up=self.failure() is None),
                                  media_type="text/plain; version=0.0.4")
+
+
+@attrs.frozen(kw_only=True)
+class _ScoreJob:
+    """A validated ``/v1/aiolm/score`` request."""
+
+    prefix: GenerateRequest
+    continuations: tuple[str, ...]
+    method: str
+    prompt_param: str
+
+    @property
+    def size(self) -> int:
+        return len(self.continuations)
 
 
 class _Answer:
     """The ASGI response of one POST: reads the body, runs the work, answers (or streams)."""
 
     def __init__(self, server: _Server, route: str,
-                 parse: Callable[[dict[str, Any], Backend], Parsed] | None) -> None:
+                 parse: Callable[[dict[str, Any], Backend, Limits], Parsed] | None) -> None:
         self._server = server
         self._route = route
         self._parse = parse
@@ -181,23 +293,42 @@ class _Answer:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             server.check_key(headers)
-            body = parse_json(await _read_body(receive, headers, server.max_body_bytes))
-            server.check_model(body)
-            if self._parse is None:
-                return await self._score(body, receive, send)
-            parsed = self._parse(body, server.backend)
+            server.check_content_type(headers)
+            raw = await _read_body(receive, headers, server.max_body_bytes, server.body_timeout)
+            # Parsing takes time in proportion to the body (JSON, chat rendering, schema
+            # checks): a worker thread keeps the event loop serving everyone else meanwhile.
+            job = await anyio.to_thread.run_sync(self._parse_body, raw)
+            server.admit(job.size)
         except ApiError as err:
             await _send_error(send, err)
             return err.status
-        param = "messages" if parsed.kind == "chat" else "prompt"
-        if parsed.stream:
-            return await self._stream(parsed, param, receive, send)
-        reply = Reply(kind=parsed.kind, model=server.model, logprobs=parsed.logprobs,
+        try:
+            if isinstance(job, _ScoreJob):
+                return await self._score(job, receive, send)
+            if job.stream:
+                return await self._stream(job, receive, send)
+            return await self._complete(job, receive, send)
+        finally:
+            server.metrics.pending -= job.size
+
+    def _parse_body(self, raw: bytes) -> Parsed | _ScoreJob:
+        """The validated request (on a worker thread; raises ``ApiError``)."""
+        server = self._server
+        body = parse_json(raw, max_depth=server.limits.max_json_depth)
+        server.check_model(body)
+        if self._parse is not None:
+            return self._parse(body, server.backend, server.limits)
+        prefix, continuations, method = parse_score(body, server.backend, server.limits)
+        return _ScoreJob(prefix=prefix, continuations=continuations, method=method,
+                         prompt_param="messages" if "messages" in body else "prompt")
+
+    async def _complete(self, parsed: Parsed, receive: Receive, send: Send) -> int:
+        reply = Reply(kind=parsed.kind, model=self._server.model, logprobs=parsed.logprobs,
                       token_ids=parsed.token_ids)
         try:
             choices, gone = await _until_disconnect(receive, lambda: self._generate(parsed, None))
         except Exception as exc:
-            err = _log_error(api_error_for(exc, prompt_param=param), exc)
+            err = _failed(exc, parsed.prompt_param, parsed.constraint_param)
             await _send_error(send, err)
             return err.status
         if gone:
@@ -236,7 +367,7 @@ class _Answer:
                 _raise_first(group)
         return [choice for choice, _ in jobs]
 
-    async def _stream(self, parsed: Parsed, param: str, receive: Receive, send: Send) -> int:
+    async def _stream(self, parsed: Parsed, receive: Receive, send: Send) -> int:
         """SSE: headers go out with the first event, so an error before it is a normal 4xx/5xx."""
         reply = Reply(kind=parsed.kind, model=self._server.model, logprobs=parsed.logprobs,
                       token_ids=parsed.token_ids)
@@ -269,7 +400,7 @@ class _Answer:
         try:
             choices, gone = await _until_disconnect(receive, lambda: self._generate(parsed, on_piece))
         except Exception as exc:
-            err = _log_error(api_error_for(exc, prompt_param=param), exc)
+            err = _failed(exc, parsed.prompt_param, parsed.constraint_param)
             if not started:
                 await _send_error(send, err)
                 return err.status
@@ -283,14 +414,14 @@ class _Answer:
         await event(b"data: [DONE]\n\n", more=False)
         return 200
 
-    async def _score(self, body: dict[str, Any], receive: Receive, send: Send) -> int:
+    async def _score(self, job: _ScoreJob, receive: Receive, send: Send) -> int:
         backend = self._server.backend
-        prefix, continuations, method = parse_score(body, backend)
+        continuations = job.continuations
         try:
             result, gone = await _until_disconnect(
-                receive, lambda: backend.score(prefix, continuations, method))
+                receive, lambda: backend.score(job.prefix, continuations, job.method))
         except Exception as exc:
-            err = _log_error(api_error_for(exc), exc)
+            err = _failed(exc, job.prompt_param)
             await _send_error(send, err)
             return err.status
         if gone:
@@ -315,25 +446,30 @@ class _Answer:
         return 200
 
 
-async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
-    """The whole request body; 413 as soon as it passes ``limit`` bytes."""
+async def _read_body(receive: Receive, headers: dict[str, str], limit: int,
+                     timeout: float | None) -> bytes:
+    """The whole request body: 413 as soon as it passes ``limit`` bytes, 408 when it takes
+    longer than ``timeout`` seconds (a slow client must not hold a connection forever)."""
     too_big = ApiError(413, f"Request body too large: the limit is {limit} bytes.",
                        code="request_too_large")
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_big
     parts, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ApiError(400, "the client disconnected while sending the body", code="disconnected")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        parts.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(parts)
+    with anyio.move_on_after(timeout):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ApiError(400, "the client disconnected while sending the body", code="disconnected")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+    raise ApiError(408, f"The request body took over {timeout:g} s to arrive.", code="request_timeout",
+                   headers={"Connection": "close"})
 
 
 async def _until_disconnect(receive: Receive, work: Callable[[], Awaitable[Any]]) -> tuple[Any, bool]:
@@ -374,9 +510,11 @@ def _raise_first(group: BaseExceptionGroup) -> None:
     raise first
 
 
-def _log_error(err: ApiError, exc: BaseException) -> ApiError:
+def _failed(exc: Exception, prompt_param: str, constraint_param: str | None = None) -> ApiError:
+    """The error answer for ``exc``; the server's own failures are logged with their details."""
+    err = api_error_for(exc, prompt_param=prompt_param, constraint_param=constraint_param)
     if err.status >= 500:
-        _log.error("request failed: %s", err.message, exc_info=exc)
+        _log.error("request failed (%s): %r", err.code, exc, exc_info=exc)
     return err
 
 

@@ -1,30 +1,102 @@
-"""``aiolm serve``: the OpenAI-compatible server over an in-process :class:`aiolm.Engine`."""
+"""``aiolm serve``: the OpenAI-compatible server over an in-process :class:`aiolm.Engine`.
+
+Exit status: 0 after a normal shutdown (Ctrl-C; on SIGTERM the process ends by that signal,
+as under uvicorn),
+:data:`EXIT_STARTUP_FAILED` when the server did not start (the model failed to load, the port
+was taken), :data:`EXIT_ENGINE_FAILED` when the engine loop died while serving: the server
+then stops by itself, so a supervisor (systemd ``Restart=on-failure``, Kubernetes) restarts it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import inspect
+import logging
+import socket
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["build_parser", "serve_main"]
+import anyio
+import attrs
+
+from .app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PENDING
+from .connections import DEFAULT_HEAD_TIMEOUT, default_connection_limit, http_protocol
+from .guard import is_loopback_host
+from .protocol import Limits
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from ..backends.base import Backend
+
+__all__ = ["EXIT_ENGINE_FAILED", "EXIT_STARTUP_FAILED", "build_parser", "engine_options",
+           "run_server", "serve_main"]
+
+#: ``aiolm serve`` exits with this when the server could not start (uvicorn's own code).
+EXIT_STARTUP_FAILED = 3
+#: ``aiolm serve`` exits with this when the engine loop died while serving.
+EXIT_ENGINE_FAILED = 4
+
+_DEFAULT_KEEP_ALIVE = 5.0
+_DEFAULT_MAX_HEAD_BYTES = 16 * 1024   # uvicorn's h11 default
+_POLL_S = 0.5
+_log = logging.getLogger("aiolm.server")
+_LIMITS = Limits()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``aiolm serve`` options (server options, then the engine's)."""
+    """The ``aiolm serve`` options (server options, limits, connections, then the engine's)."""
     p = argparse.ArgumentParser(
         prog="aiolm serve",
         description="Serve a model under the OpenAI API (/v1/completions, /v1/chat/completions, "
                     "/v1/models, /health, /metrics).",
+        epilog=f"Exit status: 0 after a normal shutdown, {EXIT_STARTUP_FAILED} if the server did not "
+               f"start, {EXIT_ENGINE_FAILED} if the engine died while serving (restart it).",
     )
     p.add_argument("--model", default=None,
                    help="a Hugging Face model directory or GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 route")
-    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the model's name)")
-    p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body accepted (413 above)")
+    p.add_argument("--served-model-name", default=None, help="the id clients send as model (default: the model's name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    x = p.add_argument_group("exposure (without --api-key)")
+    x.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests with this Host name (repeatable; '*' any; '*.example.com' "
+                        "its subdomains). Default: localhost names, IP addresses and --host")
+    x.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="accept (and send CORS headers to) web pages of this origin, e.g. "
+                        "https://ui.example.com (repeatable; '*' any). Default: none")
+    lim = p.add_argument_group("limits (per request and per server)")
+    lim.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                     help="largest request body (413 above; default %(default)s)")
+    lim.add_argument("--max-json-depth", type=int, default=_LIMITS.max_json_depth,
+                     help="deepest JSON nesting of a body (400 above; default %(default)s)")
+    lim.add_argument("--max-prompts", type=int, default=_LIMITS.max_prompts,
+                     help="prompts in one /v1/completions request (default %(default)s)")
+    lim.add_argument("--max-n", type=int, default=_LIMITS.max_n, help="largest n (default %(default)s)")
+    lim.add_argument("--max-choices", type=int, default=_LIMITS.max_choices,
+                     help="prompts x n in one request (default %(default)s)")
+    lim.add_argument("--max-score-continuations", type=int, default=_LIMITS.max_score_continuations,
+                     help="continuations in one /v1/aiolm/score request (default %(default)s)")
+    lim.add_argument("--max-pending", type=int, default=DEFAULT_MAX_PENDING,
+                     help="generations (one per choice) admitted at once; 429 with Retry-After "
+                          "above (default %(default)s)")
+    c = p.add_argument_group("connections")
+    c.add_argument("--timeout-keep-alive", type=float, default=_DEFAULT_KEEP_ALIVE,
+                   help="close an idle keep-alive connection after this many seconds (default %(default)s)")
+    c.add_argument("--timeout-headers", type=float, default=DEFAULT_HEAD_TIMEOUT,
+                   help="close a connection that has not sent a whole request head this many seconds "
+                        "after opening or after its last response (default %(default)s)")
+    c.add_argument("--timeout-body", type=float, default=DEFAULT_BODY_TIMEOUT,
+                   help="answer 408 when a request body takes longer than this (default %(default)s)")
+    c.add_argument("--limit-concurrency", type=int, default=None,
+                   help="most open connections; a new one beyond gets 503 at once (default: the "
+                        "descriptor limit minus 64, at most 4096)")
+    c.add_argument("--h11-max-incomplete-event-size", type=int, default=_DEFAULT_MAX_HEAD_BYTES,
+                   help="largest request head in bytes (h11; default %(default)s)")
     e = p.add_argument_group("engine")
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", default="auto")
@@ -38,12 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-cuda-graphs", action="store_true")
     e.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-escape-special-tokens", action="store_true",
+                   help="let special-token text inside chat messages act as special tokens "
+                        "(default: it is encoded as plain text)")
     return p
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """``aiolm.Engine`` keyword arguments from parsed ``aiolm serve`` options."""
-    return dict(
+    from ..backends.engine import Engine
+
+    options: dict[str, Any] = dict(
         dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
         schedule_policy=args.schedule_policy, enable_radix_cache=not args.no_radix_cache,
         chunked_prefill_size=args.chunked_prefill_size,
@@ -51,28 +128,105 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         mem_fraction=args.mem_fraction, cuda_graphs=not args.no_cuda_graphs,
         load_format=args.load_format, seed=args.seed,
     )
+    if "escape_special_tokens" in inspect.signature(Engine).parameters:
+        options["escape_special_tokens"] = not args.no_escape_special_tokens
+    return options
 
 
 def serve_main(argv: Sequence[str]) -> int:
-    """Run ``aiolm serve`` until interrupted; returns the exit status.
+    """Run ``aiolm serve`` until interrupted or the engine dies; returns the exit status.
 
     The engine is built (options validated) at once and started in the app's lifespan, so
     the model loads when uvicorn starts and the engine closes when it stops.
     """
     args = build_parser().parse_args(list(argv))
+    from ..backends.engine import Engine
+
+    return run_server(Engine(args.model, **engine_options(args)), args)
+
+
+def run_server(backend: Backend, args: argparse.Namespace, *,
+               sockets: Sequence[socket.socket] | None = None) -> int:
+    """Serve ``backend`` with uvicorn under the ``aiolm serve`` options ``args``; the exit status.
+
+    The backend is opened in the app's lifespan when it is an async context manager (an
+    Engine). While serving, a task watches the backend's ``failure``: once set, the server
+    shuts down and this returns :data:`EXIT_ENGINE_FAILED`. ``sockets``: already bound
+    listening sockets to serve on instead of ``--host``/``--port`` (tests).
+    """
     import uvicorn
 
-    from ..backends.engine import Engine
-    from .app import DEFAULT_MAX_BODY_BYTES, create_app
+    from .app import create_app
 
-    engine = Engine(args.model, **engine_options(args))
+    watch = _Watch(backend)
+    allowed_hosts = list(args.allowed_host)
+    if args.host not in ("0.0.0.0", "::", ""):  # a wildcard bind is no name a client sends
+        allowed_hosts.append(args.host)
+    app = create_app(
+        backend, model_name=args.served_model_name, api_key=args.api_key, lifespan=watch.lifespan,
+        allowed_hosts=allowed_hosts, allowed_origins=args.allowed_origin,
+        max_body_bytes=args.max_body_bytes, body_timeout=args.timeout_body,
+        max_pending=args.max_pending, max_json_depth=args.max_json_depth,
+        max_prompts=args.max_prompts, max_n=args.max_n, max_choices=args.max_choices,
+        max_score_continuations=args.max_score_continuations)
+    limit = args.limit_concurrency or default_connection_limit()
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, log_config=_log_config(args.log_level),
+        lifespan="on", ws="none", timeout_keep_alive=args.timeout_keep_alive,
+        http=http_protocol(head_timeout=args.timeout_headers, max_connections=limit),
+        h11_max_incomplete_event_size=args.h11_max_incomplete_event_size)
+    if not is_loopback_host(args.host) and args.api_key is None:
+        _log.warning("serving on %s without --api-key: anyone who can reach this address can use "
+                     "the model. Set --api-key (or bind 127.0.0.1).", args.host)
+    server = uvicorn.Server(config)
+    watch.server = server
+    try:
+        server.run(sockets=list(sockets) if sockets is not None else None)
+    except SystemExit:  # uvicorn exits by itself when the lifespan or the bind fails
+        if server.started:
+            raise
+        return EXIT_STARTUP_FAILED
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn re-raises it once shut down (as uvicorn.run)
+        pass
+    if watch.failure is not None:
+        return EXIT_ENGINE_FAILED
+    return 0 if server.started else EXIT_STARTUP_FAILED
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging set-up, with aiolm's own log printed the same way at ``level``."""
+    import uvicorn.config
+
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["aiolm"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
+@attrs.define(eq=False)
+class _Watch:
+    """The lifespan of ``aiolm serve``: opens the backend, and stops the server if it dies."""
+
+    backend: Backend
+    server: uvicorn.Server | None = None
+    failure: BaseException | None = None
 
     @contextlib.asynccontextmanager
-    async def lifespan(_app: Any) -> AsyncIterator[None]:
-        async with engine:
-            yield
+    async def lifespan(self, _app: Any) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            if isinstance(self.backend, contextlib.AbstractAsyncContextManager):
+                await stack.enter_async_context(self.backend)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch)
+                yield
+                tg.cancel_scope.cancel()
 
-    app = create_app(engine, model_name=args.served_model_name, api_key=args.api_key,
-                     max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, lifespan=lifespan)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    async def _watch(self) -> None:
+        # Polled: the backend protocol has no "wait until failed", and twice a second is free.
+        while (failure := getattr(self.backend, "failure", None)) is None:
+            await anyio.sleep(_POLL_S)
+        self.failure = failure
+        _log.critical("the engine stopped on %s: shutting the server down (exit status %d) so "
+                      "that it can be restarted", type(failure).__name__, EXIT_ENGINE_FAILED,
+                      exc_info=failure)
+        if self.server is not None:
+            self.server.should_exit = True

@@ -43,31 +43,43 @@ class ApiError(Exception):
         return json.dumps(self.body()).encode()
 
 
-def api_error_for(exc: BaseException, *, prompt_param: str = "prompt") -> ApiError:
+def api_error_for(exc: BaseException, *, prompt_param: str = "prompt",
+                  constraint_param: str | None = None) -> ApiError:
     """The HTTP error for an exception raised while generating (most specific first).
 
-    A ``ValueError`` is the backend refusing the request (400); anything else that is not an
-    aiolm error is an internal error (500) whose details stay in the server's log.
+    ``prompt_param`` and ``constraint_param`` are the request fields a context-length or
+    constraint error names. A ``ValueError`` is the backend refusing the request (400). A
+    server-side failure (5xx) gets a message that says what happened and what to do, never
+    the exception's text: that may carry internals, and goes to the server's log instead.
     """
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, ContextLengthExceeded):
         return ApiError(400, str(exc), param=prompt_param, code="context_length_exceeded")
     if isinstance(exc, ConstraintError):
-        return ApiError(400, str(exc), param="response_format", code="invalid_constraint")
+        return ApiError(400, str(exc), param=constraint_param or "response_format",
+                        code="invalid_constraint")
     if isinstance(exc, UnsupportedFeature):
         return ApiError(400, str(exc), code="unsupported_feature")
     if isinstance(exc, RateLimited):
         headers = {} if exc.retry_after is None else {"Retry-After": f"{exc.retry_after:g}"}
-        return ApiError(429, str(exc), type="rate_limit_error", code="rate_limited", headers=headers)
+        return ApiError(429, "The model is rate limited: retry later.", type="rate_limit_error",
+                        code="rate_limited", headers=headers)
     if isinstance(exc, BackendTimeout):
-        return ApiError(504, str(exc), type="server_error", code="timeout")
-    if isinstance(exc, BackendUnavailable | OutOfMemory):
-        return ApiError(503, str(exc), type="server_error", code="unavailable")
+        return ApiError(504, "The model did not answer in time: retry later.", type="server_error",
+                        code="timeout")
+    if isinstance(exc, OutOfMemory):
+        return ApiError(503, "The server ran out of memory for this request: retry later, or send "
+                             "a shorter one.", type="server_error", code="unavailable")
+    if isinstance(exc, BackendUnavailable):
+        return ApiError(503, "The model is unavailable (the engine stopped or is restarting): "
+                             "retry later.", type="server_error", code="unavailable")
     if isinstance(exc, BackendError):
-        return ApiError(502, str(exc), type="server_error", code="backend_error")
+        return ApiError(502, "The model failed to answer: retry later.", type="server_error",
+                        code="backend_error")
     if isinstance(exc, EngineError):
-        return ApiError(500, str(exc), type="server_error", code="engine_error")
+        return ApiError(500, "The engine failed on this request.", type="server_error",
+                        code="engine_error")
     if isinstance(exc, ValueError):  # backends raise it for requests they cannot take
         return ApiError(400, str(exc), code="invalid_value")
     return ApiError(500, "internal server error", type="server_error", code="internal_error")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections import Counter
 
@@ -11,6 +12,8 @@ import attrs
 from ..backends.base import Backend, Usage
 
 __all__ = ["Metrics"]
+
+_log = logging.getLogger("aiolm.server")
 
 # Backend statistics fields that mean "requests waiting to be scheduled".
 _QUEUE_FIELDS = ("queue_depth", "queued_requests", "waiting", "num_waiting", "waiting_requests")
@@ -25,6 +28,7 @@ class Metrics:
     completion_tokens: int = 0
     cached_tokens: int = 0
     in_flight: int = 0
+    pending: int = 0     # backend requests admitted (one per choice or continuation), not done
 
     def count(self, route: str, status: int) -> None:
         self.requests[(route, status)] += 1
@@ -35,8 +39,12 @@ class Metrics:
             self.completion_tokens += usage.completion_tokens
             self.cached_tokens += usage.cached_tokens
 
-    def render(self, backend: Backend) -> str:
-        """Prometheus exposition text: our counters, then the backend's ``statistics()``."""
+    def render(self, backend: Backend, *, up: bool) -> str:
+        """Prometheus exposition text: our counters, then the backend's ``statistics()``.
+
+        ``up``: whether the backend serves (``aiolm_engine_up``). Never raises for a failed
+        or closed backend: statistics it cannot give are left out.
+        """
         lines: list[str] = []
 
         def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -46,8 +54,14 @@ class Metrics:
 
         metric("aiolm_requests_total", "counter", "HTTP requests answered, by route and status.",
                [(f'{{route="{r}",status="{s}"}}', v) for (r, s), v in sorted(self.requests.items())])
+        metric("aiolm_engine_up", "gauge",
+               "1 while the backend serves, 0 once its engine loop has stopped on an error.",
+               [("", int(up))])
         metric("aiolm_requests_in_flight", "gauge", "Requests being answered now.",
                [("", self.in_flight)])
+        metric("aiolm_pending_generations", "gauge",
+               "Backend requests (one per choice or scored continuation) admitted and not done.",
+               [("", self.pending)])
         metric("aiolm_prompt_tokens_total", "counter", "Prompt tokens of answered requests.",
                [("", self.prompt_tokens)])
         metric("aiolm_completion_tokens_total", "counter", "Generated tokens.",
@@ -73,7 +87,11 @@ def _backend_stats(backend: Backend) -> dict[str, int | float]:
     statistics = getattr(backend, "statistics", None)
     if not callable(statistics):
         return {}
-    snapshot = statistics()
+    try:
+        snapshot = statistics()
+    except Exception as exc:  # a dead or closed engine has none; /metrics must still answer
+        _log.debug("backend statistics unavailable: %r", exc)
+        return {}
     if attrs.has(type(snapshot)):
         fields = attrs.asdict(snapshot, recurse=False)
     elif dataclasses.is_dataclass(snapshot) and not isinstance(snapshot, type):

@@ -5,6 +5,8 @@ Besides the OpenAI fields, both endpoints take aiolm's extensions: ``regex``, ``
 ``return_token_ids`` (each choice and chunk also carries its ``token_ids``);
 ``/v1/completions`` also takes ``response_format``; ``/v1/chat/completions`` takes
 ``continue_final_message`` (the last assistant message is continued, not closed).
+
+How much one request may ask for is bounded by :class:`Limits` (400 beyond, naming the field).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from typing import Any, Literal
 
 import attrs
@@ -24,11 +27,35 @@ from ..primitives import SELECT_METHODS
 from ..sampling import SamplingParams
 from .errors import ApiError
 
-__all__ = ["Parsed", "parse_chat", "parse_completion", "parse_json", "parse_score"]
+__all__ = ["Limits", "Parsed", "parse_chat", "parse_completion", "parse_json", "parse_score"]
 
 _CHAT_DEFAULT_MAX_TOKENS = 256
 _COMPLETION_DEFAULT_MAX_TOKENS = 16   # the OpenAI default
-_MAX_N = 16
+
+
+def _positive_int(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name}: expected a positive int, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class Limits:
+    """What one request may ask for; a request over a limit gets a 400 naming the field.
+
+    ``max_json_depth``: nesting of the body (an object holding a list is depth 2);
+    ``max_prompts``: prompts of one ``/v1/completions`` request; ``max_n``: ``n``;
+    ``max_choices``: prompts x ``n``; ``max_score_continuations``: continuations of one
+    ``/v1/aiolm/score`` request.
+    """
+
+    max_json_depth: int = attrs.field(default=64, validator=_positive_int)
+    max_prompts: int = attrs.field(default=64, validator=_positive_int)
+    max_n: int = attrs.field(default=16, validator=_positive_int)
+    max_choices: int = attrs.field(default=128, validator=_positive_int)
+    max_score_continuations: int = attrs.field(default=64, validator=_positive_int)
+
+
+_DEFAULT_LIMITS = Limits()
 
 
 @attrs.frozen(kw_only=True)
@@ -43,18 +70,44 @@ class Parsed:
     logprobs: bool = False
     token_ids: bool = False                # extension ``return_token_ids``: ids in each choice
     prompt_offsets: tuple[int, ...] = ()   # completions: where each answer's text_offset starts
+    prompt_param: str = "prompt"           # the field an error about the prompt names
+    constraint_param: str | None = None    # the field the constraint came from
+
+    @property
+    def size(self) -> int:
+        """How many backend requests this request makes (prompts x ``n``)."""
+        return len(self.requests) * self.n
 
 
-def parse_json(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object (400 when it is not one)."""
+def parse_json(raw: bytes, *, max_depth: int) -> dict[str, Any]:
+    """The request body as a JSON object nested at most ``max_depth`` deep (400 otherwise).
+
+    CPU-bound on a large body: call it off the event loop.
+    """
     try:
         body = json.loads(raw)
+    except RecursionError:  # the decoder recurses once per level: far past max_depth
+        raise _too_deep(None, max_depth) from None
     except (UnicodeDecodeError, ValueError):
         raise ApiError(400, "We could not parse the JSON body of your request.",
                        code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    # NOTE: iterative on purpose: the check must not itself recurse once per level.
+    stack: list[tuple[Any, int, str]] = [(v, 2, k) for k, v in body.items() if isinstance(v, dict | list)]
+    while stack:
+        value, depth, field = stack.pop()
+        if depth > max_depth:
+            raise _too_deep(field, max_depth)
+        items = value.values() if isinstance(value, dict) else value
+        stack.extend((v, depth + 1, field) for v in items if isinstance(v, dict | list))
     return body
+
+
+def _too_deep(param: str | None, max_depth: int) -> ApiError:
+    where = f"{param} is" if param else "the body is"
+    return ApiError(400, f"JSON nested too deeply: {where} nested over this server's limit of "
+                         f"{max_depth} levels.", param=param, code="json_too_deep")
 
 
 def _bad(param: str, message: str) -> ApiError:
@@ -77,7 +130,10 @@ def _type_names(types: type | tuple[type, ...]) -> str:
     return " or ".join(t.__name__ for t in items)
 
 
-def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> SamplingParams:
+def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: bool, top_logprobs: int,
+              sent_as: dict[str, str]) -> SamplingParams:
+    """The sampling parameters; an error names the field the client sent (``sent_as`` maps
+    a ``SamplingParams`` field to the body field it came from where the names differ)."""
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, str | list):
         raise _bad("stop", "expected a string or a list of strings")
@@ -102,39 +158,38 @@ def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: bool, t
         return SamplingParams(**fields)
     except (TypeError, ValueError) as exc:
         message = str(exc)
-        param = message.split(":", 1)[0] if ":" in message else None
-        raise ApiError(400, message, param=param if param in fields else None,
-                       code="invalid_value") from None
+        name = re.match(r"\w*", message).group()   # SamplingParams errors start with the field
+        param = sent_as.get(name, name) if name in fields else None
+        raise ApiError(400, message, param=param, code="invalid_value") from None
 
 
-def _constraint(body: dict[str, Any], *, allow_response_format: bool = True) -> Constraint | None:
+def _constraint(body: dict[str, Any]) -> tuple[Constraint | None, str | None]:
+    """The request's constraint and the field it came from; errors name that field."""
     found: list[tuple[str, Constraint]] = []
-    try:
-        if body.get("regex") is not None:
-            found.append(("regex", Regex(_get(body, "regex", str))))
-        if body.get("grammar") is not None:
-            found.append(("grammar", Grammar(_get(body, "grammar", str))))
-        fmt = body.get("response_format") if allow_response_format else None
-        if fmt is not None:
-            spec = _response_format(fmt)
-            if spec is not None:
-                found.append(("response_format", spec))
-    except ConstraintError as exc:
-        raise ApiError(400, str(exc), param="response_format", code="invalid_constraint") from None
-    except (TypeError, ValueError) as exc:
-        raise ApiError(400, str(exc), param="regex", code="invalid_constraint") from None
+    for param, build in (("regex", Regex), ("grammar", Grammar), ("response_format", _response_format)):
+        value = body.get(param)
+        if value is None:
+            continue
+        if param != "response_format" and not isinstance(value, str):
+            raise _bad(param, f"expected a string, got {type(value).__name__}")
+        try:
+            spec = build(value)
+        except (ConstraintError, TypeError, ValueError) as exc:
+            raise ApiError(400, str(exc), param=param, code="invalid_constraint") from None
+        if spec is not None:
+            found.append((param, spec))
     if len(found) > 1:
         names = ", ".join(n for n, _ in found)
         raise ApiError(400, f"give at most one of regex, grammar, response_format (got {names})",
                        param=found[1][0], code="invalid_value")
     if not found:
-        return None
+        return None, None
     param, constraint = found[0]
     try:
         constraint.validate()
     except ConstraintError as exc:
         raise ApiError(400, str(exc), param=param, code="invalid_constraint") from None
-    return constraint
+    return constraint, param
 
 
 def _response_format(fmt: Any) -> Constraint | None:
@@ -153,10 +208,13 @@ def _response_format(fmt: Any) -> Constraint | None:
     raise ConstraintError(f"response_format: unknown type {kind!r} (text, json_object, json_schema)")
 
 
-def _n(body: dict[str, Any]) -> int:
+def _n(body: dict[str, Any], limits: Limits, prompts: int) -> int:
     n = _get(body, "n", int, 1)
-    if not 1 <= n <= _MAX_N:
-        raise _bad("n", f"must be between 1 and {_MAX_N}, got {n}")
+    if not 1 <= n <= limits.max_n:
+        raise _bad("n", f"must be between 1 and {limits.max_n}, got {n}")
+    if prompts * n > limits.max_choices:
+        raise _bad("n", f"{prompts} prompts x n={n} is {prompts * n} choices, over this server's "
+                        f"limit of {limits.max_choices} per request")
     return n
 
 
@@ -166,7 +224,7 @@ def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, bool(stream and options.get("include_usage"))
 
 
-def parse_completion(body: dict[str, Any], backend: Backend) -> Parsed:
+def parse_completion(body: dict[str, Any], backend: Backend, limits: Limits = _DEFAULT_LIMITS) -> Parsed:
     """``POST /v1/completions``."""
     if backend.capabilities.chat_only:
         raise ApiError(400, f"{backend.model_name} is a chat model: use /v1/chat/completions",
@@ -180,12 +238,17 @@ def parse_completion(body: dict[str, Any], backend: Backend) -> Parsed:
     if best_of not in (None, 1):
         raise _bad("best_of", "only 1 is supported")
     prompts = _prompts(body.get("prompt"))
+    if len(prompts) > limits.max_prompts:
+        raise _bad("prompt", f"{len(prompts)} prompts is over this server's limit of "
+                             f"{limits.max_prompts} per request")
+    n = _n(body, limits, len(prompts))
     k = _get(body, "logprobs", int, None)
     if k is not None and not 0 <= k <= 20:
         raise _bad("logprobs", f"must be between 0 and 20, got {k}")
     sampling = _sampling(body, max_tokens=_get(body, "max_tokens", int, _COMPLETION_DEFAULT_MAX_TOKENS),
-                         logprobs=k is not None, top_logprobs=k or 0)
-    constraint = _constraint(body)
+                         logprobs=k is not None, top_logprobs=k or 0,
+                         sent_as={"top_logprobs": "logprobs"})
+    constraint, constraint_param = _constraint(body)
     requests = []
     for p in prompts:
         if isinstance(p, tuple) and not backend.capabilities.token_ids:
@@ -193,10 +256,11 @@ def parse_completion(body: dict[str, Any], backend: Backend) -> Parsed:
         kw = {"prompt": p} if isinstance(p, str) else {"input_ids": p}
         requests.append(GenerateRequest(**kw, sampling=sampling, constraint=constraint))
     stream, include_usage = _stream_options(body)
-    return Parsed(kind="completion", requests=tuple(requests), n=_n(body), stream=stream,
+    return Parsed(kind="completion", requests=tuple(requests), n=n, stream=stream,
                   include_usage=include_usage, logprobs=k is not None,
                   token_ids=_get(body, "return_token_ids", bool, False),
-                  prompt_offsets=tuple(len(p) if isinstance(p, str) else 0 for p in prompts))
+                  prompt_offsets=tuple(len(p) if isinstance(p, str) else 0 for p in prompts),
+                  constraint_param=constraint_param)
 
 
 def _prompts(prompt: Any) -> list[str | tuple[int, ...]]:
@@ -217,7 +281,7 @@ def _is_ids(value: Any) -> bool:
             and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value))
 
 
-def parse_chat(body: dict[str, Any], backend: Backend) -> Parsed:
+def parse_chat(body: dict[str, Any], backend: Backend, limits: Limits = _DEFAULT_LIMITS) -> Parsed:
     """``POST /v1/chat/completions``."""
     for name in ("tools", "functions", "logit_bias"):
         if body.get(name):
@@ -232,16 +296,18 @@ def parse_chat(body: dict[str, Any], backend: Backend) -> Parsed:
     top = _get(body, "top_logprobs", int, 0)
     if top and not want_logprobs:
         raise _bad("top_logprobs", "needs logprobs: true")
-    max_tokens = _get(body, "max_completion_tokens", int, None)
-    if max_tokens is None:
-        max_tokens = _get(body, "max_tokens", int, _CHAT_DEFAULT_MAX_TOKENS)
-    sampling = _sampling(body, max_tokens=max_tokens, logprobs=want_logprobs, top_logprobs=top)
-    constraint = _constraint(body)
+    n = _n(body, limits, 1)
+    max_tokens_param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _get(body, max_tokens_param, int, _CHAT_DEFAULT_MAX_TOKENS)
+    sampling = _sampling(body, max_tokens=max_tokens, logprobs=want_logprobs, top_logprobs=top,
+                         sent_as={"max_tokens": max_tokens_param})
+    constraint, constraint_param = _constraint(body)
     request = _chat_request(messages, backend, sampling=sampling, constraint=constraint)
     stream, include_usage = _stream_options(body)
-    return Parsed(kind="chat", requests=(request,), n=_n(body), stream=stream,
+    return Parsed(kind="chat", requests=(request,), n=n, stream=stream,
                   include_usage=include_usage, logprobs=want_logprobs,
-                  token_ids=_get(body, "return_token_ids", bool, False))
+                  token_ids=_get(body, "return_token_ids", bool, False),
+                  prompt_param="messages", constraint_param=constraint_param)
 
 
 def _chat_request(messages: list[Message], backend: Backend, **kw: Any) -> GenerateRequest:
@@ -312,12 +378,16 @@ def _image(url: Any, param: str) -> ImageData:
     raise _bad(param, "image_url.url must be a data: or http(s) URL")
 
 
-def parse_score(body: dict[str, Any], backend: Backend) -> tuple[GenerateRequest, tuple[str, ...], str]:
+def parse_score(body: dict[str, Any], backend: Backend,
+                limits: Limits = _DEFAULT_LIMITS) -> tuple[GenerateRequest, tuple[str, ...], str]:
     """``POST /v1/aiolm/score``: (prefix request, continuations, method)."""
     continuations = body.get("continuations")
     if (not isinstance(continuations, list) or not continuations
             or not all(isinstance(c, str) for c in continuations)):
         raise _bad("continuations", "expected a non-empty list of strings")
+    if len(continuations) > limits.max_score_continuations:
+        raise _bad("continuations", f"{len(continuations)} continuations is over this server's "
+                                    f"limit of {limits.max_score_continuations} per request")
     method = _get(body, "method", str, "token_length_normalized")
     if method not in SELECT_METHODS:
         raise _bad("method", f"expected one of {', '.join(SELECT_METHODS)}, got {method!r}")
