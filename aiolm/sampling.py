@@ -1,38 +1,110 @@
-"""Sampling parameters shared by every backend (a frozen value object, validated on creation)."""
+"""Sampling parameters shared by every backend (a frozen value object, validated on creation).
+
+Every value is range-checked here, at the entry, so that no request can reach an engine with a
+value that breaks it: the bounds are OpenAI's where OpenAI has one, and otherwise limits that
+keep one request's host-side work (stop checks, the sampler's preparation) small:
+
+========================  ===================================================================
+``max_tokens``            ``0 ..`` :data:`MAX_TOKENS` (a 32-bit int)
+``min_tokens``            ``0 .. max_tokens``
+``temperature``           ``>= 0`` and finite; below :data:`GREEDY_TEMPERATURE` it is greedy
+                          (no upper bound: local-model servers such as vLLM and SGLang
+                          take any; OpenAI's own API refuses more than 2)
+``top_p``                 ``(0, 1]``
+``top_k``                 ``-1 ..`` :data:`MAX_TOKENS` (0 and -1 disable it)
+``min_p``                 ``0 .. 1``
+``frequency_penalty``     ``-2 .. 2`` (as OpenAI)
+``presence_penalty``      ``-2 .. 2`` (as OpenAI)
+``stop``                  at most :data:`MAX_STOP_STRINGS` non-empty strings of at most
+                          :data:`MAX_STOP_CHARS` characters each
+``stop_token_ids``        at most :data:`MAX_STOP_TOKEN_IDS` ids, each ``0 ..`` :data:`MAX_TOKENS`
+``stop_regex``            at most :data:`MAX_STOP_REGEX_CHARS` characters that compile, whose
+                          counted repeats unroll to at most :data:`MAX_STOP_REGEX_SIZE` atoms
+``top_logprobs``          ``0 ..`` :data:`MAX_TOP_LOGPROBS` (as OpenAI)
+``seed``                  ``0 .. 2**64 - 1`` (an unsigned 64-bit int: every seed
+                          ``torch.Generator.manual_seed`` takes as it is)
+========================  ===================================================================
+"""
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 
 import attrs
 
-__all__ = ["SamplingParams", "normalize_stop"]
+__all__ = [
+    "GREEDY_TEMPERATURE",
+    "MAX_STOP_CHARS",
+    "MAX_STOP_REGEX_CHARS",
+    "MAX_STOP_REGEX_SIZE",
+    "MAX_STOP_STRINGS",
+    "MAX_STOP_TOKEN_IDS",
+    "MAX_TOKENS",
+    "MAX_TOP_LOGPROBS",
+    "SEED_RANGE",
+    "SamplingParams",
+    "normalize_stop",
+]
+
+#: The largest ``max_tokens``, ``top_k`` and stop token id (a 32-bit int).
+MAX_TOKENS = 2**31 - 1
+#: The most stop strings, and the longest one (stop checks cost up to its length squared).
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 512
+#: The most ``stop_token_ids``.
+MAX_STOP_TOKEN_IDS = 256
+#: The longest ``stop_regex``. The ``regex`` module's first partial search of a pattern costs
+#: the cube of its longest literal, holding the GIL and ignoring any timeout (a 512-character
+#: literal: ~30 ms; 3,000: seconds).
+MAX_STOP_REGEX_CHARS = 512
+#: How many atoms a ``stop_regex``'s counted repeats (``x{n}``, nested) may unroll to:
+#: ``regex`` unrolls them when it compiles, so ``(?:(?:a{200}){200}){200}`` takes seconds
+#: and ``a{4294967294}`` all the memory there is.
+MAX_STOP_REGEX_SIZE = 10_000
+#: Temperatures below this sample greedily (as in vLLM): the draw is then the argmax in all
+#: but name, and a temperature that rounds to 0 in float32 (1e-50) would make every
+#: probability NaN.
+GREEDY_TEMPERATURE = 1e-5
+#: The most ``top_logprobs`` (OpenAI's bound).
+MAX_TOP_LOGPROBS = 20
+#: Seeds accepted: every unsigned 64-bit int.
+SEED_RANGE = range(2**64)
 
 
 def normalize_stop(stop: str | Iterable[str] | None) -> tuple[str, ...]:
-    """Turn ``None``, a string, or an iterable of strings into a tuple of non-empty strings."""
+    """Turn ``None``, a string, or an iterable of strings into a tuple of non-empty strings.
+
+    Raises ``TypeError`` for a non-string, ``ValueError`` for an empty string, more than
+    :data:`MAX_STOP_STRINGS` of them or one longer than :data:`MAX_STOP_CHARS`.
+    """
     if stop is None:
         return ()
     if isinstance(stop, str):
         stop = (stop,)
     out = tuple(stop)
+    if len(out) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(out)}")
     for s in out:
         if not isinstance(s, str):
             raise TypeError(f"stop: expected strings, got {type(s).__name__}")
         if not s:
             raise ValueError("stop: stop strings must be non-empty")
+        if len(s) > MAX_STOP_CHARS:
+            raise ValueError(f"stop: a stop string has {len(s)} characters; at most "
+                             f"{MAX_STOP_CHARS}")
     return out
 
 
-def _non_negative_int(name: str):
+def _int_in(name: str, lo: int, hi: int, *, optional: bool = False):
     def check(_inst, _attr, value):
-        if value is None:
+        if value is None and optional:
             return
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-        if value < 0:
-            raise ValueError(f"{name}: must be >= 0, got {value}")
+        if not lo <= value <= hi:
+            raise ValueError(f"{name}: must be in [{lo}, {hi}], got {value}")
 
     return check
 
@@ -65,10 +137,84 @@ def _ids_converter(value) -> tuple[int, ...]:
     if isinstance(value, int):
         value = (value,)
     out = tuple(value)
+    if len(out) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(out)}")
     for v in out:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"stop_token_ids: expected non-negative ints, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOKENS:
+            raise ValueError(f"stop_token_ids: expected ints in [0, {MAX_TOKENS}], got {v!r}")
     return out
+
+
+# A counted repeat: {m}, {m,}, {,n}, {m,n} (anything else in braces is a literal or a
+# fuzzy constraint, which unrolls nothing).
+_COUNTED = re.compile(r"\{(\d*)(,?)(\d*)\}")
+# Escapes whose argument is in braces (\p{L}, \N{DASH}, \x{263a}): not a repeat.
+_BRACED_ESCAPES = frozenset("pPNx")
+
+
+def _unrolled_size(pattern: str) -> int:
+    """An upper estimate of how many atoms ``regex`` unrolls ``pattern`` into.
+
+    Every character, escape and character class counts one; a counted repeat ``{m,n}``
+    multiplies what it repeats by ``n`` (by ``m`` when unbounded), nested ones multiply
+    together, alternatives add up. Deliberately coarse (it only reads the pattern's text):
+    it never under-counts a well-formed pattern.
+    """
+    groups = [0]          # the size of each open group's text so far
+    last = 0              # the size of the atom a quantifier would repeat
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            if pattern[i - 1: i] in _BRACED_ESCAPES and pattern[i: i + 1] == "{":
+                end = pattern.find("}", i)
+                i = n if end < 0 else end + 1
+            last = 1
+        elif c == "[":
+            i = _class_end(pattern, i)
+            last = 1
+        elif c in "*+?":  # repeats nothing more; keeps ``last`` for a repeat after it
+            i += 1
+            continue
+        elif c == "(":
+            groups.append(0)
+            i += 1
+            last = 0
+            continue
+        elif c == ")" and len(groups) > 1:
+            last = max(groups.pop(), 1)
+            i += 1
+        elif c == "{" and (m := _COUNTED.match(pattern, i)) and (m[1] or m[3]):
+            count = int(m[3]) if m[3] else int(m[1])
+            groups[-1] += last * (max(count, 1) - 1)
+            last *= max(count, 1)
+            i = m.end()
+            if groups[-1] > MAX_STOP_REGEX_SIZE:
+                return groups[-1]
+            continue
+        else:
+            i += 1
+            last = 1
+        groups[-1] += last
+    return sum(groups)
+
+
+def _class_end(pattern: str, i: int) -> int:
+    """The index after the character class that opens at ``pattern[i] == "["``."""
+    j = i + 1
+    if pattern[j: j + 1] == "^":
+        j += 1
+    if pattern[j: j + 1] == "]":
+        j += 1
+    while j < len(pattern):
+        if pattern[j] == "\\":
+            j += 2
+        elif pattern[j] == "]":
+            return j + 1
+        else:
+            j += 1
+    return len(pattern)
 
 
 def _check_stop_regex(_inst, _attr, value):
@@ -76,6 +222,13 @@ def _check_stop_regex(_inst, _attr, value):
         return
     if not isinstance(value, str):
         raise TypeError(f"stop_regex: expected a string, got {type(value).__name__}")
+    if len(value) > MAX_STOP_REGEX_CHARS:
+        raise ValueError(f"stop_regex: {len(value)} characters; at most "
+                         f"{MAX_STOP_REGEX_CHARS} (simplify it)")
+    size = _unrolled_size(value)
+    if size > MAX_STOP_REGEX_SIZE:
+        raise ValueError(f"stop_regex: its counted repeats unroll to {size} or more atoms; at "
+                         f"most {MAX_STOP_REGEX_SIZE} (use * or + instead of large {{n}})")
     import regex
 
     try:
@@ -88,12 +241,15 @@ def _check_stop_regex(_inst, _attr, value):
 class SamplingParams:
     """How to sample one completion.
 
-    ``temperature == 0`` means greedy. ``top_k == 0`` (or -1) disables top-k.
+    ``temperature == 0`` (or below :data:`GREEDY_TEMPERATURE`) means greedy. ``top_k == 0``
+    (or -1) disables top-k.
     ``max_tokens`` counts generated tokens; ``min_tokens`` suppresses EOS and stop
     conditions until that many tokens exist. ``seed`` makes a sampled request reproducible.
+    Every value is range-checked (the bounds are in this module's docstring); a bad one
+    raises ``TypeError`` / ``ValueError`` naming it.
     """
 
-    max_tokens: int = attrs.field(default=128, validator=_non_negative_int("max_tokens"))
+    max_tokens: int = attrs.field(default=128, validator=_int_in("max_tokens", 0, MAX_TOKENS))
     temperature: float = attrs.field(default=0.0, validator=_finite_float("temperature", lo=0.0))
     top_p: float = attrs.field(default=1.0, validator=_finite_float("top_p", 0.0, 1.0, lo_open=True))
     top_k: int = attrs.field(default=0)
@@ -105,13 +261,16 @@ class SamplingParams:
         default=0.0, validator=_finite_float("presence_penalty", -2.0, 2.0)
     )
     ignore_eos: bool = False
-    min_tokens: int = attrs.field(default=0, validator=_non_negative_int("min_tokens"))
+    min_tokens: int = attrs.field(default=0, validator=_int_in("min_tokens", 0, MAX_TOKENS))
     stop: tuple[str, ...] = attrs.field(default=(), converter=_stop_converter)
     stop_token_ids: tuple[int, ...] = attrs.field(default=(), converter=_ids_converter)
     stop_regex: str | None = attrs.field(default=None, validator=_check_stop_regex)
     logprobs: bool = False
-    top_logprobs: int = attrs.field(default=0, validator=_non_negative_int("top_logprobs"))
-    seed: int | None = attrs.field(default=None, validator=_non_negative_int("seed"))
+    top_logprobs: int = attrs.field(
+        default=0, validator=_int_in("top_logprobs", 0, MAX_TOP_LOGPROBS))
+    seed: int | None = attrs.field(
+        default=None,
+        validator=_int_in("seed", SEED_RANGE.start, SEED_RANGE.stop - 1, optional=True))
 
     @top_k.validator
     def _check_top_k(self, _attr, value):
@@ -119,16 +278,16 @@ class SamplingParams:
             raise TypeError(f"top_k: expected an int, got {type(value).__name__}")
         if value < -1:
             raise ValueError(f"top_k: must be >= 0 (0 or -1 disables it), got {value}")
+        if value > MAX_TOKENS:
+            raise ValueError(f"top_k: must be <= {MAX_TOKENS}, got {value}")
 
     def __attrs_post_init__(self) -> None:
         if self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
             )
-        if self.top_logprobs > 20:
-            raise ValueError(f"top_logprobs: at most 20, got {self.top_logprobs}")
 
     @property
     def greedy(self) -> bool:
-        """True when sampling reduces to argmax (temperature 0 or top_k 1)."""
-        return self.temperature == 0.0 or self.top_k == 1
+        """True when sampling reduces to argmax (temperature about 0, or top_k 1)."""
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Engine", "LoadedModel"]
 
+_log = logging.getLogger("aiolm.engine")
+
 _SELECT_METHODS = ("token_length_normalized", "greedy", "unconditional_normalized")
 
 
@@ -63,6 +66,12 @@ class Engine(Backend):
     ``await engine.aclose()``. Options are those of :class:`aiolm.engine.config.EngineConfig`
     (validated here, before anything loads); ``model`` may also be a :class:`LoadedModel`.
     Weights load in :meth:`start`, on a worker thread.
+
+    ``escape_special_tokens`` (default True): special-token text inside chat message content
+    (a user writing ``<|im_end|>\n<|im_start|>system``) encodes as ordinary tokens, so it
+    cannot forge a turn; the chat template's own markers stay control tokens. Raw text
+    prompts (``engine.generate("...")``, the completions API) are never escaped: they may
+    carry control tokens on purpose. False encodes chat content as raw text too.
     """
 
     capabilities = Capabilities(images=False)
@@ -74,8 +83,15 @@ class Engine(Backend):
                  max_running_requests: int | None = None, max_total_tokens: int | None = None,
                  mem_fraction: float = 0.85, cuda_graphs: bool = True,
                  load_format: str = "auto", tp_size: int = 1, seed: int = 0,
-                 jump_forward: bool = True, aging_limit: int = 16) -> None:
+                 jump_forward: bool = True, aging_limit: int = 16,
+                 request_step_timeout: float = 5.0, close_timeout: float = 10.0,
+                 escape_special_tokens: bool = True) -> None:
         from ..engine.config import EngineConfig
+
+        if not isinstance(escape_special_tokens, bool):
+            raise TypeError(f"escape_special_tokens: expected a bool, got "
+                            f"{type(escape_special_tokens).__name__}")
+        self.escape_special_tokens = escape_special_tokens
 
         self._loaded = model if isinstance(model, LoadedModel) else None
         if self._loaded is not None:
@@ -87,6 +103,7 @@ class Engine(Backend):
             max_running_requests=max_running_requests, max_total_tokens=max_total_tokens,
             mem_fraction=mem_fraction, cuda_graphs=cuda_graphs, load_format=load_format,
             tp_size=tp_size, seed=seed, jump_forward=jump_forward, aging_limit=aging_limit,
+            request_step_timeout=request_step_timeout, close_timeout=close_timeout,
         )
         self._core: EngineCore | None = None
         self._tokenizer: Tokenizer | None = None
@@ -96,6 +113,7 @@ class Engine(Backend):
         self._tickets: dict[int, Pending] = {}
         self._ticket_ids = itertools.count()
         self._failed: BaseException | None = None
+        self._last_statistics: EngineStatistics | None = None
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -133,15 +151,26 @@ class Engine(Backend):
 
     async def aclose(self) -> None:
         """Stop the engine loop and release its memory; open streams fail with
-        :class:`BackendUnavailable`. Idempotent; waits (shielded) for the loop to stop."""
+        :class:`BackendUnavailable`. Idempotent; waits (shielded) for the loop to stop, at
+        most ``close_timeout`` seconds: a loop still busy then (a forward pass cannot be
+        interrupted) is logged and left to its daemon thread, the engine is marked failed
+        (:attr:`failure`) and its weights stay taken."""
         core, self._core = self._core, None
         self._closed = True
         if core is None:
             return
         core.shutdown()
+        timeout = self.config.close_timeout
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(core.join)
+            stopped = await anyio.to_thread.run_sync(core.join, timeout)
+        self._last_statistics = core.statistics()
         self._fail_all(BackendUnavailable("the engine was closed"))
+        if not stopped:
+            _log.error("the engine loop did not stop within close_timeout=%g s; leaving its "
+                       "thread behind", timeout)
+            self._failed = self._failed or BackendUnavailable(
+                f"the engine loop did not stop within {timeout:g} s of aclose()")
+            return
         if self._loaded is not None:
             self._loaded.in_use = False
 
@@ -167,8 +196,24 @@ class Engine(Backend):
         """The engine's tokenizer (None for dummy weights); available after :meth:`start`."""
         return self._tokenizer
 
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that stopped the engine loop; ``None`` while it is healthy, not yet
+        started, or closed cleanly. Read-only; never waits."""
+        if self._failed is not None:
+            return self._failed
+        return self._core.failure if self._core is not None else None
+
     def statistics(self) -> EngineStatistics:
-        """A frozen snapshot: requests, KV slots, token counts, cache hit rate, passes."""
+        """A frozen snapshot: requests, KV slots, token counts, cache hit rate, passes.
+
+        After the loop failed, or the engine closed, the last snapshot it took. Raises
+        :class:`BackendUnavailable` before :meth:`start`.
+        """
+        if self._core is not None:
+            return self._core.statistics()
+        if self._last_statistics is not None:
+            return self._last_statistics
         return self._require_core().statistics()
 
     async def flush_cache(self) -> int:
@@ -347,11 +392,15 @@ class Engine(Backend):
         return finals
 
     def _prompt_text(self, request: GenerateRequest) -> str:
+        # A chat rendered to text is a MarkedText (its message content marked): the
+        # tokenizer encodes special-token text there as plain text. A plain str is raw.
         if request.prompt is not None:
-            return request.prompt
-        if request.messages is not None:
-            return render_text(request.messages, self._template, open_role="assistant")
-        raise ValueError("prompt: this request has token ids, not text")
+            text = request.prompt
+        elif request.messages is not None:
+            text = render_text(request.messages, self._template, open_role="assistant")
+        else:
+            raise ValueError("prompt: this request has token ids, not text")
+        return text if self.escape_special_tokens else str(text)
 
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:
         if request.input_ids is not None:

@@ -92,6 +92,16 @@ def _check_mem_fraction(_inst: Any, _attr: Any, value: Any) -> None:
         raise ValueError(f"mem_fraction: must be in (0, 1), got {value}")
 
 
+def _positive_seconds(name: str):
+    def check(_inst: Any, _attr: Any, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name}: expected a number of seconds, got {type(value).__name__}")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name}: must be a positive number of seconds, got {value}")
+
+    return check
+
+
 def _check_tp_size(_inst: Any, _attr: Any, value: Any) -> None:
     _int_at_least("tp_size", 1)(_inst, _attr, value)
     if value != 1:
@@ -131,6 +141,12 @@ class EngineConfig:
     - ``jump_forward``: append the tokens a constraint forces in one pass.
     - ``aging_limit``: how many scheduling passes a waiting request may be overtaken by
       better-placed ones before it goes first (the starvation bound).
+    - ``request_step_timeout``: the engine's watchdog. The seconds of host-side work one
+      request may take in one step (its constraint mask, advancing its matcher, stop checks,
+      detokenization); a request over it is aborted with an ``EngineError`` while the
+      others go on. The forward pass itself cannot be interrupted and is not counted.
+    - ``close_timeout``: the most seconds ``Engine.aclose()`` waits for the loop to stop
+      (it stops after its current step); past it the engine is marked failed and left.
     """
 
     model: str | None = attrs.field(default=None, converter=_model_converter, validator=_check_model)
@@ -159,6 +175,9 @@ class EngineConfig:
     seed: int = attrs.field(default=0, validator=_int_at_least("seed", 0))
     jump_forward: bool = attrs.field(default=True, validator=_bool("jump_forward"))
     aging_limit: int = attrs.field(default=16, validator=_int_at_least("aging_limit", 0))
+    request_step_timeout: float = attrs.field(
+        default=5.0, validator=_positive_seconds("request_step_timeout"))
+    close_timeout: float = attrs.field(default=10.0, validator=_positive_seconds("close_timeout"))
 
     def __attrs_post_init__(self) -> None:
         if self.load_format == "dummy" and self.model is None:

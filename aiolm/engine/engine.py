@@ -11,15 +11,26 @@ queue (add a request, abort one, flush the cache, shut down); each step of the l
 5. posts *all* of the step's events to the async side in one call of ``post``.
 
 ``post`` must be thread-safe and must not block (the async front schedules the fan-out on
-its event loop). The loop never imports anyio. An error while handling one request finishes
-that request with the error; an error in the loop itself (scheduling, the forward pass)
-fails every open request and stops the engine.
+its event loop). The loop never imports anyio. An error while handling one request (preparing
+its sampling, its constraint mask, advancing its matcher, stop checks, detokenization)
+finishes that request with the error and the step goes on without it; an error in the loop
+itself (scheduling, the forward pass) fails every open request and stops the engine.
+
+The watchdog: each request's host-side work in a step is timed, and a request over
+``config.request_step_timeout`` is aborted (logged, with an :class:`EngineError`) while the
+others go on. Python work cannot be interrupted, so it bounds how many steps one request
+can stall (one; two for a constraint mask, as a batch's masks are filled together: the step
+that shows they are slow, then the next, which fills them one by one to find whose), not how
+long one stall lasts: what can run long is bounded where it runs (``stop_regex`` searches
+have their own time budget). The forward pass is not timed and cannot be interrupted.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +64,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CommandDone", "EngineCore", "EngineFailed", "EngineStatistics", "IntegrityReport",
            "RequestOutput"]
+
+_log = logging.getLogger("aiolm.engine")
 
 
 @attrs.frozen(kw_only=True)
@@ -178,6 +191,8 @@ class EngineCore:
     Construction builds the runner (KV memory) and scheduler; :meth:`start` starts the
     loop thread. :meth:`new_request` validates on the caller's thread; :meth:`add`,
     :meth:`abort`, :meth:`flush_cache` and :meth:`shutdown` only post to the inbox.
+    ``failure`` is the error that stopped the loop (``None`` while it runs), set on the
+    loop thread before the :class:`EngineFailed` event is posted.
     """
 
     def __init__(self, config: EngineConfig, *, model: nn.Module, model_config: ModelConfig,
@@ -212,6 +227,11 @@ class EngineCore:
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._live: dict[str, Req] = {}
         self._mask_failures: dict[str, Exception] = {}
+        self._budget = config.request_step_timeout
+        # A batch's masks took longer than the budget: fill the next step's rows one by one,
+        # timed, to find the request that did.
+        self._fill_rows_alone = False
+        self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="aiolm-engine", daemon=True)
         self._totals = {"finished_requests": 0, "prompt_tokens": 0, "cached_tokens": 0,
                         "completion_tokens": 0}
@@ -331,6 +351,8 @@ class EngineCore:
                 while self._run_once():
                     pass
         except BaseException as exc:  # the loop is dead: tell every waiter
+            _log.error("the engine loop failed; every open request is lost", exc_info=exc)
+            self.failure = exc
             self._post([EngineFailed(error=exc)])
 
     def _run_once(self) -> bool:
@@ -396,9 +418,15 @@ class EngineCore:
         for row, req in enumerate(batch.reqs):
             try:
                 failure = self._mask_failures.pop(req.rid, None)
+                failure = out.failed.get(row, failure)
                 if failure is not None:
                     raise failure
+                start = time.perf_counter()
                 self._process(req, row, batch, out.sampled.get(row), out.scored.get(row), events)
+                elapsed = time.perf_counter() - start
+                if elapsed > self._budget and not req.finished:
+                    raise self._overran(req, elapsed, "advancing its constraint, stop checks "
+                                        "and detokenization")
             except Exception as exc:  # one request's failure must not sink the others
                 req.finish_reason = "abort"
                 events.append(RequestOutput(rid=req.rid, finish_reason="abort",
@@ -460,20 +488,46 @@ class EngineCore:
         ))
 
     def _bitmask(self, reqs: Sequence[Req]) -> torch.Tensor | None:
-        """The batch's constraint bitmask; a matcher that fails fails only its request."""
-        try:
-            return self.grammar.bitmask_for(reqs)
-        except Exception:
-            pass
+        """The batch's constraint bitmask; a matcher that fails fails only its request.
+
+        The batch's rows are filled together. When that fails, or at the step after it took
+        longer than the watchdog's budget, each row is filled alone and timed: a matcher
+        that fails or is over the budget fails only its request (after the step).
+        """
+        if not self._fill_rows_alone:
+            start = time.perf_counter()
+            try:
+                mask = self.grammar.bitmask_for(reqs)
+            except Exception:
+                pass
+            else:
+                self._fill_rows_alone = time.perf_counter() - start > self._budget
+                return mask
+        self._fill_rows_alone = False
         mask = torch.full((len(reqs), self.grammar.words), -1, dtype=torch.int32)
         for i, req in enumerate(reqs):
             if req.matcher is None:
                 continue
+            start = time.perf_counter()
             try:
                 mask[i] = self.grammar.fill_bitmask([(0, req.matcher)], 1)[0]
             except Exception as exc:  # the request ends with this error after the step
                 self._mask_failures[req.rid] = exc
+                continue
+            elapsed = time.perf_counter() - start
+            if elapsed > self._budget:
+                self._mask_failures[req.rid] = self._overran(req, elapsed,
+                                                             "its constraint mask")
         return mask
+
+    def _overran(self, req: Req, elapsed: float, work: str) -> EngineError:
+        """The watchdog's error for ``req``, whose ``work`` took ``elapsed`` s (logged)."""
+        _log.error("request %s: %s took %.3f s in one engine step (request_step_timeout is "
+                   "%g s); aborting it", req.rid, work, elapsed, self._budget)
+        return EngineError(
+            f"the engine aborted this request: {work} took {elapsed:.3f} s in one step, over "
+            f"its budget of {self._budget:g} s (request_step_timeout); simplify its "
+            "constraint or stop conditions")
 
     def _token_logprob(self, sampled: SampledToken) -> TokenLogprob:
         return TokenLogprob(

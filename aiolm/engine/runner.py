@@ -97,10 +97,15 @@ class ScoredTokens:
 
 @attrs.define(eq=False, kw_only=True)
 class StepOutput:
-    """What one forward pass produced, on the host, keyed by row of the scheduled batch."""
+    """What one forward pass produced, on the host, keyed by row of the scheduled batch.
+
+    ``failed``: rows left unsampled because preparing their sampling failed, with the error
+    (the request must end with it; the other rows were sampled as if it were not there).
+    """
 
     sampled: dict[int, SampledToken] = attrs.field(factory=dict)
     scored: dict[int, ScoredTokens] = attrs.field(factory=dict)
+    failed: dict[int, Exception] = attrs.field(factory=dict)
 
 
 def _kv_bytes_per_token(cfg: ModelConfig) -> int:
@@ -202,7 +207,9 @@ class ModelRunner:
         rows about to be sampled; it runs on the host while the device computes the
         forward pass. Scoring requests (``return_all_logits``) and prefill-only requests
         (``max_tokens == 0``) are never sampled; scoring requests' raw logprobs come back in
-        ``StepOutput.scored``. Mutates nothing but the KV pool. With ``AIOLM_DEBUG_CHECKS=1``
+        ``StepOutput.scored``. A request whose sampling cannot be prepared is left out of
+        the sampling and reported in ``StepOutput.failed``; the others are sampled.
+        Mutates nothing but the KV pool. With ``AIOLM_DEBUG_CHECKS=1``
         raises :class:`~aiolm.engine.debug_checks.DebugCheckError` before the pass for a bad
         index (see :mod:`aiolm.engine.debug_checks`).
         """
@@ -228,9 +235,12 @@ class ModelRunner:
 
         fetch: list[torch.Tensor] = []
         sample_out = None
+        failed: dict[int, Exception] = {}
+        if sample_rows:
+            info, failed = self._prepare_sampling(reqs, sample_rows)
+            sample_rows = [i for i in sample_rows if i not in failed]
         if sample_rows:
             sample_reqs = [reqs[i] for i in sample_rows]
-            info = self.sampler.prepare(sample_reqs)
             bitmask = bitmask_fn(sample_reqs) if bitmask_fn is not None else None
             index = self._h2d([last_rows[i] for i in sample_rows])
             sample_out = self.sampler.sample(logits.index_select(0, index), info, bitmask)
@@ -246,7 +256,30 @@ class ModelRunner:
             lp, greedy = token_logprobs(logits.index_select(0, rows), targets)
             fetch += [lp, greedy]
         host = self._to_host(fetch)
-        return self._unpack(host, sample_rows, sample_out, score_spans, batch)
+        out = self._unpack(host, sample_rows, sample_out, score_spans, batch)
+        out.failed = failed
+        return out
+
+    def _prepare_sampling(self, reqs: Sequence[Req],
+                          rows: list[int]) -> tuple[Any, dict[int, Exception]]:
+        """The sampler's tensors for ``rows``, and the rows whose requests broke them.
+
+        One ``prepare`` for the batch; only when it raises is each request prepared alone
+        to find the ones that fail, and the batch prepared again without them (an error
+        that is no one request's propagates).
+        """
+        try:
+            return self.sampler.prepare([reqs[i] for i in rows]), {}
+        except Exception:
+            pass
+        failed: dict[int, Exception] = {}
+        for i in rows:
+            try:
+                self.sampler.prepare([reqs[i]])
+            except Exception as exc:
+                failed[i] = exc
+        kept = [reqs[i] for i in rows if i not in failed]
+        return (self.sampler.prepare(kept) if kept else None), failed
 
     def _h2d(self, values: list[int]) -> torch.Tensor:
         """An int64 device tensor of ``values``, copied without waiting for the device."""

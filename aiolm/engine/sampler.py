@@ -118,17 +118,24 @@ class Sampler:
         """Build (or update) the sampling tensors for ``reqs``, in row order. Host side.
 
         Reuses the previous step's tensors when the composition is unchanged; only the
-        penalty counts of new output tokens and the ``min_tokens`` mask are updated.
+        penalty counts of new output tokens and the ``min_tokens`` mask are updated. Raises
+        what building a row raises; the runner then prepares each request alone to find the
+        one that fails (see ``ModelRunner.run``), so nothing half-built is kept.
         """
         rids = tuple(r.rid for r in reqs)
         info = self._info
-        if (info is None or info.rids != rids
-                or any(len(r.output_ids) < n for r, n in zip(reqs, info.counted, strict=True))):
-            info = self._build(reqs, rids)
-            self._info = info
-        if info.output_counts is not None:
-            self._count_new_outputs(info, reqs)
-        self._build_suppression(info, reqs)
+        try:
+            if (info is None or info.rids != rids
+                    or any(len(r.output_ids) < n
+                           for r, n in zip(reqs, info.counted, strict=True))):
+                info = self._build(reqs, rids)
+                self._info = info
+            if info.output_counts is not None:
+                self._count_new_outputs(info, reqs)
+            self._build_suppression(info, reqs)
+        except BaseException:
+            self._info = None
+            raise
         return info
 
     def _build(self, reqs: Sequence[Req], rids: tuple[str, ...]) -> SamplingBatchInfo:

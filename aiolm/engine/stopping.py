@@ -9,7 +9,11 @@ jump-forward). It detokenizes incrementally and checks, after each token:
   the text that could still be the start of a stop string, so streamed text never contains
   (part of) a stop string that later completes;
 - ``stop_regex``, with the ``regex`` module's partial matching: text from the start of a
-  possible (partial) match is held back the same way;
+  possible (partial) match is held back the same way. A user's pattern may backtrack
+  exponentially, so its searches in one :meth:`StopChecker.feed` share a time budget
+  (``regex_timeout``, :data:`STOP_REGEX_TIMEOUT` by default) and release the GIL while they
+  run (``concurrent=True``); past the budget ``feed`` raises ``ValueError`` and the engine
+  fails that request alone;
 - ``max_tokens``: finish reason ``"length"``.
 
 No stop condition applies before the request has ``min_tokens`` output tokens. The text of
@@ -19,8 +23,9 @@ stop string, the matched regex text, or the stop token id.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -29,7 +34,10 @@ from ..sampling import SamplingParams
 if TYPE_CHECKING:
     from .tokenizer import IncrementalDetokenizer
 
-__all__ = ["StopChecker", "StopUpdate"]
+__all__ = ["STOP_REGEX_TIMEOUT", "StopChecker", "StopUpdate"]
+
+#: Seconds the ``stop_regex`` searches of one request may take in one engine step.
+STOP_REGEX_TIMEOUT = 0.25
 
 
 @attrs.frozen(kw_only=True)
@@ -51,11 +59,13 @@ class StopChecker:
 
     ``detokenizer`` is ``None`` when the engine has no tokenizer (token-id-only requests);
     then text is empty and stop strings / regexes are refused with ``ValueError``.
-    Raises ``ValueError`` for a ``stop_regex`` that matches the empty string.
+    Raises ``ValueError`` for a ``stop_regex`` that matches the empty string. ``regex_timeout``
+    is the seconds the ``stop_regex`` searches of one :meth:`feed` may take.
     """
 
     def __init__(self, sampling: SamplingParams, *, eos_token_ids: Iterable[int],
-                 detokenizer: IncrementalDetokenizer | None) -> None:
+                 detokenizer: IncrementalDetokenizer | None,
+                 regex_timeout: float = STOP_REGEX_TIMEOUT) -> None:
         if detokenizer is None and (sampling.stop or sampling.stop_regex):
             raise ValueError("stop: stop strings and stop_regex need an engine with a tokenizer")
         self.sampling = sampling
@@ -63,11 +73,17 @@ class StopChecker:
             frozenset() if sampling.ignore_eos else frozenset(eos_token_ids)
         )
         self._detok = detokenizer
-        self._regex = None
+        self._regex: Any = None
+        self._regex_timeout = regex_timeout
+        self._deadline = 0.0
+        # The last partial search: (len(text), search_from) it saw, and where its match began.
+        self._partial: tuple[tuple[int, int], int | None] | None = None
         if sampling.stop_regex is not None:
             import regex
 
             self._regex = regex.compile(sampling.stop_regex)
+            # NOTE: this runs on the caller's thread; on the empty string a pattern of the
+            # size SamplingParams allows cannot backtrack.
             if self._regex.fullmatch(""):
                 raise ValueError(f"stop_regex: {sampling.stop_regex!r} matches the empty string")
         self._text = ""          # all decoded output text so far (stop tokens left out)
@@ -90,10 +106,13 @@ class StopChecker:
         """Append the request's next output tokens and check the stop conditions.
 
         Returns the text that became safe to stream and, if the request stopped, why.
-        Feeding a finished checker consumes nothing.
+        Feeding a finished checker consumes nothing. Raises ``ValueError`` when the
+        ``stop_regex`` searches take longer than ``regex_timeout`` (the request must end).
         """
         if self.finished:
             return StopUpdate(consumed=0, text="")
+        if self._regex is not None:
+            self._deadline = time.monotonic() + self._regex_timeout
         consumed = 0
         for tok in token_ids:
             consumed += 1
@@ -145,11 +164,27 @@ class StopChecker:
             if i >= 0 and (best is None or i < best[0]):
                 best = (i, s)
         if self._regex is not None:
-            m = self._regex.search(text, start, partial=True)
+            m = self._search(text, start)
+            self._partial = ((len(text), start), m.start() if m is not None and m.partial
+                             else None)
             if m is not None and not m.partial and m.end() > m.start():
                 if best is None or m.start() < best[0]:
                     best = (m.start(), m.group(0))
         return best
+
+    def _search(self, text: str, start: int = 0) -> Any:
+        """The first (possibly partial) ``stop_regex`` match in ``text[start:]``, within
+        what is left of this feed's time budget (``ValueError`` past it)."""
+        left = self._deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            return self._regex.search(text, start, partial=True, concurrent=True, timeout=left)
+        except TimeoutError:
+            raise ValueError(
+                f"stop_regex: took longer than {self._regex_timeout * 1000:g} ms on "
+                f"{len(text) - start} characters of output; simplify it "
+                "(avoid nested or overlapping repeats)") from None
 
     def _hold_start(self) -> int:
         """The first character that could still begin a stop match (len(text) if none)."""
@@ -162,9 +197,14 @@ class StopChecker:
                     hold = min(hold, len(text) - k)
                     break
         if self._regex is not None:
-            m = self._regex.search(text, start, partial=True)
-            if m is not None and m.partial:
-                hold = min(hold, m.start())
+            partial = self._partial
+            if partial is not None and partial[0] == (len(text), start):
+                held = partial[1]   # _find_stop searched this very text
+            else:
+                m = self._search(text, start)
+                held = m.start() if m is not None and m.partial else None
+            if held is not None:
+                hold = min(hold, held)
         return hold
 
     def _take_safe_text(self) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import inspect
 import logging
 import socket
 from collections.abc import AsyncIterator, Sequence
@@ -110,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-cuda-graphs", action="store_true")
     e.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--request-step-timeout", type=float, default=5.0,
+                   help="the watchdog: seconds of host work one request may take in one engine "
+                        "step before it is aborted (default %(default)s)")
+    e.add_argument("--close-timeout", type=float, default=10.0,
+                   help="seconds shutdown waits for the engine loop (default %(default)s)")
     e.add_argument("--no-escape-special-tokens", action="store_true",
                    help="let special-token text inside chat messages act as special tokens "
                         "(default: it is encoded as plain text)")
@@ -118,19 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """``aiolm.Engine`` keyword arguments from parsed ``aiolm serve`` options."""
-    from ..backends.engine import Engine
-
-    options: dict[str, Any] = dict(
+    return dict(
         dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
         schedule_policy=args.schedule_policy, enable_radix_cache=not args.no_radix_cache,
         chunked_prefill_size=args.chunked_prefill_size,
         max_running_requests=args.max_running_requests, max_total_tokens=args.max_total_tokens,
         mem_fraction=args.mem_fraction, cuda_graphs=not args.no_cuda_graphs,
         load_format=args.load_format, seed=args.seed,
+        request_step_timeout=args.request_step_timeout, close_timeout=args.close_timeout,
+        escape_special_tokens=not args.no_escape_special_tokens,
     )
-    if "escape_special_tokens" in inspect.signature(Engine).parameters:
-        options["escape_special_tokens"] = not args.no_escape_special_tokens
-    return options
 
 
 def serve_main(argv: Sequence[str]) -> int:
