@@ -347,3 +347,27 @@ async def test_failure_and_statistics_tell_the_engine_state_after_the_loop_fails
     assert isinstance(failure, RuntimeError) and "device lost" in str(failure)
     assert after.finished_requests == before.finished_requests == 1
     assert eng.statistics() == after   # and after closing, the last snapshot
+
+
+async def test_a_huge_text_prompt_is_encoded_off_the_event_loop(tiny_text):
+    """800,000 words (about a second of tokenizing) must not stall the event loop."""
+    from aiolm.errors import ContextLengthExceeded
+
+    gaps: list[float] = []
+    async with engine(tiny_text) as eng:
+        done = anyio.Event()
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not done.is_set():
+                await anyio.sleep(0.005)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            with pytest.raises(ContextLengthExceeded):
+                await eng.generate(prompt="word " * 400_000, max_tokens=1)
+            done.set()
+    assert len(gaps) > 5 and max(gaps) < 0.5

@@ -56,6 +56,8 @@ __all__ = ["Engine", "LoadedModel"]
 
 _log = logging.getLogger("aiolm.engine")
 
+# Longer texts are tokenized on a worker thread (about a millisecond of encoding).
+_INLINE_ENCODE_CHARS = 8192
 _SELECT_METHODS = ("token_length_normalized", "greedy", "unconditional_normalized")
 
 
@@ -266,7 +268,7 @@ class Engine(Backend):
 
     async def prefill(self, prefix: GenerateRequest) -> None:
         """Compute and cache ``prefix``'s prompt (a fork's shared prefix); nothing if empty."""
-        ids = self._prompt_ids(prefix)
+        ids = await self._encode(prefix)
         if not ids:
             return
         await self._run_to_end(self._require_core().new_request(
@@ -283,13 +285,17 @@ class Engine(Backend):
             raise ValueError("continuations: need at least one choice")
         core = self._require_core()
         tok = self._require_tokenizer("select")
-        if prefix.input_ids is not None:
-            prefix_ids = list(prefix.input_ids)
-            fulls = [prefix_ids + tok.encode(c) for c in continuations]
-        else:
+
+        def encode() -> tuple[list[int], list[list[int]]]:
+            if prefix.input_ids is not None:
+                ids = list(prefix.input_ids)
+                return ids, [ids + tok.encode(c) for c in continuations]
             text = self._prompt_text(prefix)
-            prefix_ids = tok.encode(text)
-            fulls = [tok.encode(text + c) for c in continuations]
+            return tok.encode(text), [tok.encode(text + c) for c in continuations]
+
+        size = len(prefix.prompt or "") + sum(len(c) for c in continuations)
+        prefix_ids, fulls = (encode() if size <= _INLINE_ENCODE_CHARS
+                             else await anyio.to_thread.run_sync(encode))
         shared = min(common_prefix_len(prefix_ids, f) for f in fulls)
         if shared == 0:  # nothing to condition on: start from a context token
             ctx = [self._context_token()]
@@ -345,7 +351,7 @@ class Engine(Backend):
         core = self._require_core()
         if request.images:
             raise UnsupportedFeature(f"{self.model_name} does not take images")
-        ids = self._prompt_ids(request)
+        ids = await self._encode(request)
         matcher = None
         if request.constraint is not None:
             # A user's own constraint may need no tokenizer (dummy weights pass None).
@@ -401,6 +407,16 @@ class Engine(Backend):
         else:
             raise ValueError("prompt: this request has token ids, not text")
         return text if self.escape_special_tokens else str(text)
+
+    async def _encode(self, request: GenerateRequest) -> list[int]:
+        """The prompt's token ids; a long text is encoded on a worker thread, so that one
+        large prompt never stalls the event loop (8 MB of text takes seconds)."""
+        if request.input_ids is None and len(request.prompt or "") > _INLINE_ENCODE_CHARS:
+            return await anyio.to_thread.run_sync(self._prompt_ids, request)
+        if request.messages is not None and sum(
+                len(m.content) for m in request.messages) > _INLINE_ENCODE_CHARS:
+            return await anyio.to_thread.run_sync(self._prompt_ids, request)
+        return self._prompt_ids(request)
 
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:
         if request.input_ids is not None:
