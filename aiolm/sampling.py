@@ -217,6 +217,31 @@ def _class_end(pattern: str, i: int) -> int:
     return len(pattern)
 
 
+def _calls_a_group(pattern: str) -> bool:
+    """Whether ``pattern`` recurses or calls a group as a subroutine (``(?R)``, ``(?1)``,
+    ``(?+1)``, ``(?&name)``, ``(?P>name)``): ``regex`` supports them, and ``(?R)`` alone
+    exhausts memory on the empty string. A stop condition never needs them."""
+    i, in_class = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            if pattern[i + 1:i + 2] == "]":  # "[]...]": the first ] is a literal
+                i += 1
+        elif c == "(" and pattern[i + 1:i + 2] == "?":
+            rest = pattern[i + 2:i + 4]
+            if rest[:1] in ("R", "&") or rest[:1].isdigit() or rest == "P>" or (
+                    rest[:1] in "+-" and rest[1:2].isdigit()):
+                return True
+        i += 1
+    return False
+
+
 def _check_stop_regex(_inst, _attr, value):
     if value is None:
         return
@@ -225,6 +250,9 @@ def _check_stop_regex(_inst, _attr, value):
     if len(value) > MAX_STOP_REGEX_CHARS:
         raise ValueError(f"stop_regex: {len(value)} characters; at most "
                          f"{MAX_STOP_REGEX_CHARS} (simplify it)")
+    if _calls_a_group(value):
+        raise ValueError("stop_regex: recursion and group calls ((?R), (?1), (?&name)) are "
+                         "not allowed")
     size = _unrolled_size(value)
     if size > MAX_STOP_REGEX_SIZE:
         raise ValueError(f"stop_regex: its counted repeats unroll to {size} or more atoms; at "

@@ -41,7 +41,7 @@ def running(app: Any, *, timeout: float = 60.0) -> Iterator[str]:
     The lifespan runs (``lifespan="on"``), so an app that opens an engine there has it open
     once this yields. Stops the server on exit.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

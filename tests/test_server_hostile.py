@@ -561,3 +561,57 @@ async def test_a_constraint_the_answer_breaks_names_the_field_it_came_from():
             "model": MODEL, "prompt": "Number:", "max_tokens": 4, "regex": "[0-9]+"})
     assert response.status_code == 400
     assert _error(response)["param"] == "regex"
+
+
+# Found by tests/test_server_fuzz.py: each was a 500 (or seconds of CPU) before.
+LONE_SURROGATE = "a\ud800b"
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", {"prompt": LONE_SURROGATE}, "prompt"),
+    ("/v1/completions", {"prompt": "Hi", "regex": "[a-z]\ud800"}, "regex"),
+    ("/v1/completions", {"prompt": "Hi", "stop": ["\udfff"]}, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONE_SURROGATE}]},
+     "messages"),
+    ("/v1/aiolm/score", {"prompt": "Hi", "continuations": [LONE_SURROGATE]}, "continuations"),
+])
+async def test_lone_surrogates_are_a_400_naming_the_field(path, body, param):
+    async with asgi(create_app(ScriptedBackend())) as http:
+        raw = json_dumps_keeping_surrogates({"model": MODEL, "max_tokens": 2, **body})
+        response = await http.post(path, content=raw,
+                                   headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["param"] == param and "lone surrogate" in error["message"]
+
+
+def json_dumps_keeping_surrogates(body: dict[str, Any]) -> bytes:
+    """JSON with ``\\ud800``-style escapes, as a hostile client sends them."""
+    import json
+
+    return json.dumps(body, ensure_ascii=True).encode()
+
+
+async def test_a_recursive_stop_regex_is_refused_at_once():
+    async with asgi(create_app(ScriptedBackend())) as http:
+        start = time.perf_counter()
+        response = await http.post("/v1/completions", json={
+            "model": MODEL, "prompt": "Hi", "max_tokens": 2, "stop_regex": "(?R)"})
+    assert response.status_code == 400
+    assert "recursion" in _error(response)["message"]
+    assert time.perf_counter() - start < 0.5
+
+
+@pytest.mark.parametrize(("route", "field", "value"), [
+    ("completions", "echo", {}), ("completions", "suffix", ["x"]),
+    ("completions", "logit_bias", [1]), ("chat", "logit_bias", "x"), ("chat", "tools", {}),
+])
+async def test_fields_the_server_does_not_use_are_still_type_checked(route, field, value):
+    if route == "chat":
+        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}
+    else:
+        path, body = "/v1/completions", {"prompt": "Hi"}
+    async with asgi(create_app(ScriptedBackend())) as http:
+        response = await http.post(path, json={"model": MODEL, **body, field: value})
+    assert response.status_code == 400
+    assert _error(response)["param"] == field

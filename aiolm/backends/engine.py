@@ -23,7 +23,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..chat import SIMPLE_TEMPLATE, ChatTemplate, render_text
 from ..engine.loaded import LoadedModel
-from ..errors import BackendUnavailable, UnsupportedFeature
+from ..errors import BackendUnavailable, ContextLengthExceeded, UnsupportedFeature
 from ..sampling import SamplingParams
 from ._engine_plumbing import (
     ChunkStream,
@@ -148,6 +148,8 @@ class Engine(Backend):
             loaded.in_use = False
             raise
         self._tokenizer = loaded.tokenizer
+        if loaded.tokenizer is not None:  # computed once, off the event loop
+            await anyio.to_thread.run_sync(lambda: loaded.tokenizer.max_token_chars)
         self._template = chat_template_of(loaded.tokenizer)
         self._core.start()
 
@@ -294,6 +296,7 @@ class Engine(Backend):
             return tok.encode(text), [tok.encode(text + c) for c in continuations]
 
         size = len(prefix.prompt or "") + sum(len(c) for c in continuations)
+        self._refuse_overlong(len(prefix.prompt or "") + max(len(c) for c in continuations))
         prefix_ids, fulls = (encode() if size <= _INLINE_ENCODE_CHARS
                              else await anyio.to_thread.run_sync(encode))
         shared = min(common_prefix_len(prefix_ids, f) for f in fulls)
@@ -410,13 +413,27 @@ class Engine(Backend):
 
     async def _encode(self, request: GenerateRequest) -> list[int]:
         """The prompt's token ids; a long text is encoded on a worker thread, so that one
-        large prompt never stalls the event loop (8 MB of text takes seconds)."""
-        if request.input_ids is None and len(request.prompt or "") > _INLINE_ENCODE_CHARS:
-            return await anyio.to_thread.run_sync(self._prompt_ids, request)
-        if request.messages is not None and sum(
-                len(m.content) for m in request.messages) > _INLINE_ENCODE_CHARS:
+        large prompt never stalls the event loop (8 MB of text takes seconds), and a text
+        too long for the context is refused before it is encoded at all."""
+        if request.input_ids is not None:
+            return list(request.input_ids)
+        chars = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
+        self._refuse_overlong(chars)
+        if chars > _INLINE_ENCODE_CHARS:
             return await anyio.to_thread.run_sync(self._prompt_ids, request)
         return self._prompt_ids(request)
+
+    def _refuse_overlong(self, chars: int) -> None:
+        """Raise ContextLengthExceeded when ``chars`` characters cannot fit the context
+        whatever they encode to (each token stands for at most ``max_token_chars``)."""
+        tok, core = self._tokenizer, self._core
+        if tok is None or core is None:
+            return
+        least = -(-chars // tok.max_token_chars)
+        if least > core.context_len:
+            raise ContextLengthExceeded(
+                f"the prompt has {chars} characters, so at least {least} tokens: more than "
+                f"the model's context of {core.context_len}")
 
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:
         if request.input_ids is not None:

@@ -82,9 +82,14 @@ class StopChecker:
             import regex
 
             self._regex = regex.compile(sampling.stop_regex)
-            # NOTE: this runs on the caller's thread; on the empty string a pattern of the
-            # size SamplingParams allows cannot backtrack.
-            if self._regex.fullmatch(""):
+            # NOTE: this runs on the caller's thread: SamplingParams refused recursion and
+            # large repeats, and the budget bounds what is left.
+            try:
+                empty = self._regex.fullmatch("", timeout=regex_timeout)
+            except TimeoutError:
+                raise ValueError("stop_regex: too slow even on the empty string; simplify "
+                                 "it") from None
+            if empty:
                 raise ValueError(f"stop_regex: {sampling.stop_regex!r} matches the empty string")
         self._text = ""          # all decoded output text so far (stop tokens left out)
         self._emitted = 0        # characters of ``_text`` already streamed

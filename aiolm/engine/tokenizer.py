@@ -16,6 +16,7 @@ special-token text as ordinary tokens; plain ``str`` prompts encode as they alwa
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -129,6 +130,17 @@ class Tokenizer:
     @property
     def bos_token_id(self) -> int | None:
         return self.hf.bos_token_id
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (its vocabulary string's length, an
+        upper bound): a text of ``n`` characters has at least ``n / max_token_chars``
+        tokens, which refuses an over-long prompt before encoding it."""
+        try:
+            tokens = self.hf.convert_ids_to_tokens(list(range(len(self.hf))))
+        except (AttributeError, TypeError):  # no vocabulary to read: no early refusal
+            return 2**62
+        return max((len(t) for t in tokens if isinstance(t, str)), default=1)
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``.

@@ -94,14 +94,32 @@ def parse_json(raw: bytes, *, max_depth: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
     # NOTE: iterative on purpose: the check must not itself recurse once per level.
-    stack: list[tuple[Any, int, str]] = [(v, 2, k) for k, v in body.items() if isinstance(v, dict | list)]
+    stack: list[tuple[Any, int, str]] = [(v, 1, k) for k, v in body.items()]
     while stack:
         value, depth, field = stack.pop()
-        if depth > max_depth:
+        if isinstance(value, str):
+            _check_unicode(field, value)
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth + 1 > max_depth:
             raise _too_deep(field, max_depth)
+        if isinstance(value, dict):
+            for key in value:
+                _check_unicode(field, key)
         items = value.values() if isinstance(value, dict) else value
-        stack.extend((v, depth + 1, field) for v in items if isinstance(v, dict | list))
+        stack.extend((v, depth + 1, field) for v in items)
     return body
+
+
+def _check_unicode(field: str, text: str) -> None:
+    """JSON's ``\\ud800`` escapes decode to lone surrogates, which no tokenizer, regex
+    engine or UTF-8 encoder takes: refuse them here, naming the field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _bad(field, f"not valid Unicode: a lone surrogate (U+{ord(text[exc.start]):04X}) "
+                          f"at character {exc.start}") from None
 
 
 def _too_deep(param: str | None, max_depth: int) -> ApiError:
@@ -229,10 +247,11 @@ def parse_completion(body: dict[str, Any], backend: Backend, limits: Limits = _D
     if backend.capabilities.chat_only:
         raise ApiError(400, f"{backend.model_name} is a chat model: use /v1/chat/completions",
                        param="model", code="chat_only")
-    for name in ("suffix", "logit_bias"):
-        if body.get(name):
-            raise _bad(name, "not supported by this server")
-    if body.get("echo"):
+    if _get(body, "suffix", str, ""):
+        raise _bad("suffix", "not supported by this server")
+    if _get(body, "logit_bias", dict, {}):
+        raise _bad("logit_bias", "not supported by this server")
+    if _get(body, "echo", bool, False):
         raise _bad("echo", "not supported by this server (use POST /v1/aiolm/score to score text)")
     best_of = _get(body, "best_of", int, None)
     if best_of not in (None, 1):
@@ -283,9 +302,11 @@ def _is_ids(value: Any) -> bool:
 
 def parse_chat(body: dict[str, Any], backend: Backend, limits: Limits = _DEFAULT_LIMITS) -> Parsed:
     """``POST /v1/chat/completions``."""
-    for name in ("tools", "functions", "logit_bias"):
-        if body.get(name):
+    for name in ("tools", "functions"):
+        if _get(body, name, list, []):
             raise _bad(name, "not supported by this server")
+    if _get(body, "logit_bias", dict, {}):
+        raise _bad("logit_bias", "not supported by this server")
     messages = _messages(body.get("messages"))
     continue_final = _get(body, "continue_final_message", bool, False)
     if continue_final and messages[-1].role != "assistant":
