@@ -104,6 +104,25 @@ def _split_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
     return program_kwargs, defaults
 
 
+#: Names SGLang users pass, and what aiolm calls them.
+_SGLANG_NAMES = {
+    "progress_bar": "progress=True", "num_threads": "max_concurrency=",
+    "max_new_tokens": "max_tokens=", "stream": "program.stream(...)",
+}
+
+
+def _check_arguments(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],
+                     where: str) -> None:
+    """Raise ``TypeError`` now, naming ``where``, if ``fn(s, *args, **kwargs)`` cannot bind."""
+    try:
+        inspect.signature(fn).bind(None, *args, **kwargs)
+    except TypeError as exc:
+        hints = [f"{k!r} is SGLang's name; aiolm's is {_SGLANG_NAMES[k]}"
+                 for k in kwargs if k in _SGLANG_NAMES]
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        raise TypeError(f"{where}: {fn.__name__}(s, ...) {exc}{hint}") from None
+
+
 class Program:
     """An ``async def`` program made runnable by :func:`program`.
 
@@ -162,6 +181,7 @@ class Program:
         caller cancels the program's gens and forks.
         """
         program_kwargs, defaults = _split_kwargs(kwargs)
+        _check_arguments(self.fn, args, program_kwargs, "run")
         state = ProgramState(run=RunContext(_resolve_backend(backend), defaults))
         await self._drive(state, args, program_kwargs)
         return state
@@ -193,6 +213,11 @@ class Program:
             raise ValueError(f"max_concurrency: must be >= 1, got {max_concurrency}")
         backend = _resolve_backend(backend)
         base_kwargs, base_sampling = _split_kwargs(defaults)
+        # Every program's arguments are checked before any runs: a wrong keyword is one
+        # mistake, not a batch of failed states.
+        for i, item in enumerate(items):
+            program_kwargs, _ = _split_kwargs({**base_kwargs, **item})
+            _check_arguments(self.fn, (), program_kwargs, f"run_batch: batch[{i}]")
         states: list[ProgramState | None] = [None] * len(items)
         bar = None
         if progress:
@@ -248,6 +273,7 @@ class Program:
         from the block.
         """
         program_kwargs, defaults = _split_kwargs(kwargs)
+        _check_arguments(self.fn, args, program_kwargs, "stream")
         return ProgramStream(self, _resolve_backend(backend), defaults, args, program_kwargs)
 
 

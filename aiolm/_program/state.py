@@ -224,12 +224,17 @@ class ProgramState:
 
     # ------------------------------------------------------------------ reading
 
-    async def get(self, name: str) -> Any:
-        """Wait until variable ``name`` is generated and return it.
+    def get(self, name: str) -> VariableAwaitable:
+        """``await s.get(name)``: wait until variable ``name`` is generated and return it.
 
         Waits only for that variable (and for a name enqueued several times, its last
-        write). Raises ``UnknownVariable`` if ``name`` was never enqueued.
+        write). Raises ``UnknownVariable`` if ``name`` was never enqueued. Used without
+        ``await`` (``if s.get("ok") == "no":``), the result raises ``TypeError`` at once
+        instead of comparing an awaitable.
         """
+        return VariableAwaitable(self, name)
+
+    async def _get(self, name: str) -> Any:
         if name not in self._pending:
             await anyio.lowlevel.checkpoint_if_cancelled()
         while name in self._pending:
@@ -263,10 +268,11 @@ class ProgramState:
                 f"variable {name!r} is still being generated; use `await s.get({name!r})` "
                 "to wait for it"
             )
-        try:
+        if name in self._vars:
             return self._vars[name]
-        except KeyError:
-            raise UnknownVariable(f"no variable {name!r} was ever appended to this state") from None
+        if self.error is not None:  # the program failed before making it: say why
+            raise self.error
+        raise UnknownVariable(f"no variable {name!r} was ever appended to this state")
 
     def _unfinished(self, name: str) -> VariableNotReady:
         return VariableNotReady(
@@ -426,3 +432,30 @@ def _to_parts(raw: list[str | ImageData]) -> tuple[TextPart | ImagePart, ...]:
     if run:
         parts.append(TextPart(text="".join(run)))
     return tuple(parts)
+
+
+class VariableAwaitable:
+    """What :meth:`ProgramState.get` returns: awaiting it waits for the variable.
+
+    Anything else done with it — comparing, testing its truth, formatting it — is a
+    forgotten ``await`` (``s["ok"]`` habits from SGLang land here), so it raises at once.
+    """
+
+    __slots__ = ("_name", "_state")
+
+    def __init__(self, state: ProgramState, name: str) -> None:
+        self._state, self._name = state, name
+
+    def __await__(self):
+        return self._state._get(self._name).__await__()
+
+    def _forgot(self, *_args: Any) -> Any:
+        raise TypeError(f"s.get({self._name!r}) must be awaited: did you forget `await`? "
+                        f"(`await s.get({self._name!r})`)")
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _forgot
+    __bool__ = __format__ = __iter__ = __len__ = __contains__ = __getitem__ = _forgot
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<awaitable s.get({self._name!r}): use `await`>"
