@@ -107,6 +107,10 @@ class Engine(Backend):
             tp_size=tp_size, seed=seed, jump_forward=jump_forward, aging_limit=aging_limit,
             request_step_timeout=request_step_timeout, close_timeout=close_timeout,
         )
+        if self.config.device.startswith("cuda"):  # say it now, not after a model load
+            from ..engine.runner import resolve_device
+
+            resolve_device(self.config.device)
         self._core: EngineCore | None = None
         self._tokenizer: Tokenizer | None = None
         self._template: ChatTemplate = SIMPLE_TEMPLATE
@@ -125,7 +129,9 @@ class Engine(Backend):
         Raises ``RuntimeError`` if already started or closed, ``FileNotFoundError`` for a
         missing model, ``ValueError`` for options the machine cannot honour.
         """
-        if self._core is not None or self._closed:
+        if self._closed:
+            raise RuntimeError("Engine.start: this engine was closed; create a new Engine")
+        if self._core is not None:
             raise RuntimeError("Engine.start: the engine was already started")
         self._call_soon = soon_caller()
         loaded = self._loaded

@@ -91,6 +91,9 @@ def _resolve_source(model: Any, load_format: str) -> tuple[Any, ModelConfig]:
             hint = f" ({model!r} is a named config: pass load_format='dummy' for random weights)"
         elif load_format == "dummy":
             hint = f" and not a named config ({', '.join(NAMED_CONFIGS)})"
+        elif "/" in str(model) and not str(model).startswith((".", "/", "~")):
+            hint = (f" ({model!r} looks like a Hugging Face hub id: aiolm never downloads "
+                    "weights; download the model yourself and pass its local directory)")
         else:
             hint = ""
         raise FileNotFoundError(f"model: no such file or directory: {str(path)!r}{hint}")
