@@ -25,11 +25,38 @@ def _demo(argv: list[str]) -> int:
     return 0
 
 
+_HELP = """usage: aiolm [--version] {demo|serve|bench} [options]
+
+Structured language-model programs: an async frontend, an in-process engine with
+RadixAttention, an OpenAI backend and an OpenAI-compatible server.
+
+commands:
+  demo    run a small structured program on the embedded SmolLM2-135M-Instruct (CPU)
+  serve   serve a model under the OpenAI API (/v1/completions, /v1/chat/completions, ...)
+  bench   run the SGLang paper's benchmark workloads, with ablations and a transformers peer
+
+aiolm COMMAND --help shows each command's options; docs/ has the guides."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("aiolm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"demo": _demo, "serve": _serve, "bench": _bench}
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"aiolm {_version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: aiolm {demo|serve|bench} [options]   (aiolm COMMAND --help for each)")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"aiolm: unknown command {argv[0]!r}\n", file=sys.stderr)
+        print(_HELP, file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return commands[argv[0]](argv[1:])
 

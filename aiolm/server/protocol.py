@@ -148,6 +148,10 @@ def _type_names(types: type | tuple[type, ...]) -> str:
     return " or ".join(t.__name__ for t in items)
 
 
+# OpenAI's API refuses temperatures above 2; clients rely on the same answer here.
+_MAX_TEMPERATURE = 2
+
+
 def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: bool, top_logprobs: int,
               sent_as: dict[str, str]) -> SamplingParams:
     """The sampling parameters; an error names the field the client sent (``sent_as`` maps
@@ -155,9 +159,13 @@ def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: bool, t
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, str | list):
         raise _bad("stop", "expected a string or a list of strings")
+    temperature = _get(body, "temperature", (int, float), 1.0)
+    if isinstance(temperature, int | float) and temperature > _MAX_TEMPERATURE:
+        raise _bad("temperature", f"must be at most {_MAX_TEMPERATURE} (as OpenAI's API), "
+                                  f"got {temperature}")
     fields: dict[str, Any] = dict(
         max_tokens=max_tokens,
-        temperature=_get(body, "temperature", (int, float), 1.0),
+        temperature=temperature,
         top_p=_get(body, "top_p", (int, float), 1.0),
         top_k=_get(body, "top_k", int, 0),
         min_p=_get(body, "min_p", (int, float), 0.0),
