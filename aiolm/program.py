@@ -119,7 +119,7 @@ def _check_arguments(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapp
     except TypeError as exc:
         hints = [f"{k!r} is SGLang's name; aiolm's is {_SGLANG_NAMES[k]}"
                  for k in kwargs if k in _SGLANG_NAMES]
-        hint = f" ({'; '.join(hints)})" if hints else ""
+        hint = f" ({'; '.join(hints)}: see docs/coming-from-sglang.md)" if hints else ""
         raise TypeError(f"{where}: {fn.__name__}(s, ...) {exc}{hint}") from None
 
 
