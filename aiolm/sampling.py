@@ -217,28 +217,24 @@ def _class_end(pattern: str, i: int) -> int:
     return len(pattern)
 
 
+# ``(?R)``, ``(?1)``, ``(?+1)``, ``(?-1)``, ``(?&name)``, ``(?P>name)``.
+_GROUP_CALL = re.compile(r"\(\?(?:R|&|P>|[+-]?\d)")
+
+
 def _calls_a_group(pattern: str) -> bool:
     """Whether ``pattern`` recurses or calls a group as a subroutine (``(?R)``, ``(?1)``,
     ``(?+1)``, ``(?&name)``, ``(?P>name)``): ``regex`` supports them, and ``(?R)`` alone
     exhausts memory on the empty string. A stop condition never needs them."""
-    i, in_class = 0, False
+    i = 0
     while i < len(pattern):
-        c = pattern[i]
-        if c == "\\":
+        if pattern[i] == "\\":
             i += 2
-            continue
-        if in_class:
-            in_class = c != "]"
-        elif c == "[":
-            in_class = True
-            if pattern[i + 1:i + 2] == "]":  # "[]...]": the first ] is a literal
-                i += 1
-        elif c == "(" and pattern[i + 1:i + 2] == "?":
-            rest = pattern[i + 2:i + 4]
-            if rest[:1] in ("R", "&") or rest[:1].isdigit() or rest == "P>" or (
-                    rest[:1] in "+-" and rest[1:2].isdigit()):
-                return True
-        i += 1
+        elif pattern[i] == "[":
+            i = _class_end(pattern, i)
+        elif _GROUP_CALL.match(pattern, i):
+            return True
+        else:
+            i += 1
     return False
 
 

@@ -104,14 +104,9 @@ def _target(loaded: Any, plan: SoakPlan, backend: str) -> Any:
 
 async def _settle(engine: Any, timeout: float = 30.0) -> Any:
     """Wait for the engine to go idle, then check its KV accounting (raises if broken)."""
-    import anyio
+    from aiolm.bench.fuzz import wait_idle
 
-    with anyio.move_on_after(timeout):
-        while True:
-            stats = engine.statistics()
-            if stats.running_requests == 0 and stats.queued_requests == 0:
-                break
-            await anyio.sleep(0.01)
+    await wait_idle(engine, timeout)
     report = await engine.check_integrity()
     if not report.idle:
         raise RuntimeError(f"not idle {timeout:.0f} s after the workload ended: {report}")

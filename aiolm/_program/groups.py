@@ -19,7 +19,7 @@ def single_error(group: BaseExceptionGroup) -> BaseException | None:
     - Anything else (independent errors, or backend errors of different types): None; the
       caller re-raises the group as it is.
     """
-    leaves = _leaves(group)
+    leaves = leaf_errors(group)
     first = next(leaves, None)
     if first is None:
         return None
@@ -30,9 +30,10 @@ def single_error(group: BaseExceptionGroup) -> BaseException | None:
     return first
 
 
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
+def leaf_errors(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside ``exc``'s (nested) groups; ``exc`` itself when not a group."""
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            yield from _leaves(inner)
+            yield from leaf_errors(inner)
     else:
         yield exc

@@ -301,9 +301,9 @@ class Engine(Backend):
             text = self._prompt_text(prefix)
             return tok.encode(text), [tok.encode(text + c) for c in continuations]
 
-        size = len(prefix.prompt or "") + sum(len(c) for c in continuations)
-        self._refuse_overlong(len(prefix.prompt or "") + max(len(c) for c in continuations))
-        prefix_ids, fulls = (encode() if size <= _INLINE_ENCODE_CHARS
+        chars = _text_chars(prefix)
+        self._refuse_overlong(chars + max(len(c) for c in continuations))
+        prefix_ids, fulls = (encode() if chars + sum(map(len, continuations)) <= _INLINE_ENCODE_CHARS
                              else await anyio.to_thread.run_sync(encode))
         shared = min(common_prefix_len(prefix_ids, f) for f in fulls)
         if shared == 0:  # nothing to condition on: start from a context token
@@ -423,7 +423,7 @@ class Engine(Backend):
         too long for the context is refused before it is encoded at all."""
         if request.input_ids is not None:
             return list(request.input_ids)
-        chars = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
+        chars = _text_chars(request)
         self._refuse_overlong(chars)
         if chars > _INLINE_ENCODE_CHARS:
             return await anyio.to_thread.run_sync(self._prompt_ids, request)
@@ -513,3 +513,6 @@ class Engine(Backend):
         self._tickets.clear()
 
 
+def _text_chars(request: GenerateRequest) -> int:
+    """How many characters of text ``request``'s prompt has (its messages' content too)."""
+    return len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())

@@ -26,13 +26,14 @@ import math
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import attrs
 
+from .._program.groups import leaf_errors
 from ..backends.base import Backend, GenerateRequest
 from ..constraints import JSONSchema, Regex
 from ..errors import BackendUnavailable
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from ..program import ProgramState
 
 __all__ = ["FAULT_KINDS", "Fault", "FuzzReport", "first_greedy_mismatch", "fuzz_engine",
-           "program_seed"]
+           "program_seed", "wait_idle"]
 
 #: What a :class:`Fault` can be.
 FAULT_KINDS = ("error", "integrity", "not-idle", "mismatch", "stall")
@@ -281,7 +282,7 @@ class _Run:
         where = f"after programs {first}..{end - 1}"
         try:
             with anyio.fail_after(self.stall_s):
-                if await self._wait_idle():
+                if await wait_idle(self.engine):
                     for g in sorted(greedy, key=lambda g: g.index):
                         await self._compare_alone(g)
                 self.integrity_checks += 1
@@ -302,15 +303,6 @@ class _Run:
             return False
         return True
 
-    async def _wait_idle(self, timeout: float = 10.0) -> bool:
-        with anyio.move_on_after(timeout):
-            while True:
-                stats = self.engine.statistics()
-                if stats.running_requests == 0 and stats.queued_requests == 0:
-                    return True
-                await anyio.sleep(0.005)
-        return False
-
     async def _compare_alone(self, g: _Greedy) -> None:
         try:
             self.requests += 1
@@ -324,20 +316,24 @@ class _Run:
             self.fault(g.index, "mismatch", f"greedy in the mix vs alone: {problem}")
 
 
+async def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:
+    """Wait until ``engine`` has no running or queued request (polling its statistics);
+    False if it is still busy after ``timeout`` seconds."""
+    with anyio.move_on_after(timeout):
+        while True:
+            stats = engine.statistics()
+            if stats.running_requests == 0 and stats.queued_requests == 0:
+                return True
+            await anyio.sleep(0.005)
+    return False
+
+
 def _describe_error(exc: BaseException) -> tuple[str, str]:
     """The fault kind and message of a program's exception (groups: their leaves)."""
-    leaves = list(_leaves(exc))
+    leaves = list(leaf_errors(exc))
     kind = "mismatch" if any(isinstance(e, _Mismatch) for e in leaves) else "error"
     return kind, "; ".join(str(e) if isinstance(e, _Mismatch) else f"{type(e).__name__}: {e}"
                            for e in leaves)
-
-
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            yield from _leaves(sub)
-    else:
-        yield exc
 
 
 class _Counting(Backend):

@@ -151,6 +151,10 @@ class ReqToTokenPool:
         self._is_free[row] = False
         return row
 
+    def is_free(self, row: int) -> bool:
+        """Whether ``row`` (in ``0..max_requests - 1``) is free."""
+        return self._is_free[row]
+
     def free(self, row: int) -> None:
         """Give ``row`` back. Raises ``RuntimeError`` when it is already free."""
         if not 0 <= row < self.max_requests:

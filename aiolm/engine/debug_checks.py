@@ -71,12 +71,11 @@ def check_forward_batch(fb: ForwardBatch, *, allocator: TokenSlotAllocator,
         fail(f"seq_lens[{i}] = {seq_lens[i]} on the device but {fb.seq_lens_cpu[i]} on the host")
 
     max_rows, max_len = req_to_token_pool.max_requests, req_to_token_pool.max_context_len
-    free_rows = set(req_to_token_pool._free_rows)
     seen_rows: dict[int, int] = {}
     for i, (row, n) in enumerate(zip(rows, seq_lens, strict=True)):
         if not 0 <= row < max_rows:
             fail(f"req_pool_indices[{i}] = {row} is not a req_to_token row (0..{max_rows - 1})")
-        if row in free_rows:
+        if req_to_token_pool.is_free(row):
             fail(f"req_pool_indices[{i}] = {row} is a free req_to_token row")
         if row in seen_rows:
             fail(f"req_pool_indices[{i}] = {row} is also request {seen_rows[row]}'s row")
