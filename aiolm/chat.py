@@ -22,6 +22,7 @@ import attrs
 
 from .backends.base import ImageData
 from .engine.tokenizer import MarkedText
+from .tools.spec import ToolCall
 
 __all__ = [
     "SIMPLE_TEMPLATE",
@@ -34,8 +35,8 @@ __all__ = [
     "messages_to_openai",
 ]
 
-Role = Literal["system", "user", "assistant"]
-ROLES: tuple[Role, ...] = ("system", "user", "assistant")
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[Role, ...] = ("system", "user", "assistant")   # the roles every template wraps
 
 
 @attrs.frozen(kw_only=True)
@@ -50,10 +51,16 @@ class ImagePart:
 
 @attrs.frozen(kw_only=True)
 class Message:
-    """One chat turn: a role and its content parts (text and images, in order)."""
+    """One chat turn: a role and its content parts (text and images, in order).
+
+    An assistant turn may carry the ``tool_calls`` the model made; a ``tool`` turn is the
+    answer to the call ``tool_call_id``.
+    """
 
     role: Role
     parts: tuple[TextPart | ImagePart, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
     @property
     def content(self) -> str:

@@ -21,6 +21,7 @@ from ..sampling import SamplingParams
 if TYPE_CHECKING:
     from ..chat import ChatTemplate, Message
     from ..constraints.base import Constraint
+    from ..tools.spec import Tool, ToolCall, ToolCallDelta
 
 __all__ = [
     "Backend",
@@ -30,6 +31,7 @@ __all__ = [
     "FinishReason",
     "GenerateRequest",
     "ImageData",
+    "Reasoning",
     "ScoreResult",
     "TokenLogprob",
     "Usage",
@@ -37,7 +39,7 @@ __all__ = [
     "new_request_id",
 ]
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 def new_request_id() -> str:
@@ -74,6 +76,30 @@ class Capabilities:
 
 
 @attrs.frozen(kw_only=True)
+class Reasoning:
+    """How a reasoning model thinks before it answers (chat requests only).
+
+    ``enabled``: the model thinks (its chat template's ``enable_thinking``); the thinking is
+    returned apart from the answer (``Chunk.reasoning``). ``max_thinking_tokens``: at that
+    many thinking tokens the end of thinking is forced, then the answer's own constraint
+    applies. ``effort``: ``"low" | "medium" | "high"``, for APIs that take it (OpenAI's
+    ``reasoning_effort``).
+    """
+
+    enabled: bool = True
+    max_thinking_tokens: int | None = None
+    effort: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        n = self.max_thinking_tokens
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"max_thinking_tokens: expected an int >= 0 or None, got {n!r}")
+        if self.effort not in (None, "minimal", "low", "medium", "high"):
+            raise ValueError(f"reasoning_effort: expected 'minimal', 'low', 'medium' or 'high', "
+                             f"got {self.effort!r}")
+
+
+@attrs.frozen(kw_only=True)
 class GenerateRequest:
     """One generation call.
 
@@ -81,6 +107,14 @@ class GenerateRequest:
     for chat backends) is set. ``images`` go with a text prompt for multimodal models.
     ``session`` is an opaque per-program-run object from :meth:`Backend.new_session`
     (speculative execution keeps its state there, not on the backend).
+
+    ``tools``, ``tool_choice``, ``parallel_tool_calls`` and ``reasoning`` go with
+    ``messages``: a chat backend takes them natively; for a text backend
+    :func:`aiolm.tools.stream_chat` renders them through the model's chat template and
+    parses the output (``Chunk.tool_calls``, ``Chunk.reasoning``).
+    ``prompt_logprobs``: the first chunk carries the logprob of every prompt token
+    (``Chunk.prompt_logprobs``; ``None`` for the first), with ``sampling.top_logprobs``
+    alternatives.
     """
 
     prompt: str | None = None
@@ -91,11 +125,20 @@ class GenerateRequest:
     constraint: Constraint | None = None
     request_id: str = attrs.field(factory=new_request_id)
     session: Any = attrs.field(default=None, eq=False, hash=False)
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str = "auto"
+    parallel_tool_calls: bool = True
+    reasoning: Reasoning | None = None
+    prompt_logprobs: bool = False
+    #: Extra keyword arguments of the chat template (``enable_thinking``, say).
+    template_kwargs: tuple[tuple[str, Any], ...] = ()
 
     def __attrs_post_init__(self) -> None:
         given = sum(x is not None for x in (self.prompt, self.input_ids, self.messages))
         if given != 1:
             raise ValueError("GenerateRequest: give exactly one of prompt, input_ids, messages")
+        if (self.tools or self.reasoning is not None) and self.messages is None:
+            raise ValueError("GenerateRequest: tools and reasoning go with messages")
 
 
 @attrs.frozen(kw_only=True)
@@ -119,7 +162,13 @@ class Usage:
 
 @attrs.frozen(kw_only=True)
 class Chunk:
-    """A piece of a streamed completion. The last chunk has ``finish_reason`` and ``usage``."""
+    """A piece of a streamed completion. The last chunk has ``finish_reason`` and ``usage``.
+
+    ``text`` is the answer's text (the content); ``reasoning`` the thinking of a reasoning
+    model; ``tool_calls`` pieces of the calls the model makes (``finish_reason`` is then
+    ``"tool_calls"``). ``prompt_logprobs`` (first chunk, when the request asked): one entry
+    per prompt token, ``None`` for the first.
+    """
 
     text: str = ""
     token_ids: tuple[int, ...] = ()
@@ -127,6 +176,9 @@ class Chunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     matched_stop: str | int | None = None
+    reasoning: str = ""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -139,6 +191,9 @@ class Completion:
     finish_reason: FinishReason
     usage: Usage
     matched_stop: str | int | None = None
+    reasoning: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -215,6 +270,20 @@ class Backend(abc.ABC):
     def model_name(self) -> str:
         return type(self).__name__
 
+    @property
+    def chat_template_source(self) -> str | None:
+        """The model's own (Jinja) chat template, for text backends that have one."""
+        return None
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], *,
+                    tools: Sequence[dict[str, Any]] | None = None,
+                    add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
+        """OpenAI-format ``messages`` (and ``tools``) rendered by the model's own chat
+        template, as prompt text. Raises ``UnsupportedFeature`` where there is none."""
+        from ..errors import UnsupportedFeature
+
+        raise UnsupportedFeature(f"{self.model_name} has no chat template to render tools with")
+
     @abc.abstractmethod
     def stream(self, request: GenerateRequest) -> AbstractAsyncContextManager[AsyncIterator[Chunk]]:
         """Start ``request``; the context manager yields an async iterator of chunks.
@@ -227,22 +296,32 @@ class Backend(abc.ABC):
 
     async def generate(self, request: GenerateRequest) -> Completion:
         """Run ``request`` to the end and return the whole completion."""
+        from ..tools.spec import assemble_tool_calls
+
         text: list[str] = []
+        reasoning: list[str] = []
         ids: list[int] = []
         lps: list[TokenLogprob] = []
+        calls: list[ToolCallDelta] = []
+        prompt_logprobs = None
         last: Chunk | None = None
         async with self.stream(request) as chunks:
             async for chunk in chunks:
                 text.append(chunk.text)
+                reasoning.append(chunk.reasoning)
                 ids.extend(chunk.token_ids)
                 lps.extend(chunk.logprobs)
+                calls.extend(chunk.tool_calls)
+                if chunk.prompt_logprobs is not None:
+                    prompt_logprobs = chunk.prompt_logprobs
                 last = chunk
         if last is None or last.finish_reason is None:
             raise RuntimeError(f"{type(self).__name__}.stream ended without a finish reason")
         return Completion(
             text="".join(text), token_ids=tuple(ids), logprobs=tuple(lps),
             finish_reason=last.finish_reason, usage=last.usage or Usage(),
-            matched_stop=last.matched_stop,
+            matched_stop=last.matched_stop, reasoning="".join(reasoning),
+            tool_calls=assemble_tool_calls(calls), prompt_logprobs=prompt_logprobs,
         )
 
     @abc.abstractmethod
