@@ -321,7 +321,8 @@ class Backend(abc.ABC):
             text="".join(text), token_ids=tuple(ids), logprobs=tuple(lps),
             finish_reason=last.finish_reason, usage=last.usage or Usage(),
             matched_stop=last.matched_stop, reasoning="".join(reasoning),
-            tool_calls=assemble_tool_calls(calls), prompt_logprobs=prompt_logprobs,
+            tool_calls=assemble_tool_calls(calls, strict=last.finish_reason != "length"),
+            prompt_logprobs=prompt_logprobs,
         )
 
     @abc.abstractmethod

@@ -259,11 +259,11 @@ def _schema_of(hint: Any, where: str) -> dict[str, Any]:
                     "(use str, int, float, bool, list, dict, Literal, a union or a pydantic model)")
 
 
-def assemble_tool_calls(deltas: Sequence[ToolCallDelta]) -> tuple[ToolCall, ...]:
+def assemble_tool_calls(deltas: Sequence[ToolCallDelta], *, strict: bool = True) -> tuple[ToolCall, ...]:
     """The calls that streamed ``deltas`` make up, in index order.
 
-    Raises ``ValueError`` when a call's arguments are not a JSON object (the parsers only
-    stream calls whose arguments parse, so this means a backend sent a broken call).
+    A call whose arguments are not a JSON object raises ``ValueError`` when ``strict``, and
+    is left out otherwise (a call cut by ``max_tokens`` streams only part of its arguments).
     """
     parts: dict[int, dict[str, Any]] = {}
     for d in deltas:
@@ -278,9 +278,13 @@ def assemble_tool_calls(deltas: Sequence[ToolCallDelta]) -> tuple[ToolCall, ...]
         try:
             arguments = json.loads(raw)
         except ValueError:
+            if not strict:
+                continue
             raise ValueError(f"tool call {index} ({entry['name']}): arguments are not JSON: "
                              f"{raw[:200]!r}") from None
         if not isinstance(arguments, dict):
+            if not strict:
+                continue
             raise ValueError(f"tool call {index} ({entry['name']}): arguments must be a JSON "
                              f"object, got {type(arguments).__name__}")
         out.append(ToolCall(id=entry["id"] or new_call_id(), name=entry["name"] or "",

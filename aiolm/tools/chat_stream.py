@@ -1,0 +1,223 @@
+"""``stream_chat``: a chat request with tools or reasoning, on any backend.
+
+A chat API (``aiolm.OpenAI``) takes tools and reasoning natively, so its requests pass
+through unchanged. A text backend (the engine, the scripted backend) gets them here:
+
+1. the conversation renders through the model's own chat template with the tools (or,
+   for a model without one, the tools are described in the system turn in the tool
+   parser's format);
+2. a forced call (``tool_choice="required"`` or a tool's name) becomes a grammar, so the
+   output is a well-formed call whose arguments validate against the tool's schema, even
+   from a weak model; a thinking budget or an answer constraint behind the thinking
+   becomes a :class:`~aiolm.constraints.thinking.ThinkingBudget`;
+3. the output is parsed as it streams: thinking into ``Chunk.reasoning``, calls into
+   ``Chunk.tool_calls`` (:class:`~aiolm.tools.ToolCallDelta` pieces), the rest into
+   ``Chunk.text``; the last chunk says ``finish_reason="tool_calls"`` when calls were made.
+
+:func:`plan_chat` does steps 1-2 without I/O (the server runs it on a worker thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from ..backends.base import Chunk, GenerateRequest
+from ..errors import UnsupportedFeature
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend
+    from ..chat import Message
+    from .parsers import ToolParser, ToolStreamer
+    from .reasoning import ReasoningParser, ReasoningStreamer
+
+__all__ = ["ChatPlan", "needs_chat_layer", "plan_chat", "stream_chat"]
+
+#: The tool-call format assumed for a model whose template names none.
+DEFAULT_TOOL_PARSER = "hermes"
+#: The thinking format assumed for a model whose template names none.
+DEFAULT_REASONING_PARSER = "qwen3"
+
+
+@attrs.frozen(kw_only=True)
+class ChatPlan:
+    """What :func:`stream_chat` sends a text backend, and how it reads the answer."""
+
+    request: GenerateRequest                 # the rendered text request
+    tool_parser: ToolParser | None           # None: calls are not parsed (no tools, or "none")
+    reasoning_parser: ReasoningParser | None  # None: no thinking is split off
+
+
+def needs_chat_layer(request: GenerateRequest) -> bool:
+    """True when ``request`` must go through :func:`stream_chat` (tools, tool turns or
+    reasoning); a plain chat request renders the usual way."""
+    if request.tools or request.reasoning is not None:
+        return True
+    return any(m.role == "tool" or m.tool_calls for m in request.messages or ())
+
+
+@contextlib.asynccontextmanager
+async def stream_chat(backend: Backend, request: GenerateRequest, *,
+                      tool_parser: str | None = None,
+                      reasoning_parser: str | None = None) -> AsyncIterator[AsyncIterator[Chunk]]:
+    """Like ``backend.stream(request)`` for a chat ``request`` (``messages`` set) with
+    ``tools`` / ``tool_choice`` / ``reasoning``; chunks carry ``text`` (the answer),
+    ``reasoning`` and ``tool_calls``.
+
+    ``tool_parser`` / ``reasoning_parser`` name the formats (``aiolm.tools.parsers``,
+    ``aiolm.tools.reasoning``); by default they are detected from the model's chat
+    template. Raises ``ValueError`` for a bad combination (a forced call with a response
+    constraint, an unknown parser), ``UnsupportedFeature`` where the backend cannot.
+    """
+    if request.messages is None:
+        raise ValueError("stream_chat: the request must carry messages")
+    if backend.capabilities.chat_only:
+        async with backend.stream(request) as chunks:
+            yield chunks
+        return
+    plan = plan_chat(backend, request, tool_parser=tool_parser, reasoning_parser=reasoning_parser)
+    async with backend.stream(plan.request) as chunks:
+        yield _parse_stream(chunks, plan)
+
+
+def plan_chat(backend: Backend, request: GenerateRequest, *, tool_parser: str | None = None,
+              reasoning_parser: str | None = None) -> ChatPlan:
+    """Render ``request`` for text backend ``backend`` and choose its constraint and parsers."""
+    from ..constraints.grammar import Grammar
+    from ..constraints.thinking import ThinkingBudget
+    from .parsers import detect_tool_parser, get_tool_parser
+    from .reasoning import (
+        detect_reasoning_parser,
+        get_reasoning_parser,
+        template_has_thinking_switch,
+    )
+
+    source = backend.chat_template_source
+    tools = request.tools
+    choice = request.tool_choice
+    calls_wanted = bool(tools) and choice != "none"
+    tparser = None
+    if tools:
+        tparser = get_tool_parser(tool_parser or detect_tool_parser(source) or DEFAULT_TOOL_PARSER)
+
+    reasoning = request.reasoning
+    template_kwargs = dict(request.template_kwargs)
+    rparser = None
+    if reasoning is not None:
+        name = reasoning_parser or detect_reasoning_parser(source) or DEFAULT_REASONING_PARSER
+        rparser = get_reasoning_parser(name)
+        if template_has_thinking_switch(source):
+            template_kwargs.setdefault("enable_thinking", reasoning.enabled)
+        if not reasoning.enabled:
+            rparser = None
+
+    constraint = request.constraint
+    if calls_wanted and choice != "auto":
+        if constraint is not None:
+            raise ValueError(f"tool_choice: a forced tool call ({choice!r}) cannot also take a "
+                             "response constraint (regex, json_schema, grammar)")
+        assert tparser is not None
+        constraint = Grammar(tparser.grammar(tools, choice=choice,
+                                             parallel=request.parallel_tool_calls))
+    elif calls_wanted and constraint is not None:
+        raise ValueError("tools: tool_choice='auto' cannot take a response constraint too; "
+                         "use tool_choice='none' or drop the constraint")
+    if rparser is not None and (constraint is not None or reasoning.max_thinking_tokens is not None):
+        constraint = ThinkingBudget(inner=constraint, end=rparser.end,
+                                    start=None if rparser.starts_inside else rparser.start,
+                                    max_thinking_tokens=reasoning.max_thinking_tokens)
+    if constraint is not None:
+        constraint.validate()
+
+    prompt = _render(backend, request.messages or (), tools, tparser, source, template_kwargs)
+    images = tuple(img for m in request.messages or () for img in m.images)
+    text_request = GenerateRequest(prompt=prompt, images=images, sampling=request.sampling,
+                                   constraint=constraint, request_id=request.request_id,
+                                   session=request.session,
+                                   prompt_logprobs=request.prompt_logprobs)
+    return ChatPlan(request=text_request, tool_parser=tparser if calls_wanted else None,
+                    reasoning_parser=rparser)
+
+
+def _render(backend: Backend, messages: Sequence[Message], tools: Sequence[Any],
+            tparser: ToolParser | None, source: str | None,
+            template_kwargs: dict[str, Any]) -> str:
+    """The prompt: finished turns through the chat template, then the open assistant turn."""
+    from ..chat import Message, TextPart, messages_to_openai, render_text
+
+    history = list(messages)
+    open_text = ""
+    if history and history[-1].role == "assistant" and not history[-1].tool_calls:
+        open_text = history.pop().content
+    if source is not None:
+        rendered = backend.render_chat(messages_to_openai(history),
+                                       tools=[t.to_openai() for t in tools] or None,
+                                       add_generation_prompt=True, **template_kwargs)
+        return _append_literal(rendered, open_text)
+    template = backend.chat_template
+    if template is None:
+        raise UnsupportedFeature(f"{backend.model_name} has no chat template")
+    # No template of the model's own: tools are described in the system turn, tool turns
+    # and calls are written the way the tool parser reads them.
+    turns: list[Message] = []
+    for m in history:
+        if m.role == "tool":
+            body = f"<tool_response>\n{m.content}\n</tool_response>"
+            turns.append(Message(role="user", parts=(TextPart(text=body),)))
+        elif m.tool_calls:
+            calls = "\n".join(
+                "<tool_call>\n" + json.dumps({"name": c.name, "arguments": dict(c.arguments)},
+                                             ensure_ascii=False) + "\n</tool_call>"
+                for c in m.tool_calls)
+            text = (m.content + "\n" if m.content else "") + calls
+            turns.append(Message(role="assistant", parts=(TextPart(text=text),)))
+        else:
+            turns.append(m)
+    if tparser is not None and tools:
+        described = tparser.describe_tools(tools)
+        if turns and turns[0].role == "system":
+            first = turns[0]
+            turns[0] = Message(role="system", parts=(*first.parts, TextPart(text="\n\n" + described)))
+        else:
+            turns.insert(0, Message(role="system", parts=(TextPart(text=described),)))
+    return render_text(turns, template, open_role="assistant", open_text=open_text)
+
+
+def _append_literal(rendered: str, text: str) -> str:
+    """``rendered`` then ``text`` marked as message content (see ``aiolm.chat``)."""
+    if not text:
+        return rendered
+    from ..engine.tokenizer import MarkedText
+
+    return rendered + MarkedText(text, [(0, len(text))])
+
+
+async def _parse_stream(chunks: AsyncIterator[Chunk], plan: ChatPlan) -> AsyncIterator[Chunk]:
+    """The backend's chunks with thinking and calls split off the text."""
+    thinking: ReasoningStreamer | None = (plan.reasoning_parser.streamer()
+                                          if plan.reasoning_parser is not None else None)
+    calls: ToolStreamer | None = plan.tool_parser.streamer() if plan.tool_parser is not None else None
+    made_calls = False
+    async for chunk in chunks:
+        reasoning, content = (thinking.feed(chunk.text) if thinking is not None
+                              else ("", chunk.text))
+        if chunk.finish_reason is not None and thinking is not None:
+            r_tail, c_tail = thinking.finish()
+            reasoning, content = reasoning + r_tail, content + c_tail
+        deltas: tuple[Any, ...] = ()
+        if calls is not None:
+            piece = calls.feed(content)
+            content, deltas = piece.content, piece.calls
+            if chunk.finish_reason is not None:
+                tail = calls.finish()
+                content, deltas = content + tail.content, deltas + tail.calls
+        made_calls = made_calls or bool(deltas)
+        finish = chunk.finish_reason
+        if finish == "stop" and made_calls:
+            finish = "tool_calls"
+        yield attrs.evolve(chunk, text=content, reasoning=chunk.reasoning + reasoning,
+                           tool_calls=chunk.tool_calls + deltas, finish_reason=finish)
