@@ -10,12 +10,34 @@ import attrs
 from ..errors import ConstraintError
 from .base import Constraint, Matcher
 
-__all__ = ["JSONSchema"]
+__all__ = ["JSONSchema", "pydantic_schema"]
+
+
+def pydantic_schema(model: type) -> dict[str, Any]:
+    """The JSON schema of pydantic model class ``model``, closed: an object of a model that
+    does not say ``extra="allow"`` takes no keys beyond its fields.
+
+    pydantic's own schema leaves such objects open (its default ``extra="ignore"`` drops
+    unknown keys when validating), so a model would be free to invent keys until
+    ``max_tokens``; ``additionalProperties: false`` is added to every object schema with
+    ``properties`` that does not set it (``extra="allow"`` models and ``dict`` fields set it).
+    """
+    schema = model.model_json_schema()
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "properties" in node and "additionalProperties" not in node:
+                node["additionalProperties"] = False
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return schema
 
 
 def _to_schema_json(schema: Any) -> str:
     if isinstance(schema, type) and hasattr(schema, "model_json_schema"):  # pydantic v2 model
-        schema = schema.model_json_schema()
+        schema = pydantic_schema(schema)
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -37,6 +59,9 @@ def _to_schema_json(schema: Any) -> str:
 @attrs.frozen
 class JSONSchema(Constraint):
     """The output is JSON valid under ``schema`` (dict, JSON string or pydantic model class).
+
+    A pydantic model's objects are closed (no keys beyond its fields) unless the model
+    says ``model_config = ConfigDict(extra="allow")``: see :func:`pydantic_schema`.
 
     The spec keeps the schema as compact JSON text (``schema_json``) so it is hashable; key
     order is kept, since properties are generated in the order the schema lists them.
