@@ -1,10 +1,13 @@
 # The two commands of the README: `make demo` and `make test`.
-.PHONY: setup demo test lint
+.PHONY: setup setup-demo demo test lint
 
 setup:
-	./scripts/setup.sh
+	./scripts/setup.sh full
 
-demo: setup
+setup-demo:
+	./scripts/setup.sh demo
+
+demo: setup-demo
 	.venv/bin/aiolm demo
 
 test: setup
