@@ -321,7 +321,9 @@ class Backend(abc.ABC):
             text="".join(text), token_ids=tuple(ids), logprobs=tuple(lps),
             finish_reason=last.finish_reason, usage=last.usage or Usage(),
             matched_stop=last.matched_stop, reasoning="".join(reasoning),
-            tool_calls=assemble_tool_calls(calls, strict=last.finish_reason != "length"),
+            # A call cut by max_tokens, or one found malformed after its first pieces had
+            # streamed, is left out (its text is in ``text``).
+            tool_calls=assemble_tool_calls(calls, strict=False),
             prompt_logprobs=prompt_logprobs,
         )
 

@@ -12,7 +12,9 @@ from .choices import Choices as Choices
 from .grammar import Grammar as Grammar
 from .json_schema import JSONSchema as JSONSchema
 from .regex import Regex as Regex
+from .thinking import ThinkingBudget as ThinkingBudget
 
 __all__ = [
-    "Choices", "Constraint", "Grammar", "JSONSchema", "Matcher", "Regex", "pack_allowed_tokens",
+    "Choices", "Constraint", "Grammar", "JSONSchema", "Matcher", "Regex", "ThinkingBudget",
+    "pack_allowed_tokens",
 ]

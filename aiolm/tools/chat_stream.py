@@ -20,7 +20,6 @@ through unchanged. A text backend (the engine, the scripted backend) gets them h
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -148,6 +147,7 @@ def _render(backend: Backend, messages: Sequence[Message], tools: Sequence[Any],
             template_kwargs: dict[str, Any]) -> str:
     """The prompt: finished turns through the chat template, then the open assistant turn."""
     from ..chat import Message, TextPart, messages_to_openai, render_text
+    from .parsers import get_tool_parser
 
     history = list(messages)
     open_text = ""
@@ -161,19 +161,16 @@ def _render(backend: Backend, messages: Sequence[Message], tools: Sequence[Any],
     template = backend.chat_template
     if template is None:
         raise UnsupportedFeature(f"{backend.model_name} has no chat template")
-    # No template of the model's own: tools are described in the system turn, tool turns
-    # and calls are written the way the tool parser reads them.
+    # No template of the model's own: tools are described in the system turn, calls are
+    # written the way the tool parser reads them, and a tool's answer is a user turn.
+    writer = tparser or get_tool_parser(DEFAULT_TOOL_PARSER)
     turns: list[Message] = []
     for m in history:
         if m.role == "tool":
             body = f"<tool_response>\n{m.content}\n</tool_response>"
             turns.append(Message(role="user", parts=(TextPart(text=body),)))
         elif m.tool_calls:
-            calls = "\n".join(
-                "<tool_call>\n" + json.dumps({"name": c.name, "arguments": dict(c.arguments)},
-                                             ensure_ascii=False) + "\n</tool_call>"
-                for c in m.tool_calls)
-            text = (m.content + "\n" if m.content else "") + calls
+            text = (m.content + "\n" if m.content else "") + writer.format_calls(m.tool_calls)
             turns.append(Message(role="assistant", parts=(TextPart(text=text),)))
         else:
             turns.append(m)
