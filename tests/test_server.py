@@ -208,8 +208,11 @@ async def test_bad_parameters_are_a_400_naming_them(client):
         await client.completions.create(model=MODEL, prompt=QA, temperature=-1)
     assert info.value.param == "temperature"
     with pytest.raises(openai.BadRequestError) as info:
-        await client.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "x"}])
+        await client.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "x"}])
     assert info.value.param == "messages[0].role"
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "x"}])
+    assert info.value.param == "messages[0].tool_call_id"
 
 
 async def test_unknown_model_is_a_404(client):

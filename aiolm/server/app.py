@@ -4,6 +4,11 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE streaming w
 ``"stream": true``), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text),
 and aiolm's ``POST /v1/aiolm/score`` (``select`` scoring for remote programs).
 
+A chat request with tools, tool turns or reasoning runs through
+:func:`aiolm.tools.stream_chat`, which renders it with the model's own chat template, forces
+calls with a grammar where asked, and parses calls and thinking out of the answer in the
+server's tool-call and reasoning formats (configured, or detected from the template).
+
 Every generation runs while a watcher reads the client's ``receive`` channel: when the
 client disconnects, the work is cancelled, which leaves the backend's stream context and so
 aborts the backend request.
@@ -35,11 +40,21 @@ from starlette.routing import Route
 
 from ..backends.base import Backend, Chunk, GenerateRequest, new_request_id
 from ..errors import BackendError
+from ..sampling import SamplingParams
+from ..tools.chat_stream import stream_chat
 from .errors import ApiError, api_error_for
 from .guard import RequestGuard
 from .metrics import Metrics
-from .protocol import Limits, Parsed, parse_chat, parse_completion, parse_json, parse_score
-from .responses import Choice, Reply
+from .protocol import (
+    ChatParsers,
+    Limits,
+    Parsed,
+    parse_chat,
+    parse_completion,
+    parse_json,
+    parse_score,
+)
+from .responses import Choice, Reply, best_of
 
 __all__ = ["DEFAULT_BODY_TIMEOUT", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_PENDING", "create_app"]
 
@@ -52,6 +67,7 @@ _CLIENT_CLOSED = 499   # nginx's status for "the client went away" (metrics only
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
+_Parse = Callable[[dict[str, Any], Backend, Limits], Parsed]
 
 
 def create_app(
@@ -70,6 +86,8 @@ def create_app(
     max_n: int = _DEFAULT_LIMITS.max_n,
     max_choices: int = _DEFAULT_LIMITS.max_choices,
     max_score_continuations: int = _DEFAULT_LIMITS.max_score_continuations,
+    tool_parser: str | None = None,
+    reasoning_parser: str | None = None,
 ) -> Starlette:
     """An ASGI app serving ``backend`` under the OpenAI API.
 
@@ -89,7 +107,14 @@ def create_app(
     Without ``api_key``, requests must come from this machine's names, an IP address or
     ``allowed_hosts``, and carry no ``Origin`` outside ``allowed_origins`` (403; see
     :mod:`aiolm.server.guard`). ``allowed_origins`` also get CORS headers, so a web UI on
-    one of them can call the server. Raises ``ValueError`` naming a bad option.
+    one of them can call the server.
+
+    ``tool_parser`` / ``reasoning_parser`` name the formats the model writes tool calls and
+    thinking in (``aiolm.tools.parsers.TOOL_PARSERS``, ``aiolm.tools.reasoning.REASONING_PARSERS``);
+    None: detected from ``backend.chat_template_source`` at the first chat request. With a
+    reasoning parser, chat answers think (``reasoning_content``) unless a request sends
+    ``chat_template_kwargs: {"enable_thinking": false}``. Raises ``ValueError`` naming a bad
+    option.
     """
     if not isinstance(backend, Backend):
         raise TypeError(f"backend: expected an aiolm Backend, got {type(backend).__name__}")
@@ -107,18 +132,23 @@ def create_app(
         if getattr(limits, name) > max_pending:
             raise ValueError(f"{name}: {getattr(limits, name)} is over max_pending ({max_pending}): "
                              "such a request could never be admitted")
+    _check_parsers(tool_parser, reasoning_parser)
     server = _Server(backend=backend, model=model_name or backend.model_name, api_key=api_key,
                      max_body_bytes=max_body_bytes, body_timeout=body_timeout,
-                     max_pending=max_pending, limits=limits)
+                     max_pending=max_pending, limits=limits, tool_parser=tool_parser,
+                     reasoning_parser=reasoning_parser)
 
-    def post(route: str, parse: Callable[[dict[str, Any], Backend, Limits], Any] | None) -> Route:
+    def post(route: str, parse: _Parse | None) -> Route:
         async def endpoint(request: Request) -> _Answer:
             return _Answer(server, route, parse)
         return Route(route, endpoint, methods=["POST"])
 
+    def chat(body: dict[str, Any], backend: Backend, limits: Limits) -> Parsed:
+        return parse_chat(body, backend, limits, parsers=server.chat_parsers())
+
     routes = [
         post("/v1/completions", parse_completion),
-        post("/v1/chat/completions", parse_chat),
+        post("/v1/chat/completions", chat),
         post("/v1/aiolm/score", None),
         Route("/v1/models", server.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", server.get_model, methods=["GET"]),
@@ -136,6 +166,18 @@ def create_app(
     handlers = {404: _not_found, 405: _not_allowed, Exception: _internal_error}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers,
                      lifespan=lifespan)
+
+
+def _check_parsers(tool_parser: str | None, reasoning_parser: str | None) -> None:
+    """Raise ``ValueError`` naming an unknown tool-call or reasoning format."""
+    if tool_parser is not None:
+        from ..tools.parsers import get_tool_parser
+
+        get_tool_parser(tool_parser)
+    if reasoning_parser is not None:
+        from ..tools.reasoning import get_reasoning_parser
+
+        get_reasoning_parser(reasoning_parser)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
@@ -163,8 +205,26 @@ class _Server:
     body_timeout: float | None
     max_pending: int
     limits: Limits
+    tool_parser: str | None = None
+    reasoning_parser: str | None = None
     metrics: Metrics = attrs.field(factory=Metrics)
     created: int = attrs.field(factory=lambda: int(time.time()))
+    _parsers: ChatParsers | None = attrs.field(default=None, init=False)
+
+    def chat_parsers(self) -> ChatParsers:
+        """The tool-call and thinking formats: those configured, the rest detected from the
+        backend's chat template (known once the backend has loaded its model)."""
+        if self._parsers is not None:
+            return self._parsers
+        source = self.backend.chat_template_source
+        if source is None:   # no template (yet: the engine loads its model when it starts)
+            return ChatParsers(tool=self.tool_parser, reasoning=self.reasoning_parser)
+        from ..tools.parsers import detect_tool_parser
+        from ..tools.reasoning import detect_reasoning_parser
+
+        self._parsers = ChatParsers(tool=self.tool_parser or detect_tool_parser(source),
+                                    reasoning=self.reasoning_parser or detect_reasoning_parser(source))
+        return self._parsers
 
     def check_key(self, headers: dict[str, str]) -> None:
         """Raise 401 unless the request carries the API key (when one is set)."""
@@ -272,8 +332,7 @@ class _ScoreJob:
 class _Answer:
     """The ASGI response of one POST: reads the body, runs the work, answers (or streams)."""
 
-    def __init__(self, server: _Server, route: str,
-                 parse: Callable[[dict[str, Any], Backend, Limits], Parsed] | None) -> None:
+    def __init__(self, server: _Server, route: str, parse: _Parse | None) -> None:
         self._server = server
         self._route = route
         self._parse = parse
@@ -333,7 +392,8 @@ class _Answer:
             return err.status
         if gone:
             return _CLIENT_CLOSED
-        await _send_json(send, 200, reply.body(choices))
+        shown = best_of(choices, parsed.n) if parsed.candidates > parsed.n else choices
+        await _send_json(send, 200, reply.body(shown, counted=choices))
         return 200
 
     async def _generate(self, parsed: Parsed,
@@ -342,18 +402,25 @@ class _Answer:
         jobs = []
         for pi, req in enumerate(parsed.requests):
             offset = parsed.prompt_offsets[pi] if parsed.prompt_offsets else 0
-            for _ in range(parsed.n):
-                choice = Choice(index=len(jobs), prompt_index=pi, offset=offset)
-                jobs.append((choice, attrs.evolve(req, request_id=new_request_id())))
+            echo = parsed.echo[pi] if parsed.echo else ""
+            for k in range(parsed.candidates):
+                choice = Choice(index=len(jobs), prompt_index=pi, offset=offset, echo=echo)
+                jobs.append((choice, attrs.evolve(req, request_id=new_request_id(),
+                                                  sampling=_choice_sampling(req.sampling, k))))
+        backend = self._server.backend
+        parsers = parsed.parsers
 
-        async def run(choice: Choice, request: Any) -> None:
-            async with self._server.backend.stream(request) as chunks:
+        async def run(choice: Choice, request: GenerateRequest) -> None:
+            opened = (backend.stream(request) if parsers is None else
+                      stream_chat(backend, request, tool_parser=parsers.tool,
+                                  reasoning_parser=parsers.reasoning))
+            async with opened as chunks:
                 async for chunk in chunks:
-                    choice.add(chunk)
+                    chunk = choice.add(chunk)
                     if on_piece is not None:
                         await on_piece(choice, chunk)
             if choice.finish_reason is None:
-                raise BackendError(f"{self._server.backend.model_name}: stream ended without a finish reason")
+                raise BackendError(f"{backend.model_name}: stream ended without a finish reason")
             self._server.metrics.add_usage(choice.usage)
 
         if len(jobs) == 1:
@@ -394,8 +461,8 @@ class _Answer:
                 first = reply.first_chunk(choice.index)
                 if first is not None:
                     await event(sse(first))
-            if chunk.text or chunk.token_ids or chunk.logprobs or chunk.finish_reason is not None:
-                await event(sse(reply.chunk(choice, chunk)))
+            if (payload := reply.chunk(choice, chunk)) is not None:
+                await event(sse(payload))
 
         try:
             choices, gone = await _until_disconnect(receive, lambda: self._generate(parsed, on_piece))
@@ -497,6 +564,14 @@ async def _until_disconnect(receive: Receive, work: Callable[[], Awaitable[Any]]
     except BaseExceptionGroup as group:
         _raise_first(group)
     return result, gone
+
+
+def _choice_sampling(sampling: SamplingParams, k: int) -> SamplingParams:
+    """The sampling of choice ``k`` of a prompt: with a ``seed``, each choice draws from its
+    own (``seed + k``), so ``n`` seeded choices differ and the first equals ``n=1``'s."""
+    if sampling.seed is None or k == 0:
+        return sampling
+    return attrs.evolve(sampling, seed=(sampling.seed + k) % 2**64)
 
 
 def _raise_first(group: BaseExceptionGroup) -> None:

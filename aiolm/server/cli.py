@@ -15,6 +15,7 @@ import copy
 import logging
 import socket
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -46,7 +47,8 @@ _LIMITS = Limits()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``aiolm serve`` options (server options, limits, connections, then the engine's)."""
+    """The ``aiolm serve`` options (server options, tool calls and reasoning, limits,
+    connections, then the engine's)."""
     p = argparse.ArgumentParser(
         prog="aiolm serve",
         description="Serve a model under the OpenAI API (/v1/completions, /v1/chat/completions, "
@@ -61,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 route")
     p.add_argument("--served-model-name", default=None, help="the id clients send as model (default: the model's name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    from ..tools.parsers import TOOL_PARSERS
+    from ..tools.reasoning import REASONING_PARSERS
+
+    t = p.add_argument_group("tool calls and reasoning (/v1/chat/completions)")
+    t.add_argument("--tool-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="the format the model writes tool calls in (default: detected from its "
+                        "chat template)")
+    t.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="the format the model writes its thinking in; answers then carry "
+                        "reasoning_content (default: detected from its chat template)")
+    t.add_argument("--chat-template", default=None, type=_template_file, metavar="PATH",
+                   help="a Jinja chat template file used in place of the model's own")
     x = p.add_argument_group("exposure (without --api-key)")
     x.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="also answer requests with this Host name (repeatable; '*' any; '*.example.com' "
@@ -120,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _template_file(value: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {value!r}")
+    return path
+
+
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """``aiolm.Engine`` keyword arguments from parsed ``aiolm serve`` options."""
     return dict(
@@ -131,6 +152,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         load_format=args.load_format, seed=args.seed,
         request_step_timeout=args.request_step_timeout, close_timeout=args.close_timeout,
         escape_special_tokens=not args.no_escape_special_tokens,
+        chat_template=args.chat_template,
     )
 
 
@@ -169,7 +191,8 @@ def run_server(backend: Backend, args: argparse.Namespace, *,
         max_body_bytes=args.max_body_bytes, body_timeout=args.timeout_body,
         max_pending=args.max_pending, max_json_depth=args.max_json_depth,
         max_prompts=args.max_prompts, max_n=args.max_n, max_choices=args.max_choices,
-        max_score_continuations=args.max_score_continuations)
+        max_score_continuations=args.max_score_continuations, tool_parser=args.tool_parser,
+        reasoning_parser=args.reasoning_parser)
     limit = args.limit_concurrency or default_connection_limit()
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, log_config=_log_config(args.log_level),

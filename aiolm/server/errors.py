@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from ..errors import (
@@ -18,6 +19,13 @@ from ..errors import (
 )
 
 __all__ = ["ApiError", "api_error_for"]
+
+# Request fields a backend's or the chat layer's ``ValueError`` may start with ("tools: ...",
+# "logit_bias: token id 70000 is outside the vocabulary"): the error names that field.
+_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "logit_bias", "messages",
+                     "max_thinking_tokens", "reasoning_effort", "chat_template_kwargs",
+                     "response_format", "stop_token_ids"})
+_LEADING_FIELD = re.compile(r"([a-z_]+)(?:\[\d+\])?: ")
 
 
 class ApiError(Exception):
@@ -81,5 +89,8 @@ def api_error_for(exc: BaseException, *, prompt_param: str = "prompt",
         return ApiError(500, "The engine failed on this request.", type="server_error",
                         code="engine_error")
     if isinstance(exc, ValueError):  # backends raise it for requests they cannot take
-        return ApiError(400, str(exc), code="invalid_value")
+        message = str(exc)
+        lead = _LEADING_FIELD.match(message)
+        param = lead.group(1) if lead is not None and lead.group(1) in _FIELDS else None
+        return ApiError(400, message, param=param, code="invalid_value")
     return ApiError(500, "internal server error", type="server_error", code="internal_error")

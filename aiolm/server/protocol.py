@@ -4,30 +4,38 @@ Besides the OpenAI fields, both endpoints take aiolm's extensions: ``regex``, ``
 ``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``stop_regex``,
 ``return_token_ids`` (each choice and chunk also carries its ``token_ids``);
 ``/v1/completions`` also takes ``response_format``; ``/v1/chat/completions`` takes
-``continue_final_message`` (the last assistant message is continued, not closed).
+``continue_final_message`` (the last assistant message is continued, not closed),
+``chat_template_kwargs`` (extra variables of the model's chat template, such as
+``enable_thinking``) and ``max_thinking_tokens`` (a reasoning model's thinking budget).
 
-How much one request may ask for is bounded by :class:`Limits` (400 beyond, naming the field).
+Fields OpenAI defines that change nothing here (``user``, ``store``, ``metadata``,
+``service_tier``) are type-checked and ignored; fields nobody defines are ignored, as
+OpenAI's own API does. How much one request may ask for is bounded by :class:`Limits`
+(400 beyond, naming the field).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 from typing import Any, Literal
 
 import attrs
 
-from ..backends.base import Backend, GenerateRequest, ImageData
-from ..chat import ImagePart, Message, TextPart, render_text
+from ..backends.base import Backend, GenerateRequest
+from ..chat import Message, render_text
 from ..constraints import Constraint, Grammar, JSONSchema, Regex
 from ..errors import ConstraintError
 from ..primitives import SELECT_METHODS
 from ..sampling import SamplingParams
+from ..tools.chat_stream import needs_chat_layer
+from .chat_options import ChatParsers, parse_chat_options
 from .errors import ApiError
+from .fields import bad, get
+from .messages import parse_messages
 
-__all__ = ["Limits", "Parsed", "parse_chat", "parse_completion", "parse_json", "parse_score"]
+__all__ = ["ChatParsers", "Limits", "Parsed", "parse_chat", "parse_completion", "parse_json",
+           "parse_score"]
 
 _CHAT_DEFAULT_MAX_TOKENS = 256
 _COMPLETION_DEFAULT_MAX_TOKENS = 16   # the OpenAI default
@@ -43,9 +51,9 @@ class Limits:
     """What one request may ask for; a request over a limit gets a 400 naming the field.
 
     ``max_json_depth``: nesting of the body (an object holding a list is depth 2);
-    ``max_prompts``: prompts of one ``/v1/completions`` request; ``max_n``: ``n``;
-    ``max_choices``: prompts x ``n``; ``max_score_continuations``: continuations of one
-    ``/v1/aiolm/score`` request.
+    ``max_prompts``: prompts of one ``/v1/completions`` request; ``max_n``: ``n`` and
+    ``best_of``; ``max_choices``: prompts x ``n`` (x ``best_of``); ``max_score_continuations``:
+    continuations of one ``/v1/aiolm/score`` request.
     """
 
     max_json_depth: int = attrs.field(default=64, validator=_positive_int)
@@ -60,23 +68,32 @@ _DEFAULT_LIMITS = Limits()
 
 @attrs.frozen(kw_only=True)
 class Parsed:
-    """A validated request: one ``GenerateRequest`` per prompt (each run ``n`` times)."""
+    """A validated request: one ``GenerateRequest`` per prompt, each run ``best_of`` times
+    (``n`` unless given), of which the ``n`` with the highest mean token logprob answer."""
 
     kind: Literal["completion", "chat"]
     requests: tuple[GenerateRequest, ...]
     n: int = 1
+    best_of: int | None = None
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False
     token_ids: bool = False                # extension ``return_token_ids``: ids in each choice
     prompt_offsets: tuple[int, ...] = ()   # completions: where each answer's text_offset starts
+    echo: tuple[str, ...] = ()             # completions with ``echo``: each prompt's text
+    parsers: ChatParsers | None = None     # chat through aiolm.tools.stream_chat, with these formats
     prompt_param: str = "prompt"           # the field an error about the prompt names
     constraint_param: str | None = None    # the field the constraint came from
 
     @property
+    def candidates(self) -> int:
+        """How many answers each prompt gets before the best ``n`` are chosen."""
+        return self.best_of or self.n
+
+    @property
     def size(self) -> int:
-        """How many backend requests this request makes (prompts x ``n``)."""
-        return len(self.requests) * self.n
+        """How many backend requests this request makes (prompts x ``best_of``)."""
+        return len(self.requests) * self.candidates
 
 
 def parse_json(raw: bytes, *, max_depth: int) -> dict[str, Any]:
@@ -118,7 +135,7 @@ def _check_unicode(field: str, text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise _bad(field, f"not valid Unicode: a lone surrogate (U+{ord(text[exc.start]):04X}) "
+        raise bad(field, f"not valid Unicode: a lone surrogate (U+{ord(text[exc.start]):04X}) "
                           f"at character {exc.start}") from None
 
 
@@ -128,28 +145,17 @@ def _too_deep(param: str | None, max_depth: int) -> ApiError:
                          f"{max_depth} levels.", param=param, code="json_too_deep")
 
 
-def _bad(param: str, message: str) -> ApiError:
-    return ApiError(400, f"{param}: {message}", param=param, code="invalid_value")
-
-
-def _get(body: dict[str, Any], name: str, types: type | tuple[type, ...], default: Any = None) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise _bad(name, f"expected {_type_names(types)}, got a boolean")
-    if not isinstance(value, types):
-        raise _bad(name, f"expected {_type_names(types)}, got {type(value).__name__}")
-    return value
-
-
-def _type_names(types: type | tuple[type, ...]) -> str:
-    items = types if isinstance(types, tuple) else (types,)
-    return " or ".join(t.__name__ for t in items)
-
-
 # OpenAI's API refuses temperatures above 2; clients rely on the same answer here.
 _MAX_TEMPERATURE = 2
+
+
+#: Fields of OpenAI's API that change nothing here: type-checked, then ignored.
+_IGNORED = {"user": str, "store": bool, "metadata": dict, "service_tier": str}
+
+
+def _ignored_fields(body: dict[str, Any]) -> None:
+    for name, kind in _IGNORED.items():
+        get(body, name, kind)
 
 
 def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: bool, top_logprobs: int,
@@ -158,28 +164,31 @@ def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: bool, t
     a ``SamplingParams`` field to the body field it came from where the names differ)."""
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, str | list):
-        raise _bad("stop", "expected a string or a list of strings")
-    temperature = _get(body, "temperature", (int, float), 1.0)
+        raise bad("stop", "expected a string or a list of strings")
+    temperature = get(body, "temperature", (int, float), 1.0)
     if isinstance(temperature, int | float) and temperature > _MAX_TEMPERATURE:
-        raise _bad("temperature", f"must be at most {_MAX_TEMPERATURE} (as OpenAI's API), "
-                                  f"got {temperature}")
+        raise bad("temperature", f"must be at most {_MAX_TEMPERATURE} (as OpenAI's API), "
+                                 f"got {temperature}")
     fields: dict[str, Any] = dict(
         max_tokens=max_tokens,
         temperature=temperature,
-        top_p=_get(body, "top_p", (int, float), 1.0),
-        top_k=_get(body, "top_k", int, 0),
-        min_p=_get(body, "min_p", (int, float), 0.0),
-        frequency_penalty=_get(body, "frequency_penalty", (int, float), 0.0),
-        presence_penalty=_get(body, "presence_penalty", (int, float), 0.0),
-        ignore_eos=_get(body, "ignore_eos", bool, False),
-        min_tokens=_get(body, "min_tokens", int, 0),
+        top_p=get(body, "top_p", (int, float), 1.0),
+        top_k=get(body, "top_k", int, 0),
+        min_p=get(body, "min_p", (int, float), 0.0),
+        frequency_penalty=get(body, "frequency_penalty", (int, float), 0.0),
+        presence_penalty=get(body, "presence_penalty", (int, float), 0.0),
+        ignore_eos=get(body, "ignore_eos", bool, False),
+        min_tokens=get(body, "min_tokens", int, 0),
         stop=stop,
-        stop_token_ids=_get(body, "stop_token_ids", list, None),
-        stop_regex=_get(body, "stop_regex", str, None),
-        seed=_get(body, "seed", int, None),
+        stop_token_ids=get(body, "stop_token_ids", list, None),
+        stop_regex=get(body, "stop_regex", str, None),
+        seed=get(body, "seed", int, None),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
     )
+    bias = _logit_bias(body)
+    if bias:
+        fields["logit_bias"] = bias
     try:
         return SamplingParams(**fields)
     except (TypeError, ValueError) as exc:
@@ -187,6 +196,26 @@ def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: bool, t
         name = re.match(r"\w*", message).group()   # SamplingParams errors start with the field
         param = sent_as.get(name, name) if name in fields else None
         raise ApiError(400, message, param=param, code="invalid_value") from None
+
+
+def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
+    """OpenAI's ``logit_bias``: an object of token ids (as strings) to biases."""
+    bias = get(body, "logit_bias", dict, {})
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()):
+            raise bad("logit_bias", f"keys are token ids written as strings ('50256'), got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad("logit_bias", f"the bias of token {key} must be a number, got "
+                                    f"{type(value).__name__}")
+        out[int(key)] = value
+    return out
+
+
+def _max_tokens(body: dict[str, Any], default: int) -> tuple[int, str]:
+    """``max_completion_tokens`` (OpenAI's newer name) or ``max_tokens``, and which was sent."""
+    param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    return get(body, param, int, default), param
 
 
 def _constraint(body: dict[str, Any]) -> tuple[Constraint | None, str | None]:
@@ -197,7 +226,7 @@ def _constraint(body: dict[str, Any]) -> tuple[Constraint | None, str | None]:
         if value is None:
             continue
         if param != "response_format" and not isinstance(value, str):
-            raise _bad(param, f"expected a string, got {type(value).__name__}")
+            raise bad(param, f"expected a string, got {type(value).__name__}")
         try:
             spec = build(value)
         except (ConstraintError, TypeError, ValueError) as exc:
@@ -234,20 +263,28 @@ def _response_format(fmt: Any) -> Constraint | None:
     raise ConstraintError(f"response_format: unknown type {kind!r} (text, json_object, json_schema)")
 
 
-def _n(body: dict[str, Any], limits: Limits, prompts: int) -> int:
-    n = _get(body, "n", int, 1)
-    if not 1 <= n <= limits.max_n:
-        raise _bad("n", f"must be between 1 and {limits.max_n}, got {n}")
-    if prompts * n > limits.max_choices:
-        raise _bad("n", f"{prompts} prompts x n={n} is {prompts * n} choices, over this server's "
-                        f"limit of {limits.max_choices} per request")
-    return n
+def _choices(body: dict[str, Any], name: str, limits: Limits, prompts: int, default: int) -> int:
+    """``n`` (or ``best_of``): within ``max_n``, and prompts x it within ``max_choices``."""
+    count = get(body, name, int, default)
+    if not 1 <= count <= limits.max_n:
+        raise bad(name, f"must be between 1 and {limits.max_n}, got {count}")
+    if prompts * count > limits.max_choices:
+        raise bad(name, f"{prompts} prompts x {name}={count} is {prompts * count} choices, over "
+                        f"this server's limit of {limits.max_choices} per request")
+    return count
 
 
 def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
-    stream = _get(body, "stream", bool, False)
-    options = _get(body, "stream_options", dict, {})
-    return stream, bool(stream and options.get("include_usage"))
+    stream = get(body, "stream", bool, False)
+    options = get(body, "stream_options", dict, None)
+    if options is None:
+        return stream, False
+    if not stream:   # as OpenAI's API answers
+        raise bad("stream_options", "only allowed when stream is true")
+    include = options.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise bad("stream_options", "include_usage must be a boolean")
+    return stream, include
 
 
 def parse_completion(body: dict[str, Any], backend: Backend, limits: Limits = _DEFAULT_LIMITS) -> Parsed:
@@ -255,39 +292,56 @@ def parse_completion(body: dict[str, Any], backend: Backend, limits: Limits = _D
     if backend.capabilities.chat_only:
         raise ApiError(400, f"{backend.model_name} is a chat model: use /v1/chat/completions",
                        param="model", code="chat_only")
-    if _get(body, "suffix", str, ""):
-        raise _bad("suffix", "not supported by this server")
-    if _get(body, "logit_bias", dict, {}):
-        raise _bad("logit_bias", "not supported by this server")
-    if _get(body, "echo", bool, False):
-        raise _bad("echo", "not supported by this server (use POST /v1/aiolm/score to score text)")
-    best_of = _get(body, "best_of", int, None)
-    if best_of not in (None, 1):
-        raise _bad("best_of", "only 1 is supported")
+    _ignored_fields(body)
+    if get(body, "suffix", str, ""):
+        raise bad("suffix", "not supported by this server")
     prompts = _prompts(body.get("prompt"))
     if len(prompts) > limits.max_prompts:
-        raise _bad("prompt", f"{len(prompts)} prompts is over this server's limit of "
-                             f"{limits.max_prompts} per request")
-    n = _n(body, limits, len(prompts))
-    k = _get(body, "logprobs", int, None)
+        raise bad("prompt", f"{len(prompts)} prompts is over this server's limit of "
+                            f"{limits.max_prompts} per request")
+    n = _choices(body, "n", limits, len(prompts), 1)
+    best_of = _choices(body, "best_of", limits, len(prompts), n)
+    if best_of < n:
+        raise bad("best_of", f"must be at least n ({n}), got {best_of}")
+    stream, include_usage = _stream_options(body)
+    if stream and best_of > n:
+        raise bad("best_of", "cannot be streamed: the best answers are known only at the end")
+    k = get(body, "logprobs", int, None)
     if k is not None and not 0 <= k <= 20:
-        raise _bad("logprobs", f"must be between 0 and 20, got {k}")
-    sampling = _sampling(body, max_tokens=_get(body, "max_tokens", int, _COMPLETION_DEFAULT_MAX_TOKENS),
-                         logprobs=k is not None, top_logprobs=k or 0,
-                         sent_as={"top_logprobs": "logprobs"})
+        raise bad("logprobs", f"must be between 0 and 20, got {k}")
+    echo = get(body, "echo", bool, False)
+    max_tokens, max_tokens_param = _max_tokens(body, _COMPLETION_DEFAULT_MAX_TOKENS)
+    # best_of ranks the candidates by their mean token logprob: they need logprobs.
+    sampling = _sampling(body, max_tokens=max_tokens, logprobs=k is not None or best_of > n,
+                         top_logprobs=k or 0,
+                         sent_as={"top_logprobs": "logprobs", "max_tokens": max_tokens_param})
     constraint, constraint_param = _constraint(body)
     requests = []
     for p in prompts:
         if isinstance(p, tuple) and not backend.capabilities.token_ids:
-            raise _bad("prompt", f"{backend.model_name} takes text prompts, not token ids")
+            raise bad("prompt", f"{backend.model_name} takes text prompts, not token ids")
         kw = {"prompt": p} if isinstance(p, str) else {"input_ids": p}
-        requests.append(GenerateRequest(**kw, sampling=sampling, constraint=constraint))
-    stream, include_usage = _stream_options(body)
-    return Parsed(kind="completion", requests=tuple(requests), n=n, stream=stream,
-                  include_usage=include_usage, logprobs=k is not None,
-                  token_ids=_get(body, "return_token_ids", bool, False),
-                  prompt_offsets=tuple(len(p) if isinstance(p, str) else 0 for p in prompts),
-                  constraint_param=constraint_param)
+        requests.append(GenerateRequest(**kw, sampling=sampling, constraint=constraint,
+                                        prompt_logprobs=echo and k is not None))
+    echoed = tuple(_prompt_text(p, backend) for p in prompts) if echo else ()
+    offsets = (tuple(len(t) for t in echoed) if echo
+               else tuple(len(p) if isinstance(p, str) else 0 for p in prompts))
+    return Parsed(kind="completion", requests=tuple(requests), n=n, best_of=best_of,
+                  stream=stream, include_usage=include_usage, logprobs=k is not None,
+                  token_ids=get(body, "return_token_ids", bool, False),
+                  prompt_offsets=offsets, echo=echoed, constraint_param=constraint_param)
+
+
+def _prompt_text(prompt: str | tuple[int, ...], backend: Backend) -> str:
+    """The text ``echo`` puts before the answer: the prompt, or its token ids decoded."""
+    if isinstance(prompt, str):
+        return prompt
+    # NOTE: the backend protocol has no decode; the engine exposes its tokenizer.
+    tokenizer = getattr(backend, "tokenizer", None)
+    if tokenizer is None:
+        raise bad("echo", f"{backend.model_name} has no tokenizer to write a token-id prompt "
+                          "back as text: send the prompt as text")
+    return tokenizer.decode(list(prompt), skip_special_tokens=False)
 
 
 def _prompts(prompt: Any) -> list[str | tuple[int, ...]]:
@@ -300,7 +354,7 @@ def _prompts(prompt: Any) -> list[str | tuple[int, ...]]:
             return [tuple(p) for p in prompt]
         if _is_ids(prompt):
             return [tuple(prompt)]
-    raise _bad("prompt", "expected a string, a list of strings, or token ids")
+    raise bad("prompt", "expected a string, a list of strings, or token ids")
 
 
 def _is_ids(value: Any) -> bool:
@@ -308,42 +362,54 @@ def _is_ids(value: Any) -> bool:
             and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value))
 
 
-def parse_chat(body: dict[str, Any], backend: Backend, limits: Limits = _DEFAULT_LIMITS) -> Parsed:
-    """``POST /v1/chat/completions``."""
-    for name in ("tools", "functions"):
-        if _get(body, name, list, []):
-            raise _bad(name, "not supported by this server")
-    if _get(body, "logit_bias", dict, {}):
-        raise _bad("logit_bias", "not supported by this server")
-    messages = _messages(body.get("messages"))
-    continue_final = _get(body, "continue_final_message", bool, False)
+def parse_chat(body: dict[str, Any], backend: Backend, limits: Limits = _DEFAULT_LIMITS, *,
+               parsers: ChatParsers = ChatParsers()) -> Parsed:
+    """``POST /v1/chat/completions``; ``parsers`` are the tool-call and thinking formats the
+    server reads from its model."""
+    _ignored_fields(body)
+    if get(body, "functions", list, []):
+        raise bad("functions", "not supported (the deprecated form of tools): send tools")
+    if body.get("function_call") is not None:
+        raise bad("function_call", "not supported (the deprecated form of tool_choice): send "
+                                   "tool_choice")
+    messages = parse_messages(body.get("messages"))
+    continue_final = get(body, "continue_final_message", bool, False)
     if continue_final and messages[-1].role != "assistant":
-        raise _bad("continue_final_message", "the last message must be an assistant message")
+        raise bad("continue_final_message", "the last message must be an assistant message")
     if not continue_final:
         messages.append(Message(role="assistant"))
-    want_logprobs = _get(body, "logprobs", bool, False)
-    top = _get(body, "top_logprobs", int, 0)
+    options = parse_chat_options(body, parsers)
+    want_logprobs = get(body, "logprobs", bool, False)
+    top = get(body, "top_logprobs", int, 0)
     if top and not want_logprobs:
-        raise _bad("top_logprobs", "needs logprobs: true")
-    n = _n(body, limits, 1)
-    max_tokens_param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _get(body, max_tokens_param, int, _CHAT_DEFAULT_MAX_TOKENS)
+        raise bad("top_logprobs", "needs logprobs: true")
+    n = _choices(body, "n", limits, 1, 1)
+    max_tokens, max_tokens_param = _max_tokens(body, _CHAT_DEFAULT_MAX_TOKENS)
     sampling = _sampling(body, max_tokens=max_tokens, logprobs=want_logprobs, top_logprobs=top,
                          sent_as={"max_tokens": max_tokens_param})
     constraint, constraint_param = _constraint(body)
-    request = _chat_request(messages, backend, sampling=sampling, constraint=constraint)
+    request = GenerateRequest(messages=tuple(messages), sampling=sampling, constraint=constraint,
+                              tools=options.tools, tool_choice=options.tool_choice,
+                              parallel_tool_calls=options.parallel_tool_calls,
+                              reasoning=options.reasoning, template_kwargs=options.template_kwargs)
+    layered = needs_chat_layer(request) or bool(options.template_kwargs)
+    if not layered:
+        request = _chat_request(messages, backend, sampling=sampling, constraint=constraint)
+    elif any(m.images for m in messages) and not backend.capabilities.images:
+        raise bad("messages", f"{backend.model_name} does not take images")
     stream, include_usage = _stream_options(body)
     return Parsed(kind="chat", requests=(request,), n=n, stream=stream,
                   include_usage=include_usage, logprobs=want_logprobs,
-                  token_ids=_get(body, "return_token_ids", bool, False),
-                  prompt_param="messages", constraint_param=constraint_param)
+                  token_ids=get(body, "return_token_ids", bool, False),
+                  parsers=parsers if layered else None, prompt_param="messages",
+                  constraint_param=constraint_param or ("tools" if options.tools else None))
 
 
 def _chat_request(messages: list[Message], backend: Backend, **kw: Any) -> GenerateRequest:
     """The request for ``messages`` whose last one is the open assistant turn."""
     images = tuple(img for m in messages for img in m.images)
     if images and not backend.capabilities.images:
-        raise _bad("messages", f"{backend.model_name} does not take images")
+        raise bad("messages", f"{backend.model_name} does not take images")
     if backend.capabilities.chat_only:
         return GenerateRequest(messages=tuple(messages), **kw)
     template = backend.chat_template
@@ -354,82 +420,29 @@ def _chat_request(messages: list[Message], backend: Backend, **kw: Any) -> Gener
     return GenerateRequest(prompt=prompt, images=images, **kw)
 
 
-def _messages(value: Any) -> list[Message]:
-    if not isinstance(value, list) or not value:
-        raise _bad("messages", "expected a non-empty list of messages")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise _bad(f"messages[{i}]", "expected an object")
-        role = m.get("role")
-        role = "system" if role == "developer" else role
-        if role not in ("system", "user", "assistant"):
-            raise _bad(f"messages[{i}].role", f"unsupported role {role!r} (system, user, assistant)")
-        out.append(Message(role=role, parts=_parts(m.get("content"), f"messages[{i}].content")))
-    return out
-
-
-def _parts(content: Any, param: str) -> tuple[TextPart | ImagePart, ...]:
-    if content is None:
-        return ()
-    if isinstance(content, str):
-        return (TextPart(text=content),)
-    if not isinstance(content, list):
-        raise _bad(param, "expected a string or a list of content parts")
-    parts: list[TextPart | ImagePart] = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            parts.append(TextPart(text=part["text"]))
-        elif kind == "image_url" and isinstance(part.get("image_url"), dict | str):
-            spec = part["image_url"]
-            url = spec.get("url") if isinstance(spec, dict) else spec
-            parts.append(ImagePart(image=_image(url, param)))
-        else:
-            raise _bad(param, "content parts must be {'type': 'text'} or {'type': 'image_url'}")
-    return tuple(parts)
-
-
-def _image(url: Any, param: str) -> ImageData:
-    if not isinstance(url, str):
-        raise _bad(param, "image_url.url must be a string")
-    if url.startswith("data:"):
-        header, _, data = url.partition(",")
-        if not header.endswith(";base64"):
-            raise _bad(param, "image data URLs must be base64")
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise _bad(param, "image data URL is not valid base64") from None
-        return ImageData(data=raw, mime=header[5:-7] or "image/png")
-    if url.startswith(("http://", "https://")):
-        return ImageData(url=url)
-    raise _bad(param, "image_url.url must be a data: or http(s) URL")
-
-
 def parse_score(body: dict[str, Any], backend: Backend,
                 limits: Limits = _DEFAULT_LIMITS) -> tuple[GenerateRequest, tuple[str, ...], str]:
     """``POST /v1/aiolm/score``: (prefix request, continuations, method)."""
     continuations = body.get("continuations")
     if (not isinstance(continuations, list) or not continuations
             or not all(isinstance(c, str) for c in continuations)):
-        raise _bad("continuations", "expected a non-empty list of strings")
+        raise bad("continuations", "expected a non-empty list of strings")
     if len(continuations) > limits.max_score_continuations:
-        raise _bad("continuations", f"{len(continuations)} continuations is over this server's "
-                                    f"limit of {limits.max_score_continuations} per request")
-    method = _get(body, "method", str, "token_length_normalized")
+        raise bad("continuations", f"{len(continuations)} continuations is over this server's "
+                                   f"limit of {limits.max_score_continuations} per request")
+    method = get(body, "method", str, "token_length_normalized")
     if method not in SELECT_METHODS:
-        raise _bad("method", f"expected one of {', '.join(SELECT_METHODS)}, got {method!r}")
+        raise bad("method", f"expected one of {', '.join(SELECT_METHODS)}, got {method!r}")
     if "messages" in body:
-        messages = _messages(body["messages"])
+        messages = parse_messages(body["messages"], tools=False)
         if messages[-1].role != "assistant":
             messages.append(Message(role="assistant"))
         prefix = _chat_request(messages, backend)
     else:
-        prompt = _get(body, "prompt", str, None)
+        prompt = get(body, "prompt", str, None)
         if prompt is None:
-            raise _bad("prompt", "give a prompt (text) or messages")
+            raise bad("prompt", "give a prompt (text) or messages")
         if backend.capabilities.chat_only:
-            raise _bad("prompt", f"{backend.model_name} is a chat model: give messages")
+            raise bad("prompt", f"{backend.model_name} is a chat model: give messages")
         prefix = GenerateRequest(prompt=prompt)
     return prefix, tuple(continuations), method
