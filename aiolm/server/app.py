@@ -41,7 +41,7 @@ from starlette.routing import Route
 from ..backends.base import Backend, Chunk, GenerateRequest, new_request_id
 from ..errors import BackendError
 from ..sampling import SamplingParams
-from ..tools.chat_stream import stream_chat
+from ..tools.chat_stream import stream_chat, stream_plan
 from .errors import ApiError, api_error_for
 from .guard import RequestGuard
 from .metrics import Metrics
@@ -410,10 +410,18 @@ class _Answer:
         backend = self._server.backend
         parsers = parsed.parsers
 
+        plan = parsed.plan
+
         async def run(choice: Choice, request: GenerateRequest) -> None:
-            opened = (backend.stream(request) if parsers is None else
-                      stream_chat(backend, request, tool_parser=parsers.tool,
-                                  reasoning_parser=parsers.reasoning))
+            if plan is not None:   # planned while parsing; this choice's id and sampling
+                text = attrs.evolve(plan.request, request_id=request.request_id,
+                                    sampling=request.sampling)
+                opened = stream_plan(backend, attrs.evolve(plan, request=text))
+            elif parsers is not None:
+                opened = stream_chat(backend, request, tool_parser=parsers.tool,
+                                     reasoning_parser=parsers.reasoning)
+            else:
+                opened = backend.stream(request)
             async with opened as chunks:
                 async for chunk in chunks:
                     chunk = choice.add(chunk)

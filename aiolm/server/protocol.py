@@ -25,10 +25,10 @@ import attrs
 from ..backends.base import Backend, GenerateRequest
 from ..chat import Message, render_text
 from ..constraints import Constraint, Grammar, JSONSchema, Regex
-from ..errors import ConstraintError
+from ..errors import ConstraintError, UnsupportedFeature
 from ..primitives import SELECT_METHODS
 from ..sampling import SamplingParams
-from ..tools.chat_stream import needs_chat_layer
+from ..tools.chat_stream import ChatPlan, needs_chat_layer, plan_chat
 from .chat_options import ChatParsers, parse_chat_options
 from .errors import ApiError
 from .fields import bad, get
@@ -82,6 +82,7 @@ class Parsed:
     prompt_offsets: tuple[int, ...] = ()   # completions: where each answer's text_offset starts
     echo: tuple[str, ...] = ()             # completions with ``echo``: each prompt's text
     parsers: ChatParsers | None = None     # chat through aiolm.tools.stream_chat, with these formats
+    plan: ChatPlan | None = None           # that chat, rendered for a text backend (stream_plan)
     prompt_param: str = "prompt"           # the field an error about the prompt names
     constraint_param: str | None = None    # the field the constraint came from
 
@@ -393,15 +394,27 @@ def parse_chat(body: dict[str, Any], backend: Backend, limits: Limits = _DEFAULT
                               parallel_tool_calls=options.parallel_tool_calls,
                               reasoning=options.reasoning, template_kwargs=options.template_kwargs)
     layered = needs_chat_layer(request) or bool(options.template_kwargs)
+    plan = None
     if not layered:
         request = _chat_request(messages, backend, sampling=sampling, constraint=constraint)
     elif any(m.images for m in messages) and not backend.capabilities.images:
         raise bad("messages", f"{backend.model_name} does not take images")
+    elif not backend.capabilities.chat_only:
+        # Rendered and its grammar checked here, on the parsing thread: a bad tool schema
+        # is a 400 before anything is admitted.
+        try:
+            plan = plan_chat(backend, request, tool_parser=parsers.tool,
+                             reasoning_parser=parsers.reasoning)
+        except (ValueError, ConstraintError, UnsupportedFeature) as exc:
+            from .errors import api_error_for
+
+            raise api_error_for(exc, prompt_param="messages",
+                                constraint_param=constraint_param or "tools") from None
     stream, include_usage = _stream_options(body)
     return Parsed(kind="chat", requests=(request,), n=n, stream=stream,
                   include_usage=include_usage, logprobs=want_logprobs,
                   token_ids=get(body, "return_token_ids", bool, False),
-                  parsers=parsers if layered else None, prompt_param="messages",
+                  parsers=parsers if layered else None, plan=plan, prompt_param="messages",
                   constraint_param=constraint_param or ("tools" if options.tools else None))
 
 

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .parsers import ToolParser, ToolStreamer
     from .reasoning import ReasoningParser, ReasoningStreamer
 
-__all__ = ["ChatPlan", "needs_chat_layer", "plan_chat", "stream_chat"]
+__all__ = ["ChatPlan", "needs_chat_layer", "plan_chat", "stream_chat", "stream_plan"]
 
 #: The tool-call format assumed for a model whose template names none.
 DEFAULT_TOOL_PARSER = "hermes"
@@ -79,6 +79,14 @@ async def stream_chat(backend: Backend, request: GenerateRequest, *,
             yield chunks
         return
     plan = plan_chat(backend, request, tool_parser=tool_parser, reasoning_parser=reasoning_parser)
+    async with stream_plan(backend, plan) as chunks:
+        yield chunks
+
+
+@contextlib.asynccontextmanager
+async def stream_plan(backend: Backend, plan: ChatPlan) -> AsyncIterator[AsyncIterator[Chunk]]:
+    """:func:`stream_chat` for a request already planned by :func:`plan_chat` (a server
+    plans while it parses the request, on a worker thread)."""
     async with backend.stream(plan.request) as chunks:
         yield _parse_stream(chunks, plan)
 
