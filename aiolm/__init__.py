@@ -29,6 +29,7 @@ from .primitives import gen as gen
 from .primitives import image as image
 from .primitives import select as select
 from .primitives import system as system
+from .primitives import tool_result as tool_result
 from .primitives import user as user
 from .program import ForkGroup as ForkGroup
 from .program import GenerationMeta as GenerationMeta
@@ -38,6 +39,8 @@ from .program import StreamEvent as StreamEvent
 from .program import program as program
 from .program import use_backend as use_backend
 from .sampling import SamplingParams as SamplingParams
+from .tools.spec import Tool as Tool
+from .tools.spec import ToolCall as ToolCall
 
 if TYPE_CHECKING:
     from .backends.engine import Engine as Engine
@@ -63,6 +66,8 @@ __all__ = [
     "RateLimited",
     "SamplingParams",
     "StreamEvent",
+    "Tool",
+    "ToolCall",
     "UnknownVariable",
     "UnsupportedFeature",
     "VariableNotReady",
@@ -75,6 +80,7 @@ __all__ = [
     "program",
     "select",
     "system",
+    "tool_result",
     "use_backend",
     "user",
 ]

@@ -15,6 +15,7 @@ marked.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ __all__ = [
     "Message",
     "TextPart",
     "ImagePart",
+    "as_text_turn",
     "render_text",
     "render_conversation",
     "messages_to_openai",
@@ -198,10 +200,11 @@ class _Marker:
             else:
                 self.markup(self.template.image_token)
 
-    def turn(self, role: str, parts: Sequence[TextPart | ImagePart]) -> None:
-        self.markup(self.template.prefix[role])
-        self.parts(parts)
-        self.markup(self.template.suffix[role])
+    def turn(self, message: Message) -> None:
+        message = as_text_turn(message)
+        self.markup(self.template.prefix[message.role])
+        self.parts(message.parts)
+        self.markup(self.template.suffix[message.role])
 
     def default_system(self) -> None:
         t = self.template
@@ -237,7 +240,7 @@ def render_text(
     if template.default_system is not None and roles and roles[0] != "system":
         out.default_system()
     for m in messages:
-        out.turn(m.role, m.parts)
+        out.turn(m)
     if open_role is not None:
         out.open_turn(open_role, open_text)
     return out.text()
@@ -272,7 +275,7 @@ def render_conversation(
         if needs_default:
             out.default_system()
             needs_default = False
-        out.turn(it.role, it.parts)
+        out.turn(it)
     if open_role is not None:
         if needs_default:
             out.default_system()
@@ -280,16 +283,51 @@ def render_conversation(
     return out.text()
 
 
+def as_text_turn(message: Message,
+                 write_calls: Callable[[Sequence[ToolCall]], str] | None = None) -> Message:
+    """``message`` as a turn a template without tool syntax can render.
+
+    A ``tool`` turn becomes a user turn holding ``<tool_response>\\n{content}\\n</tool_response>``;
+    an assistant turn's calls are written after its text by ``write_calls`` (a tool
+    parser's ``format_calls``), by default as ``<tool_call>\\n{"name": ..., "arguments":
+    {...}}\\n</tool_call>`` blocks (the Hermes / Qwen format, which is also how those
+    models' own templates render them). Other turns are returned as they are.
+    """
+    if message.role == "tool":
+        body = f"<tool_response>\n{message.content}\n</tool_response>"
+        return Message(role="user", parts=(TextPart(text=body),))
+    if not message.tool_calls:
+        return message
+    if write_calls is not None:
+        calls = write_calls(message.tool_calls)
+    else:
+        calls = "\n".join(
+            "<tool_call>\n" + json.dumps({"name": c.name, "arguments": dict(c.arguments)},
+                                         ensure_ascii=False) + "\n</tool_call>"
+            for c in message.tool_calls)
+    lead: tuple[TextPart | ImagePart, ...] = message.parts
+    if message.content:
+        lead = (*lead, TextPart(text="\n"))
+    return Message(role=message.role, parts=(*lead, TextPart(text=calls)))
+
+
 def messages_to_openai(messages: Sequence[Message]) -> list[dict[str, Any]]:
-    """Chat messages in the OpenAI wire format (images as base64 data URLs or URLs)."""
+    """Chat messages in the OpenAI wire format, as the ``openai`` client sends them.
+
+    ``content`` is the text, or a list of text and ``image_url`` parts (images as base64
+    data URLs or their URLs) when the turn has images. An assistant turn with calls has
+    ``tool_calls`` (its ``content`` is None when it wrote no text); a ``tool`` turn has
+    ``tool_call_id``.
+    """
+    return [_message_to_openai(m) for m in messages]
+
+
+def _message_to_openai(m: Message) -> dict[str, Any]:
     import base64
 
-    result: list[dict[str, Any]] = []
-    for m in messages:
-        if not m.images:
-            result.append({"role": m.role, "content": m.content})
-            continue
-        content: list[dict[str, Any]] = []
+    content: str | list[dict[str, Any]] | None
+    if m.images:
+        content = []
         for p in m.parts:
             if isinstance(p, TextPart):
                 if p.text:
@@ -298,5 +336,12 @@ def messages_to_openai(messages: Sequence[Message]) -> list[dict[str, Any]]:
                 img = p.image
                 url = img.url or f"data:{img.mime};base64,{base64.b64encode(img.data or b'').decode()}"
                 content.append({"type": "image_url", "image_url": {"url": url}})
-        result.append({"role": m.role, "content": content})
-    return result
+    else:
+        content = m.content
+    out: dict[str, Any] = {"role": m.role, "content": content}
+    if m.tool_calls:
+        out["content"] = content or None
+        out["tool_calls"] = [c.to_openai() for c in m.tool_calls]
+    if m.role == "tool":
+        out["tool_call_id"] = m.tool_call_id
+    return out

@@ -1,4 +1,5 @@
-"""The primitives a program appends to its state: text, ``gen``, ``select``, ``image``, roles.
+"""The primitives a program appends to its state: text, ``gen``, ``select``, ``image``, roles,
+``tool_result``.
 
 All of them are frozen data (no I/O): building one validates its arguments and raises
 ``ValueError`` / ``TypeError`` naming the bad argument; running one is the program
@@ -10,18 +11,21 @@ state's job (``aiolm.program``). Exprs compose with ``+`` into a :class:`Concat`
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import attrs
 
+from .backends.base import Reasoning
 from .constraints.base import Constraint
 from .constraints.choices import Choices
 from .constraints.grammar import Grammar
 from .constraints.json_schema import JSONSchema
 from .constraints.regex import Regex
 from .sampling import SamplingParams, normalize_stop
+from .tools.spec import Tool, ToolCall, as_tools, check_tool_choice
 
 __all__ = [
     "Concat",
@@ -31,11 +35,13 @@ __all__ = [
     "Role",
     "Select",
     "Text",
+    "ToolResult",
     "assistant",
     "gen",
     "image",
     "select",
     "system",
+    "tool_result",
     "user",
     "as_expr",
     "DTYPE_REGEX",
@@ -135,7 +141,11 @@ _SAMPLING_FIELDS = (
 
 @attrs.frozen(kw_only=True)
 class Gen(Expr):
-    """Generate text into variable ``name``. ``None`` fields inherit the run's defaults."""
+    """Generate text into variable ``name``. ``None`` fields inherit the run's defaults.
+
+    A gen with ``tools`` or ``reasoning`` is a chat request (:attr:`chat`): it runs through
+    :func:`aiolm.tools.stream_chat` inside an assistant turn.
+    """
 
     name: str | None
     sampling: dict[str, Any] = attrs.field(factory=dict, hash=False)
@@ -143,6 +153,15 @@ class Gen(Expr):
     dtype: type | None = None
     return_logprobs: bool = False
     top_logprobs: int = 0
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str = "auto"
+    parallel_tool_calls: bool = True
+    reasoning: Reasoning | None = None
+
+    @property
+    def chat(self) -> bool:
+        """Whether this gen needs the chat layer (tools or reasoning)."""
+        return bool(self.tools) or self.reasoning is not None
 
     def sampling_params(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
         """Merge run-level ``defaults`` under this gen's own settings."""
@@ -177,6 +196,12 @@ def gen(
     constraint: Constraint | None = None,
     return_logprobs: bool = False,
     top_logprobs: int = 0,
+    tools: Sequence[Any] | None = None,
+    tool_choice: str | dict[str, Any] = "auto",
+    parallel_tool_calls: bool = True,
+    reasoning: bool = False,
+    max_thinking_tokens: int | None = None,
+    reasoning_effort: str | None = None,
 ) -> Gen:
     """Generate into variable ``name`` (unnamed gens only extend the text).
 
@@ -184,6 +209,16 @@ def gen(
     (other than ``str``) and ``constraint`` may be given. ``json_schema`` takes a dict,
     a JSON string, or a pydantic model class. ``dtype`` is ``int``, ``float``, ``bool``
     or ``str``; the variable is parsed into that type.
+
+    ``tools`` (functions, pydantic model classes or JSON-schema tool dicts) lets the model
+    call them: the variable is then a list of :class:`aiolm.ToolCall` when it did, its text
+    when it answered. ``tool_choice`` is ``"auto"``, ``"none"``, ``"required"`` or a tool's
+    name; ``parallel_tool_calls=False`` asks for one call at most. ``reasoning=True`` lets a
+    reasoning model think first: the answer goes in the variable, the thinking in
+    ``s.meta(name).reasoning``; ``max_thinking_tokens`` bounds the thinking (then the
+    answer's own constraint applies), ``reasoning_effort`` (``"low"``, ``"medium"``,
+    ``"high"``) is passed to APIs that take it. Gens with tools or reasoning go inside an
+    assistant turn of a state made of turns.
     """
     _check_name(name, required=False)
     sampling = {
@@ -234,10 +269,75 @@ def gen(
         spec = constraint
     elif dtype in DTYPE_REGEX:
         spec = Regex(DTYPE_REGEX[dtype])
+    tool_specs, choice = _check_tools(tools, tool_choice, parallel_tool_calls, given)
     return Gen(
         name=name, sampling=sampling, constraint=spec, dtype=dtype,
         return_logprobs=bool(return_logprobs), top_logprobs=top_logprobs,
+        tools=tool_specs, tool_choice=choice, parallel_tool_calls=parallel_tool_calls,
+        reasoning=_reasoning(reasoning, max_thinking_tokens, reasoning_effort),
     )
+
+
+def _check_tools(tools: Any, tool_choice: Any, parallel_tool_calls: Any,
+                 constrained: list[str]) -> tuple[tuple[Tool, ...], str]:
+    if not isinstance(parallel_tool_calls, bool):
+        raise TypeError(f"parallel_tool_calls: expected a bool, got {type(parallel_tool_calls).__name__}")
+    specs = as_tools(tools) if tools is not None else ()
+    if not specs and tool_choice in ("auto", "none"):
+        return (), "auto"
+    if not specs:
+        raise ValueError(f"tool_choice: {tool_choice!r} needs tools=[...]")
+    choice = check_tool_choice(tool_choice, specs)
+    if choice != "none" and constrained:
+        raise ValueError(f"tools: a gen that may call tools cannot also take {constrained[0]} "
+                         "(the answer is free text or a call); use tool_choice='none' or "
+                         f"drop {constrained[0]}")
+    return specs, choice
+
+
+def _reasoning(reasoning: Any, max_thinking_tokens: Any, effort: Any) -> Reasoning | None:
+    if not isinstance(reasoning, bool):
+        raise TypeError(f"reasoning: expected a bool, got {type(reasoning).__name__}")
+    if not reasoning:
+        for arg, value in (("max_thinking_tokens", max_thinking_tokens),
+                           ("reasoning_effort", effort)):
+            if value is not None:
+                raise ValueError(f"{arg}: needs reasoning=True")
+        return None
+    return Reasoning(enabled=True, max_thinking_tokens=max_thinking_tokens, effort=effort)
+
+
+@attrs.frozen(kw_only=True)
+class ToolResult(Expr):
+    """A ``tool`` turn: the answer to the tool call ``call_id``."""
+
+    call_id: str
+    content: str
+
+
+def tool_result(call_id: str | ToolCall, content: Any) -> ToolResult:
+    """The result of tool call ``call_id`` (or the :class:`aiolm.ToolCall` itself), as a
+    ``tool`` turn for the model to read.
+
+    ``content`` is a string, or any JSON-able value (it is sent as its JSON text). Append
+    it outside any turn, after the assistant turn that made the call::
+
+        for call in await s.get("calls"):
+            s += tool_result(call, tools[call.name](**call.arguments))
+
+    Raises ``TypeError`` / ``ValueError`` naming the argument.
+    """
+    if isinstance(call_id, ToolCall):
+        call_id = call_id.id
+    if not isinstance(call_id, str) or not call_id:
+        raise TypeError(f"call_id: expected a tool call's id (a non-empty str) or the "
+                        f"ToolCall, got {call_id!r}")
+    if not isinstance(content, str):
+        try:
+            content = json.dumps(content, ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"content: expected a str or a JSON-able value ({exc})") from None
+    return ToolResult(call_id=call_id, content=content)
 
 
 @attrs.frozen(kw_only=True)

@@ -123,7 +123,7 @@ async def test_a_chat_turn_is_filled_from_one_call():
     api, b, _ = openai_api(httpx.Response(200, json=chat(TURN, tokens=TURN_TOKENS)))
     state = await card.run(backend=b)
     assert (state["name"], state["job"], state["age"]) == (" Ann", " cook", " 7")
-    assert state.messages()[-1].content == TURN
+    assert state.messages()[-1] == {"role": "assistant", "content": TURN}
     assert len(api.requests) == 1
     body = api.bodies[0]
     assert body["messages"] == [{"role": "user", "content": "Write a card: name, job, age."}]

@@ -59,7 +59,7 @@ async def test_chat_backend_gets_finished_turns_and_the_open_assistant_turn():
         ("system", "Be brief."), ("user", "Capital of France?"), ("assistant", "It is"),
     ]
     assert state["city"] == " Paris."
-    assert state.messages()[-1].content == "It is Paris."
+    assert state.messages()[-1] == {"role": "assistant", "content": "It is Paris."}
 
 
 async def test_chat_backend_images_stay_in_their_turn():

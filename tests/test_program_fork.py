@@ -52,7 +52,7 @@ async def test_concat_appends_whole_turns_in_branch_order():
         forks.join(mode="concat")
 
     state = await run(body, ScriptedBackend(lambda p: "a"))
-    assert [(m.role, m.content) for m in state.messages()] == [
+    assert [(m["role"], m["content"]) for m in state.messages()] == [
         ("user", "q0"), ("assistant", "a"), ("user", "q1"), ("assistant", "a"),
     ]
 

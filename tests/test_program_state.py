@@ -177,11 +177,11 @@ async def test_open_turn_shows_in_messages_and_text():
     async def body(s):
         with s.user():
             s += "partial"
-            seen["messages"] = [(m.role, m.content) for m in s.messages()]
+            seen["messages"] = s.messages()
             seen["text"] = s.text()
 
     await run(body)
-    assert seen == {"messages": [("user", "partial")], "text": "USER: partial"}
+    assert seen == {"messages": [{"role": "user", "content": "partial"}], "text": "USER: partial"}
 
 
 async def test_turn_inside_a_turn_is_a_program_error():
@@ -316,7 +316,7 @@ async def test_programs_compose_by_calling_one_on_a_state():
         await ask(s, "Q1")
 
     state = await run(body, ScriptedBackend(lambda p: "A"))
-    assert [m.role for m in state.messages()] == ["system", "user", "assistant"]
+    assert [m["role"] for m in state.messages()] == ["system", "user", "assistant"]
 
 
 @pytest.mark.parametrize("kind", ["path", "data-url", "pil", "http"])
@@ -334,12 +334,16 @@ async def test_image_sources_load_into_image_data(kind, tmp_path):
         "http": "https://example.com/red.png",
     }[kind]
     state = await run(appending(user(image(source) + "?")))
-    data = state.messages()[0].images[0]
+    picture, text = state.messages()[0]["content"]
+    assert text == {"type": "text", "text": "?"}
+    url = picture["image_url"]["url"]
     if kind == "http":
-        assert (data.url, data.data) == ("https://example.com/red.png", None)
+        assert url == "https://example.com/red.png"
     else:
-        assert data.mime == "image/png"
-        assert PILImage.open(__import__("io").BytesIO(data.data)).getpixel((0, 0)) == (255, 0, 0)
+        prefix = "data:image/png;base64,"
+        assert url.startswith(prefix)
+        data = base64.b64decode(url.removeprefix(prefix))
+        assert PILImage.open(__import__("io").BytesIO(data)).getpixel((0, 0)) == (255, 0, 0)
 
 
 async def test_missing_image_file_raises_file_not_found(tmp_path):

@@ -18,6 +18,7 @@ from ..constraints.json_schema import JSONSchema
 from ..errors import UnsupportedFeature
 from ..primitives import Gen
 from ..sampling import SamplingParams
+from ..tools.spec import ToolCall
 
 __all__ = ["GenerationMeta", "RunContext", "StreamEvent", "next_request_id"]
 
@@ -40,13 +41,20 @@ class StreamEvent:
     """A piece of generated text, as ``program.stream(...)`` yields it.
 
     ``name`` is the variable being generated (``None`` for an unnamed ``gen``), ``text`` the
-    new text (the deltas of one variable concatenate to its final text), ``branch`` the path
-    of fork-branch indices of the state that generated it (``()`` for the program's own).
+    new text (the deltas of one variable concatenate to its final text; for a gen that
+    called tools, to the text it wrote besides the calls), ``branch`` the path of
+    fork-branch indices of the state that generated it (``()`` for the program's own).
+    ``reasoning`` is new thinking of a ``reasoning=True`` gen. ``partial`` is the value so
+    far of a ``json_schema`` gen (``{"name": "Al"}``: see
+    :func:`aiolm.tools.partial_json.parse_partial_json`) or of a gen with tools (the calls
+    so far, as ``[{"name": ..., "arguments": {...}}]``); ``None`` for other gens.
     """
 
     name: str | None
     text: str
     branch: tuple[int, ...] = ()
+    reasoning: str = ""
+    partial: Any = None
 
 
 @attrs.frozen(kw_only=True)
@@ -55,7 +63,9 @@ class GenerationMeta:
 
     Token counts are the backend's (words for the scripted backend). ``logprobs`` is set when
     the gen asked for ``return_logprobs`` / ``top_logprobs``; ``choice_logprobs`` (select
-    only) is each choice's normalized logprob.
+    only) is each choice's normalized logprob. A gen with ``reasoning=True`` has its thinking
+    in ``reasoning``; a gen with ``tools`` has the calls it made in ``tool_calls`` (empty
+    when it answered in text; ``finish_reason`` is ``"tool_calls"`` when it called).
     """
 
     finish_reason: str
@@ -65,6 +75,8 @@ class GenerationMeta:
     logprobs: tuple[TokenLogprob, ...] | None = None
     matched_stop: str | int | None = None
     choice_logprobs: tuple[float, ...] | None = None
+    reasoning: str | None = None
+    tool_calls: tuple[ToolCall, ...] | None = None
 
     @classmethod
     def from_usage(cls, usage: Usage, *, finish_reason: str, **extra: object) -> GenerationMeta:

@@ -1,13 +1,18 @@
-"""Running the ops that need the backend: ``gen`` (streamed), ``select`` (scored), ``image``."""
+"""Running the ops that need the backend: ``gen`` (streamed; through the chat layer when
+it has tools or reasoning), ``select`` (scored), ``image``."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Chunk, GenerateRequest, TokenLogprob, Usage
-from ..errors import BackendError, ConstraintError, UnsupportedFeature
+from ..constraints.json_schema import JSONSchema
+from ..errors import BackendError, ConstraintError, ProgramError, UnsupportedFeature
 from ..primitives import Gen, Image, Select, parse_dtype
 from ..sampling import SamplingParams
+from ..tools.chat_stream import stream_chat
+from ..tools.partial_json import parse_partial_json
+from ..tools.spec import ToolCall, ToolCallDelta, assemble_tool_calls
 from .context import GenerationMeta, StreamEvent, next_request_id
 from .images import load_image
 
@@ -27,9 +32,11 @@ def _describe(name: str | None, kind: str) -> str:
 async def run_gen(state: ProgramState, gen: Gen) -> None:
     """Stream one generation into ``state``: its text, then its variable and meta.
 
-    Raises ``UnsupportedFeature`` before calling the backend when it cannot honour the gen,
-    ``ConstraintError`` for an invalid constraint or an output ``dtype`` cannot parse, and
-    whatever the backend raises.
+    A gen with tools or reasoning, or any gen of a conversation with tool turns, runs
+    through the chat layer (:func:`aiolm.tools.stream_chat`). Raises ``UnsupportedFeature``
+    before calling the backend when it cannot honour the gen, ``ConstraintError`` for an
+    invalid constraint or an output ``dtype`` cannot parse, ``ProgramError`` for a chat gen
+    outside an assistant turn, and whatever the backend raises.
     """
     ctx = state._run
     constraint = gen.constraint
@@ -40,6 +47,9 @@ async def run_gen(state: ProgramState, gen: Gen) -> None:
         raise UnsupportedFeature(
             f"{ctx.backend.model_name} does not return logprobs ({_describe(gen.name, 'gen')})"
         )
+    if gen.chat or state._tooled:
+        await _run_chat_gen(state, gen)
+        return
     request = GenerateRequest(
         **state._request_fields(for_gen=True),
         sampling=ctx.sampling_for(gen),
@@ -48,6 +58,7 @@ async def run_gen(state: ProgramState, gen: Gen) -> None:
         session=ctx.session,
     )
     emit = ctx.emit
+    typed = emit is not None and isinstance(constraint, JSONSchema)
     pieces: list[str] = []
     logprobs: list[TokenLogprob] = []
     last: Chunk | None = None
@@ -56,29 +67,136 @@ async def run_gen(state: ProgramState, gen: Gen) -> None:
             if chunk.text:
                 pieces.append(chunk.text)
                 if emit is not None:
-                    await emit(StreamEvent(name=gen.name, text=chunk.text, branch=state._path))
+                    partial = _json_so_far("".join(pieces)) if typed else None
+                    await emit(StreamEvent(name=gen.name, text=chunk.text, branch=state._path,
+                                           partial=partial))
             if chunk.logprobs:
                 logprobs.extend(chunk.logprobs)
             if chunk.finish_reason is not None:
                 last = chunk
+    text = "".join(pieces)
+    state._append_text(text)
+    _store(state, gen, request, text, last, logprobs)
+
+
+async def _run_chat_gen(state: ProgramState, gen: Gen) -> None:
+    """A gen through the chat layer: the content is appended to the open assistant turn,
+    calls are recorded on it; the thinking goes to the meta only."""
+    ctx = state._run
+    if state._calls:
+        raise ProgramError(
+            f"{_describe(gen.name, 'gen')}: this assistant turn already made tool calls; "
+            "answer them with tool_result(...) after the turn, then open a new one"
+        )
+    request = GenerateRequest(
+        **state._request_fields(for_gen=True, chat=True),
+        sampling=ctx.sampling_for(gen),
+        constraint=gen.constraint,
+        tools=gen.tools,
+        tool_choice=gen.tool_choice,
+        parallel_tool_calls=gen.parallel_tool_calls,
+        reasoning=gen.reasoning,
+        request_id=next_request_id(),
+        # NOTE: API speculation cannot answer tools or thinking; such gens go without it.
+        session=None if gen.chat else ctx.session,
+    )
+    emit = ctx.emit
+    typed = emit is not None and isinstance(gen.constraint, JSONSchema)
+    pieces: list[str] = []
+    thinking: list[str] = []
+    deltas: list[ToolCallDelta] = []
+    logprobs: list[TokenLogprob] = []
+    last: Chunk | None = None
+    async with stream_chat(ctx.backend, request) as chunks:
+        async for chunk in chunks:
+            if chunk.text:
+                pieces.append(chunk.text)
+            if chunk.reasoning:
+                thinking.append(chunk.reasoning)
+            if chunk.tool_calls:
+                deltas.extend(chunk.tool_calls)
+            if chunk.logprobs:
+                logprobs.extend(chunk.logprobs)
+            if chunk.finish_reason is not None:
+                last = chunk
+            if emit is not None and (chunk.text or chunk.reasoning or chunk.tool_calls):
+                if deltas:
+                    partial: Any = _calls_so_far(deltas)
+                else:
+                    partial = _json_so_far("".join(pieces)) if typed else None
+                await emit(StreamEvent(name=gen.name, text=chunk.text, branch=state._path,
+                                       reasoning=chunk.reasoning, partial=partial))
+    calls = _whole_calls(deltas)
+    text = "".join(pieces)
+    if text:
+        state._append_text(text)
+    if calls:
+        state._record_calls(calls)
+    _store(state, gen, request, text, last, logprobs, calls=list(calls) if calls else None,
+           reasoning="".join(thinking) if gen.reasoning is not None else None,
+           tool_calls=calls if gen.tools else None)
+
+
+def _store(state: ProgramState, gen: Gen, request: GenerateRequest, text: str,
+           last: Chunk | None, logprobs: list[TokenLogprob], *, calls: list[ToolCall] | None = None,
+           **meta: Any) -> None:
+    """Set ``gen``'s variable (its calls, or its text parsed to its dtype) and meta."""
+    ctx = state._run
     if last is None:
         raise BackendError(f"{ctx.backend.model_name}: the stream ended without a finish reason")
-    text = "".join(pieces)
-    value: object = text
-    if gen.dtype is not None and gen.dtype is not str:
+    value: object = text if calls is None else calls
+    if calls is None and gen.dtype is not None and gen.dtype is not str:
         try:
             value = parse_dtype(gen.dtype, text)
         except ValueError as exc:
             raise ConstraintError(f"{_describe(gen.name, 'gen')}: {exc}") from None
-    state._append_text(text)
     if gen.name is not None:
         usage = last.usage or Usage()
-        meta = GenerationMeta.from_usage(
+        state._set(gen.name, value, GenerationMeta.from_usage(
             usage, finish_reason=last.finish_reason,
             logprobs=tuple(logprobs) if request.sampling.logprobs else None,
-            matched_stop=last.matched_stop,
-        )
-        state._set(gen.name, value, meta)
+            matched_stop=last.matched_stop, **meta,
+        ))
+
+
+def _whole_calls(deltas: list[ToolCallDelta]) -> tuple[ToolCall, ...]:
+    """The calls ``deltas`` make up, leaving out any whose arguments are not a JSON object.
+
+    A tool parser streams a call's pieces before it knows the call is well formed; one that
+    proves malformed stays in the content instead (and an API's call cut short by
+    ``max_tokens`` has no whole arguments), so it is no call.
+    """
+    pieces: dict[int, list[ToolCallDelta]] = {}
+    for d in deltas:
+        pieces.setdefault(d.index, []).append(d)
+    calls = []
+    for index in sorted(pieces):
+        try:
+            (call,) = assemble_tool_calls(pieces[index])
+        except ValueError:
+            continue
+        if call.name:
+            calls.append(call)
+    return tuple(calls)
+
+
+def _json_so_far(text: str) -> Any:
+    """The value of a streamed JSON answer so far (None where it is not JSON)."""
+    try:
+        return parse_partial_json(text)
+    except ValueError:
+        return None
+
+
+def _calls_so_far(deltas: list[ToolCallDelta]) -> list[dict[str, Any]]:
+    """The calls streamed so far, as ``{"name", "arguments"}`` with arguments parsed so far."""
+    calls: dict[int, list[Any]] = {}
+    for d in deltas:
+        entry = calls.setdefault(d.index, [None, []])
+        entry[0] = entry[0] or d.name
+        entry[1].append(d.arguments)
+    return [{"name": name, "arguments": _json_so_far("".join(args)) or {}}
+            for _, (name, args) in sorted(calls.items())]
 
 
 async def run_select(state: ProgramState, sel: Select) -> None:

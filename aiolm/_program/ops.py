@@ -1,8 +1,9 @@
 """Exprs compiled into the flat list of ops a program state's stream executes in order.
 
-An op is a ``(kind, argument)`` tuple. ``TEXT``/``OPEN``/``CLOSE`` (and the internal scope
-and join ops) change the state synchronously; ``GEN``/``SELECT``/``IMAGE`` need the backend
-(or file I/O) and are awaited by the state's stream task.
+An op is a ``(kind, argument)`` tuple. ``TEXT``/``OPEN``/``CLOSE``/``TOOL`` (and the
+internal scope, join and call-recording ops) change the state synchronously;
+``GEN``/``SELECT``/``IMAGE`` need the backend (or file I/O) and are awaited by the state's
+stream task.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ProgramError
-from ..primitives import Concat, Expr, Gen, Image, Role, Select, Text, as_expr
+from ..primitives import Concat, Expr, Gen, Image, Role, Select, Text, ToolResult, as_expr
 
 __all__ = [
     "ASYNC_KINDS",
+    "CALLS",
     "CLOSE",
     "GEN",
     "IMAGE",
@@ -23,10 +25,11 @@ __all__ = [
     "SCOPE_END",
     "SELECT",
     "TEXT",
+    "TOOL",
     "compile_expr",
 ]
 
-TEXT, OPEN, CLOSE, GEN, SELECT, IMAGE, SCOPE_BEGIN, SCOPE_END, JOIN = range(9)
+TEXT, OPEN, CLOSE, GEN, SELECT, IMAGE, SCOPE_BEGIN, SCOPE_END, JOIN, TOOL, CALLS = range(11)
 ASYNC_KINDS = frozenset((GEN, SELECT, IMAGE))
 
 Op = tuple[int, Any]
@@ -57,6 +60,13 @@ def _walk(expr: Expr, role: str | None, ops: list[Op], names: list[str]) -> None
         for part in expr.parts:
             _walk(part, role, ops, names)
     elif isinstance(expr, Gen):
+        if expr.chat and role != "assistant":
+            what = "tools" if expr.tools else "reasoning"
+            where = f"the open {role} turn" if role is not None else "no turn"
+            raise ProgramError(
+                f"gen({expr.name!r}) with {what} must be inside an assistant turn, not in "
+                f"{where}: s += assistant(gen({expr.name!r}, ...))"
+            )
         ops.append((GEN, expr))
         if expr.name is not None:
             names.append(expr.name)
@@ -72,6 +82,13 @@ def _walk(expr: Expr, role: str | None, ops: list[Op], names: list[str]) -> None
         ops.append((OPEN, expr.role))
         _walk(expr.body, expr.role, ops, names)
         ops.append((CLOSE, expr.role))
+    elif isinstance(expr, ToolResult):
+        if role is not None:
+            raise ProgramError(
+                f"tool_result() is a turn of its own: append it after the {role} turn, "
+                "not inside it"
+            )
+        ops.append((TOOL, expr))
     elif isinstance(expr, Image):
         if role is None:
             raise ProgramError(

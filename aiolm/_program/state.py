@@ -19,12 +19,20 @@ import anyio.lowlevel
 import attrs
 
 from ..backends.base import ImageData
-from ..chat import ImagePart, Message, TextPart, render_conversation
+from ..chat import (
+    ImagePart,
+    Message,
+    TextPart,
+    as_text_turn,
+    messages_to_openai,
+    render_conversation,
+)
 from ..errors import ProgramError, UnknownVariable, UnsupportedFeature, VariableNotReady
 from . import execute
 from .context import GenerationMeta, RunContext
 from .ops import (
     ASYNC_KINDS,
+    CALLS,
     CLOSE,
     GEN,
     IMAGE,
@@ -34,6 +42,7 @@ from .ops import (
     SCOPE_END,
     SELECT,
     TEXT,
+    TOOL,
     Op,
     compile_expr,
 )
@@ -41,6 +50,8 @@ from .ops import (
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
+    from ..primitives import ToolResult
+    from ..tools.spec import ToolCall
     from .fork import ForkGroup
 
 __all__ = ["ProgramState"]
@@ -63,7 +74,11 @@ class ProgramState:
     _plain: list[str] = attrs.field(init=False, factory=list)
     _role: str | None = attrs.field(init=False, default=None)
     _parts: list[str | ImageData] = attrs.field(init=False, factory=list)
+    _calls: list[ToolCall] = attrs.field(init=False, factory=list)  # the open turn's
     _images: list[ImageData] = attrs.field(init=False, factory=list)
+    # Whether a turn holds tool calls or results (text backends then render through the
+    # chat layer, which knows the model's own tool syntax).
+    _tooled: bool = attrs.field(init=False, default=False)
     # The content ops applied, in order, for var_scope and concat-joins: kept by branches,
     # and by a program's state from its first var_scope on (None until then).
     _log: list[Op] | None = attrs.field(init=False, default=None)
@@ -155,6 +170,10 @@ class ProgramState:
             self._set(name, text, None)
         elif kind == JOIN:
             arg(self)
+        elif kind == TOOL:
+            self._tool_turn(arg)
+        elif kind == CALLS:
+            self._record_calls(arg)
         else:
             raise AssertionError(f"unknown op {kind}")
 
@@ -184,6 +203,7 @@ class ProgramState:
             self._plain.clear()
         self._role = role
         self._parts = []
+        self._calls = []
         if self._log is not None:
             self._log.append((OPEN, role))
 
@@ -191,11 +211,48 @@ class ProgramState:
         role = self._role
         if role is None:
             raise ProgramError("no turn is open")
-        self._items.append(Message(role=role, parts=_to_parts(self._parts)))  # type: ignore[arg-type]
+        self._items.append(self._open_turn())
         self._role = None
         self._parts = []
+        self._calls = []
         if self._log is not None:
             self._log.append((CLOSE, role))
+
+    def _open_turn(self) -> Message:
+        return Message(role=self._role, parts=_to_parts(self._parts),  # type: ignore[arg-type]
+                       tool_calls=tuple(self._calls))
+
+    def _record_calls(self, calls: tuple[ToolCall, ...]) -> None:
+        """Record the tool calls a gen made in the open assistant turn."""
+        self._calls.extend(calls)
+        self._tooled = True
+        if self._log is not None:
+            self._log.append((CALLS, calls))
+
+    def _tool_turn(self, result: ToolResult) -> None:
+        """Append a ``tool`` turn answering call ``result.call_id`` of the last assistant turn.
+
+        Raises ``ProgramError`` inside a turn, or when no such call was made.
+        """
+        if self._role is not None:
+            raise ProgramError(f"tool_result() is a turn of its own: append it after the "
+                               f"{self._role} turn, not inside it")
+        last = next((it for it in reversed(self._items)
+                     if isinstance(it, Message) and it.role != "tool"), None)
+        ids = [c.id for c in last.tool_calls] if last is not None else []
+        if result.call_id not in ids:
+            made = ", ".join(repr(i) for i in ids) or "none"
+            raise ProgramError(f"tool_result: no call {result.call_id!r} in the last assistant "
+                               f"turn (its calls: {made}); answer the calls of "
+                               "gen(..., tools=...) right after its turn")
+        if self._plain:
+            self._items.append("".join(self._plain))
+            self._plain.clear()
+        self._items.append(Message(role="tool", parts=(TextPart(text=result.content),),
+                                   tool_call_id=result.call_id))
+        self._tooled = True
+        if self._log is not None:
+            self._log.append((TOOL, result))
 
     def _replay(self, op: Op) -> None:
         kind, arg = op
@@ -299,7 +356,8 @@ class ProgramState:
 
     def text(self) -> str:
         """The whole text so far, as a text backend sees it (roles through its chat
-        template; the scripted template for chat backends). Queued exprs are not in it."""
+        template; the scripted template for chat backends; tool calls and results in the
+        Hermes form, see :func:`aiolm.chat.as_text_turn`). Queued exprs are not in it."""
         return str(self._prompt())
 
     def _prompt(self) -> str:
@@ -308,34 +366,51 @@ class ProgramState:
         items = self._items
         if self._plain:
             items = [*items, "".join(self._plain)]
-        open_parts = _to_parts(self._parts) if self._role is not None else ()
+        open_parts: tuple[TextPart | ImagePart, ...] = ()
+        if self._role is not None:
+            open_parts = as_text_turn(self._open_turn()).parts if self._calls else _to_parts(self._parts)
         return render_conversation(items, self._run.template, open_role=self._role,
                                    open_text=open_parts)
 
-    def messages(self) -> list[Message]:
-        """The chat turns so far (the open turn last); text outside turns is not a message."""
+    def messages(self) -> list[dict[str, Any]]:
+        """The chat turns so far (the open turn last), in the OpenAI format the ``openai``
+        client takes as is: ``{"role", "content"}`` (the text, or text and ``image_url``
+        parts; None for an assistant turn with only calls), plus ``tool_calls`` on an
+        assistant turn that made calls and ``tool_call_id`` on a ``tool`` turn. Text outside
+        turns is not a message. Queued exprs are not in it."""
+        return messages_to_openai(self._turns())
+
+    def _turns(self) -> list[Message]:
+        """The chat turns so far as :class:`aiolm.Message` objects (the open turn last)."""
         out = [it for it in self._items if isinstance(it, Message)]
         if self._role is not None:
-            out.append(Message(role=self._role, parts=_to_parts(self._parts)))  # type: ignore[arg-type]
+            out.append(self._open_turn())
         return out
 
-    def _request_fields(self, *, for_gen: bool) -> dict[str, Any]:
-        """The prompt part of a ``GenerateRequest`` for what this state holds now."""
+    def _request_fields(self, *, for_gen: bool, chat: bool = False) -> dict[str, Any]:
+        """The prompt part of a ``GenerateRequest`` for what this state holds now.
+
+        ``chat``: the request goes through the chat layer (tools, reasoning, tool turns),
+        which needs messages on every backend. Raises ``UnsupportedFeature`` (a chat
+        backend) or ``ProgramError`` (the chat layer) when a gen is not inside an assistant
+        turn or text stands outside the turns.
+        """
         ctx = self._run
-        if not ctx.chat:
+        if not (ctx.chat or chat):
             return {"prompt": self._prompt(), "images": tuple(self._images)}
         if for_gen:
+            if ctx.chat:
+                error: type[Exception] = UnsupportedFeature
+                why = f"{ctx.backend.model_name} is a chat backend"
+            else:
+                error, why = ProgramError, "tools, reasoning and tool turns make a chat"
             if self._role != "assistant":
-                raise UnsupportedFeature(
-                    f"{ctx.backend.model_name} is a chat backend: put gen/select inside an "
-                    "assistant turn, e.g. s += assistant(gen('answer'))"
-                )
+                raise error(f"{why}: put gen/select inside an assistant turn, e.g. "
+                            "s += assistant(gen('answer'))")
             if any(isinstance(it, str) and it.strip() for it in self._items):
-                raise UnsupportedFeature(
-                    f"{ctx.backend.model_name} is a chat backend: it cannot see text outside "
-                    "a turn; wrap it in system(...) or user(...)"
-                )
-        return {"messages": tuple(self.messages())}
+                raise error(f"{why}: the model cannot see text outside a turn; wrap it in "
+                            "system(...) or user(...)")
+        return {"messages": tuple(self._turns())}
 
     # ------------------------------------------------------------------ blocks
 
@@ -406,6 +481,8 @@ class ProgramState:
         child._plain = list(self._plain)
         child._role = child._qrole = self._role
         child._parts = list(self._parts)
+        child._calls = list(self._calls)
+        child._tooled = self._tooled
         child._images = list(self._images)
         child._vars = dict(self._vars)
         child._meta = dict(self._meta)

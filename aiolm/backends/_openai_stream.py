@@ -22,6 +22,8 @@ from ._openai_wire import (
     finish_reason,
     read_chat_logprobs,
     read_completion_logprobs,
+    read_reasoning,
+    read_tool_call_deltas,
     read_usage,
     sse_events,
 )
@@ -40,8 +42,11 @@ async def stream_call(backend: OpenAI, resource: Any, kw: dict[str, Any], sampli
                       extra: dict[str, Any], *, chat: bool) -> AsyncIterator[Chunk]:
     """One streamed call of ``resource`` (the SDK's completions or chat completions).
 
-    Stop strings beyond the API's four and ``stop_regex`` are applied here. Retries happen
-    only before the first event; errors after it are mapped and raised.
+    Stop strings beyond the API's four and ``stop_regex`` are applied here (to the answer's
+    text). A chat model's thinking (``reasoning_content``) and tool calls come as
+    ``Chunk.reasoning`` / ``Chunk.tool_calls``; a stream that made calls finishes with
+    ``"tool_calls"``. Retries happen only before the first event; errors after it are
+    mapped and raised.
     """
     client_stop = sampling.stop_regex is not None or len(sampling.stop) > _MAX_STOPS
     if sampling.stop and not client_stop:
@@ -54,6 +59,7 @@ async def stream_call(backend: OpenAI, resource: Any, kw: dict[str, Any], sampli
     finish: str | None = None
     matched: str | int | None = None
     usage: Usage | None = None
+    called = False
     lines = response.http_response.aiter_lines()
     events = sse_events(lines)
     try:
@@ -61,8 +67,13 @@ async def stream_call(backend: OpenAI, resource: Any, kw: dict[str, Any], sampli
             if field(event, "usage") is not None:
                 usage = read_usage(event["usage"])
             for choice in field(event, "choices") or ():
+                thinking, calls = "", ()
                 if chat:
-                    text = field(field(choice, "delta") or {}, "content") or ""
+                    delta = field(choice, "delta") or {}
+                    text = field(delta, "content") or ""
+                    thinking = read_reasoning(delta)
+                    calls = read_tool_call_deltas(field(delta, "tool_calls"))
+                    called = called or bool(calls)
                     lps = read_chat_logprobs(field(choice, "logprobs"))
                 else:
                     text = field(choice, "text") or ""
@@ -71,8 +82,8 @@ async def stream_call(backend: OpenAI, resource: Any, kw: dict[str, Any], sampli
                     text, matched = stopper.feed(text)
                     if matched is not None:
                         finish = "stop"
-                if text or lps:
-                    yield Chunk(text=text, logprobs=lps)
+                if text or lps or thinking or calls:
+                    yield Chunk(text=text, logprobs=lps, reasoning=thinking, tool_calls=calls)
                 if finish is None and field(choice, "finish_reason") is not None:
                     finish = field(choice, "finish_reason")
                     if stopper is None:
@@ -96,7 +107,10 @@ async def stream_call(backend: OpenAI, resource: Any, kw: dict[str, Any], sampli
     if finish is None:
         raise BackendError(f"{backend.model_name}: the API's stream ended without a finish reason")
     backend.record_usage(usage)
-    yield Chunk(finish_reason=finish_reason(finish), usage=usage or Usage(),
+    reason = finish_reason(finish)
+    if called and reason == "stop":  # some servers say "stop" after calls
+        reason = "tool_calls"
+    yield Chunk(finish_reason=reason, usage=usage or Usage(),
                 matched_stop=matched if isinstance(matched, str | int) else None)
 
 

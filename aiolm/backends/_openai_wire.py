@@ -16,13 +16,15 @@ from ..constraints.grammar import Grammar
 from ..constraints.json_schema import JSONSchema
 from ..constraints.regex import Regex
 from ..errors import BackendError, ConstraintError, UnsupportedFeature
+from ..tools.spec import ToolCallDelta
 from ._openai_errors import MalformedResponse
-from .base import FinishReason, TokenLogprob, Usage
+from .base import FinishReason, GenerateRequest, TokenLogprob, Usage
 
 __all__ = [
     "ClientStop",
     "field",
     "sse_events",
+    "chat_fields",
     "choice_schema",
     "constraint_fields",
     "finish_reason",
@@ -30,6 +32,8 @@ __all__ = [
     "parse_choice_json",
     "read_chat_logprobs",
     "read_completion_logprobs",
+    "read_reasoning",
+    "read_tool_call_deltas",
     "read_usage",
     "split_open_turn",
     "the_choice",
@@ -72,7 +76,74 @@ def finish_reason(reason: str | None) -> FinishReason:
         return "length"
     if reason == "content_filter":
         return "abort"
+    if reason in ("tool_calls", "function_call"):
+        return "tool_calls"
     return "stop"
+
+
+def read_reasoning(delta: Any) -> str:
+    """The thinking in a chat message or delta: ``reasoning_content`` (aiolm's server,
+    vLLM, SGLang, DeepSeek) or ``reasoning`` (some other servers)."""
+    text = field(delta, "reasoning_content") or field(delta, "reasoning") or ""
+    return text if isinstance(text, str) else ""
+
+
+def read_tool_call_deltas(items: Any) -> tuple[ToolCallDelta, ...]:
+    """The ``tool_calls`` of a chat delta (or a whole message) as aiolm's pieces.
+
+    A piece without an ``index`` (a whole message's calls) takes its position. Raises
+    MalformedResponse for a piece that is not an object or whose fields have wrong types.
+    """
+    if not items:
+        return ()
+    if not isinstance(items, list):
+        raise MalformedResponse(f"the API sent tool_calls that are not a list: {items!r:.200}")
+    out = []
+    for position, item in enumerate(items):
+        function = field(item, "function") or {}
+        index = field(item, "index")
+        index = position if index is None else index
+        call_id, name = field(item, "id"), field(function, "name")
+        arguments = field(function, "arguments") or ""
+        if (isinstance(index, bool) or not isinstance(index, int) or index < 0
+                or not isinstance(call_id, str | None) or not isinstance(name, str | None)
+                or not isinstance(arguments, str)):
+            raise MalformedResponse(f"the API sent a malformed tool call: {item!r:.200}")
+        out.append(ToolCallDelta(index=index, id=call_id or None, name=name or None,
+                                 arguments=arguments))
+    return tuple(out)
+
+
+def chat_fields(request: GenerateRequest) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The tool and reasoning fields of a chat request: (standard OpenAI fields, aiolm-server
+    extension fields).
+
+    Tools go as ``tools`` (a named ``tool_choice`` as OpenAI's object form;
+    ``parallel_tool_calls`` only when off); ``Reasoning.effort`` as ``reasoning_effort``.
+    A thinking budget, thinking switched off, and template variables are aiolm's:
+    ``max_thinking_tokens`` and ``chat_template_kwargs``.
+    """
+    fields: dict[str, Any] = {}
+    extension: dict[str, Any] = {}
+    if request.tools:
+        fields["tools"] = [t.to_openai() for t in request.tools]
+        choice = request.tool_choice
+        fields["tool_choice"] = (choice if choice in ("none", "auto", "required")
+                                 else {"type": "function", "function": {"name": choice}})
+        if not request.parallel_tool_calls:
+            fields["parallel_tool_calls"] = False
+    template_kwargs = dict(request.template_kwargs)
+    reasoning = request.reasoning
+    if reasoning is not None:
+        if reasoning.effort is not None:
+            fields["reasoning_effort"] = reasoning.effort
+        if reasoning.max_thinking_tokens is not None:
+            extension["max_thinking_tokens"] = reasoning.max_thinking_tokens
+        if not reasoning.enabled:
+            template_kwargs.setdefault("enable_thinking", False)
+    if template_kwargs:
+        extension["chat_template_kwargs"] = template_kwargs
+    return fields, extension
 
 
 def _lp(value: Any) -> float:

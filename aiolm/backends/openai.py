@@ -27,6 +27,7 @@ from ._openai_errors import RetryPolicy, retrying
 from ._openai_stream import stream_call
 from ._openai_tokens import local_encoding, token_texts
 from ._openai_wire import (
+    chat_fields,
     constraint_fields,
     parse_choice_json,
     read_chat_logprobs,
@@ -289,6 +290,8 @@ class OpenAI(Backend):
             kw["frequency_penalty"] = sampling.frequency_penalty
         if sampling.presence_penalty:
             kw["presence_penalty"] = sampling.presence_penalty
+        if sampling.logit_bias:  # the API keys token ids as strings
+            kw["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias}
         return kw
 
     def _prefix_of(self, request: GenerateRequest) -> tuple[str | None, tuple[Message, ...] | None]:
@@ -310,6 +313,11 @@ class OpenAI(Backend):
     # ------------------------------------------------------------------ completion models
 
     async def _completion_request(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        if request.tools or request.reasoning is not None:
+            raise UnsupportedFeature(
+                f"tools/reasoning: {self._model} is a completion model; run the request "
+                "through aiolm.tools.stream_chat (programs do), which renders them as text"
+            )
         sampling = request.sampling
         prompt, _ = self._prefix_of(request)
         _, ext = constraint_fields(request.constraint, chat=False)
@@ -317,7 +325,9 @@ class OpenAI(Backend):
         kw = self._common(sampling)
         kw["prompt"] = prompt
         session = request.session if isinstance(request.session, SpecSession) else None
-        if session is not None and session.spec_tokens and speculable(sampling, request.constraint):
+        # NOTE: a speculated continuation was sampled without a logit bias.
+        if (session is not None and session.spec_tokens and speculable(sampling, request.constraint)
+                and not sampling.logit_bias):
             spec_kw = dict(kw, max_tokens=max(session.spec_tokens, sampling.max_tokens), logprobs=0)
             return self._speculative(
                 session, sampling, lambda spec: prompt[len(spec.key):] if prompt.startswith(spec.key) else None,
@@ -341,16 +351,22 @@ class OpenAI(Backend):
         _, messages = self._prefix_of(request)
         pre, partial = split_open_turn(messages)
         fields, ext = constraint_fields(request.constraint, chat=True)
-        extra = await self._extension_body(sampling, ext)
+        tool_fields, tool_ext = chat_fields(request)
+        extra = await self._extension_body(sampling, {**ext, **tool_ext})
         kw = self._common(sampling)
         kw.update(fields)
+        kw.update(tool_fields)
         if sampling.logprobs and self.capabilities.logprobs:
             kw["logprobs"] = True
             if sampling.top_logprobs:
                 kw["top_logprobs"] = sampling.top_logprobs
         choices = getattr(request.constraint, "choices", None) if "response_format" in fields else None
         session = request.session if isinstance(request.session, SpecSession) else None
-        if session is not None and session.spec_tokens and speculable(sampling, request.constraint):
+        # NOTE: a speculated continuation is unbiased text only: it cannot stand in for calls,
+        # thinking, or an answer under a logit bias.
+        if (session is not None and session.spec_tokens and speculable(sampling, request.constraint)
+                and not tool_fields and not tool_ext and request.reasoning is None
+                and not sampling.logit_bias):
             want = max(session.spec_tokens, sampling.max_tokens)
             if self.capabilities.logprobs:
                 kw_spec = dict(kw, logprobs=True)

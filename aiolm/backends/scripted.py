@@ -129,7 +129,15 @@ class ScriptedBackend(Backend):
 
     def stream(self, request: GenerateRequest) -> _ScriptedStream:
         """Stream the reply to ``request``. Raises ``ConstraintError`` on entry if the reply
-        (after stop and max_tokens) does not satisfy ``request.constraint``."""
+        (after stop and max_tokens) does not satisfy ``request.constraint``, and
+        ``UnsupportedFeature`` for tools or reasoning (a text model takes them through
+        :func:`aiolm.tools.stream_chat`, which renders them into the prompt and parses the
+        reply)."""
+        if request.tools or request.reasoning is not None:
+            raise UnsupportedFeature(
+                "tools/reasoning: ScriptedBackend is a text model; send the request through "
+                "aiolm.tools.stream_chat (programs do)"
+            )
         self._calls += 1
         self.requests.append(request)
         return _ScriptedStream(self, request)

@@ -154,7 +154,7 @@ def _render(backend: Backend, messages: Sequence[Message], tools: Sequence[Any],
             tparser: ToolParser | None, source: str | None,
             template_kwargs: dict[str, Any]) -> str:
     """The prompt: finished turns through the chat template, then the open assistant turn."""
-    from ..chat import Message, TextPart, messages_to_openai, render_text
+    from ..chat import Message, TextPart, as_text_turn, messages_to_openai, render_text
     from .parsers import get_tool_parser
 
     history = list(messages)
@@ -172,16 +172,7 @@ def _render(backend: Backend, messages: Sequence[Message], tools: Sequence[Any],
     # No template of the model's own: tools are described in the system turn, calls are
     # written the way the tool parser reads them, and a tool's answer is a user turn.
     writer = tparser or get_tool_parser(DEFAULT_TOOL_PARSER)
-    turns: list[Message] = []
-    for m in history:
-        if m.role == "tool":
-            body = f"<tool_response>\n{m.content}\n</tool_response>"
-            turns.append(Message(role="user", parts=(TextPart(text=body),)))
-        elif m.tool_calls:
-            text = (m.content + "\n" if m.content else "") + writer.format_calls(m.tool_calls)
-            turns.append(Message(role="assistant", parts=(TextPart(text=text),)))
-        else:
-            turns.append(m)
+    turns = [as_text_turn(m, writer.format_calls) for m in history]
     if tparser is not None and tools:
         described = tparser.describe_tools(tools)
         if turns and turns[0].role == "system":
