@@ -21,6 +21,7 @@ import contextvars
 import functools
 import inspect
 import math
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
@@ -182,9 +183,47 @@ class Program:
         """
         program_kwargs, defaults = _split_kwargs(kwargs)
         _check_arguments(self.fn, args, program_kwargs, "run")
-        state = ProgramState(run=RunContext(_resolve_backend(backend), defaults))
+        return await self._run(args, backend, defaults, program_kwargs)
+
+    async def _run(self, args: tuple[Any, ...], backend: Backend | None, defaults: dict[str, Any],
+                   program_kwargs: dict[str, Any]) -> ProgramState:
+        state = ProgramState(run=RunContext(_resolve_backend(backend), defaults, program=self.fn.__name__))
         await self._drive(state, args, program_kwargs)
         return state
+
+    def run_sync(self, *args: Any, backend: Backend | None = None, **kwargs: Any) -> ProgramState:
+        """:meth:`run` for scripts, without an event loop: runs the program in an event loop
+        of its own (``anyio.run``, asyncio) and returns its state when it has finished.
+
+        Each call is one event loop, and a backend holding connections or threads belongs
+        to the loop that opened them. So a backend that is an async context manager (an
+        :class:`aiolm.Engine`) is opened for the run and closed after it: pass an engine that
+        is not started, and expect the model to load on every call. An :class:`aiolm.OpenAI`
+        backend's HTTP connections stay with the first call's (closed) loop: give each call
+        a new one. For several runs, write an ``async def main()`` that awaits :meth:`run`
+        (inside ``async with aiolm.Engine() as engine:``) and call ``anyio.run(main)``. Arguments
+        are checked, and the backend resolved (``use_backend`` applies), before the loop
+        starts. Raises ``RuntimeError`` when called from a running event loop (a notebook
+        cell, an ``async def``): use ``await program.run(...)`` there. Raises what
+        :meth:`run` raises.
+        """
+        running = _running_event_loop()
+        if running is not None:
+            raise RuntimeError(
+                f"run_sync: called from a running {running} event loop (a notebook cell or an "
+                f"`async def`); there use `state = await {self.fn.__name__}.run(...)`"
+            )
+        program_kwargs, defaults = _split_kwargs(kwargs)
+        _check_arguments(self.fn, args, program_kwargs, "run_sync")
+        resolved = _resolve_backend(backend)
+
+        async def main() -> ProgramState:
+            async with contextlib.AsyncExitStack() as stack:
+                if isinstance(resolved, contextlib.AbstractAsyncContextManager):
+                    await stack.enter_async_context(resolved)
+                return await self._run(args, resolved, defaults, program_kwargs)
+
+        return anyio.run(main)
 
     async def run_batch(
         self,
@@ -194,6 +233,7 @@ class Program:
         max_concurrency: int = 64,
         progress: bool = False,
         raise_errors: bool = False,
+        on_done: Callable[[int, ProgramState], object] | None = None,
         **defaults: Any,
     ) -> list[ProgramState]:
         """Run the program once per keyword-argument mapping in ``batch``; states in order.
@@ -202,6 +242,8 @@ class Program:
         mapping (sampling names become run-level sampling defaults). A failing program does
         not stop the others: its state has ``.error`` set, unless ``raise_errors=True``, which
         cancels the batch and raises the first error. ``progress=True`` shows a tqdm bar.
+        ``on_done(index, state)`` is called as each program finishes, failed ones included
+        (``state.error`` set), in the order they finish: for a progress display of your own.
         """
         items = list(batch)
         for i, item in enumerate(items):
@@ -235,7 +277,7 @@ class Program:
                     program_kwargs, sampling = _split_kwargs({**base_kwargs, **base_sampling, **item})
                 else:
                     program_kwargs, sampling = dict(base_kwargs), base_sampling
-                state = states[i] = ProgramState(run=RunContext(backend, sampling))
+                state = states[i] = ProgramState(run=RunContext(backend, sampling, program=self.fn.__name__))
                 try:
                     await self._drive(state, (), program_kwargs)
                 except Exception as exc:
@@ -244,6 +286,8 @@ class Program:
                     state.error = exc
                 if bar is not None:
                     bar.update(1)
+                if on_done is not None:
+                    on_done(i, state)
 
         error: BaseException | None = None
         try:
@@ -275,6 +319,25 @@ class Program:
         program_kwargs, defaults = _split_kwargs(kwargs)
         _check_arguments(self.fn, args, program_kwargs, "stream")
         return ProgramStream(self, _resolve_backend(backend), defaults, args, program_kwargs)
+
+
+def _running_event_loop() -> str | None:
+    """The event loop running in this thread (``"asyncio"``, ``"trio"``), or None."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+        return "asyncio"
+    except RuntimeError:
+        pass
+    trio = sys.modules.get("trio")  # never imported here: only a running trio has it
+    if trio is not None:
+        try:
+            trio.lowlevel.current_trio_token()
+            return "trio"
+        except RuntimeError:
+            pass
+    return None
 
 
 def program(fn: Callable[..., Awaitable[Any]]) -> Program:
@@ -325,7 +388,8 @@ class ProgramStream:
         # Unbounded: a slow reader never stalls the program (events are only its text).
         send, receive = anyio.create_memory_object_stream[StreamEvent](math.inf)
         events = self._events = ProgramEvents(receive)
-        state = ProgramState(run=RunContext(self._backend, self._defaults, emit=send.send))
+        state = ProgramState(run=RunContext(self._backend, self._defaults, emit=send.send,
+                                            program=self._program.fn.__name__))
 
         async def runner() -> None:
             async with send:

@@ -100,6 +100,8 @@ class RunContext:
     backend: Backend
     defaults: dict[str, Any]
     emit: EmitFn | None = None
+    #: The program's name (shown by a state's repr and notebook display).
+    program: str = ""
     session: Any = attrs.field(init=False)
     caps: Capabilities = attrs.field(init=False)
     template: ChatTemplate = attrs.field(init=False)

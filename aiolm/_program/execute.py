@@ -75,7 +75,7 @@ async def run_gen(state: ProgramState, gen: Gen) -> None:
             if chunk.finish_reason is not None:
                 last = chunk
     text = "".join(pieces)
-    state._append_text(text)
+    state._append_text(text, gen.name)
     _store(state, gen, request, text, last, logprobs)
 
 
@@ -129,9 +129,9 @@ async def _run_chat_gen(state: ProgramState, gen: Gen) -> None:
     calls = _whole_calls(deltas)
     text = "".join(pieces)
     if text:
-        state._append_text(text)
+        state._append_text(text, gen.name)
     if calls:
-        state._record_calls(calls)
+        state._record_calls(calls, gen.name)
     _store(state, gen, request, text, last, logprobs, calls=list(calls) if calls else None,
            reasoning="".join(thinking) if gen.reasoning is not None else None,
            tool_calls=calls if gen.tools else None)
@@ -145,6 +145,18 @@ def _store(state: ProgramState, gen: Gen, request: GenerateRequest, text: str,
     if last is None:
         raise BackendError(f"{ctx.backend.model_name}: the stream ended without a finish reason")
     value: object = text if calls is None else calls
+    constraint = gen.constraint
+    # A constrained decoder cut by max_tokens leaves a valid prefix, not a valid answer
+    # (finish reason "length"); it must not pass as the value. An answer that happens to
+    # be complete at the limit is kept.
+    if (calls is None and constraint is not None and last.finish_reason == "length"
+            and not constraint.matches_text(text)):
+        shown = text if len(text) <= 60 else text[:60] + "..."
+        raise ConstraintError(
+            f"{_describe(gen.name, 'gen')}: the output was cut at "
+            f"max_tokens={request.sampling.max_tokens} before it was complete ({shown!r} does "
+            f"not satisfy its {type(constraint).__name__} yet); raise max_tokens"
+        )
     if calls is None and gen.dtype is not None and gen.dtype is not str:
         try:
             value = parse_dtype(gen.dtype, text)
@@ -220,7 +232,7 @@ async def run_select(state: ProgramState, sel: Select) -> None:
     choice = sel.choices[result.index]
     if ctx.emit is not None:
         await ctx.emit(StreamEvent(name=sel.name, text=choice, branch=state._path))
-    state._append_text(choice)
+    state._append_text(choice, sel.name)
     meta = GenerationMeta.from_usage(
         result.usage, finish_reason="stop", choice_logprobs=result.normalized_logprobs
     )

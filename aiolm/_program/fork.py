@@ -60,6 +60,9 @@ class ForkGroup:
         await self._tg.__aenter__()
         self._branches = [parent._branch(self._tg, i) for i in range(self._n)]
         self._stage = "open"
+        if parent._forks is None:
+            parent._forks = []
+        parent._forks.append(self)
         return self
 
     async def __aexit__(
@@ -83,6 +86,12 @@ class ForkGroup:
             for branch in self._branches:
                 branch._closed = True
             self._stage = "done" if ok else "failed"
+            parent = self._parent
+            parent._forks.remove(self)  # type: ignore[union-attr]  # added on entry
+            if parent._fork_vars is None:
+                parent._fork_vars = {}
+            # Names only: the parent must not keep the branches alive.
+            parent._fork_vars.update(dict.fromkeys(self._names(), "unjoined"))
         raise error  # outside the handler: the error keeps its own traceback and cause
 
     # ------------------------------------------------------------------ the branches
@@ -91,6 +100,14 @@ class ForkGroup:
         return self._n
 
     def __getitem__(self, index: int) -> ProgramState:
+        """Branch ``index``. Raises ``TypeError`` for a variable name: a fork group holds
+        branches, not variables."""
+        if isinstance(index, str):
+            raise TypeError(
+                f"forks[{index!r}]: a fork group is indexed by branch number: read one "
+                f"branch's variable with forks[0][{index!r}], or call forks.join() after the "
+                f"`async with` block and read s[{index!r}] (a list, one value per branch)"
+            )
         return self._open_branches()[index]
 
     def __setitem__(self, index: int, value: ProgramState) -> None:
@@ -117,6 +134,11 @@ class ForkGroup:
                 branch += expr
         return self
 
+    def _names(self) -> list[str]:
+        """The variables the branches set or are generating, in order."""
+        return list(dict.fromkeys(
+            name for b in self._branches for name in (*(b._own or ()), *b._pending)))
+
     # ------------------------------------------------------------------ joining
 
     def join(self, mode: JoinMode = "gather") -> None:
@@ -137,11 +159,18 @@ class ForkGroup:
             raise ProgramError("this fork was already joined")
         self._stage = "joined"
         branches = self._branches
+        fork_vars = self._parent._fork_vars
+        assert fork_vars is not None  # set when the block ended
+        for name in self._names():
+            if mode == "concat":
+                fork_vars[name] = "concat"
+            else:
+                fork_vars.pop(name, None)
         if mode == "concat":
             def concat(parent: ProgramState) -> None:
                 for branch in branches:
-                    for op in branch._log or ():
-                        parent._replay(op)
+                    for kind, arg, var in branch._entries(branch._base):
+                        parent._replay(kind, arg, var)
 
             self._parent._enqueue([(JOIN, concat)], ())
             return

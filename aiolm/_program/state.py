@@ -79,10 +79,21 @@ class ProgramState:
     # Whether a turn holds tool calls or results (text backends then render through the
     # chat layer, which knows the model's own tool syntax).
     _tooled: bool = attrs.field(init=False, default=False)
-    # The content ops applied, in order, for var_scope and concat-joins: kept by branches,
-    # and by a program's state from its first var_scope on (None until then).
-    _log: list[Op] | None = attrs.field(init=False, default=None)
+    # Every content change applied, in order (read it through ``_entries``): the text
+    # itself for text no gen wrote, else ``(op kind, argument, variable)``, the variable
+    # naming the gen/select that wrote a TEXT entry. var_scope reads its text from here, a
+    # concat-join replays a branch's entries from ``_base`` (where the branch started), and
+    # the notebook display renders it.
+    # NOTE: plain text goes in as a str, not a tuple: one new tracked object per text
+    # append makes the garbage collector cost run_batch about 10% (frontend_overhead.py).
+    _history: list[str | tuple[int, Any, str | None]] = attrs.field(init=False, factory=list)
+    _base: int = attrs.field(init=False, default=0)
     _scopes: list[tuple[str, int]] = attrs.field(init=False, factory=list)
+    # So that a read of a variable only fork branches hold says where it is: the fork
+    # blocks open on this state, and the variables of ended ones' branches ("unjoined", or
+    # "concat" once joined so, which merges no variables). None until the first fork.
+    _forks: list[ForkGroup] | None = attrs.field(init=False, default=None)
+    _fork_vars: dict[str, str] | None = attrs.field(init=False, default=None)
     # variables
     _vars: dict[str, Any] = attrs.field(init=False, factory=dict)
     _meta: dict[str, Any] = attrs.field(init=False, factory=dict)
@@ -161,12 +172,10 @@ class ProgramState:
         elif kind == CLOSE:
             self._close()
         elif kind == SCOPE_BEGIN:
-            if self._log is None:
-                self._log = []
-            self._scopes.append((arg, len(self._log)))
+            self._scopes.append((arg, len(self._history)))
         elif kind == SCOPE_END:
             name, start = self._scopes.pop()
-            text = "".join(a for k, a in self._log[start:] if k == TEXT)  # type: ignore[index]
+            text = "".join(arg for kind, arg, _ in self._entries(start) if kind == TEXT)
             self._set(name, text, None)
         elif kind == JOIN:
             arg(self)
@@ -179,21 +188,20 @@ class ProgramState:
 
     # ------------------------------------------------------------------ content (sync)
 
-    def _append_text(self, text: str) -> None:
+    def _append_text(self, text: str, var: str | None = None) -> None:
+        """Append ``text``; ``var``: the gen/select variable that generated it."""
         if self._role is None:
             self._plain.append(text)
         else:
             self._parts.append(text)
-        if self._log is not None:
-            self._log.append((TEXT, text))
+        self._history.append(text if var is None else (TEXT, text, var))
 
     def _append_image(self, image: ImageData) -> None:
         if self._role is None:
             raise ProgramError("image() must be inside a turn")
         self._parts.append(image)
         self._images.append(image)
-        if self._log is not None:
-            self._log.append((IMAGE, image))
+        self._history.append((IMAGE, image, None))
 
     def _open(self, role: str) -> None:
         if self._role is not None:
@@ -204,8 +212,7 @@ class ProgramState:
         self._role = role
         self._parts = []
         self._calls = []
-        if self._log is not None:
-            self._log.append((OPEN, role))
+        self._history.append((OPEN, role, None))
 
     def _close(self) -> None:
         role = self._role
@@ -215,19 +222,17 @@ class ProgramState:
         self._role = None
         self._parts = []
         self._calls = []
-        if self._log is not None:
-            self._log.append((CLOSE, role))
+        self._history.append((CLOSE, role, None))
 
     def _open_turn(self) -> Message:
         return Message(role=self._role, parts=_to_parts(self._parts),  # type: ignore[arg-type]
                        tool_calls=tuple(self._calls))
 
-    def _record_calls(self, calls: tuple[ToolCall, ...]) -> None:
-        """Record the tool calls a gen made in the open assistant turn."""
+    def _record_calls(self, calls: tuple[ToolCall, ...], var: str | None = None) -> None:
+        """Record the tool calls a gen (of variable ``var``) made in the open assistant turn."""
         self._calls.extend(calls)
         self._tooled = True
-        if self._log is not None:
-            self._log.append((CALLS, calls))
+        self._history.append((CALLS, calls, var))
 
     def _tool_turn(self, result: ToolResult) -> None:
         """Append a ``tool`` turn answering call ``result.call_id`` of the last assistant turn.
@@ -251,15 +256,23 @@ class ProgramState:
         self._items.append(Message(role="tool", parts=(TextPart(text=result.content),),
                                    tool_call_id=result.call_id))
         self._tooled = True
-        if self._log is not None:
-            self._log.append((TOOL, result))
+        self._history.append((TOOL, result, None))
 
-    def _replay(self, op: Op) -> None:
-        kind, arg = op
+    def _entries(self, start: int = 0) -> Iterator[tuple[int, Any, str | None]]:
+        """The content changes from ``_history[start]`` on, as ``(kind, argument, variable)``."""
+        for entry in self._history[start:]:
+            yield (TEXT, entry, None) if type(entry) is str else entry  # type: ignore[misc]
+
+    def _replay(self, kind: int, arg: Any, var: str | None) -> None:
+        """Apply an entry of another state's history (a concat-join of a branch)."""
         if kind == IMAGE:
             self._append_image(arg)
+        elif kind == TEXT:
+            self._append_text(arg, var)
+        elif kind == CALLS:
+            self._record_calls(arg, var)
         else:
-            self._apply(op)
+            self._apply((kind, arg))
 
     def _set(self, name: str, value: Any, meta: Any) -> None:
         self._vars[name] = value
@@ -329,7 +342,23 @@ class ProgramState:
             return self._vars[name]
         if self.error is not None:  # the program failed before making it: say why
             raise self.error
-        raise UnknownVariable(f"no variable {name!r} was ever appended to this state")
+        raise UnknownVariable(self._missing(name))
+
+    def _missing(self, name: str) -> str:
+        """Why this state has no variable ``name``: in the branches of a fork not joined,
+        or of one joined with mode="concat", or never appended."""
+        where = (self._fork_vars or {}).get(name)
+        if where is None and any(name in group._names() for group in self._forks or ()):
+            where = "unjoined"
+        if where == "unjoined":
+            return (f"variable {name!r} is in the fork's branches, not in this state yet: "
+                    f"call forks.join() after the `async with s.fork(...)` block (then "
+                    f"s[{name!r}] is a list, one value per branch), or read forks[i][{name!r}]")
+        if where == "concat":
+            return (f"variable {name!r} is in fork branches joined with join(mode='concat'), "
+                    f"which merges their text, not their variables: read forks[i][{name!r}], "
+                    "or join with mode='gather'")
+        return f"no variable {name!r} was ever appended to this state"
 
     def _unfinished(self, name: str) -> VariableNotReady:
         return VariableNotReady(
@@ -487,12 +516,46 @@ class ProgramState:
         child._vars = dict(self._vars)
         child._meta = dict(self._meta)
         child._own = {}
-        child._log = []
+        child._history = list(self._history)
+        child._base = len(child._history)
         return child
 
+    def _status(self) -> str:
+        """``"running"`` while the program (or fork block) runs, ``"done"`` after it ran
+        everything appended, ``"failed"`` when it failed or was cancelled (``error`` set, or
+        variables left unfinished)."""
+        if self.error is not None:
+            return "failed"
+        if not self._closed:
+            return "running"
+        return "failed" if self._pending else "done"
+
+    def _summary(self) -> str:
+        words = [self._run.program or "program"]
+        if self._path:
+            words.append(f"branch {'.'.join(map(str, self._path))}")
+        words.append(self._status())
+        if self._pending:
+            words.append(f"pending: {', '.join(self._pending)}")
+        words.append(f"{len(self.text())} chars")
+        return " · ".join(words)
+
     def __repr__(self) -> str:
+        """Short: the program, the branch, the status, the variables and the text's length."""
         where = f" branch={self._path}" if self._path else ""
-        return f"<ProgramState{where} vars={list(self._vars)} pending={list(self._pending)}>"
+        pending = f" pending={list(self._pending)}" if self._pending else ""
+        error = f" error={type(self.error).__name__}" if self.error is not None else ""
+        return (f"<ProgramState {self._run.program or 'program'}{where} {self._status()} "
+                f"vars={list(self._vars)}{pending}{error} text={len(self.text())} chars>")
+
+    def _repr_html_(self) -> str:
+        """The state in a notebook: its text (HTML-escaped), each generated variable's text
+        highlighted with the variable's name as its tooltip, chat turns as labelled blocks,
+        and a failed state's error."""
+        from .display import state_html
+
+        return state_html(summary=self._summary(), history=self._entries(),
+                          variables=list(self._vars), error=self.error)
 
 
 def _to_parts(raw: list[str | ImageData]) -> tuple[TextPart | ImagePart, ...]:

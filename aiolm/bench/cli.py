@@ -29,6 +29,7 @@ with ``os._exit``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -274,8 +275,6 @@ async def _run(args: argparse.Namespace, names: list[str], size: str, ablations:
                peer_name: str | None, dummy: str | None) -> _Run:
     """Run the plan's steps from ``--resume-step`` (default 0), then the rooflines; close the
     targets, unless a CUDA fault stopped the plan (then the run holds them)."""
-    from tqdm import tqdm
-
     from . import WORKLOADS
     from .harness import ContextLost, plan, run_plan
     from .results import device_info
@@ -297,13 +296,14 @@ async def _run(args: argparse.Namespace, names: list[str], size: str, ablations:
     device = device_info("cpu" if args.backend == "scripted" else args.device)
     lost: ContextLost | None = None
     try:
-        with tqdm(total=len(steps), initial=start, unit="run", disable=args.no_progress,
-                  file=sys.stderr) as bar:
-            def done(step: Any) -> None:
-                bar.set_postfix_str(step.name)
-                bar.update()
-
-            results = await run_plan(steps, size=size, seed=args.seed, on_step_done=done, start=start)
+        with _ProgressBar(disable=args.no_progress) as bar:
+            if isinstance(target, EngineTarget):
+                bar.stage("loading model")
+                # NOTE: a model that fails to load is not fatal here: every step then fails
+                # to open it and records why, as any failing variant does.
+                with contextlib.suppress(Exception):
+                    await target.loaded()
+            results = await run_plan(steps, size=size, seed=args.seed, start=start, progress=bar)
         limits = await _rooflines(target, names)
         _add_rooflines(results, limits)
     except ContextLost as exc:
@@ -329,6 +329,32 @@ async def _run(args: argparse.Namespace, names: list[str], size: str, ablations:
             {"workload": lost.step.workload.name, "variant": lost.step.variant.name, "error": lost.error}],
         held=None if lost is None else (target, peer),
     )
+
+
+class _ProgressBar:
+    """``aiolm bench``'s tqdm bar on stderr (a :class:`~aiolm.bench.harness.PlanProgress`):
+    one step per measured program of the plan, the current stage as its description."""
+
+    def __init__(self, *, disable: bool) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=None, unit="prog", desc="starting", disable=disable, file=sys.stderr,
+                         dynamic_ncols=True)
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._bar.close()
+
+    def planned(self, programs: int) -> None:
+        self._bar.reset(total=programs)
+
+    def stage(self, text: str) -> None:
+        self._bar.set_description_str(text)
+
+    def advance(self, programs: int) -> None:
+        self._bar.update(programs)
 
 
 def _resume_argv(argv: list[str], *options: str) -> list[str]:

@@ -37,7 +37,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
@@ -50,8 +50,8 @@ if TYPE_CHECKING:
     from ..backends.base import Backend
 
 __all__ = [
-    "HIGHER_IS_BETTER", "INJECT_FAULT_ENV", "ContextLost", "InjectedCudaFault", "Step", "Variant",
-    "cuda_context_lost", "injected_faults", "measure", "merge_records", "new_record", "plan", "ratios",
+    "HIGHER_IS_BETTER", "INJECT_FAULT_ENV", "ContextLost", "InjectedCudaFault", "PlanProgress", "Step",
+    "Variant", "cuda_context_lost", "injected_faults", "measure", "merge_records", "new_record", "plan", "ratios",
     "run_plan", "run_workload", "variants",
 ]
 
@@ -89,13 +89,16 @@ def variants(workload: Workload, target: Target, ablations: Sequence[str], peer:
     return out
 
 
-def _run_batch_runner(workload: Workload) -> Callable[..., Any]:
+def _run_batch_runner(workload: Workload, on_programs_done: Callable[[int], None] | None) -> Callable[..., Any]:
+    on_done = None if on_programs_done is None else (lambda _index, _state: on_programs_done(1))
+
     async def run(backend: Backend, inputs: Sequence[dict[str, Any]], options: RunOptions) -> dict[str, float]:
         from .openai_bridge import served_if
 
         async with served_if(backend, options) as programs_backend:
             states = await workload.program.run_batch(
-                list(inputs), backend=programs_backend, max_concurrency=options.max_concurrency
+                list(inputs), backend=programs_backend, max_concurrency=options.max_concurrency,
+                on_done=on_done,
             )
         failed = [st.error for st in states if st.error is not None]
         if failed:
@@ -112,14 +115,21 @@ async def measure(
     options: RunOptions,
     *,
     tokenize: Callable[[str], Sequence[int]],
+    on_programs_done: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Run ``inputs`` on ``backend`` once and return the figures (see the module docstring)."""
+    """Run ``inputs`` on ``backend`` once and return the figures (see the module docstring).
+
+    ``on_programs_done(n)``: ``n`` more programs finished; called as each one finishes
+    under ``run_batch``, and once with them all after a workload's own runner.
+    """
     recorder = RecordingBackend(backend, tokenize)
-    runner = workload.runner or _run_batch_runner(workload)
+    runner = workload.runner or _run_batch_runner(workload, on_programs_done)
     before = _engine_counters(backend)
     start = time.perf_counter()
     extra = await runner(recorder, inputs, options)
     wall = time.perf_counter() - start
+    if workload.runner is not None and on_programs_done is not None:
+        on_programs_done(len(inputs))
     after = _engine_counters(backend)
     usage = recorder.usage_totals()
     figures: dict[str, float] = {
@@ -360,7 +370,23 @@ def merge_records(parts: Sequence[Sequence[dict[str, Any]]], order: Sequence[str
     return sorted((_finish_record(r) for r in merged.values()), key=lambda r: order.index(r["name"]))
 
 
-async def _run_step(step: Step, inputs: Sequence[dict[str, Any]], *, seed: int, inject: bool) -> dict[str, float]:
+class PlanProgress(Protocol):
+    """What :func:`run_plan` reports as it goes (``aiolm bench``'s progress bar)."""
+
+    def planned(self, programs: int) -> None:
+        """The measured programs of every step to run, in all (called once, first)."""
+
+    def stage(self, text: str) -> None:
+        """What runs now: ``WORKLOAD/VARIANT: opening engine``, ``...: warm-up``, then
+        ``WORKLOAD/VARIANT`` while its programs are measured."""
+
+    def advance(self, programs: int) -> None:
+        """``programs`` more measured programs finished (or, after a failed step, will
+        not run): the calls of a plan add up to the total it ``planned``."""
+
+
+async def _run_step(step: Step, inputs: Sequence[dict[str, Any]], *, seed: int, inject: bool,
+                    progress: _StepCounter) -> dict[str, float]:
     """Warm up, flush the cache, then measure ``inputs`` on ``step``'s target; return the figures.
 
     Raises whatever the run raises; :class:`InjectedCudaFault` when ``inject``.
@@ -371,19 +397,25 @@ async def _run_step(step: Step, inputs: Sequence[dict[str, Any]], *, seed: int, 
     w = step.workload
     options = RunOptions(variant=step.variant.name, max_concurrency=w.max_concurrency,
                          spec_tokens=step.variant.spec_tokens, via_openai=step.via_openai)
+    progress.stage(f"{step.name}: opening {step.where.kind}")
     async with step.where.open(step.engine_kwargs) as backend:
         tokenize = step.where.tokenizer(backend)
+        progress.stage(f"{step.name}: warm-up")
         # Warm up on one program of the tiny shape: same code paths, little time.
         await measure(w, backend, w.make_inputs("tiny", seed)[:1], options, tokenize=tokenize)
         await step.where.reset(backend)
-        return await measure(w, backend, inputs[: step.max_programs], options, tokenize=tokenize)
+        progress.stage(step.name)
+        return await measure(w, backend, inputs[: step.max_programs], options, tokenize=tokenize,
+                             on_programs_done=progress.advance)
 
 
 async def run_plan(steps: Sequence[Step], *, size: Size, seed: int = 0,
-                   on_step_done: Callable[[Step], None] | None = None, start: int = 0) -> list[dict[str, Any]]:
+                   on_step_done: Callable[[Step], None] | None = None, start: int = 0,
+                   progress: PlanProgress | None = None) -> list[dict[str, Any]]:
     """Run ``steps[start:]`` in order; return one result record per workload they reach
     (JSON-ready), in the order of the workloads' positions. Steps before ``start`` are not
-    run, nor are their inputs made.
+    run, nor are their inputs made. ``on_step_done(step)`` follows each step; ``progress``
+    hears the plan's program count, each stage and each measured program.
 
     A failing variant is recorded under ``errors`` with its message; the others still run.
     Raises :class:`ContextLost` (carrying the records so far) when a failure left the CUDA
@@ -392,33 +424,61 @@ async def run_plan(steps: Sequence[Step], *, size: Size, seed: int = 0,
     records: dict[str, dict[str, Any]] = {}
     positions = {step.workload.name: step.position for step in steps}
     inputs: dict[str, list[dict[str, Any]]] = {}
+    for step in steps[start:]:
+        if step.workload.name not in inputs:
+            inputs[step.workload.name] = step.workload.make_inputs(size, seed)
+    counter = _StepCounter(progress)
+    if progress is not None:
+        progress.planned(sum(len(inputs[st.workload.name][: st.max_programs]) for st in steps[start:]))
     inject = set(injected_faults())
     current: Target | None = None
     for index in range(start, len(steps)):
         step, w = steps[index], steps[index].workload
         if w.name not in records:
-            inputs[w.name] = w.make_inputs(size, seed)
             records[w.name] = new_record(w, size)
         previous, current = current, step.where
         fault: Exception | None = None
+        counter.count = 0
         try:
             if previous is not None and previous is not step.where:
                 # Free device memory for the other side. Inside the try: a CUDA fault of
                 # the previous step can surface here, in the engine's teardown.
                 await previous.release()
-            figures = await _run_step(step, inputs[w.name], seed=seed, inject=step.name in inject)
+            figures = await _run_step(step, inputs[w.name], seed=seed, inject=step.name in inject,
+                                      progress=counter)
             records[w.name]["runs"][step.variant.name] = figures
         except Exception as exc:  # one broken variant must not hide the others' figures
             error = f"{type(exc).__name__}: {exc}"
             if cuda_context_lost(exc):
                 fault, error = exc, f"CUDA context lost: {error}"
             records[w.name]["errors"][step.variant.name] = error
+        counter.advance(len(inputs[w.name][: step.max_programs]) - counter.count)  # a failed step's rest
         if on_step_done is not None:
             on_step_done(step)
         if fault is not None:
             raise ContextLost(records=_in_order(records, positions), steps=steps, index=index,
                               error=records[w.name]["errors"][step.variant.name]) from fault
     return _in_order(records, positions)
+
+
+@attrs.define(eq=False)
+class _StepCounter:
+    """Passes a step's progress on, counting its programs (so a failed step's rest can be
+    added, and the plan's calls add up to its total)."""
+
+    progress: PlanProgress | None
+    count: int = 0
+
+    def stage(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.stage(text)
+
+    def advance(self, programs: int) -> None:
+        if programs <= 0:
+            return
+        self.count += programs
+        if self.progress is not None:
+            self.progress.advance(programs)
 
 
 def _in_order(records: dict[str, dict[str, Any]], positions: dict[str, int]) -> list[dict[str, Any]]:

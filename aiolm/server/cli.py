@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import errno
 import logging
 import socket
 from collections.abc import AsyncIterator, Sequence
@@ -31,8 +32,8 @@ if TYPE_CHECKING:
 
     from ..backends.base import Backend
 
-__all__ = ["EXIT_ENGINE_FAILED", "EXIT_STARTUP_FAILED", "build_parser", "engine_options",
-           "run_server", "serve_main"]
+__all__ = ["EXIT_ENGINE_FAILED", "EXIT_STARTUP_FAILED", "bind_socket", "build_parser",
+           "engine_options", "run_server", "serve_main"]
 
 #: ``aiolm serve`` exits with this when the server could not start (uvicorn's own code).
 EXIT_STARTUP_FAILED = 3
@@ -159,13 +160,47 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
 def serve_main(argv: Sequence[str]) -> int:
     """Run ``aiolm serve`` until interrupted or the engine dies; returns the exit status.
 
-    The engine is built (options validated) at once and started in the app's lifespan, so
-    the model loads when uvicorn starts and the engine closes when it stops.
+    The port is bound first: a busy port (or an address this machine cannot bind) ends it
+    at once with :data:`EXIT_STARTUP_FAILED` and a message on stderr, before any model
+    loads. Then the engine is built (options validated) and started in the app's
+    lifespan, so the model loads when uvicorn starts and the engine closes when it stops.
     """
-    args = build_parser().parse_args(list(argv))
-    from ..backends.engine import Engine
+    import sys
 
-    return run_server(Engine(args.model, **engine_options(args)), args)
+    args = build_parser().parse_args(list(argv))
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as exc:
+        print(f"aiolm serve: {exc.strerror}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
+    with sock:
+        from ..backends.engine import Engine
+
+        return run_server(Engine(args.model, **engine_options(args)), args, sockets=[sock])
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` (not listening yet: uvicorn listens once the
+    app has started, so clients are refused, not kept waiting, while the model loads).
+
+    Raises ``OSError`` whose message names the address and says what to do: for a busy
+    port, to stop the other server or choose another ``--port``.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn decides
+    address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # As uvicorn: a restart may bind while the last run's connections linger (TIME_WAIT).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(exc.errno, f"cannot listen on {address}: the address is already in "
+                          "use (another server?); stop it or choose another --port") from exc
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror or exc}; check "
+                      "--host and --port") from exc
+    return sock
 
 
 def run_server(backend: Backend, args: argparse.Namespace, *,
@@ -175,7 +210,8 @@ def run_server(backend: Backend, args: argparse.Namespace, *,
     The backend is opened in the app's lifespan when it is an async context manager (an
     Engine). While serving, a task watches the backend's ``failure``: once set, the server
     shuts down and this returns :data:`EXIT_ENGINE_FAILED`. ``sockets``: already bound
-    listening sockets to serve on instead of ``--host``/``--port`` (tests).
+    sockets to serve on instead of ``--host``/``--port`` (``serve_main`` binds its own
+    before the model loads, see :func:`bind_socket`; tests bind free ports).
     """
     import uvicorn
 
