@@ -21,6 +21,10 @@ keep one request's host-side work (stop checks, the sampler's preparation) small
 ``stop_regex``            at most :data:`MAX_STOP_REGEX_CHARS` characters that compile, whose
                           counted repeats unroll to at most :data:`MAX_STOP_REGEX_SIZE` atoms
 ``top_logprobs``          ``0 ..`` :data:`MAX_TOP_LOGPROBS` (as OpenAI)
+``logit_bias``            at most :data:`MAX_LOGIT_BIAS` entries; ids ``0 ..``
+                          :data:`MAX_TOKENS` (the engine refuses ids outside its model's
+                          vocabulary when the request is submitted), biases finite and in
+                          ``-100 .. 100`` (as OpenAI)
 ``seed``                  ``0 .. 2**64 - 1`` (an unsigned 64-bit int: every seed
                           ``torch.Generator.manual_seed`` takes as it is)
 ========================  ===================================================================
@@ -28,14 +32,16 @@ keep one request's host-side work (stop checks, the sampler's preparation) small
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import attrs
 
 __all__ = [
     "GREEDY_TEMPERATURE",
+    "MAX_LOGIT_BIAS",
     "MAX_STOP_CHARS",
     "MAX_STOP_REGEX_CHARS",
     "MAX_STOP_REGEX_SIZE",
@@ -71,6 +77,10 @@ GREEDY_TEMPERATURE = 1e-5
 MAX_TOP_LOGPROBS = 20
 #: Seeds accepted: every unsigned 64-bit int.
 SEED_RANGE = range(2**64)
+#: The most ``logit_bias`` entries (the sampler adds each one on the device every step).
+MAX_LOGIT_BIAS = 1024
+#: The largest ``logit_bias`` magnitude (OpenAI's bound).
+_LOGIT_BIAS_RANGE = 100.0
 
 
 def normalize_stop(stop: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -143,6 +153,41 @@ def _ids_converter(value) -> tuple[int, ...]:
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOKENS:
             raise ValueError(f"stop_token_ids: expected ints in [0, {MAX_TOKENS}], got {v!r}")
     return out
+
+
+def _logit_bias_converter(value) -> tuple[tuple[int, float], ...]:
+    """``{token_id: bias}`` or ``[(token_id, bias), ...]`` as a sorted tuple of pairs."""
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise TypeError(f"logit_bias: expected a mapping of token ids to biases, got "
+                        f"{type(value).__name__}")
+    else:
+        pairs = list(itertools.islice(value, MAX_LOGIT_BIAS + 1))
+    if len(pairs) > MAX_LOGIT_BIAS:
+        got = len(value) if isinstance(value, Mapping) else "more"
+        raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries, got {got}")
+    out: dict[int, float] = {}
+    for pair in pairs:
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise TypeError(f"logit_bias: expected (token_id, bias) pairs, got {pair!r}")
+        token, bias = pair
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise TypeError(f"logit_bias: token ids must be ints, got {token!r}")
+        if not 0 <= token <= MAX_TOKENS:
+            raise ValueError(f"logit_bias: token id {token} is not in [0, {MAX_TOKENS}]")
+        if isinstance(bias, bool) or not isinstance(bias, int | float):
+            raise TypeError(f"logit_bias: the bias of token {token} must be a number, got "
+                            f"{type(bias).__name__}")
+        if not (math.isfinite(bias) and -_LOGIT_BIAS_RANGE <= bias <= _LOGIT_BIAS_RANGE):
+            raise ValueError(f"logit_bias: the bias of token {token} must be in "
+                             f"[-{_LOGIT_BIAS_RANGE:g}, {_LOGIT_BIAS_RANGE:g}], got {bias}")
+        if token in out:
+            raise ValueError(f"logit_bias: token id {token} is given twice")
+        out[token] = float(bias)
+    return tuple(sorted(out.items()))
 
 
 # A counted repeat: {m}, {m,}, {,n}, {m,n} (anything else in braces is a literal or a
@@ -267,8 +312,12 @@ class SamplingParams:
 
     ``temperature == 0`` (or below :data:`GREEDY_TEMPERATURE`) means greedy. ``top_k == 0``
     (or -1) disables top-k.
-    ``max_tokens`` counts generated tokens; ``min_tokens`` suppresses EOS and stop
-    conditions until that many tokens exist. ``seed`` makes a sampled request reproducible.
+    ``max_tokens`` counts generated tokens (0: only the prompt is computed);
+    ``min_tokens`` suppresses EOS and stop conditions until that many tokens exist.
+    ``seed`` makes a sampled request reproducible. ``logit_bias`` (OpenAI's) adds a bias to
+    the logits of given tokens before any mask or truncation; it is given as a mapping
+    ``{token_id: bias}`` (or ``(token_id, bias)`` pairs) and kept as a tuple of pairs sorted
+    by token id. A -100 bias all but bans a token, +100 all but forces it.
     Every value is range-checked (the bounds are in this module's docstring); a bad one
     raises ``TypeError`` / ``ValueError`` naming it.
     """
@@ -292,6 +341,8 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = attrs.field(
         default=0, validator=_int_in("top_logprobs", 0, MAX_TOP_LOGPROBS))
+    logit_bias: tuple[tuple[int, float], ...] = attrs.field(
+        default=(), converter=_logit_bias_converter)
     seed: int | None = attrs.field(
         default=None,
         validator=_int_in("seed", SEED_RANGE.start, SEED_RANGE.stop - 1, optional=True))

@@ -3,7 +3,9 @@ loop, the per-request chunk streams, and argument handling (private to ``backend
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from ..engine.tokenizer import Tokenizer
 
 __all__ = ["ChunkStream", "Pending", "as_request", "chat_template_of", "common_prefix_len",
-           "final_event", "soon_caller", "translate_error"]
+           "final_event", "read_chat_template", "soon_caller", "translate_error"]
 
 
 @attrs.define(eq=False)
@@ -67,7 +69,7 @@ class ChunkStream:
             self.done = True
         return Chunk(text=out.text, token_ids=out.token_ids, logprobs=out.logprobs,
                      finish_reason=out.finish_reason, usage=out.usage,
-                     matched_stop=out.matched_stop)
+                     matched_stop=out.matched_stop, prompt_logprobs=out.prompt_logprobs)
 
 
 def translate_error(error: BaseException) -> BaseException:
@@ -103,14 +105,18 @@ async def final_event(receive: MemoryObjectReceiveStream[RequestOutput]) -> Requ
 
 
 def as_request(request: Any, prompt: str | None, input_ids: Sequence[int] | None,
-               constraint: Constraint | None, sampling: dict[str, Any]) -> GenerateRequest:
+               constraint: Constraint | None, sampling: dict[str, Any], *,
+               prompt_logprobs: bool = False) -> GenerateRequest:
     """The :class:`GenerateRequest` of ``Engine.stream`` / ``generate``'s arguments.
 
-    Raises ``TypeError`` for a missing or doubled prompt, ``ValueError`` / ``TypeError``
-    (from :class:`SamplingParams`) for bad sampling options.
+    Raises ``TypeError`` for a missing or doubled prompt or a non-bool ``prompt_logprobs``,
+    ``ValueError`` / ``TypeError`` (from :class:`SamplingParams`) for bad sampling options.
     """
+    if not isinstance(prompt_logprobs, bool):
+        raise TypeError(f"prompt_logprobs: expected a bool, got {type(prompt_logprobs).__name__}")
     if isinstance(request, GenerateRequest):
-        if prompt is not None or input_ids is not None or constraint is not None or sampling:
+        if (prompt is not None or input_ids is not None or constraint is not None or sampling
+                or prompt_logprobs):
             raise TypeError("request: give a GenerateRequest or prompt/sampling arguments, "
                             "not both")
         return request
@@ -131,18 +137,57 @@ def as_request(request: Any, prompt: str | None, input_ids: Sequence[int] | None
     if (prompt is None) == (input_ids is None):
         raise TypeError("prompt: give exactly one of a prompt text or input_ids")
     return GenerateRequest(prompt=prompt, input_ids=input_ids,
-                           sampling=SamplingParams(**sampling), constraint=constraint)
+                           sampling=SamplingParams(**sampling), constraint=constraint,
+                           prompt_logprobs=prompt_logprobs)
 
 
-def chat_template_of(tokenizer: Tokenizer | None) -> ChatTemplate:
-    """The tokenizer's chat template as role prefixes/suffixes (SIMPLE_TEMPLATE if none)."""
+def read_chat_template(value: str | os.PathLike[str] | None) -> str | None:
+    """``Engine(chat_template=...)``'s Jinja source: the text itself, or a file's contents.
+
+    A path object is a file; so is a string with neither ``{`` nor a line break (no Jinja
+    template lacks both). Raises ``FileNotFoundError`` naming a missing file, ``TypeError``
+    for another type, ``ValueError`` for an empty template.
+    """
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike) or (isinstance(value, str)
+                                           and not any(c in value for c in "{\n")):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"chat_template: no such file: {str(path)!r}")
+        source = path.read_text(encoding="utf-8")
+        where = f"the file {str(path)!r}"
+    elif isinstance(value, str):
+        source, where = value, "the template"
+    else:
+        raise TypeError(f"chat_template: expected Jinja source or a path, got "
+                        f"{type(value).__name__}")
+    if not source.strip():
+        raise ValueError(f"chat_template: {where} is empty")
+    return source
+
+
+def chat_template_of(tokenizer: Tokenizer | None, source: str | None = None) -> ChatTemplate:
+    """The chat template as role prefixes/suffixes: ``source`` (Jinja) if given, else the
+    tokenizer's own; SIMPLE_TEMPLATE when there is none, or it does not wrap turns verbatim.
+
+    Raises ``ValueError`` when ``source`` has a Jinja syntax error.
+    """
     if tokenizer is None:
         return SIMPLE_TEMPLATE
+    import jinja2
+
+    from ..engine.tokenizer import chat_template_error
 
     def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                             chat_template=source)
 
     try:
         return ChatTemplate.from_renderer("model", render)
+    except jinja2.TemplateSyntaxError as exc:
+        if source is not None:
+            raise chat_template_error(exc) from exc
+        return SIMPLE_TEMPLATE
     except Exception:  # no template, or one that does not wrap turns verbatim
         return SIMPLE_TEMPLATE

@@ -32,6 +32,7 @@ from ._engine_plumbing import (
     chat_template_of,
     common_prefix_len,
     final_event,
+    read_chat_template,
     soon_caller,
 )
 from .base import (
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 
     from ..constraints.base import Constraint
     from ..engine.engine import EngineCore, EngineStatistics, IntegrityReport, RequestOutput
-    from ..engine.tokenizer import Tokenizer
+    from ..engine.tokenizer import MarkedText, Tokenizer
 
 __all__ = ["Engine", "LoadedModel"]
 
@@ -74,6 +75,13 @@ class Engine(Backend):
     cannot forge a turn; the chat template's own markers stay control tokens. Raw text
     prompts (``engine.generate("...")``, the completions API) are never escaped: they may
     carry control tokens on purpose. False encodes chat content as raw text too.
+
+    ``chat_template``: a Jinja chat template used in place of the tokenizer's own (as
+    vLLM's and SGLang's ``--chat-template``): its source text, or the path of a file (a
+    path object, or a string with neither ``{`` nor a line break), read here. It renders
+    chat requests (:attr:`chat_template`) and :meth:`render_chat`. Raises
+    ``FileNotFoundError`` naming a missing file; a syntax error in it raises ``ValueError``
+    from :meth:`start`.
     """
 
     capabilities = Capabilities(images=False)
@@ -87,13 +95,15 @@ class Engine(Backend):
                  load_format: str = "auto", tp_size: int = 1, seed: int = 0,
                  jump_forward: bool = True, aging_limit: int = 16,
                  request_step_timeout: float = 5.0, close_timeout: float = 10.0,
-                 escape_special_tokens: bool = True) -> None:
+                 escape_special_tokens: bool = True,
+                 chat_template: str | os.PathLike[str] | None = None) -> None:
         from ..engine.config import EngineConfig
 
         if not isinstance(escape_special_tokens, bool):
             raise TypeError(f"escape_special_tokens: expected a bool, got "
                             f"{type(escape_special_tokens).__name__}")
         self.escape_special_tokens = escape_special_tokens
+        self._chat_template_source = read_chat_template(chat_template)
 
         self._loaded = model if isinstance(model, LoadedModel) else None
         if self._loaded is not None:
@@ -127,7 +137,8 @@ class Engine(Backend):
         """Load the model (on a worker thread) and start the engine loop.
 
         Raises ``RuntimeError`` if already started or closed, ``FileNotFoundError`` for a
-        missing model, ``ValueError`` for options the machine cannot honour.
+        missing model, ``ValueError`` for options the machine cannot honour or a
+        ``chat_template`` with a Jinja syntax error.
         """
         if self._closed:
             raise RuntimeError("Engine.start: this engine was closed; create a new Engine")
@@ -142,6 +153,7 @@ class Engine(Backend):
                 seed=cfg.seed))
         if loaded.in_use:
             raise RuntimeError("model: this LoadedModel is used by another open Engine")
+        template = chat_template_of(loaded.tokenizer, self._chat_template_source)
         loaded.in_use = True
         self._loaded = loaded
         try:
@@ -156,7 +168,7 @@ class Engine(Backend):
         self._tokenizer = loaded.tokenizer
         if loaded.tokenizer is not None:  # computed once, off the event loop
             await anyio.to_thread.run_sync(lambda: loaded.tokenizer.max_token_chars)
-        self._template = chat_template_of(loaded.tokenizer)
+        self._template = template
         self._core.start()
 
     async def aclose(self) -> None:
@@ -198,8 +210,38 @@ class Engine(Backend):
 
     @property
     def chat_template(self) -> ChatTemplate:
-        """The tokenizer's chat template as role prefixes/suffixes (SIMPLE_TEMPLATE if none)."""
+        """The chat template (``chat_template`` if given, else the tokenizer's) as role
+        prefixes/suffixes; SIMPLE_TEMPLATE if there is none or it does not wrap each turn
+        verbatim."""
         return self._template
+
+    @property
+    def chat_template_source(self) -> str | None:
+        """The Jinja chat template in use: ``chat_template`` if given, else the tokenizer's
+        own (known after :meth:`start`); ``None`` where there is none. Never waits."""
+        if self._chat_template_source is not None:
+            return self._chat_template_source
+        return self._tokenizer.chat_template_source if self._tokenizer is not None else None
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], *,
+                    tools: Sequence[dict[str, Any]] | None = None,
+                    add_generation_prompt: bool = True, **template_kwargs: Any) -> MarkedText:
+        """OpenAI-format ``messages`` (and ``tools``) rendered by :attr:`chat_template_source`.
+
+        Returns a :class:`~aiolm.engine.tokenizer.MarkedText` whose message content is
+        marked literal, so that special-token text a message carries encodes as ordinary
+        tokens when the text is the prompt (see ``escape_special_tokens``). Runs the
+        template on the caller's thread. Raises :class:`BackendUnavailable` before
+        :meth:`start`, :class:`UnsupportedFeature` without a tokenizer or a template,
+        ``ValueError`` when the template fails (naming ``chat_template``).
+        """
+        self._require_core()
+        tok = self._require_tokenizer("render_chat")
+        if self.chat_template_source is None:
+            raise UnsupportedFeature(f"{self.model_name} has no chat template; pass "
+                                     "Engine(chat_template=...)")
+        return tok.render_chat(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                               chat_template=self._chat_template_source, **template_kwargs)
 
     @property
     def tokenizer(self) -> Tokenizer | None:
@@ -256,22 +298,28 @@ class Engine(Backend):
     # ------------------------------------------------------------------ generation
     def stream(self, request: GenerateRequest | str | Sequence[int] | None = None, /, *,
                prompt: str | None = None, input_ids: Sequence[int] | None = None,
-               constraint: Constraint | None = None,
+               constraint: Constraint | None = None, prompt_logprobs: bool = False,
                **sampling: Any) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Chunk]]:
         """Stream a completion: ``async with engine.stream(prompt, max_tokens=...) as chunks``.
 
         Takes a :class:`GenerateRequest`, or a prompt (text or token ids) with sampling
-        options. Validation errors (``ValueError``, ``ContextLengthExceeded``, ...) raise on
-        entry. Leaving the block early aborts the request and frees its KV slots.
+        options. ``prompt_logprobs``: the first chunk carries the raw logprob of every
+        prompt token (see :attr:`GenerateRequest.prompt_logprobs`); with ``max_tokens=0``
+        the request only scores its prompt. Validation errors (``ValueError``,
+        ``ContextLengthExceeded``, ...) raise on entry. Leaving the block early aborts the
+        request and frees its KV slots.
         """
-        req = as_request(request, prompt, input_ids, constraint, sampling)
+        req = as_request(request, prompt, input_ids, constraint, sampling,
+                         prompt_logprobs=prompt_logprobs)
         return self._open(req)
 
     async def generate(self, request: GenerateRequest | str | Sequence[int] | None = None, /,
                        *, prompt: str | None = None, input_ids: Sequence[int] | None = None,
-                       constraint: Constraint | None = None, **sampling: Any) -> Completion:
+                       constraint: Constraint | None = None, prompt_logprobs: bool = False,
+                       **sampling: Any) -> Completion:
         """Run one request to the end; same arguments as :meth:`stream`."""
-        req = as_request(request, prompt, input_ids, constraint, sampling)
+        req = as_request(request, prompt, input_ids, constraint, sampling,
+                         prompt_logprobs=prompt_logprobs)
         return await super().generate(req)
 
     async def prefill(self, prefix: GenerateRequest) -> None:
@@ -365,7 +413,8 @@ class Engine(Backend):
         if request.constraint is not None:
             # A user's own constraint may need no tokenizer (dummy weights pass None).
             matcher = await anyio.to_thread.run_sync(request.constraint.compile, self._tokenizer)
-        req = core.new_request(request.request_id, ids, request.sampling, matcher=matcher)
+        req = core.new_request(request.request_id, ids, request.sampling, matcher=matcher,
+                               prompt_logprobs=request.prompt_logprobs)
         receive = self._submit(req)
         chunks = ChunkStream(receive)
         try:

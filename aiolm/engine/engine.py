@@ -74,6 +74,8 @@ class RequestOutput:
 
     ``error`` set: the request failed (it is finished). ``scores`` (scoring requests only):
     ``(position, logprob, is_greedy)`` of every known token whose logits were computed.
+    ``prompt_logprobs`` (the request's first event, when it asked): one entry per prompt
+    token, ``None`` for the first.
     """
 
     rid: str
@@ -85,6 +87,7 @@ class RequestOutput:
     usage: Usage | None = None
     error: BaseException | None = None
     scores: tuple[tuple[int, float, bool], ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -150,11 +153,18 @@ class IntegrityReport:
 
 @attrs.define(eq=False)
 class _ReqState:
-    """Engine-side state of one request (kept in ``Req.user_data``)."""
+    """Engine-side state of one request (kept in ``Req.user_data``).
+
+    ``scores``: position -> (raw logprob, is_greedy, top alternatives) of the known tokens
+    a scoring request computed. ``prompt_logprobs``: the request's first event still has
+    to carry its prompt's logprobs.
+    """
 
     checker: StopChecker
     want_logprobs: bool
-    scores: dict[int, tuple[float, bool]] = attrs.field(factory=dict)
+    prompt_logprobs: bool = False
+    scores: dict[int, tuple[float, bool, tuple[tuple[int, float], ...]]] = attrs.field(
+        factory=dict)
 
 
 @attrs.frozen
@@ -254,12 +264,16 @@ class EngineCore:
 
     def new_request(self, rid: str, input_ids: Sequence[int], sampling: SamplingParams, *,
                     matcher: Matcher | None = None, return_all_logits: bool = False,
-                    max_prefix_match: int | None = None) -> Req:
+                    max_prefix_match: int | None = None, prompt_logprobs: bool = False) -> Req:
         """Validate and build a request (runs on the caller's thread; touches no engine state).
 
-        Raises ``ValueError`` for an empty prompt or out-of-range token ids,
-        :class:`ContextLengthExceeded` when prompt + ``max_tokens`` exceed the context,
-        :class:`OutOfMemory` when the KV pool could never hold it.
+        ``prompt_logprobs``: the request's first event carries the raw logprob of every
+        prompt token given the tokens before it (with ``sampling.top_logprobs``
+        alternatives); its prompt is then computed whole, not taken from the prefix cache.
+        Raises ``ValueError`` for an empty prompt, out-of-range token ids or a
+        ``logit_bias`` token outside the vocabulary, :class:`ContextLengthExceeded` when
+        prompt + ``max_tokens`` exceed the context, :class:`OutOfMemory` when the KV pool
+        could never hold it.
         """
         ids = list(input_ids)
         if not ids:
@@ -267,6 +281,10 @@ class EngineCore:
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
                 raise ValueError(f"input_ids: token id {t!r} is not in [0, {self.vocab_size})")
+        for t, _bias in sampling.logit_bias:
+            if t >= self.vocab_size:
+                raise ValueError(f"logit_bias: token id {t} is outside the model's vocabulary "
+                                 f"({self.vocab_size} tokens)")
         need = len(ids) + sampling.max_tokens
         if len(ids) > self.context_len or need > self.context_len:
             raise ContextLengthExceeded(
@@ -281,7 +299,10 @@ class EngineCore:
         detok = self.tokenizer.detokenizer(ids) if self.tokenizer is not None else None
         checker = StopChecker(sampling, eos_token_ids=self.eos_token_ids, detokenizer=detok)
         state = _ReqState(checker=checker,
-                          want_logprobs=bool(sampling.logprobs or sampling.top_logprobs))
+                          want_logprobs=bool(sampling.logprobs or sampling.top_logprobs),
+                          prompt_logprobs=prompt_logprobs)
+        if prompt_logprobs:
+            return_all_logits, max_prefix_match = True, 0
         return Req(rid=rid, input_ids=ids, sampling=sampling, matcher=matcher,
                    return_all_logits=return_all_logits, max_prefix_match=max_prefix_match,
                    user_data=state)
@@ -442,15 +463,18 @@ class EngineCore:
                  scored: Any, events: list[Event]) -> None:
         state: _ReqState = req.user_data
         if scored is not None:
-            for k, (lp, greedy) in enumerate(zip(scored.logprobs, scored.greedy, strict=True)):
-                state.scores[scored.first + k] = (lp, greedy)
+            tops = scored.top or ((),) * len(scored.logprobs)
+            for k, entry in enumerate(zip(scored.logprobs, scored.greedy, tops, strict=True)):
+                state.scores[scored.first + k] = entry
         if not batch.sample_mask[row] or req.finished:
             return
-        if req.return_all_logits or req.sampling.max_tokens == 0:
+        prompt_logprobs = self._prompt_logprobs(req) if state.prompt_logprobs else None
+        if req.sampling.max_tokens == 0:
             req.finish_reason = "length"
             events.append(RequestOutput(
                 rid=req.rid, finish_reason="length", usage=self._usage(req),
-                scores=tuple((p, lp, g) for p, (lp, g) in sorted(state.scores.items())),
+                scores=tuple((p, lp, g) for p, (lp, g, _) in sorted(state.scores.items())),
+                prompt_logprobs=prompt_logprobs,
             ))
             return
         assert sampled is not None, "the runner sampled every row of sample_mask"
@@ -482,7 +506,30 @@ class EngineCore:
             rid=req.rid, text=text, token_ids=tuple(kept), logprobs=logprobs,
             finish_reason=reason, matched_stop=matched,
             usage=self._usage(req) if reason is not None else None,
+            prompt_logprobs=prompt_logprobs,
         ))
+
+    def _prompt_logprobs(self, req: Req) -> tuple[TokenLogprob | None, ...]:
+        """The prompt's logprobs from the scores its prefill computed (once per request).
+
+        From here on the request is an ordinary one: its later passes compute only the last
+        logits, and a recompute after retraction may take its prefix from the cache.
+        """
+        state: _ReqState = req.user_data
+        state.prompt_logprobs = False
+        req.return_all_logits, req.max_prefix_match = False, None
+        prompt = req.input_ids
+        # Every prompt token after the first was computed in this request's own prefill
+        # (``max_prefix_match == 0``), so each has its score.
+        scores = [state.scores[p] for p in range(1, len(prompt))]
+        state.scores.clear()
+        texts = self._token_texts([*prompt, *(t for *_, top in scores for t, _ in top)])
+        entries: list[TokenLogprob | None] = [None]
+        for token, (lp, _, top) in zip(prompt[1:], scores, strict=True):
+            entries.append(TokenLogprob(
+                token_id=token, token=texts[token], logprob=lp,
+                top=tuple((t, texts[t], alt) for t, alt in top)))
+        return tuple(entries)
 
     def _bitmask(self, reqs: Sequence[Req]) -> torch.Tensor | None:
         """The batch's constraint bitmask; a matcher that fails fails only its request.
@@ -535,6 +582,13 @@ class EngineCore:
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
+
+    def _token_texts(self, ids: Sequence[int]) -> dict[int, str]:
+        """Each distinct token's text, as :meth:`_token_text` gives it, decoded in one call."""
+        unique = list(dict.fromkeys(ids))
+        if self.tokenizer is None:
+            return dict.fromkeys(unique, "")
+        return dict(zip(unique, self.tokenizer.decode_each(unique), strict=True))
 
     @staticmethod
     def _usage(req: Req) -> Usage:

@@ -28,7 +28,8 @@ class Req:
 
     Written by the scheduler (``req_pool_idx``, ``kv_len``, ``alloc_len``, ``locked_len``,
     ``cached_len``, ``last_node``, ``arrival``, ``overtaken``, ``retractions``) and by the
-    runtime (``output_ids``, ``finish_reason``, ``matcher``).
+    runtime (``output_ids``, ``finish_reason``, ``matcher``; ``return_all_logits`` and
+    ``max_prefix_match`` once a request that generates has its prompt's scores).
     """
 
     rid: str
@@ -36,7 +37,8 @@ class Req:
     sampling: SamplingParams = attrs.field(factory=SamplingParams)
     output_ids: list[int] = attrs.field(factory=list)
     matcher: Matcher | None = None
-    #: Scoring: the runner returns logits for every computed token, not just the last.
+    #: Scoring: the runner returns the logprobs of every computed token whose next token is
+    #: known, not just the last logits (the request is still sampled if ``max_tokens > 0``).
     return_all_logits: bool = False
     #: At most this many leading tokens may come from the prefix cache (scoring needs the
     #: logits from that position on); ``None`` means no limit beyond ``len(all_ids) - 1``.

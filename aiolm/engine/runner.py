@@ -26,7 +26,7 @@ from ..cache.pool import KVPool, ReqToTokenPool, TokenSlotAllocator
 from .attention import create as create_attention
 from .debug_checks import check_forward_batch, debug_checks_enabled
 from .forward_batch import ForwardBatch, ForwardMode
-from .sampler import Sampler, token_logprobs
+from .sampler import Sampler, token_logprobs, top_token_logprobs
 
 if TYPE_CHECKING:
     from torch import nn
@@ -87,12 +87,15 @@ class ScoredTokens:
     """Raw logprobs of known tokens of a scoring request computed in one pass.
 
     ``logprobs[k]`` is the logprob of token ``first + k`` of ``all_ids`` given the tokens
-    before it; ``greedy[k]`` whether that token was also the argmax.
+    before it; ``greedy[k]`` whether that token was also the argmax; ``top[k]`` (when the
+    request asks for ``top_logprobs``, else empty) the most likely ``(token_id, logprob)``
+    at that position, most likely first.
     """
 
     first: int
     logprobs: tuple[float, ...]
     greedy: tuple[bool, ...]
+    top: tuple[tuple[tuple[int, float], ...], ...] = ()
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -205,10 +208,12 @@ class ModelRunner:
 
         ``bitmask_fn(reqs) -> int32 tensor | None`` fills the constraint bitmask of the
         rows about to be sampled; it runs on the host while the device computes the
-        forward pass. Scoring requests (``return_all_logits``) and prefill-only requests
-        (``max_tokens == 0``) are never sampled; scoring requests' raw logprobs come back in
-        ``StepOutput.scored``. A request whose sampling cannot be prepared is left out of
-        the sampling and reported in ``StepOutput.failed``; the others are sampled.
+        forward pass. Prefill-only requests (``max_tokens == 0``) are never sampled. Scoring
+        requests (``return_all_logits``) get the raw logprobs of their known tokens (and
+        their ``top_logprobs`` alternatives) in ``StepOutput.scored``, and are sampled like
+        any other when ``max_tokens > 0``. A request whose sampling cannot be prepared is
+        left out of the sampling and reported in ``StepOutput.failed``; the others are
+        sampled.
         Mutates nothing but the KV pool. With ``AIOLM_DEBUG_CHECKS=1``
         raises :class:`~aiolm.engine.debug_checks.DebugCheckError` before the pass for a bad
         index (see :mod:`aiolm.engine.debug_checks`).
@@ -229,8 +234,8 @@ class ModelRunner:
             last_rows = [end - 1 for end in itertools.accumulate(batch.extend_lens)]
         else:
             last_rows = list(range(len(reqs)))
-        sample_rows = [i for i, r in enumerate(reqs) if batch.sample_mask[i]
-                       and not r.return_all_logits and r.sampling.max_tokens > 0]
+        sample_rows = [i for i, r in enumerate(reqs)
+                       if batch.sample_mask[i] and r.sampling.max_tokens > 0]
         score_rows = [i for i, r in enumerate(reqs) if r.return_all_logits]
 
         fetch: list[torch.Tensor] = []
@@ -250,13 +255,16 @@ class ModelRunner:
             if sample_out.top_ids is not None:
                 fetch += [sample_out.top_ids, sample_out.top_logprobs]
         score_spans = self._score_spans(batch, score_rows)
+        score_top = max((reqs[i].sampling.top_logprobs for i, *_ in score_spans), default=0)
         if score_spans:
             rows = self._h2d([r for _, a, b, _ in score_spans for r in range(a, b)])
             targets = self._h2d([t for *_, ts in score_spans for t in ts])
-            lp, greedy = token_logprobs(logits.index_select(0, rows), targets)
-            fetch += [lp, greedy]
+            scored = logits.index_select(0, rows)[:, : self.model_config.vocab_size]
+            fetch += token_logprobs(scored, targets)
+            if score_top:
+                fetch += top_token_logprobs(scored, score_top)
         host = self._to_host(fetch)
-        out = self._unpack(host, sample_rows, sample_out, score_spans, batch)
+        out = self._unpack(host, sample_rows, sample_out, score_spans, score_top, batch)
         out.failed = failed
         return out
 
@@ -311,7 +319,7 @@ class ModelRunner:
         return out
 
     def _unpack(self, host: list[torch.Tensor], sample_rows: list[int], sample_out: Any,
-                score_spans: list[tuple[int, int, int, list[int]]],
+                score_spans: list[tuple[int, int, int, list[int]]], score_top: int,
                 batch: ScheduleBatch) -> StepOutput:
         out = StepOutput()
         k = 0
@@ -338,13 +346,18 @@ class ModelRunner:
                 )
         if score_spans:
             lp, greedy = host[k].tolist(), host[k + 1].tolist()
+            top_lps, top_ids = ((host[k + 2].tolist(), host[k + 3].tolist()) if score_top
+                                else ([], []))
             offset = 0
             for row, a, b, _ in score_spans:
                 n = b - a
+                want = batch.reqs[row].sampling.top_logprobs
                 out.scored[row] = ScoredTokens(
                     first=batch.prefix_lens[row] + 1,
                     logprobs=tuple(lp[offset:offset + n]),
                     greedy=tuple(greedy[offset:offset + n]),
+                    top=tuple(tuple(zip(top_ids[j][:want], top_lps[j][:want], strict=True))
+                              for j in range(offset, offset + n)) if want else (),
                 )
                 offset += n
         return out

@@ -3,8 +3,9 @@
 :meth:`Sampler.prepare` (host) turns the batch's :class:`~aiolm.sampling.SamplingParams` into
 per-row tensors once per batch composition and updates only what changes from step to step
 (penalty counts, the ``min_tokens`` mask). :meth:`Sampler.sample` (device) applies penalties,
-the constraint bitmask, temperature, top-k, top-p and min-p, and draws the tokens without any
-host synchronisation: the runner fetches the results with one copy per step.
+``logit_bias``, the constraint bitmask, temperature, top-k, top-p and min-p, and draws the
+tokens without any host synchronisation: the runner fetches the results with one copy per
+step.
 
 Draws use the exponential race (``argmax(p / q)`` with ``q ~ Exp(1)``), which samples from
 ``p`` without normalising or a cumulative search. A seeded request draws its noise from its own
@@ -23,7 +24,8 @@ import torch
 if TYPE_CHECKING:
     from .request import Req
 
-__all__ = ["SampleOutput", "Sampler", "SamplingBatchInfo", "apply_token_bitmask", "token_logprobs"]
+__all__ = ["SampleOutput", "Sampler", "SamplingBatchInfo", "apply_token_bitmask", "token_logprobs",
+           "top_token_logprobs"]
 
 _BITS = 32
 
@@ -50,6 +52,10 @@ class SamplingBatchInfo:
     generators: list[torch.Generator | None]   # per row: the request's own generator, if seeded
     top_logprobs: int                          # the most top logprobs any row asks for
     want_logprobs: bool
+    # logit_bias of every row as (row, token) -> bias; None when no row has one.
+    bias_rows: torch.Tensor | None = None      # [n] int64
+    bias_tokens: torch.Tensor | None = None    # [n] int64
+    bias_values: torch.Tensor | None = None    # [n] float
     # Rebuilt every step: (row, token) pairs banned until the row reaches ``min_tokens``.
     suppress_rows: torch.Tensor | None = None
     suppress_tokens: torch.Tensor | None = None
@@ -90,6 +96,18 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     lp = torch.log_softmax(logits.float(), dim=-1)
     chosen = lp.gather(1, targets.view(-1, 1)).view(-1)
     return chosen, lp.argmax(dim=-1) == targets
+
+
+def top_token_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most likely tokens of each ``logits`` row with their raw logprobs.
+
+    ``logits``: [n, vocab]. Returns ``(logprobs [n, k] float, ids [n, k] int64)``, most
+    likely first. The top-k of the logits are those of the logprobs (log_softmax is
+    monotone), so only the normaliser is computed over the whole row.
+    """
+    logits = logits.float()
+    values, ids = logits.topk(k, dim=-1)
+    return values - torch.logsumexp(logits, dim=-1, keepdim=True), ids
 
 
 class Sampler:
@@ -144,7 +162,7 @@ class Sampler:
         greedy = [p.greedy for p in params]
 
         def column(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).view(-1, 1).to(dev, non_blocking=True)
+            return self._on_device(values, dtype).view(-1, 1)
 
         sampled = [p for p, g in zip(params, greedy, strict=True) if not g]
         need_top_k = any(0 < p.top_k < self.vocab_size for p in sampled)
@@ -162,6 +180,18 @@ class Sampler:
                 gen.manual_seed(r.sampling.seed)
                 self._req_generators[r.rid] = gen
             generators.append(gen)
+        bias_rows: list[int] = []
+        bias_tokens: list[int] = []
+        bias_values: list[float] = []
+        for row, p in enumerate(params):
+            for token, bias in p.logit_bias:
+                if token >= self.vocab_size:
+                    raise ValueError(f"logit_bias: token id {token} is outside the model's "
+                                     f"vocabulary ({self.vocab_size} tokens)")
+                bias_rows.append(row)
+                bias_tokens.append(token)
+                bias_values.append(bias)
+        biased = bool(bias_rows)
         return SamplingBatchInfo(
             rids=rids,
             all_greedy=all(greedy),
@@ -183,7 +213,13 @@ class Sampler:
             generators=generators,
             top_logprobs=max((p.top_logprobs for p in params), default=0),
             want_logprobs=any(p.logprobs or p.top_logprobs for p in params),
+            bias_rows=self._on_device(bias_rows, torch.int64) if biased else None,
+            bias_tokens=self._on_device(bias_tokens, torch.int64) if biased else None,
+            bias_values=self._on_device(bias_values, torch.float32) if biased else None,
         )
+
+    def _on_device(self, values: list[int] | list[float], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
     def _count_new_outputs(self, info: SamplingBatchInfo, reqs: Sequence[Req]) -> None:
         rows: list[int] = []
@@ -226,23 +262,33 @@ class Sampler:
                bitmask: torch.Tensor | None = None) -> SampleOutput:
         """Choose one token per row of ``logits`` ([bs, vocab] float32). No host sync.
 
-        Order: frequency/presence penalties (over the row's output tokens), the constraint
-        ``bitmask`` and the ``min_tokens`` ban (-inf), then greedy rows take the argmax and
-        the others are drawn after temperature, top-k, top-p and min-p.
+        Order: frequency/presence penalties (over the row's output tokens), ``logit_bias``,
+        the constraint ``bitmask`` and the ``min_tokens`` ban (-inf: a constraint or the ban
+        wins over any bias), then greedy rows take the argmax and the others are drawn after
+        temperature, top-k, top-p and min-p.
 
         Logprobs (when any row asks) are the ``log_softmax`` of the *processed* logits:
-        after penalties, the masks and temperature (1 for greedy rows), before the top-k /
-        top-p / min-p truncation, so alternatives outside the truncation keep finite values.
+        after penalties, the bias, the masks and temperature (1 for greedy rows), before the
+        top-k / top-p / min-p truncation, so alternatives outside the truncation keep finite
+        values.
         """
         logits = logits.float()
         if logits.shape[1] > self.vocab_size:
             logits = logits[:, : self.vocab_size]
+        owned = False  # whether ``logits`` is our own tensor, which the masks may write
         if info.output_counts is not None:
             assert info.frequency_penalties is not None and info.presence_penalties is not None
             counts = info.output_counts
             logits = (logits - info.frequency_penalties * counts
                       - info.presence_penalties * (counts > 0).float())
-        elif bitmask is not None or info.suppress_rows is not None:
+            owned = True
+        if info.bias_rows is not None:
+            # Each (row, token) appears once, so a gather and a put add the biases (no sort,
+            # no host sync).
+            index = (info.bias_rows, info.bias_tokens)
+            logits = logits.index_put(index, logits[index] + info.bias_values)
+            owned = True
+        if not owned and (bitmask is not None or info.suppress_rows is not None):
             logits = logits.clone()  # masks below write in place; keep the caller's tensor
         if bitmask is not None:
             apply_token_bitmask(logits, bitmask)

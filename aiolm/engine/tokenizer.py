@@ -11,6 +11,8 @@ Chat content must not smuggle control tokens: a user message containing ``<|im_s
 would otherwise encode as the template's own marker and forge a turn. A chat rendered to text
 is therefore a :class:`MarkedText` whose *literal* spans (the message content) encode any
 special-token text as ordinary tokens; plain ``str`` prompts encode as they always did.
+:meth:`Tokenizer.render_chat` renders OpenAI-format messages through the model's Jinja chat
+template (or one given in its place) and marks each message's content in the result.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import bisect
 import functools
 import json
 import os
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,10 @@ _REPLACEMENT = "\ufffd"
 # Prompt tokens kept as left context so the first output piece decodes as it would in
 # the middle of the text (SentencePiece tokenizers drop a leading space otherwise).
 _CONTEXT_TOKENS = 5
+# Stands for message content ``k`` while a chat is rendered to find where content lands
+# (private-use characters, which no template writes or transforms).
+_CONTENT_MARK = "\ue000aiolm{}\ue001"
+_CONTENT_MARK_RE = re.compile("\ue000aiolm(\\d+)\ue001")
 
 
 class MarkedText(str):
@@ -212,20 +219,75 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens,
                               clean_up_tokenization_spaces=False)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **kwargs: Any) -> str:
-        """The conversation rendered by the model's own chat template, as text.
+    def decode_each(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> list[str]:
+        """Each token's own text (``decode([t])`` for every ``t`` of ``ids``), in one call."""
+        return self.hf.batch_decode([[t] for t in ids], skip_special_tokens=skip_special_tokens,
+                                    clean_up_tokenization_spaces=False)
 
-        Raises ValueError when the tokenizer has no chat template.
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            *, chat_template: str | None = None, **kwargs: Any) -> str:
+        """The conversation rendered by the model's own chat template (or the Jinja source
+        ``chat_template`` in its place), as text.
+
+        Raises ValueError when there is no template; Jinja's errors pass through.
         """
-        if not getattr(self.hf, "chat_template", None):
+        if chat_template is None and not self.has_chat_template:
             raise ValueError("messages: this tokenizer has no chat template")
         return self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                           tokenize=False, **kwargs)
+                                           tokenize=False, chat_template=chat_template, **kwargs)
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], *,
+                    tools: Sequence[Mapping[str, Any]] | None = None,
+                    add_generation_prompt: bool = True, chat_template: str | None = None,
+                    **template_kwargs: Any) -> MarkedText:
+        """OpenAI-format ``messages`` (and ``tools``) rendered by the chat template, with each
+        message's text content marked literal (see :class:`MarkedText`).
+
+        ``chat_template`` (Jinja source) replaces the tokenizer's own. Content is located by
+        rendering the chat again with a placeholder for each text; when the template
+        transforms content (so the placeholders do not give back the same text), each
+        content is searched for in the rendered text, in order, and one not found verbatim
+        is not marked. Raises ``TypeError`` for a message that is not a mapping,
+        ``ValueError`` when there is no template or the template fails (a Jinja syntax
+        error, a message it rejects).
+        """
+        import jinja2
+
+        for m in messages:
+            if not isinstance(m, Mapping):
+                raise TypeError(f"messages: expected dicts, got {type(m).__name__}")
+
+        def render(chat: list[dict[str, Any]]) -> str:
+            return self.apply_chat_template(
+                chat, add_generation_prompt, chat_template=chat_template,
+                tools=[dict(t) for t in tools] if tools else None, **template_kwargs)
+
+        try:
+            text = render([dict(m) for m in messages])
+        except (jinja2.TemplateError, TypeError) as exc:
+            raise chat_template_error(exc) from exc
+        probe, contents = _content_placeholders(messages)
+        spans = None
+        if contents:
+            try:
+                spans = _placed_spans(render(probe), contents, text)
+            except Exception:  # the template refuses a placeholder: search instead
+                spans = None
+        if spans is None:
+            spans = _searched_spans(text, contents)
+        return MarkedText(text, spans)
 
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
+
+    @property
+    def chat_template_source(self) -> str | None:
+        """The tokenizer's own Jinja chat template (its default one, where it has several)."""
+        template = getattr(self.hf, "chat_template", None)
+        if isinstance(template, dict):
+            template = template.get("default")
+        return template or None
 
     def detokenizer(self, prompt_ids: Sequence[int] = (), *,
                     skip_special_tokens: bool = True) -> IncrementalDetokenizer:
@@ -274,6 +336,75 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=self._skip) if ids else ""
+
+
+def chat_template_error(exc: Exception) -> ValueError:
+    """A chat template's failure (Jinja's error, or a type error inside the template) as the
+    ``ValueError`` callers see, naming the template and, for a syntax error, the line."""
+    import jinja2
+
+    if isinstance(exc, jinja2.TemplateSyntaxError):
+        return ValueError(f"chat_template: syntax error on line {exc.lineno}: {exc.message}")
+    return ValueError(f"chat_template: rendering failed: {type(exc).__name__}: {exc}")
+
+
+def _content_placeholders(
+        messages: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """``messages`` with each non-empty text content (a string, or a text part's text)
+    replaced by a placeholder, and those texts in placeholder order."""
+    contents: list[str] = []
+
+    def placeholder(text: str) -> str:
+        contents.append(text)
+        return _CONTENT_MARK.format(len(contents) - 1)
+
+    probe: list[dict[str, Any]] = []
+    for m in messages:
+        message = dict(m)
+        content = message.get("content")
+        if isinstance(content, str) and content:
+            message["content"] = placeholder(content)
+        elif isinstance(content, list):
+            message["content"] = [
+                {**part, "text": placeholder(part["text"])}
+                if isinstance(part, Mapping) and isinstance(part.get("text"), str) and part["text"]
+                else part
+                for part in content]
+        probe.append(message)
+    return probe, contents
+
+
+def _placed_spans(probe: str, contents: Sequence[str], text: str) -> list[tuple[int, int]] | None:
+    """The spans of ``contents`` in ``text``, read off the placeholders' places in ``probe``
+    (the same chat rendered with placeholders); ``None`` when putting the contents back in
+    place of the placeholders does not give ``text``."""
+    pieces: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = length = 0
+    for match in _CONTENT_MARK_RE.finditer(probe):
+        k = int(match[1])
+        if k >= len(contents):
+            return None
+        pieces += [probe[pos:match.start()], contents[k]]
+        length += match.start() - pos
+        spans.append((length, length + len(contents[k])))
+        length += len(contents[k])
+        pos = match.end()
+    pieces.append(probe[pos:])
+    return spans if "".join(pieces) == text else None
+
+
+def _searched_spans(text: str, contents: Sequence[str]) -> list[tuple[int, int]]:
+    """Each of ``contents`` found in ``text`` searching forward, in order (one not found is
+    skipped)."""
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for content in contents:
+        at = text.find(content, pos)
+        if at >= 0:
+            spans.append((at, at + len(content)))
+            pos = at + len(content)
+    return spans
 
 
 def _in_literal(text: str, content: str, offset: tuple[int, int],
