@@ -22,10 +22,12 @@ _SHARD_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "gate": "gate_proj"
 
 def load_for_bench(model: str | None = None, *, load_format: str = "auto", seed: int = 0,
                    device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load ``model`` (blocking) as the engine would; dummy weights get a bench tokenizer."""
+    """Load ``model`` (blocking) as the engine would, with float weights (the transformers
+    peer shares the very tensors); dummy weights get a bench tokenizer."""
     from ..backends.engine import LoadedModel
 
-    loaded = LoadedModel.load(model, dtype=dtype, device=device, load_format=load_format, seed=seed)
+    loaded = LoadedModel.load(model, dtype=dtype, device=device, load_format=load_format,
+                              seed=seed, quantization=None)
     if loaded.tokenizer is None:
         from ..engine.tokenizer import Tokenizer
         from .dummy_tokenizer import bench_tokenizer

@@ -1,5 +1,6 @@
 """Read a GGUF file (llama.cpp's format): the model config from its metadata and its
-tensors dequantized and renamed to Hugging Face names.
+tensors dequantized and renamed to Hugging Face names, or Q4_0/Q4_1 tensors kept as their
+4-bit codes (``Int4Codes``) for the CPU's int4 layers.
 
 llama.cpp's converter permutes the rows of the Q and K projections of llama-arch models
 (it pairs rotary dimensions as interleaved pairs, HF as two halves); the permutation is
@@ -17,6 +18,8 @@ from .model_config import ModelConfig, RopeScaling
 
 if TYPE_CHECKING:
     import torch
+
+    from .layers.quant import Int4Codes
 
 __all__ = ["GGUFCheckpoint"]
 
@@ -36,6 +39,7 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_INT4_TYPES = frozenset({2, 3})  # GGMLQuantizationType.Q4_0, Q4_1
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
@@ -46,20 +50,38 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
 class GGUFCheckpoint:
     """An opened GGUF file: ``config`` from its metadata, ``weights()`` to stream tensors.
 
-    Raises ValueError for an architecture we do not implement (listing the supported ones)
-    or for ``rope_freqs`` factors other than the standard llama3 scaling.
+    ``reader``: the file's ``gguf.GGUFReader`` when the caller already parsed it (parsing
+    costs seconds: every metadata array element is read one by one). Raises ValueError for
+    an architecture we do not implement (listing the supported ones) or for ``rope_freqs``
+    factors other than the standard llama3 scaling.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, reader: Any = None) -> None:
         from gguf import GGUFReader
 
         self.path = path
-        self.reader = GGUFReader(str(path))
+        self.reader = reader if reader is not None else GGUFReader(str(path))
         self.config = _config(path, self.reader)
 
-    def weights(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(hf_name, tensor)`` for every tensor, dequantized to ``config.dtype``."""
-        return _weights(self.reader, config)
+    def weights(self, config: ModelConfig, *, keep_int4: bool = False,
+                ) -> Iterator[tuple[str, torch.Tensor | Int4Codes]]:
+        """Yield ``(hf_name, tensor)`` for every tensor, dequantized to ``config.dtype``;
+        with ``keep_int4``, Q4_0/Q4_1 tensors come as their ``Int4Codes`` instead."""
+        return _weights(self.reader, config, keep_int4)
+
+    def stored_quantization(self) -> str | None:
+        """What the file's projections are stored as: ``"int4"`` when any is Q4_0/Q4_1,
+        ``"int8"`` when any other is quantized (Q8_0, K-quants: dequantized, then int8),
+        None when all are float."""
+        from gguf import GGMLQuantizationType as Q
+
+        kinds = {t.tensor_type for t in self.reader.tensors
+                 if _BLOCK.match(t.name) and t.name.endswith(".weight") and len(t.shape) == 2}
+        if kinds & _INT4_TYPES:
+            return "int4"
+        if kinds - {Q.F32, Q.F16, Q.BF16}:
+            return "int8"
+        return None
 
 
 def _config(path: Path, reader: Any) -> ModelConfig:
@@ -143,7 +165,8 @@ def _with_llama3_rope(path: Path, config: ModelConfig, tensor: Any,
     return attrs.evolve(config, rope_scaling=scaling)
 
 
-def _weights(reader: Any, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _weights(reader: Any, config: ModelConfig, keep_int4: bool,
+             ) -> Iterator[tuple[str, torch.Tensor | Int4Codes]]:
     import numpy as np
     import torch
     from gguf import dequantize
@@ -156,6 +179,9 @@ def _weights(reader: Any, config: ModelConfig) -> Iterator[tuple[str, torch.Tens
         hf_name = _hf_name(tensor.name)
         if hf_name is None:
             raise ValueError(f"model: GGUF tensor {tensor.name!r} has no counterpart in our model")
+        if keep_int4 and tensor.tensor_type in _INT4_TYPES and tensor.data.ndim == 2:
+            yield hf_name, _int4_codes(tensor, arch, config)
+            continue
         weights = dequantize(tensor.data, tensor.tensor_type)
         if arch == "llama":
             if ".attn_q." in tensor.name:
@@ -164,6 +190,38 @@ def _weights(reader: Any, config: ModelConfig) -> Iterator[tuple[str, torch.Tens
                 weights = _unpermute(weights, config.num_kv_heads)
         # F32 tensors come back as read-only views of the memory map: copy those.
         yield hf_name, torch.from_numpy(np.require(weights, requirements=["C", "W"])).to(target)
+
+
+def _int4_codes(tensor: Any, arch: str, config: ModelConfig) -> Int4Codes:
+    """A Q4_1 (``w = d q + m``) or Q4_0 (``w = d (q - 8)``) tensor's blocks as
+    ``Int4Codes``: the 4-bit codes as stored, ``scale = d``, ``offset = m`` or ``-8 d``.
+
+    Each block of 32 is ``d`` (f16), [``m`` (f16)], 16 bytes of codes: element ``i`` in the
+    low nibble of byte ``i``, element ``16 + i`` in its high nibble.
+    """
+    import numpy as np
+    import torch
+
+    from .layers.quant import Int4Codes
+
+    rows = tensor.data.shape[0]
+    blocks = np.asarray(tensor.data).reshape(rows, -1, 20 if tensor.tensor_type == 3 else 18)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if tensor.tensor_type == 3:  # Q4_1
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        packed = blocks[..., 4:]
+    else:  # Q4_0
+        m = -8 * d
+        packed = blocks[..., 2:]
+    codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)
+    if arch == "llama":
+        if ".attn_q." in tensor.name:
+            codes, d, m = (_unpermute(a, config.num_heads) for a in (codes, d, m))
+        elif ".attn_k." in tensor.name:
+            codes, d, m = (_unpermute(a, config.num_kv_heads) for a in (codes, d, m))
+    return Int4Codes(codes=torch.from_numpy(np.ascontiguousarray(codes)),
+                     scale=torch.from_numpy(np.ascontiguousarray(d)),
+                     offset=torch.from_numpy(np.ascontiguousarray(m)))
 
 
 def _hf_name(name: str) -> str | None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
+import time
 from typing import TYPE_CHECKING
 
 import attrs
@@ -16,6 +18,8 @@ if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 __all__ = ["LoadedModel"]
+
+_log = logging.getLogger("aiolm.engine")
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -36,11 +40,14 @@ class LoadedModel:
 
     @classmethod
     def load(cls, model: str | os.PathLike[str] | None = None, *, dtype: str = "auto",
-             device: str = "auto", load_format: str = "auto", seed: int = 0) -> LoadedModel:
+             device: str = "auto", load_format: str = "auto", seed: int = 0,
+             quantization: str | None = "auto") -> LoadedModel:
         """Load ``model`` (blocking): a HF directory, a ``.gguf`` file, or a named dummy config.
 
-        ``None`` is the embedded SmolLM2. Raises ``FileNotFoundError`` for a missing model
-        (saying how to install the default one), ``ValueError`` for bad arguments.
+        ``None`` is the embedded SmolLM2. ``quantization`` as :func:`load_model` takes it
+        (``"auto"``: a quantized GGUF stays quantized on the CPU). Each stage logs its time
+        on the ``aiolm.engine`` logger at INFO. Raises ``FileNotFoundError`` for a missing
+        model (saying how to install the default one), ``ValueError`` for bad arguments.
         """
         from .default_model import default_model_path
         from .loader import load_model
@@ -51,11 +58,18 @@ class LoadedModel:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             tokenizer_future = None
             if load_format != "dummy":  # the tokenizer loads while the weights do
-                from .tokenizer import Tokenizer
-
-                tokenizer_future = pool.submit(Tokenizer.from_pretrained, source)
+                tokenizer_future = pool.submit(_load_tokenizer, source)
             module, config = load_model(source, load_format=load_format, dtype=dtype,
-                                        device=dev, seed=seed)
+                                        device=dev, seed=seed, quantization=quantization)
             tokenizer = tokenizer_future.result() if tokenizer_future is not None else None
         return cls(model=module, model_config=config, tokenizer=tokenizer, device=dev,
                    source=source, load_format=load_format)
+
+
+def _load_tokenizer(source: str) -> Tokenizer:
+    from .tokenizer import Tokenizer
+
+    started = time.perf_counter()
+    tokenizer = Tokenizer.from_pretrained(source)
+    _log.info("built the tokenizer: %.2f s", time.perf_counter() - started)
+    return tokenizer

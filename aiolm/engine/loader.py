@@ -8,16 +8,23 @@
 
 Nothing here touches the network. The model is built on the meta device and materialised
 once on the target device, so no time goes into default initialisation.
+
+``quantization`` swaps the projections and the LM head for weight-only int8/int4 layers
+after loading (the CPU only; ``layers/quant.py``). Each stage logs its time on the
+``aiolm.engine`` logger at INFO.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .config import check_quantization
 from .model_config import NAMED_CONFIGS, ModelConfig, dtype_name
 
 if TYPE_CHECKING:
@@ -28,6 +35,7 @@ __all__ = ["load_model"]
 
 _LOAD_FORMATS = ("auto", "dummy")
 _DUMMY_STD = 0.02
+_log = logging.getLogger("aiolm.engine")
 
 
 def load_model(
@@ -37,37 +45,82 @@ def load_model(
     dtype: Any = "auto",
     device: Any = "cpu",
     seed: int = 0,
+    quantization: str | None = None,
 ) -> tuple[nn.Module, ModelConfig]:
     """Return ``(model, config)``; ``config.dtype`` is the dtype the weights were loaded in.
 
     ``model``: a HF directory, a ``.gguf`` file, or (with ``load_format="dummy"``) a named
     config / ``ModelConfig`` / HF config dict. ``dtype="auto"`` is float32 on the CPU and the
-    checkpoint's dtype elsewhere. Raises FileNotFoundError naming a missing path, ValueError
-    for an unsupported architecture (listing the supported ones) or a bad argument.
+    checkpoint's dtype elsewhere. ``quantization``: None keeps the float weights;
+    ``"int8"``/``"int4"`` quantize the projections and LM head (the CPU only);
+    ``"auto"`` does what a quantized GGUF stores on the CPU (Q4_0/Q4_1 → ``"int4"``, other
+    quantized types → ``"int8"``) and nothing on CUDA or for a float checkpoint.
+    Raises FileNotFoundError naming a missing path, ValueError for an unsupported
+    architecture (listing the supported ones) or a bad argument.
     """
     import torch
 
     if load_format not in _LOAD_FORMATS:
         raise ValueError(f"load_format: expected one of {_LOAD_FORMATS}, got {load_format!r}")
+    check_quantization(quantization)
     device = _resolve_device(device)
+    started = time.perf_counter()
     source, config = _resolve_source(model, load_format)
+    if source is not None:
+        _log.info("read %s: %.2f s", _shown(model), time.perf_counter() - started)
     target = _resolve_dtype(dtype, config, device)
     config = _with_dtype(config, target)
+    scheme = resolve_quantization(quantization, source, device)
 
     from .models import model_class
 
+    started = time.perf_counter()
     with torch.device("meta"):
         module = model_class(config.architecture)(config)
     module = module.to(dtype=getattr(torch, target)).to_empty(device=device)
+    stored: dict[Any, Any] = {}
     if load_format == "dummy":
         _fill_dummy(module, seed, device)
     elif isinstance(source, Path):
         module.load_weights(_safetensors_weights(source))
     else:
-        module.load_weights(source.weights(config))
+        stored = module.load_weights(source.weights(config, keep_int4=scheme == "int4"))
     module.init_buffers()
     module.eval()
+    _log.info("built the model (%s, %s): %.2f s", config.architecture, target,
+              time.perf_counter() - started)
+    if scheme is not None:
+        from .layers.quant import quantize_model
+
+        started = time.perf_counter()
+        counts = quantize_model(module, scheme, stored)
+        _log.info("quantized to %s (%d int4 and %d int8 layers, %d from the file's 4-bit "
+                  "codes): %.2f s", scheme, counts["int4"], counts["int8"], len(stored),
+                  time.perf_counter() - started)
     return module, config
+
+
+def resolve_quantization(quantization: str | None, source: Any,
+                         device: torch.device) -> str | None:
+    """The scheme ``quantization`` means for this checkpoint on ``device``: ``"int8"``,
+    ``"int4"`` or None. Raises ValueError for ``"int8"``/``"int4"`` off the CPU."""
+    if quantization is None:
+        return None
+    if device.type != "cpu":
+        if quantization == "auto":
+            return None
+        raise ValueError(
+            f"quantization: {quantization!r} is for the CPU only (torch's weight-only "
+            f"kernels); on {device.type} pass quantization=None or 'auto'"
+        )
+    if quantization != "auto":
+        return quantization
+    stored = getattr(source, "stored_quantization", None)
+    return stored() if stored is not None else None
+
+
+def _shown(model: Any) -> str:
+    return repr(os.fspath(model)) if isinstance(model, str | os.PathLike) else "the config"
 
 
 def _resolve_source(model: Any, load_format: str) -> tuple[Any, ModelConfig]:

@@ -28,6 +28,25 @@ from typing import Any
 
 __all__ = ["IncrementalDetokenizer", "MarkedText", "Tokenizer"]
 
+
+def _import_tqdm_quietly() -> None:
+    """Import ``tqdm.auto`` before ``transformers`` does, without its notebook warning.
+
+    In a Jupyter kernel without ipywidgets, importing ``tqdm.auto`` warns "IProgress not
+    found" (transformers imports it for download bars aiolm never shows), so every engine's
+    first start in a notebook would print a warning that says nothing about aiolm.
+    """
+    import sys
+    import warnings
+
+    if "tqdm.auto" in sys.modules:
+        return
+    # NOTE: catch_warnings swaps the process-wide filters for the import's few milliseconds;
+    # the one filter it adds matches only this message.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import tqdm.auto  # noqa: F401
+
 _REPLACEMENT = "\ufffd"
 # Prompt tokens kept as left context so the first output piece decodes as it would in
 # the middle of the text (SentencePiece tokenizers drop a leading space otherwise).
@@ -115,7 +134,8 @@ class Tokenizer:
 
         Raises FileNotFoundError naming a missing path.
         """
-        from transformers import AutoTokenizer
+        _import_tqdm_quietly()
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         path = Path(path).expanduser()
         if not path.exists():
@@ -123,8 +143,11 @@ class Tokenizer:
         if path.is_file():
             if path.suffix != ".gguf":
                 raise ValueError(f"tokenizer: {str(path)!r} is neither a directory nor a .gguf file")
-            hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                               local_files_only=True)
+            # Not AutoTokenizer: it parses the whole file again (every tensor's header and
+            # the metadata, ~3 s here) only to pick a class; a GGUF vocabulary is converted
+            # into the fast tokenizer whatever the class, reading just its token arrays.
+            hf = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                         local_files_only=True)
             return cls(hf)
         hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         return cls(hf, eos_token_ids=_generation_eos_ids(path))

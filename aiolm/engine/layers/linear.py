@@ -48,17 +48,23 @@ class MergedLinear(nn.Module):
 
         Raises ValueError when the shapes disagree (the checkpoint does not fit the config).
         """
+        self.check_shard(shard, param, tensor.shape)
+        start, size = self.offsets[shard]
+        getattr(self, param).narrow(0, start, size).copy_(tensor)
+
+    def check_shard(self, shard: str, param: str, shape: Sequence[int]) -> None:
+        """Raise ValueError unless a checkpoint tensor of ``shape`` fits shard ``shard`` of
+        ``param``."""
         start, size = self.offsets[shard]
         target = getattr(self, param)
         if target is None:
             raise ValueError(f"checkpoint has a {param} for {shard} but the config has none")
         part = target.narrow(0, start, size)
-        if part.shape != tensor.shape:
+        if part.shape != tuple(shape):
             raise ValueError(
-                f"{shard}.{param}: checkpoint shape {tuple(tensor.shape)} does not match "
+                f"{shard}.{param}: checkpoint shape {tuple(shape)} does not match "
                 f"{tuple(part.shape)}"
             )
-        part.copy_(tensor)
 
     def extra_repr(self) -> str:
         parts = ", ".join(f"{n}={s}" for n, s in zip(self.shard_names, self.shard_sizes, strict=True))

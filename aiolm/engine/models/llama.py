@@ -17,6 +17,7 @@ from torch import nn
 from ..attention.base import AttentionBackend
 from ..forward_batch import ForwardBatch
 from ..layers import LMHead, MergedLinear, RMSNorm, RotaryEmbedding, SiluAndMul, VocabEmbedding
+from ..layers.quant import Int4Codes
 from ..model_config import ModelConfig
 
 __all__ = ["LlamaForCausalLM"]
@@ -161,12 +162,17 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | Int4Codes]],
+                     ) -> dict[tuple[str, str | None], Int4Codes]:
         """Copy checkpoint tensors (Hugging Face names) into the parameters.
 
+        A tensor given as ``Int4Codes`` is returned keyed ``(parameter name, shard or
+        None)`` for ``quantize_model`` to pack. NOTE: its float parameter is left unset (no
+        float copy of 4-bit weights is made): ``quantize_model`` must follow.
         Raises ValueError naming any tensor that does not belong to the model, any shape
         mismatch, and every parameter the checkpoint did not provide.
         """
+        stored: dict[tuple[str, str | None], Int4Codes] = {}
         params = dict(self.named_parameters())
         expected: set[tuple[str, str | None]] = set()
         for pname, _ in params.items():
@@ -181,6 +187,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
+            codes = tensor if isinstance(tensor, Int4Codes) else None
             match = _FUSED_NAME.match(name)
             if match:
                 prefix, proj, kind = match.groups()
@@ -188,7 +195,12 @@ class LlamaForCausalLM(nn.Module):
                 target = f"{prefix}.{module_name}.{kind}"
                 if target not in params:
                     raise ValueError(f"checkpoint tensor {name!r} does not belong to this model")
-                self.get_submodule(f"{prefix}.{module_name}").load_shard(shard, kind, tensor)
+                merged = self.get_submodule(f"{prefix}.{module_name}")
+                if codes is None:
+                    merged.load_shard(shard, kind, tensor)
+                else:
+                    merged.check_shard(shard, kind, codes.shape)
+                    stored[(target, shard)] = codes
                 expected.discard((target, shard))
                 continue
             if name not in params:
@@ -199,12 +211,16 @@ class LlamaForCausalLM(nn.Module):
                     f"{name}: checkpoint shape {tuple(tensor.shape)} does not match "
                     f"{tuple(param.shape)}"
                 )
-            param.copy_(tensor)
+            if codes is None:
+                param.copy_(tensor)
+            else:
+                stored[(name, None)] = codes
             expected.discard((name, None))
         if expected:
             names = sorted(p if s is None else f"{p} ({s})" for p, s in expected)
             shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
             raise ValueError(f"checkpoint lacks {len(names)} weight(s): {shown}")
+        return stored
 
 
 def _last_token_indices(batch: ForwardBatch) -> torch.Tensor:
