@@ -16,6 +16,8 @@ through ``aiolm.engine.cuda_graph.CudaGraphRunner(runner)``, which offers
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -42,11 +44,19 @@ __all__ = [
     "ScoredTokens",
     "StepOutput",
     "choose_attention_backend",
+    "choose_num_threads",
     "resolve_device",
 ]
 
-# CPU KV pool: at most this many tokens, and at most this share of available RAM.
-_CPU_MAX_TOKENS = 32768
+_log = logging.getLogger("aiolm.engine")
+
+# The default CPU KV pool: room for this many full-context requests (at least
+# _CPU_MIN_TOKENS slots), within this share of available RAM. Two: one request may use
+# the whole context while another's prefix stays cached, or the CPU's 64 running requests
+# get 256 tokens each at SmolLM2's 8k context. A CPU computes a few hundred to a few
+# thousand tokens a second, so a larger pool would rarely fill, while it would hold RAM.
+_CPU_FULL_CONTEXTS = 2
+_CPU_MIN_TOKENS = 4096
 _CPU_RAM_SHARE = 0.10
 
 
@@ -58,6 +68,25 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} asked for, but CUDA is not available")
     return dev
+
+
+def choose_num_threads(requested: int | None, device: torch.device) -> int | None:
+    """The intra-op thread count the engine gives torch: ``requested`` when set; else, on
+    the CPU, the usable cores minus one (at least 1), which leaves the event loop a core;
+    else (CUDA) None, keeping torch's own setting.
+
+    Tiny decode operations slow down many times over when one of their threads waits for a
+    core another process holds, so the engine never asks for every core by default.
+    """
+    if requested is not None:
+        return requested
+    if device.type != "cpu":
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def choose_attention_backend(device: torch.device) -> str:
@@ -117,6 +146,8 @@ def _kv_bytes_per_token(cfg: ModelConfig) -> int:
 
 
 def _available_ram() -> int:
+    """Bytes of RAM available now: Linux's MemAvailable (free plus reclaimable cache), else
+    the free pages ``sysconf`` reports, else a guess of 8 GiB."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -124,7 +155,10 @@ def _available_ram() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 8 * 1024**3
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return 8 * 1024**3
 
 
 class ModelRunner:
@@ -168,14 +202,49 @@ class ModelRunner:
             vocab_size=model_config.vocab_size, device=device, seed=config.seed,
             eos_token_ids=model_config.eos_token_ids if eos_token_ids is None else eos_token_ids,
         )
+        self.num_threads = choose_num_threads(config.num_threads, device)
+        if self.num_threads is not None:
+            # NOTE: process-wide in effect: threads that start torch work later inherit it.
+            torch.set_num_threads(self.num_threads)
+            _log.info("engine: %d torch CPU thread(s)%s", self.num_threads,
+                      "" if config.num_threads is not None else " (usable cores minus one)")
         self.forward_passes = 0
         # AIOLM_DEBUG_CHECKS=1: every index is checked on the host before it reaches a kernel.
         self.debug_checks = debug_checks_enabled()
+        self.compiled_decode: Any = None
+        if config.compile and device.type == "cpu":
+            self.attn.compiled = True
+            self.compiled_decode = torch.compile(self.model.forward, dynamic=True)
+            self._warm_compiled_decode()
         self.graph_runner: Any = None
         if config.cuda_graphs and cuda and self.attn.supports_cuda_graph:
             from .cuda_graph import CudaGraphRunner
 
             self.graph_runner = CudaGraphRunner(self)
+
+    @torch.inference_mode()
+    def _warm_compiled_decode(self) -> None:
+        """Compile the CPU decode step now (inductor caches it on disk for the next start):
+        decode batches of 1 and 3 requests of 2 tokens (torch specializes sizes of 1) over
+        row 0 of the request table, whose slots are the padding slot 0; its K/V are zeroed
+        again after."""
+        table = self.req_to_token_pool.req_to_token
+        for bs in (1, 3):
+            lens = [2] * bs
+            batch = ForwardBatch(
+                mode=ForwardMode.DECODE, batch_size=bs,
+                input_ids=torch.zeros(bs, dtype=torch.int64),
+                positions=torch.zeros(bs, dtype=torch.int64),
+                out_cache_loc=torch.zeros(bs, dtype=torch.int64),
+                req_pool_indices=torch.zeros(bs, dtype=torch.int64),
+                seq_lens=torch.full((bs,), 2, dtype=torch.int32), seq_lens_cpu=lens,
+                kv_pool=self.kv_pool, req_to_token_pool=self.req_to_token_pool,
+            )
+            if table[0, :2].any():
+                raise RuntimeError("the request table must be unused while the engine warms up")
+            self.compiled_decode(batch)
+        for buf in (*self.kv_pool.k_buffers, *self.kv_pool.v_buffers):
+            buf[0].zero_()
 
     def _kv_size(self) -> int:
         """KV slots: ``max_total_tokens``, or what memory holds, within what the kernels can
@@ -194,7 +263,8 @@ class ModelRunner:
             free, _total = torch.cuda.mem_get_info(self.device)
             size = int(free * self.config.mem_fraction) // per_token
         else:
-            size = min(_CPU_MAX_TOKENS, int(_available_ram() * _CPU_RAM_SHARE) // per_token)
+            wanted = max(_CPU_FULL_CONTEXTS * cfg.context_len, _CPU_MIN_TOKENS)
+            size = min(wanted, int(_available_ram() * _CPU_RAM_SHARE) // per_token)
         if size < 2:
             raise ValueError(
                 f"max_total_tokens: not enough memory for a KV pool ({per_token} bytes per token)"
@@ -218,6 +288,8 @@ class ModelRunner:
         raises :class:`~aiolm.engine.debug_checks.DebugCheckError` before the pass for a bad
         index (see :mod:`aiolm.engine.debug_checks`).
         """
+        if self.num_threads is not None and torch.get_num_threads() != self.num_threads:
+            torch.set_num_threads(self.num_threads)  # the count is per thread: set it on ours
         reqs = batch.reqs
         fb = self._forward_batch(batch)
         if self.debug_checks:
@@ -226,6 +298,8 @@ class ModelRunner:
                                 vocab_size=self.model_config.vocab_size)
         if fb.is_decode and self.graph_runner is not None and self.graph_runner.can_run(fb):
             logits = self.graph_runner.replay(fb)
+        elif fb.is_decode and self.compiled_decode is not None:
+            logits = self.compiled_decode(fb)
         else:
             logits = self.model(fb)
         self.forward_passes += 1

@@ -39,9 +39,15 @@ class TorchAttention(AttentionBackend):
         self.group = num_q_heads // num_kv_heads
         self._kv_index: torch.Tensor | None = None   # [bs, max_seq_len] slots
         self._kv_valid: torch.Tensor | None = None   # [bs, max_seq_len] bool (decode)
+        # Set by the runner when it compiles the CPU decode step: the index tensors' sizes
+        # are then marked dynamic, so a new batch size or length reuses the compiled code.
+        self.compiled = False
 
+    @torch.compiler.disable
     def init_forward(self, batch: ForwardBatch) -> None:
-        """Gather each request's slot row (up to the longest sequence) once for all layers."""
+        """Gather each request's slot row (up to the longest sequence) once for all layers.
+
+        Runs eagerly under ``torch.compile`` (it reads host-side lengths)."""
         bs = batch.batch_size
         if len(batch.seq_lens_cpu) != bs:
             raise RuntimeError("ForwardBatch.seq_lens_cpu must hold one length per request")
@@ -59,6 +65,11 @@ class TorchAttention(AttentionBackend):
             self._kv_index.masked_fill_(~self._kv_valid, 0)
         else:
             self._kv_valid = None
+        if self.compiled:
+            for t in (self._kv_index, self._kv_valid):
+                if t is not None:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                    torch._dynamo.maybe_mark_dynamic(t, 1)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch) -> torch.Tensor:
