@@ -15,6 +15,8 @@ import itertools
 import logging
 import math
 import os
+import warnings
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,7 @@ from ..chat import SIMPLE_TEMPLATE, ChatTemplate, render_text
 from ..engine.loaded import LoadedModel
 from ..errors import BackendUnavailable, ContextLengthExceeded, UnsupportedFeature
 from ..sampling import SamplingParams
+from ._engine_display import EngineView, engine_html, engine_repr
 from ._engine_plumbing import (
     ChunkStream,
     Pending,
@@ -92,9 +95,11 @@ class Engine(Backend):
                  chunked_prefill_size: int | None = None,
                  max_running_requests: int | None = None, max_total_tokens: int | None = None,
                  mem_fraction: float = 0.85, cuda_graphs: bool = True,
-                 load_format: str = "auto", tp_size: int = 1, seed: int = 0,
+                 load_format: str = "auto", quantization: str | None = "auto",
+                 tp_size: int = 1, seed: int = 0,
                  jump_forward: bool = True, aging_limit: int = 16,
                  request_step_timeout: float = 5.0, close_timeout: float = 10.0,
+                 num_threads: int | None = None, compile: bool = False,
                  escape_special_tokens: bool = True,
                  chat_template: str | os.PathLike[str] | None = None) -> None:
         from ..engine.config import EngineConfig
@@ -114,8 +119,10 @@ class Engine(Backend):
             chunked_prefill_size=chunked_prefill_size,
             max_running_requests=max_running_requests, max_total_tokens=max_total_tokens,
             mem_fraction=mem_fraction, cuda_graphs=cuda_graphs, load_format=load_format,
-            tp_size=tp_size, seed=seed, jump_forward=jump_forward, aging_limit=aging_limit,
+            quantization=quantization, tp_size=tp_size, seed=seed, jump_forward=jump_forward,
+            aging_limit=aging_limit,
             request_step_timeout=request_step_timeout, close_timeout=close_timeout,
+            num_threads=num_threads, compile=compile,
         )
         if self.config.device.startswith("cuda"):  # say it now, not after a model load
             from ..engine.runner import resolve_device
@@ -131,6 +138,7 @@ class Engine(Backend):
         self._failed: BaseException | None = None
         self._last_statistics: EngineStatistics | None = None
         self._closed = False
+        self._finalizer: weakref.finalize | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -150,7 +158,7 @@ class Engine(Backend):
             cfg = self.config
             loaded = await anyio.to_thread.run_sync(lambda: LoadedModel.load(
                 cfg.model, dtype=cfg.dtype, device=cfg.device, load_format=cfg.load_format,
-                seed=cfg.seed))
+                seed=cfg.seed, quantization=cfg.quantization))
         if loaded.in_use:
             raise RuntimeError("model: this LoadedModel is used by another open Engine")
         template = chat_template_of(loaded.tokenizer, self._chat_template_source)
@@ -159,12 +167,18 @@ class Engine(Backend):
         try:
             from ..engine.engine import EngineCore
 
+            # The loop thread holds the core; the core must not hold the engine, or an
+            # engine whose last reference is dropped could never be collected and stopped.
+            post = _weak_post(weakref.ref(self))
             self._core = await anyio.to_thread.run_sync(lambda: EngineCore(
                 self.config, model=loaded.model, model_config=loaded.model_config,
-                tokenizer=loaded.tokenizer, device=loaded.device, post=self._post))
+                tokenizer=loaded.tokenizer, device=loaded.device, post=post))
         except BaseException:
             loaded.in_use = False
             raise
+        self._finalizer = weakref.finalize(self, _collected_while_running, self._core,
+                                           self.model_name, loaded)
+        self._finalizer.atexit = False  # at exit the daemon loop thread simply ends
         self._tokenizer = loaded.tokenizer
         if loaded.tokenizer is not None:  # computed once, off the event loop
             await anyio.to_thread.run_sync(lambda: loaded.tokenizer.max_token_chars)
@@ -181,6 +195,8 @@ class Engine(Backend):
         self._closed = True
         if core is None:
             return
+        if self._finalizer is not None:
+            self._finalizer.detach()
         core.shutdown()
         timeout = self.config.close_timeout
         with anyio.CancelScope(shield=True):
@@ -202,6 +218,34 @@ class Engine(Backend):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+    def __repr__(self) -> str:
+        """One line: model, device, dtype, state, and the KV pool's size while running."""
+        return engine_repr(self._view())
+
+    def _repr_html_(self) -> str:
+        """The engine in a notebook: model, device, dtype, attention backend, state and,
+        while running, its :meth:`statistics` (requests, tokens, cache hit rate, KV slots)."""
+        return engine_html(self._view())
+
+    def _view(self) -> EngineView:
+        loaded, core, failure = self._loaded, self._core, self.failure
+        if failure is not None:
+            state = "failed"
+        elif self._closed:
+            state = "closed"
+        else:
+            state = "running" if core is not None else "not started"
+        return EngineView(
+            model=self.model_name,
+            device=str(loaded.device) if loaded is not None else self.config.device,
+            dtype=loaded.model_config.dtype if loaded is not None else self.config.dtype,
+            attention_backend=(core.runner.attention_backend if core is not None
+                               else self.config.attention_backend),
+            state=state,
+            statistics=core.statistics() if state == "running" and core is not None else None,
+            failure=failure,
+        )
 
     # ----------------------------------------------------------------- properties
     @property
@@ -560,6 +604,36 @@ class Engine(Backend):
             pending.error = error
             pending.event.set()
         self._tickets.clear()
+
+
+def _weak_post(ref: weakref.ref[Engine]) -> Callable[[list[Any]], None]:
+    """``Engine._post`` for the loop thread, through a weak reference to the engine (a
+    no-op once the engine is collected: its finalizer has asked the loop to stop)."""
+    def post(events: list[Any]) -> None:
+        engine = ref()
+        if engine is not None:
+            engine._post(events)
+
+    return post
+
+
+def _collected_while_running(core: EngineCore, model_name: str, loaded: LoadedModel) -> None:
+    """An open engine lost its last reference: stop its loop thread and say so.
+
+    Runs on whatever thread collected the engine, maybe in the middle of another task's
+    code: it only posts the shutdown to the loop's inbox and never touches an event loop.
+    The weights are released for another engine once the loop thread has ended and
+    dropped the core (a finalizer on the core), not before: the loop may be mid-step.
+    """
+    if core.failure is not None:  # the loop already stopped; collecting frees the rest
+        return
+    core.shutdown()
+    weakref.finalize(core, setattr, loaded, "in_use", False)
+    message = (f"an aiolm Engine ({model_name}) was garbage-collected while running; its "
+               "engine thread is being stopped. Close engines with `await engine.aclose()` "
+               "or use `async with aiolm.Engine(...) as engine:`")
+    _log.warning("%s", message)
+    warnings.warn(message, ResourceWarning, stacklevel=1)
 
 
 def _text_chars(request: GenerateRequest) -> int:

@@ -100,11 +100,18 @@ class KVPool:
         self.dtype = dtype
         self.device = torch.device(device)
         shape = (size + 1, num_kv_heads, head_dim)
-        # Zeros, not empty: padding rows read slot 0 and must never see NaN garbage.
-        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=self.device)
+        # Padding rows read slot 0, which must never hold NaN garbage: it is zeroed. Every
+        # other slot is written before it is read (K/V of a request's first kv_len tokens),
+        # so on the CPU the rest is left unwritten: its pages are committed only as slots
+        # are first used, and a large idle pool costs neither RAM nor start-up time. On CUDA
+        # memory is committed at allocation anyway and zeroing it costs nothing.
+        alloc = torch.empty if self.device.type == "cpu" else torch.zeros
+        self.k_buffers = [alloc(shape, dtype=dtype, device=self.device)
                           for _ in range(num_layers)]
-        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_buffers = [alloc(shape, dtype=dtype, device=self.device)
                           for _ in range(num_layers)]
+        for buf in (*self.k_buffers, *self.v_buffers):
+            buf[0].zero_()
 
     def set_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write ``k``/``v`` (``[n, num_kv_heads, head_dim]``) to rows ``slots`` of ``layer``."""

@@ -17,14 +17,25 @@ __all__ = [
     "ATTENTION_BACKENDS",
     "DTYPES",
     "LOAD_FORMATS",
+    "QUANTIZATIONS",
     "SCHEDULE_POLICIES",
     "EngineConfig",
+    "check_quantization",
 ]
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer", "hybrid")
 SCHEDULE_POLICIES = ("lpm", "dfs-weight", "fcfs")
 LOAD_FORMATS = ("auto", "dummy")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANTIZATIONS = ("auto", "int8", "int4", None)
+
+
+def check_quantization(value: Any) -> None:
+    """Raise ValueError unless ``value`` is one of ``QUANTIZATIONS``."""
+    if value not in QUANTIZATIONS:
+        raise ValueError(
+            f"quantization: must be one of {', '.join(map(repr, QUANTIZATIONS))}, got {value!r}"
+        )
 
 
 def _one_of(name: str, allowed: tuple[str, ...]):
@@ -131,11 +142,16 @@ class EngineConfig:
     - ``max_running_requests``: the most requests decoding together (``None``: 256 on CUDA,
       64 on the CPU).
     - ``max_total_tokens``: KV slots in the pool (``None``: sized from ``mem_fraction`` of
-      free GPU memory, or a RAM-capped default on the CPU).
+      free GPU memory; on the CPU, room for two full-context requests, at least 4096
+      slots, within 10% of available RAM).
     - ``mem_fraction``: the share of free GPU memory after loading the weights given to KV.
     - ``cuda_graphs``: capture decode steps in CUDA graphs (CUDA only).
     - ``load_format``: ``"auto"`` (a Hugging Face directory or a ``.gguf`` file, by what
       the path is) or ``"dummy"`` (random weights of a named config, for tests and benchmarks).
+    - ``quantization``: weight-only quantized projections and LM head on the CPU.
+      ``"auto"`` keeps a quantized GGUF quantized (Q4_0/Q4_1 → int4, other types → int8)
+      and does nothing on CUDA or for float checkpoints; ``"int8"``/``"int4"`` quantize
+      any checkpoint at load (the CPU only); None keeps the exact float weights.
     - ``tp_size``: tensor parallelism; only 1 is supported.
     - ``seed``: seeds dummy weights and the sampler's shared random generator.
     - ``jump_forward``: append the tokens a constraint forces in one pass.
@@ -147,6 +163,14 @@ class EngineConfig:
       others go on. The forward pass itself cannot be interrupted and is not counted.
     - ``close_timeout``: the most seconds ``Engine.aclose()`` waits for the loop to stop
       (it stops after its current step); past it the engine is marked failed and left.
+    - ``num_threads``: torch's intra-op CPU threads for the engine's thread (``None``: on the
+      CPU, the usable cores minus one, at least 1, leaving the event loop a core; on CUDA,
+      torch's own setting is kept). NOTE: ``torch.set_num_threads`` is process-wide in
+      effect: it also becomes the count of every thread that starts torch work later
+      (threads that already ran torch work keep theirs).
+    - ``compile``: compile the CPU decode step with ``torch.compile`` (inductor's CPU code),
+      warmed at start and cached on disk by inductor. Off by default: the first start
+      compiles for about a minute on a small laptop CPU. Ignored on CUDA (CUDA graphs).
     """
 
     model: str | None = attrs.field(default=None, converter=_model_converter, validator=_check_model)
@@ -171,6 +195,8 @@ class EngineConfig:
     mem_fraction: float = attrs.field(default=0.85, validator=_check_mem_fraction)
     cuda_graphs: bool = attrs.field(default=True, validator=_bool("cuda_graphs"))
     load_format: str = attrs.field(default="auto", validator=_one_of("load_format", LOAD_FORMATS))
+    quantization: str | None = attrs.field(
+        default="auto", validator=lambda _inst, _attr, value: check_quantization(value))
     tp_size: int = attrs.field(default=1, validator=_check_tp_size)
     seed: int = attrs.field(default=0, validator=_int_at_least("seed", 0))
     jump_forward: bool = attrs.field(default=True, validator=_bool("jump_forward"))
@@ -178,7 +204,15 @@ class EngineConfig:
     request_step_timeout: float = attrs.field(
         default=5.0, validator=_positive_seconds("request_step_timeout"))
     close_timeout: float = attrs.field(default=10.0, validator=_positive_seconds("close_timeout"))
+    num_threads: int | None = attrs.field(
+        default=None, validator=_int_at_least("num_threads", 1, optional=True))
+    compile: bool = attrs.field(default=False, validator=_bool("compile"))
 
     def __attrs_post_init__(self) -> None:
         if self.load_format == "dummy" and self.model is None:
             raise ValueError("model: load_format='dummy' needs a named config, e.g. 'tiny-llama'")
+        if self.quantization in ("int8", "int4") and self.device.startswith("cuda"):
+            raise ValueError(
+                f"quantization: {self.quantization!r} is for the CPU only; on CUDA pass "
+                "quantization=None or 'auto'"
+            )

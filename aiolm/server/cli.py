@@ -123,12 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mem-fraction", type=float, default=0.85)
     e.add_argument("--no-cuda-graphs", action="store_true")
     e.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    e.add_argument("--quantization", default="auto", choices=["auto", "int8", "int4", "none"],
+                   help="weight-only quantized layers on the CPU: auto keeps a quantized GGUF "
+                        "quantized; none keeps exact float weights (default %(default)s)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--request-step-timeout", type=float, default=5.0,
                    help="the watchdog: seconds of host work one request may take in one engine "
                         "step before it is aborted (default %(default)s)")
     e.add_argument("--close-timeout", type=float, default=10.0,
                    help="seconds shutdown waits for the engine loop (default %(default)s)")
+    e.add_argument("--num-threads", type=int, default=None,
+                   help="torch CPU threads of the engine (default: usable cores minus one)")
+    e.add_argument("--compile", action="store_true",
+                   help="compile the CPU decode step with torch.compile (slow first start)")
     e.add_argument("--no-escape-special-tokens", action="store_true",
                    help="let special-token text inside chat messages act as special tokens "
                         "(default: it is encoded as plain text)")
@@ -151,7 +158,9 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         max_running_requests=args.max_running_requests, max_total_tokens=args.max_total_tokens,
         mem_fraction=args.mem_fraction, cuda_graphs=not args.no_cuda_graphs,
         load_format=args.load_format, seed=args.seed,
+        quantization=None if args.quantization == "none" else args.quantization,
         request_step_timeout=args.request_step_timeout, close_timeout=args.close_timeout,
+        num_threads=args.num_threads, compile=args.compile,
         escape_special_tokens=not args.no_escape_special_tokens,
         chat_template=args.chat_template,
     )
