@@ -191,3 +191,18 @@ def test_prompt_logprobs_match_a_cpu_forward_cached_or_not():
     assert cached.usage.cached_tokens == 0 and plain.usage.cached_tokens == len(PROMPT) - 1
     assert scored.finish_reason == "length" and scored.token_ids == ()
     assert scored.usage.completion_tokens == 0
+
+
+def test_a_float32_model_gets_triton_attention_and_flashinfer_is_refused_for_it():
+    from aiolm.backends.engine import Engine
+
+    async def main():
+        async with Engine(loaded(), device=DEVICE, max_total_tokens=4096) as engine:
+            assert engine._core.runner.attention_backend == "triton"
+        for backend in ("flashinfer", "hybrid"):
+            with pytest.raises(ValueError, match="attention_backend: .* float16 or bfloat16"):
+                async with Engine(loaded(), device=DEVICE, attention_backend=backend,
+                                  max_total_tokens=4096):
+                    pass
+
+    anyio.run(main)

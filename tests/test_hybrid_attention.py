@@ -150,3 +150,14 @@ def test_auto_picks_hybrid_on_cuda_when_flashinfer_imports(monkeypatch, has_flas
     monkeypatch.setattr(fi_backend, "flashinfer_available", lambda: has_flashinfer)
     assert choose_attention_backend(torch.device("cuda")) == expected
     assert choose_attention_backend(torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_auto_picks_triton_for_a_dtype_flashinfer_has_no_kernels_for(monkeypatch, dtype):
+    from aiolm.engine.attention import flashinfer as fi_backend
+    from aiolm.engine.runner import choose_attention_backend
+
+    monkeypatch.setattr(fi_backend, "flashinfer_available", lambda: True)
+    assert choose_attention_backend(torch.device("cuda"), dtype) == "triton"
+    assert choose_attention_backend(torch.device("cuda"), torch.bfloat16) == "hybrid"
+    assert choose_attention_backend(torch.device("cuda"), torch.float16) == "hybrid"

@@ -89,14 +89,21 @@ def choose_num_threads(requested: int | None, device: torch.device) -> int | Non
     return max(1, cores - 1)
 
 
-def choose_attention_backend(device: torch.device) -> str:
-    """The attention backend ``"auto"`` means on ``device``.
+#: The dtypes flashinfer's kernels take (the ``flashinfer`` and ``hybrid`` backends).
+FLASHINFER_DTYPES = ("float16", "bfloat16")
+
+
+def choose_attention_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The attention backend ``"auto"`` means on ``device`` for a model of ``dtype``.
 
     The CPU uses the exact torch backend. CUDA uses ``"hybrid"`` (flashinfer's prefill for
-    extend passes, our triton decode) when flashinfer imports, else our triton kernels.
+    extend passes, our triton decode) when flashinfer imports and the model is float16 or
+    bfloat16 (flashinfer has no float32 kernels), else our triton kernels.
     """
     if device.type != "cuda":
         return "torch"
+    if dtype is not None and str(dtype).removeprefix("torch.") not in FLASHINFER_DTYPES:
+        return "triton"
     from .attention.flashinfer import flashinfer_available
 
     return "hybrid" if flashinfer_available() else "triton"
@@ -183,8 +190,13 @@ class ModelRunner:
         self.chunked_prefill_size = config.chunked_prefill_size or (8192 if cuda else 2048)
 
         backend = config.attention_backend
+        dtype_name = str(model_config.torch_dtype).removeprefix("torch.")
         if backend == "auto":
-            backend = choose_attention_backend(device)
+            backend = choose_attention_backend(device, model_config.torch_dtype)
+        elif (backend in ("flashinfer", "hybrid") and device.type == "cuda"
+              and dtype_name not in FLASHINFER_DTYPES):
+            raise ValueError(f"attention_backend: {backend!r} runs float16 or bfloat16 models "
+                             f"(flashinfer has no {dtype_name} kernels); use 'triton' or 'auto'")
         self.attention_backend = backend
         self.attn = create_attention(
             backend, num_q_heads=model_config.num_heads, num_kv_heads=model_config.num_kv_heads,
