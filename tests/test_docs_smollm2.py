@@ -67,3 +67,52 @@ async def test_the_pydantic_example_of_the_constraints_page_validates_on_smollm2
     person = Person.model_validate_json(state["person"])
     assert person.name and person.job
     assert state.meta("person").finish_reason == "stop"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_engine_examples_of_the_first_pages_come_to_sensible_answers_on_smollm2():
+    """docs/getting-started.md's few-shot ``capital`` on the engine, and
+    docs/constraints.md's ``card`` (regex, int, choices) and grammar examples."""
+    import regex
+    from smollm2 import gguf_path
+
+    from aiolm import program
+
+    gguf_path()  # skips without the embedded model's package
+
+    @program
+    async def capital(s, country: str):
+        s += "Q: What is the capital of Japan?\nA: Tokyo\n"
+        s += f"Q: What is the capital of {country}?\nA:" + gen("answer", max_tokens=16, stop="\n")
+
+    @program
+    async def card(s, city: str):
+        s += user(f"Tell me about {city}.")
+        s += assistant(
+            "Country: " + gen("country", regex=r"[A-Z][a-z]+( [A-Z][a-z]+)*") + "\n"
+            + "Population: " + gen("population", dtype=int) + "\n"
+            + "Coastal: " + gen("coastal", choices=["yes", "no"])
+        )
+
+    arith = r"""
+start: expr
+expr: term (("+" | "-") term)*
+term: factor (("*" | "/") factor)*
+factor: NUMBER | "(" expr ")"
+NUMBER: /[0-9]{1,6}/
+"""
+
+    @program
+    async def compute(s):
+        s += "Compute: " + gen("expr", grammar=arith, max_tokens=40)
+
+    async with aiolm.Engine() as engine:
+        first = await capital.run(country="France", backend=engine)
+        about = await card.run("Paris", backend=engine)
+        math = await compute.run(backend=engine)
+    assert first["answer"].strip() == "Paris"
+    assert regex.fullmatch(r"[A-Z][a-z]+( [A-Z][a-z]+)*", about["country"])
+    assert isinstance(about["population"], int)
+    assert about["coastal"] in ("yes", "no")
+    assert regex.fullmatch(r"[0-9()+\-*/]+", math["expr"]), math["expr"]
