@@ -106,21 +106,24 @@ def floors(num_params: int, hidden: int, kind: str) -> dict[str, float]:
     (2 flops per weight per token), the compute bound of prefill and large batches.
     """
     rows = num_params // hidden
+    # The quantized kernels run with bfloat16 activations, scales and zeros, as the
+    # engine's Int8Linear / Int4Linear call them (their float32 paths are 10-40x slower).
     with torch.inference_mode():
         if kind == "int8":
             w = torch.randint(-127, 127, (rows, hidden), dtype=torch.int8)
-            scales = torch.rand(rows)
+            scales = torch.rand(rows, dtype=torch.bfloat16)
             def mm(x: torch.Tensor) -> torch.Tensor:
                 return torch._weight_int8pack_mm(x, w, scales)
-            dtype = torch.float32
+            dtype = torch.bfloat16
         elif kind == "int4":
             hidden -= hidden % 32
+            rows -= rows % 16          # the packing takes rows in multiples of 16
             codes = torch.randint(0, 16, (rows, hidden), dtype=torch.int32)
             packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-            sz = torch.rand(hidden // 32, rows, 2)
+            sz = torch.rand(hidden // 32, rows, 2, dtype=torch.bfloat16)
             def mm(x: torch.Tensor) -> torch.Tensor:
                 return torch._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
-            dtype = torch.float32
+            dtype = torch.bfloat16
         else:
             dtype = getattr(torch, kind)
             w = torch.randn(rows, hidden, dtype=dtype)
