@@ -154,16 +154,26 @@ def _render(backend: Backend, messages: Sequence[Message], tools: Sequence[Any],
             tparser: ToolParser | None, source: str | None,
             template_kwargs: dict[str, Any]) -> str:
     """The prompt: finished turns through the chat template, then the open assistant turn."""
-    from ..chat import Message, TextPart, as_text_turn, messages_to_openai, render_text
+    from ..chat import as_text_turn, messages_to_openai, render_text
     from .parsers import get_tool_parser
 
     history = list(messages)
     open_text = ""
     if history and history[-1].role == "assistant" and not history[-1].tool_calls:
         open_text = history.pop().content
+    writer = tparser or get_tool_parser(DEFAULT_TOOL_PARSER)
     if source is not None:
-        rendered = backend.render_chat(messages_to_openai(history),
-                                       tools=[t.to_openai() for t in tools] or None,
+        listed = [t.to_openai() for t in tools] or None
+        has_tool_turns = any(m.role == "tool" or m.tool_calls for m in history)
+        if (listed is not None or has_tool_turns) and not _renders_tools(backend, template_kwargs):
+            # The template knows no tools (SmolLM2's, say): rendered as they are, the model
+            # would never see them. Describe them in the system turn and write calls and
+            # answers as the tool parser reads them.
+            history = [as_text_turn(m, writer.format_calls) for m in history]
+            if listed is not None:
+                history = _with_tools_described(history, writer.describe_tools(tools))
+            listed = None
+        rendered = backend.render_chat(messages_to_openai(history), tools=listed,
                                        add_generation_prompt=True, **template_kwargs)
         return _append_literal(rendered, open_text)
     template = backend.chat_template
@@ -171,16 +181,35 @@ def _render(backend: Backend, messages: Sequence[Message], tools: Sequence[Any],
         raise UnsupportedFeature(f"{backend.model_name} has no chat template")
     # No template of the model's own: tools are described in the system turn, calls are
     # written the way the tool parser reads them, and a tool's answer is a user turn.
-    writer = tparser or get_tool_parser(DEFAULT_TOOL_PARSER)
     turns = [as_text_turn(m, writer.format_calls) for m in history]
-    if tparser is not None and tools:
-        described = tparser.describe_tools(tools)
-        if turns and turns[0].role == "system":
-            first = turns[0]
-            turns[0] = Message(role="system", parts=(*first.parts, TextPart(text="\n\n" + described)))
-        else:
-            turns.insert(0, Message(role="system", parts=(TextPart(text=described),)))
+    if tools:
+        turns = _with_tools_described(turns, writer.describe_tools(tools))
     return render_text(turns, template, open_role="assistant", open_text=open_text)
+
+
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": "aiolm_probe_tool", "description": "", "parameters": {"type": "object", "properties": {}}}}
+
+
+def _renders_tools(backend: Backend, template_kwargs: dict[str, Any]) -> bool:
+    """True when the backend's chat template writes the tools it is given into the prompt."""
+    try:
+        probe = backend.render_chat([{"role": "user", "content": "x"}], tools=[_PROBE_TOOL],
+                                    add_generation_prompt=True, **template_kwargs)
+    except ValueError:   # a template that fails on tools does not render them
+        return False
+    return "aiolm_probe_tool" in probe
+
+
+def _with_tools_described(turns: list[Message], described: str) -> list[Message]:
+    """``turns`` with ``described`` (the tools and how to call them) in the system turn."""
+    from ..chat import Message, TextPart
+
+    if turns and turns[0].role == "system":
+        first = turns[0]
+        return [Message(role="system", parts=(*first.parts, TextPart(text="\n\n" + described))),
+                *turns[1:]]
+    return [Message(role="system", parts=(TextPart(text=described),)), *turns]
 
 
 def _append_literal(rendered: str, text: str) -> str:
