@@ -93,10 +93,11 @@ def load_model(
         from .layers.quant import quantize_model
 
         started = time.perf_counter()
+        from_codes = len(stored)   # quantize_model takes the entries it packs
         counts = quantize_model(module, scheme, stored)
-        _log.info("quantized to %s (%d int4 and %d int8 layers, %d from the file's 4-bit "
-                  "codes): %.2f s", scheme, counts["int4"], counts["int8"], len(stored),
-                  time.perf_counter() - started)
+        _log.info("quantized to %s (%d int4 and %d int8 layers; %d weight shards packed "
+                  "from the file's 4-bit codes): %.2f s", scheme, counts["int4"],
+                  counts["int8"], from_codes - len(stored), time.perf_counter() - started)
     return module, config
 
 
