@@ -52,8 +52,10 @@ def _check_name(name: Any, what: str) -> str:
 @attrs.frozen(kw_only=True)
 class Tool:
     """A function the model may call: ``parameters`` is the JSON schema of its arguments
-    (an object schema). ``strict``: the arguments must validate against it exactly (the
-    engine enforces every call's arguments with a grammar then, whatever ``tool_choice``)."""
+    (an object schema). ``strict``: the arguments must validate against it exactly (sent
+    on to chat APIs that take it; on a text backend a forced call — ``tool_choice``
+    ``"required"`` or the tool's name — is enforced by a grammar, strict or not, and an
+    ``"auto"`` call is the model's own)."""
 
     name: str
     description: str = ""
