@@ -346,6 +346,12 @@ class SamplingParams:
     seed: int | None = attrs.field(
         default=None,
         validator=_int_in("seed", SEED_RANGE.start, SEED_RANGE.stop - 1, optional=True))
+    skip_special_tokens: bool = attrs.field(default=True)
+
+    @skip_special_tokens.validator
+    def _check_skip_special_tokens(self, _attr, value):
+        if not isinstance(value, bool):
+            raise TypeError(f"skip_special_tokens: expected a bool, got {type(value).__name__}")
 
     @top_k.validator
     def _check_top_k(self, _attr, value):

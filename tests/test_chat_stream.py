@@ -60,3 +60,23 @@ async def test_an_existing_system_turn_keeps_its_text_before_the_tools():
     prompt = await plan(None, messages=messages)
     system = prompt.split("<|im_end|>")[0]
     assert system.startswith("<|im_start|>system\nBe brief.\n\n") and "get_weather" in system
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_format_whose_marker_is_a_special_token_keeps_special_tokens_in_the_text():
+    async with Engine(tiny_chat_model(TOOLS_TEMPLATE), max_total_tokens=1024) as engine:
+        for parser, skip in (("mistral", False), ("hermes", True)):
+            request = GenerateRequest(messages=HISTORY, tools=TOOLS)
+            planned = plan_chat(engine, request, tool_parser=parser).request
+            assert planned.sampling.skip_special_tokens is skip
+
+
+async def test_skip_special_tokens_false_writes_special_tokens_into_the_text():
+    async with Engine(tiny_chat_model(), max_total_tokens=1024) as engine:
+        im_start = engine.tokenizer.encode("<|im_start|>")
+        assert len(im_start) == 1
+        forced = {"max_tokens": 3, "ignore_eos": True, "logit_bias": {im_start[0]: 100}}
+        kept = await engine.generate("Hi", skip_special_tokens=False, **forced)
+        dropped = await engine.generate("Hi", **forced)
+    assert kept.text == "<|im_start|>" * 3 and dropped.text == ""
+    assert kept.token_ids == dropped.token_ids == (im_start[0],) * 3

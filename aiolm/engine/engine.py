@@ -296,7 +296,8 @@ class EngineCore:
                 f"the request needs {need} KV slots; the engine has {self.runner.allocator.size} "
                 "(raise max_total_tokens)"
             )
-        detok = self.tokenizer.detokenizer(ids) if self.tokenizer is not None else None
+        detok = (self.tokenizer.detokenizer(ids, skip_special_tokens=sampling.skip_special_tokens)
+                 if self.tokenizer is not None else None)
         checker = StopChecker(sampling, eos_token_ids=self.eos_token_ids, detokenizer=detok)
         state = _ReqState(checker=checker,
                           want_logprobs=bool(sampling.logprobs or sampling.top_logprobs),

@@ -1,7 +1,7 @@
 """Parsing OpenAI request bodies into aiolm ``GenerateRequest``\\ s (400 on anything wrong).
 
 Besides the OpenAI fields, both endpoints take aiolm's extensions: ``regex``, ``grammar``,
-``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``stop_regex``,
+``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``, ``skip_special_tokens``, ``stop_token_ids``, ``stop_regex``,
 ``return_token_ids`` (each choice and chunk also carries its ``token_ids``);
 ``/v1/completions`` also takes ``response_format``; ``/v1/chat/completions`` takes
 ``continue_final_message`` (the last assistant message is continued, not closed),
@@ -179,6 +179,7 @@ def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: bool, t
         frequency_penalty=get(body, "frequency_penalty", (int, float), 0.0),
         presence_penalty=get(body, "presence_penalty", (int, float), 0.0),
         ignore_eos=get(body, "ignore_eos", bool, False),
+        skip_special_tokens=get(body, "skip_special_tokens", bool, True),
         min_tokens=get(body, "min_tokens", int, 0),
         stop=stop,
         stop_token_ids=get(body, "stop_token_ids", list, None),

@@ -142,7 +142,10 @@ def plan_chat(backend: Backend, request: GenerateRequest, *, tool_parser: str | 
 
     prompt = _render(backend, request.messages or (), tools, tparser, source, template_kwargs)
     images = tuple(img for m in request.messages or () for img in m.images)
-    text_request = GenerateRequest(prompt=prompt, images=images, sampling=request.sampling,
+    sampling = request.sampling
+    if calls_wanted and tparser is not None and tparser.keeps_special_tokens:
+        sampling = attrs.evolve(sampling, skip_special_tokens=False)
+    text_request = GenerateRequest(prompt=prompt, images=images, sampling=sampling,
                                    constraint=constraint, request_id=request.request_id,
                                    session=request.session,
                                    prompt_logprobs=request.prompt_logprobs)

@@ -76,6 +76,9 @@ class ToolParser(abc.ABC):
     for a streamed output."""
 
     name: ClassVar[str]
+    #: The format's marker is a special token in its models' tokenizers: the output must be
+    #: decoded with special tokens kept, or the marker vanishes before the parser sees it.
+    keeps_special_tokens: ClassVar[bool] = False
     # How a grammar writes several calls: the text before, between and after them.
     _list_format: ClassVar[tuple[str, str, str]]
 
@@ -694,6 +697,7 @@ class MistralParser(_JsonToolParser):
     content (each call's ``"id"`` is kept when it has one)."""
 
     name = "mistral"
+    keeps_special_tokens = True   # [TOOL_CALLS] is a control token of Mistral's tokenizers
 
     def streamer(self) -> ToolStreamer:
         return _MistralStreamer()
