@@ -25,12 +25,14 @@ import torch
 from torch import nn
 
 __all__ = [
-    "INT4_GROUP", "SCHEMES", "Int4Codes", "Int4Linear", "Int8Linear", "quantize_model",
+    "INT4_GROUP", "KERNEL_DTYPE", "SCHEMES", "Int4Codes", "Int4Linear", "Int8Linear", "quantize_model",
 ]
 
 INT4_GROUP = 32
 SCHEMES = ("int8", "int4")
 _KERNEL_DTYPE = torch.bfloat16
+#: The activations' dtype the CPU kernels take (and return).
+KERNEL_DTYPE = _KERNEL_DTYPE
 
 
 @attrs.frozen(kw_only=True)
@@ -81,10 +83,12 @@ class _QuantizedLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x @ W.T (+ b)`` in ``out_dtype`` (default: the layer's ``out_dtype``, else
+        ``x``'s dtype); an input already in the kernel's dtype (bfloat16) is not cast."""
         lead = x.shape[:-1]
         y = self._matmul(x.reshape(-1, self.in_features).to(_KERNEL_DTYPE))
-        y = y.to(self.out_dtype or x.dtype)
+        y = y.to(out_dtype or self.out_dtype or x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*lead, self.out_features)

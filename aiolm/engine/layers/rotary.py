@@ -58,6 +58,9 @@ class RotaryEmbedding(nn.Module):
         self.scaling = scaling
         self.register_buffer("cos", torch.empty(max_positions, head_dim // 2), persistent=False)
         self.register_buffer("sin", torch.empty(max_positions, head_dim // 2), persistent=False)
+        # CPU eager path: the full-width tables, and the rows of the last positions.
+        self._full: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._gathered: tuple | None = None
         if self.cos.device.type != "meta":
             self.reset_cache()
 
@@ -70,6 +73,38 @@ class RotaryEmbedding(nn.Module):
         freqs = t[:, None] * inv_freq[None, :]
         self.cos = freqs.cos()
         self.sin = freqs.sin()
+        self._full = None
+        self._gathered = None
+
+    def _cpu_tables(self, positions: torch.Tensor,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[cos, cos]`` and ``[-sin, sin]`` rows of ``positions`` in ``dtype``,
+        ``[T, 1, D]``: the rotation as ``x * cos2 + swap_halves(x) * sin2``. Eager only: the
+        rows of the last ``positions`` tensor are kept, so the layers of one forward pass
+        (all given the same tensor) gather them once; ``new_pass()`` drops them."""
+        cached = self._gathered
+        if cached is not None and cached[0] is positions and cached[1] == dtype:
+            return cached[2], cached[3]
+        if self._full is None or self._full[0] is not self.cos:
+            self._full = (self.cos, torch.cat((self.cos, self.cos), dim=-1),
+                          torch.cat((-self.sin, self.sin), dim=-1))
+        cos = self._full[1][positions].to(dtype).unsqueeze(1)
+        sin = self._full[2][positions].to(dtype).unsqueeze(1)
+        self._gathered = (positions, dtype, cos, sin)
+        return cos, sin
+
+    def new_pass(self) -> None:
+        """Forget the rows gathered for the previous forward pass (its positions)."""
+        self._gathered = None
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """RoPE of ``x`` ``[T, H, D]`` (q and k heads side by side: one pass for both) by
+        ``positions`` ``[T]``; a new tensor. Eager CPU path: the same products and sums,
+        each rounded as the per-half code rounds them (``a - b == a + (-b)`` exactly)."""
+        cos, sin = self._cpu_tables(positions, x.dtype)
+        t, h, d = x.shape
+        swapped = x.reshape(t, h, 2, d // 2).flip(2).view(t, h, d)
+        return x * cos + swapped * sin
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ from torch import nn
 from ..attention.base import AttentionBackend
 from ..forward_batch import ForwardBatch
 from ..layers import LMHead, MergedLinear, RMSNorm, RotaryEmbedding, SiluAndMul, VocabEmbedding
-from ..layers.quant import Int4Codes
+from ..layers.quant import KERNEL_DTYPE, Int4Codes, Int4Linear, Int8Linear
 from ..model_config import ModelConfig
 
 __all__ = ["LlamaForCausalLM"]
@@ -49,7 +49,20 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, rotary: RotaryEmbedding,
                 attn: AttentionBackend, batch: ForwardBatch) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        qkv = self.qkv_proj(hidden)
+        if (self.q_norm is None and qkv.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
+            # Eager CPU: rotate q and k heads together (fewer, per-op overhead bound ops).
+            q_size = self.num_heads * self.head_dim
+            qk, v = qkv.split([q_size + self.num_kv_heads * self.head_dim,
+                               self.num_kv_heads * self.head_dim], dim=-1)
+            qk = rotary.rotate(positions, qk.view(-1, self.num_heads + self.num_kv_heads,
+                                                  self.head_dim))
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            out = attn.forward(q, k, v.view(-1, self.num_kv_heads, self.head_dim),
+                               self.layer_id, batch)
+            return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        q, k, v = self.qkv_proj.split(qkv)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -72,7 +85,14 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if (x.device.type == "cpu" and isinstance(gate_up, Int4Linear | Int8Linear)
+                and isinstance(down, Int4Linear | Int8Linear) and gate_up.bias is None):
+            # CPU weight-only kernels compute in bfloat16: keep the activation in it from
+            # gate/up through SiLU * up into down (no float round trip in between).
+            hidden = gate_up(x, KERNEL_DTYPE)
+            return down(self.act(hidden), x.dtype)
+        return down(self.act(gate_up(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -149,6 +169,8 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"return_logits: expected 'last' or 'all', got {batch.return_logits!r}")
         attn.init_forward(batch)
         inner = self.model
+        if not torch.compiler.is_compiling():
+            inner.rotary_emb.new_pass()
         hidden = inner.embed_tokens(batch.input_ids)
         residual: torch.Tensor | None = None
         for layer in inner.layers:
