@@ -41,7 +41,7 @@ from starlette.routing import Route
 from ..backends.base import Backend, Chunk, GenerateRequest, new_request_id
 from ..errors import BackendError
 from ..sampling import SamplingParams
-from ..tools.chat_stream import stream_chat, stream_plan
+from ..tools.chat_stream import stream_plan
 from .errors import ApiError, api_error_for
 from .guard import RequestGuard
 from .metrics import Metrics
@@ -399,29 +399,22 @@ class _Answer:
     async def _generate(self, parsed: Parsed,
                         on_piece: Callable[[Choice, Chunk], Awaitable[None]] | None) -> list[Choice]:
         """Run every choice (``n`` per prompt) concurrently; return them in order."""
+        plan = parsed.plan   # a chat planned while parsing: its rendered request is the base
         jobs = []
         for pi, req in enumerate(parsed.requests):
+            base = plan.request if plan is not None else req
             offset = parsed.prompt_offsets[pi] if parsed.prompt_offsets else 0
             echo = parsed.echo[pi] if parsed.echo else ""
             for k in range(parsed.candidates):
                 choice = Choice(index=len(jobs), prompt_index=pi, offset=offset, echo=echo)
-                jobs.append((choice, attrs.evolve(req, request_id=new_request_id(),
-                                                  sampling=_choice_sampling(req.sampling, k))))
+                jobs.append((choice, attrs.evolve(base, request_id=new_request_id(),
+                                                  sampling=_choice_sampling(base.sampling, k))))
         backend = self._server.backend
-        parsers = parsed.parsers
-
-        plan = parsed.plan
 
         async def run(choice: Choice, request: GenerateRequest) -> None:
-            if plan is not None:   # planned while parsing; this choice's id and sampling
-                text = attrs.evolve(plan.request, request_id=request.request_id,
-                                    sampling=request.sampling)
-                opened = stream_plan(backend, attrs.evolve(plan, request=text))
-            elif parsers is not None:
-                opened = stream_chat(backend, request, tool_parser=parsers.tool,
-                                     reasoning_parser=parsers.reasoning)
-            else:
-                opened = backend.stream(request)
+            # A chat API backend takes tools and reasoning natively: its request goes as it is.
+            opened = (stream_plan(backend, attrs.evolve(plan, request=request))
+                      if plan is not None else backend.stream(request))
             async with opened as chunks:
                 async for chunk in chunks:
                     chunk = choice.add(chunk)

@@ -81,8 +81,8 @@ class Parsed:
     token_ids: bool = False                # extension ``return_token_ids``: ids in each choice
     prompt_offsets: tuple[int, ...] = ()   # completions: where each answer's text_offset starts
     echo: tuple[str, ...] = ()             # completions with ``echo``: each prompt's text
-    parsers: ChatParsers | None = None     # chat through aiolm.tools.stream_chat, with these formats
-    plan: ChatPlan | None = None           # that chat, rendered for a text backend (stream_plan)
+    plan: ChatPlan | None = None           # a chat with tools or reasoning, rendered for a
+                                           # text backend (aiolm.tools.stream_plan)
     prompt_param: str = "prompt"           # the field an error about the prompt names
     constraint_param: str | None = None    # the field the constraint came from
 
@@ -415,7 +415,7 @@ def parse_chat(body: dict[str, Any], backend: Backend, limits: Limits = _DEFAULT
     return Parsed(kind="chat", requests=(request,), n=n, stream=stream,
                   include_usage=include_usage, logprobs=want_logprobs,
                   token_ids=get(body, "return_token_ids", bool, False),
-                  parsers=parsers if layered else None, plan=plan, prompt_param="messages",
+                  plan=plan, prompt_param="messages",
                   constraint_param=constraint_param or ("tools" if options.tools else None))
 
 

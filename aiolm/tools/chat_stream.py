@@ -168,7 +168,7 @@ def _render(backend: Backend, messages: Sequence[Message], tools: Sequence[Any],
     if source is not None:
         listed = [t.to_openai() for t in tools] or None
         has_tool_turns = any(m.role == "tool" or m.tool_calls for m in history)
-        if (listed is not None or has_tool_turns) and not _renders_tools(backend, template_kwargs):
+        if (listed is not None or has_tool_turns) and not _renders_tools(backend, source, template_kwargs):
             # The template knows no tools (SmolLM2's, say): rendered as they are, the model
             # would never see them. Describe them in the system turn and write calls and
             # answers as the tool parser reads them.
@@ -194,14 +194,26 @@ _PROBE_TOOL = {"type": "function", "function": {
     "name": "aiolm_probe_tool", "description": "", "parameters": {"type": "object", "properties": {}}}}
 
 
-def _renders_tools(backend: Backend, template_kwargs: dict[str, Any]) -> bool:
+#: Whether a template renders tools, by (template source, its keyword arguments): the probe
+#: is a render of its own, so each template is probed once, not once per request.
+_RENDERS_TOOLS: dict[tuple[str, str], bool] = {}
+
+
+def _renders_tools(backend: Backend, source: str, template_kwargs: dict[str, Any]) -> bool:
     """True when the backend's chat template writes the tools it is given into the prompt."""
+    key = (source, repr(sorted(template_kwargs.items())))
+    known = _RENDERS_TOOLS.get(key)
+    if known is not None:
+        return known
     try:
         probe = backend.render_chat([{"role": "user", "content": "x"}], tools=[_PROBE_TOOL],
                                     add_generation_prompt=True, **template_kwargs)
     except ValueError:   # a template that fails on tools does not render them
-        return False
-    return "aiolm_probe_tool" in probe
+        probe = ""
+    if len(_RENDERS_TOOLS) >= 64:   # templates of a process are few; bound it all the same
+        _RENDERS_TOOLS.clear()
+    _RENDERS_TOOLS[key] = known = "aiolm_probe_tool" in probe
+    return known
 
 
 def _with_tools_described(turns: list[Message], described: str) -> list[Message]:

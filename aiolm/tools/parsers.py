@@ -552,7 +552,32 @@ class HermesParser(_JsonToolParser):
 # -- llama3_json ------------------------------------------------------------------------------
 
 
-class _Llama3Streamer(ToolStreamer):
+class _ListStreamer(ToolStreamer):
+    """A streamer of a format whose calls are JSON objects in a list (llama3_json, mistral):
+    a malformed object turns the rest of the output into content."""
+
+    _state: str
+    _reader: _CallReader | None
+
+    def _object_in_list(self, final: bool, *, then: str) -> bool:
+        """The ``"object"`` state: read the call being streamed; once complete, commit it and
+        go to state ``then``, or, malformed, to ``"text"``. False when it needs more text."""
+        assert self._reader is not None
+        done = self._read_object(self._reader, final)
+        if done is None:
+            return False
+        if not done:
+            self._fail()
+            self._state = "text"
+            return True
+        assert self._reader.call is not None
+        self._commit(self._reader.call, self._reader.index)
+        self._raw = ""
+        self._state = then
+        return True
+
+
+class _Llama3Streamer(_ListStreamer):
     TAG = "<|python_tag|>"
 
     def __init__(self) -> None:
@@ -583,18 +608,8 @@ class _Llama3Streamer(ToolStreamer):
                 self._reader = _CallReader(self)
                 self._state = "object"
             elif state == "object":
-                assert self._reader is not None
-                done = self._read_object(self._reader, final)
-                if done is None:
+                if not self._object_in_list(final, then="between"):
                     return
-                if not done:
-                    self._fail()
-                    self._state = "text"
-                    continue
-                assert self._reader.call is not None
-                self._commit(self._reader.call, self._reader.index)
-                self._raw = ""
-                self._state = "between"
             elif state == "between":  # separators, then another object or the end
                 rest = self._buf.lstrip(" \t\r\n;")
                 self._raw += self._buf[: len(self._buf) - len(rest)]
@@ -638,7 +653,7 @@ class Llama3JsonParser(_JsonToolParser):
 # -- mistral ------------------------------------------------------------------------------
 
 
-class _MistralStreamer(ToolStreamer):
+class _MistralStreamer(_ListStreamer):
     MARK = "[TOOL_CALLS]"
 
     def __init__(self) -> None:
@@ -674,18 +689,8 @@ class _MistralStreamer(ToolStreamer):
                     self._fail()
                     self._state = "text"
             elif state == "object":
-                assert self._reader is not None
-                done = self._read_object(self._reader, final)
-                if done is None:
+                if not self._object_in_list(final, then="next"):
                     return
-                if not done:
-                    self._fail()
-                    self._state = "text"
-                    continue
-                assert self._reader.call is not None
-                self._commit(self._reader.call, self._reader.index)
-                self._raw = ""
-                self._state = "next"
             else:  # text: after a malformed array, everything is content
                 self._text(self._buf)
                 self._buf = ""
