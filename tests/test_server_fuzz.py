@@ -59,7 +59,8 @@ MODEL = "tiny-llama"
 VOCAB = 512                 # tiny-llama's vocabulary (checked by the fixture)
 EXAMPLES = 1200             # drawn cases per route
 BATCH = 25                  # cases between two canaries
-SLOW_S = 1.0                # the most any answer may take
+SLOW_S = 2.5                # the most any answer may take (a stall, not a timing:
+                            # a 2-core CI machine under the whole suite has taken 1.04 s)
 STALL_S = 10.0              # the client gives up here (a stall)
 PING_S = 0.05               # how often /health is asked while fuzzing
 COMPLETIONS, CHAT, SCORE = "/v1/completions", "/v1/chat/completions", "/v1/aiolm/score"
