@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 import attrs
 
-from .backends.base import ImageData
 from .engine.tokenizer import MarkedText
 from .tools.spec import ToolCall
+from .values import ImageData
 
 __all__ = [
     "SIMPLE_TEMPLATE",

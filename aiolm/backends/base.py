@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import attrs
 
 from ..sampling import SamplingParams
+from ..values import ImageData, TokenLogprob, Usage
 
 if TYPE_CHECKING:
     from ..chat import ChatTemplate, Message
@@ -44,22 +45,6 @@ FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
-
-
-@attrs.frozen(kw_only=True)
-class ImageData:
-    """A loaded image: raw bytes and their MIME type, or a URL the backend fetches itself."""
-
-    data: bytes | None = None
-    mime: str = "image/png"
-    url: str | None = None
-
-    @property
-    def digest(self) -> str:
-        """A stable content hash (used as the image's key in the engine's prefix cache)."""
-        import hashlib
-
-        return hashlib.sha256(self.data if self.data is not None else (self.url or "").encode()).hexdigest()
 
 
 @attrs.frozen(kw_only=True)
@@ -139,25 +124,6 @@ class GenerateRequest:
             raise ValueError("GenerateRequest: give exactly one of prompt, input_ids, messages")
         if (self.tools or self.reasoning is not None) and self.messages is None:
             raise ValueError("GenerateRequest: tools and reasoning go with messages")
-
-
-@attrs.frozen(kw_only=True)
-class TokenLogprob:
-    """The logprob of one generated token, and the top alternatives if asked for."""
-
-    token_id: int
-    token: str
-    logprob: float
-    top: tuple[tuple[int, str, float], ...] = ()
-
-
-@attrs.frozen(kw_only=True)
-class Usage:
-    """Token counts of one request. ``cached_tokens`` were served from the prefix cache."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
 
 
 @attrs.frozen(kw_only=True)

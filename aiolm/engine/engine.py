@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
-from ..backends.base import TokenLogprob, Usage
 from ..cache.radix import RadixCache
 from ..errors import (
     BackendUnavailable,
@@ -47,6 +46,7 @@ from ..errors import (
     OutOfMemory,
 )
 from ..sampling import SamplingParams
+from ..values import TokenLogprob, Usage
 from .grammar_backend import GrammarBackend
 from .request import Req
 from .runner import ModelRunner, SampledToken
