@@ -79,6 +79,34 @@ def test_int4_layer_matches_its_dequantized_weight():
     assert rel_error(y, x @ w.T) < 1.5e-1
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_prefill_sized_inputs_take_the_dense_path_with_the_same_weight(scheme, monkeypatch):
+    # The dense bfloat16 path (CPUs with native bfloat16), forced on whatever this CPU is:
+    # from DENSE_MIN_ROWS rows a layer multiplies by its dequantized weight; the result
+    # matches the kernel path's reference to the same tolerance.
+    from aiolm.engine.layers import quant
+
+    monkeypatch.setattr(quant, "dense_bf16_is_fast", lambda: True)
+    w, _ = weight_and_input()
+    x = torch.randn(quant.DENSE_MIN_ROWS + 3, w.shape[1], generator=torch.Generator().manual_seed(1))
+    if scheme == "int8":
+        layer = Int8Linear.from_float(w)
+        reference = layer.weight.float() * layer.scales.float()[:, None]
+    else:
+        codes = int4_codes(w)
+        layer = Int4Linear(codes)
+        reference = int4_reference(codes)
+        assert layer.nibbles is not None and layer.nibbles.numel() == w.numel() // 2
+    by_kernel = torch.cat([layer(rows) for rows in x.split(64)])  # under DENSE_MIN_ROWS
+    calls = []
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a))
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(a))
+    y = layer(x)
+    assert not calls, "a prefill-sized input went through the matrix-vector kernel"
+    assert rel_error(y, bf16(x) @ reference.T) < 1e-2
+    assert rel_error(y, by_kernel) < 1e-2
+
+
 def test_int4_codes_round_trip_their_own_dequantization():
     w, _ = weight_and_input()
     codes = int4_codes(w)

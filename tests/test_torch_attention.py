@@ -13,7 +13,7 @@ from aiolm.engine.attention import create  # noqa: E402
 from aiolm.engine.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 
 HQ, HKV, D = 6, 2, 8
-POOL = 300
+POOL = 1400
 
 
 def _dense_reference(q, k, v, prefix_len):
@@ -34,7 +34,7 @@ def _setup(seq_lens, new_lens, seed=0):
     pool = KVPool(1, HKV, D, POOL, torch.float32, "cpu")
     pool.k_buffers[0].fill_(float("nan"))
     pool.v_buffers[0].fill_(float("nan"))
-    r2t = ReqToTokenPool(4, 128)
+    r2t = ReqToTokenPool(4, max(128, *seq_lens))
     r2t.req_to_token.fill_(POOL)  # stale entries point at a NaN slot
     slots = torch.randperm(POOL, generator=gen)[: sum(seq_lens)] + 1
     full_k, full_v, new_slots = [], [], []
@@ -87,11 +87,11 @@ def test_extend_with_cached_prefixes_matches_dense_attention():
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_extend_longer_than_a_query_block_matches_dense_attention(monkeypatch):
-    from aiolm.engine.attention import torch_backend
-
-    monkeypatch.setattr(torch_backend, "_QUERY_BLOCK", 32)
-    out, expected, *_ = _run(ForwardMode.EXTEND, seq_lens=[120], new_lens=[120], seed=1)
+@pytest.mark.parametrize(("seq_len", "new_len"), [(600, 600), (700, 530)])
+def test_long_extend_with_and_without_prefix_matches_dense_attention(seq_len, new_len):
+    # Longer than the fused kernel's query and key tiles, from position 0 (causal flag)
+    # and after a cached prefix (explicit mask).
+    out, expected, *_ = _run(ForwardMode.EXTEND, seq_lens=[seq_len], new_lens=[new_len], seed=1)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
 
 

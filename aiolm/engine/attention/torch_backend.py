@@ -6,22 +6,18 @@ tokens), causally with the prefix offset, with GQA. Scores, softmax and the weig
 are in float32. Loops run over host-side lengths only, so nothing waits on the device.
 
 Decode batches are computed in one padded pass (one query per request, padding masked);
-extend batches per request, in query blocks that bound the score matrix's memory.
+extend batches per request through torch's fused attention (no score matrix in memory).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..forward_batch import ForwardBatch
 from .base import AttentionBackend
 
 __all__ = ["TorchAttention"]
-
-# Query rows per block in extend: caps the float32 score matrix at
-# heads * _QUERY_BLOCK * seq_len elements.
-_QUERY_BLOCK = 512
-
 
 class TorchAttention(AttentionBackend):
     """Reference attention over the paged KV cache (``batch.kv_pool``)."""
@@ -119,32 +115,26 @@ class TorchAttention(AttentionBackend):
             if ext_len == 0:
                 continue
             slots = self._kv_index[i, :seq_len]
-            keys = k_buf[slots].float().permute(1, 2, 0)    # [Hkv, D, S]
-            values = v_buf[slots].float().permute(1, 0, 2)  # [Hkv, S, D]
-            prefix_len = seq_len - ext_len
-            for block in range(0, ext_len, _QUERY_BLOCK):
-                rows = min(_QUERY_BLOCK, ext_len - block)
-                q_blk = q[start + block:start + block + rows].float()
-                out[start + block:start + block + rows] = self._attend_block(
-                    q_blk, keys, values, prefix_len + block
-                ).to(q.dtype)
+            keys = k_buf[slots].float().transpose(0, 1)[None]     # [1, Hkv, S, D]
+            values = v_buf[slots].float().transpose(0, 1)[None]
+            queries = q[start:start + ext_len].float().transpose(0, 1)[None]  # [1, Hq, E, D]
+            out[start:start + ext_len] = self._attend(queries, keys, values, seq_len - ext_len)
             start += ext_len
         return out
 
-    def _attend_block(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      first_pos: int) -> torch.Tensor:
-        """Queries at positions ``first_pos ..`` over keys ``0 .. S-1`` (causal)."""
-        rows = q.shape[0]
-        seq_len = keys.shape[-1]
-        # [rows, Hq, D] -> [Hkv, group * rows, D] (query head h uses kv head h // group)
-        qg = q.view(rows, self.num_kv_heads, self.group, self.head_dim).permute(1, 2, 0, 3)
-        qg = qg.reshape(self.num_kv_heads, self.group * rows, self.head_dim)
-        scores = torch.bmm(qg, keys).mul_(self.scale)
-        scores = scores.view(self.num_kv_heads, self.group, rows, seq_len)
-        q_pos = torch.arange(first_pos, first_pos + rows, device=q.device)
-        k_pos = torch.arange(seq_len, device=q.device)
-        scores.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
-        probs = scores.softmax(dim=-1).view(self.num_kv_heads, self.group * rows, seq_len)
-        out = torch.bmm(probs, values)                 # [Hkv, group * rows, D]
-        out = out.view(self.num_kv_heads, self.group, rows, self.head_dim).permute(2, 0, 1, 3)
-        return out.reshape(rows, self.num_q_heads, self.head_dim)
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                prefix_len: int) -> torch.Tensor:
+        """Queries at positions ``prefix_len ..`` over keys ``0 .. S-1`` (causal, GQA).
+
+        torch's fused attention: on the CPU its flash kernel (tiled, float32 softmax), so
+        no score matrix is materialized and no query blocking is needed."""
+        rows, seq_len = q.shape[2], keys.shape[2]
+        if prefix_len == 0:
+            mask, causal = None, True
+        else:  # query r (position prefix_len + r) sees keys 0 .. prefix_len + r
+            q_pos = torch.arange(prefix_len, prefix_len + rows, device=q.device)
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+            causal = False
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                           scale=self.scale, enable_gqa=True)
+        return o[0].transpose(0, 1)                    # [E, Hq, D]

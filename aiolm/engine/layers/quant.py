@@ -6,6 +6,13 @@
   ``w = (q - 8) * scale + zero`` with ``q`` in 0..15 (gpt-fast's convention,
   ``torch._weight_int4pack_mm_for_cpu``), packed once at construction.
 
+Both kernels are matrix-vector code: fast at decode, slow for a prefill's many rows. On a
+CPU with native bfloat16 dot products (AVX512-BF16 or AMX), a layer given at least
+``DENSE_MIN_ROWS`` rows dequantizes its weight to bfloat16 for that call and runs the dense
+bfloat16 GEMM instead (2-2.7x faster at 256-1024 rows on SmolLM2's shapes, dequantization
+included); the int4 layer keeps its codes a second time, in a plain nibble layout, for
+that (half a byte per weight). The answer is the same weight in another rounding order.
+
 Both kernels take the activations, scales and zeros in bfloat16 (their float32 paths are
 scalar code, 10-40x slower here) and accumulate in float32: a layer casts its input to
 bfloat16 and its output back, so the rest of the model keeps its dtype. The bfloat16
@@ -18,14 +25,16 @@ groups (GGUF Q4_0/Q4_1) to ``Int4Linear`` without a float round trip.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import MutableMapping, Sequence
 
 import attrs
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "INT4_GROUP", "KERNEL_DTYPE", "SCHEMES", "Int4Codes", "Int4Linear", "Int8Linear", "quantize_model",
+    "DENSE_MIN_ROWS", "INT4_GROUP", "KERNEL_DTYPE", "SCHEMES", "Int4Codes", "Int4Linear", "Int8Linear", "quantize_model",
 ]
 
 INT4_GROUP = 32
@@ -33,6 +42,20 @@ SCHEMES = ("int8", "int4")
 _KERNEL_DTYPE = torch.bfloat16
 #: The activations' dtype the CPU kernels take (and return).
 KERNEL_DTYPE = _KERNEL_DTYPE
+#: From this many rows (prefill) a layer multiplies by its dequantized weight instead.
+DENSE_MIN_ROWS = 160
+
+
+@functools.cache
+def dense_bf16_is_fast() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16): then a
+    dense bfloat16 GEMM beats the quantized kernels from ``DENSE_MIN_ROWS`` rows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @attrs.frozen(kw_only=True)
@@ -120,6 +143,8 @@ class Int8Linear(_QuantizedLinear):
         return cls(q, scales, **kwargs)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= DENSE_MIN_ROWS and dense_bf16_is_fast():
+            return F.linear(x, self.weight.to(_KERNEL_DTYPE).mul_(self.scales[:, None]))
         return torch._weight_int8pack_mm(x, self.weight, self.scales)
 
     def extra_repr(self) -> str:
@@ -144,6 +169,16 @@ class Int4Linear(_QuantizedLinear):
         zeros = codes.offset + 8 * codes.scale
         self.register_buffer("scales_and_zeros", torch.stack([codes.scale, zeros], dim=-1)
                              .transpose(0, 1).contiguous().to(_KERNEL_DTYPE))
+        # For the dense prefill path: the codes two per byte (even column low), and the
+        # groups' scale and offset (w = q * scale + offset).
+        dense = dense_bf16_is_fast()
+        c = codes.codes
+        self.register_buffer("nibbles", (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+                             if dense else None)
+        self.register_buffer("dense_scale", codes.scale.to(_KERNEL_DTYPE)[..., None]
+                             if dense else None)
+        self.register_buffer("dense_offset", codes.offset.to(_KERNEL_DTYPE)[..., None]
+                             if dense else None)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, **kwargs: object) -> Int4Linear:
@@ -151,7 +186,18 @@ class Int4Linear(_QuantizedLinear):
         return cls(int4_codes(weight), **kwargs)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= DENSE_MIN_ROWS and self.nibbles is not None:
+            return F.linear(x, self._dense_weight())
         return torch._weight_int4pack_mm_for_cpu(x, self.weight, INT4_GROUP, self.scales_and_zeros)
+
+    def _dense_weight(self) -> torch.Tensor:
+        """The weight in bfloat16, unpacked from ``nibbles`` (one temporary, in place)."""
+        n, k = self.out_features, self.in_features
+        q = torch.empty(n, k, dtype=torch.uint8)
+        torch.bitwise_and(self.nibbles, 15, out=q[:, 0::2])
+        torch.bitwise_right_shift(self.nibbles, 4, out=q[:, 1::2])
+        w = q.view(n, k // INT4_GROUP, INT4_GROUP).to(_KERNEL_DTYPE)
+        return w.mul_(self.dense_scale).add_(self.dense_offset).view(n, k)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, group={INT4_GROUP}, "
