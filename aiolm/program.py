@@ -31,7 +31,7 @@ import anyio.abc
 
 from ._program.context import GenerationMeta, RunContext, StreamEvent
 from ._program.fork import ForkGroup
-from ._program.groups import single_error
+from ._program.groups import program_error
 from ._program.state import ProgramState
 from .backends.base import Backend
 from .primitives import _SAMPLING_FIELDS
@@ -154,7 +154,8 @@ class Program:
         return await self.fn(s, *args, **kwargs)
 
     async def _drive(self, state: ProgramState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Run the body on ``state`` in a task group that owns its stream; unwrap one error."""
+        """Run the body on ``state`` in a task group that owns its stream; raise its error
+        by the rule of :func:`~aiolm._program.groups.program_error`."""
         error: BaseException | None = None
         try:
             async with anyio.create_task_group() as tg:
@@ -162,9 +163,7 @@ class Program:
                 await self.fn(state, *args, **kwargs)
                 # leaving the group waits for the state's queued exprs
         except BaseExceptionGroup as group:
-            error = single_error(group)
-            if error is None:
-                raise
+            error = program_error(group)
         finally:
             state._closed = True
         if error is not None:
@@ -174,12 +173,11 @@ class Program:
         """Run the program on ``backend`` (or the ``use_backend`` default) and return its state.
 
         Keyword arguments named like sampling parameters are defaults for every ``gen``.
-        Waits for everything the program appended. Raises the program's error, not a group:
-        a single error is unwrapped from its (possibly nested) group, and so is a backend
-        failure that several fork branches saw at once (every error a ``BackendError`` of
-        one type, e.g. ``BackendUnavailable`` when the engine dies: the first is raised).
-        Several independent errors are raised as their ``ExceptionGroup``. Cancelling the
-        caller cancels the program's gens and forks.
+        Waits for everything the program appended. Raises the program's error by aiolm's one
+        rule (:mod:`aiolm._program.groups`, ``docs/language.md``): one failure as itself
+        (also one backend failure that several fork branches saw, e.g. ``BackendUnavailable``
+        when the engine dies); several independent failures at once as one flat
+        ``ExceptionGroup`` of them. Cancelling the caller cancels the program's gens and forks.
         """
         program_kwargs, defaults = _split_kwargs(kwargs)
         _check_arguments(self.fn, args, program_kwargs, "run")
@@ -240,8 +238,10 @@ class Program:
 
         At most ``max_concurrency`` programs run at once. ``defaults`` are merged under every
         mapping (sampling names become run-level sampling defaults). A failing program does
-        not stop the others: its state has ``.error`` set, unless ``raise_errors=True``, which
-        cancels the batch and raises the first error. ``progress=True`` shows a tqdm bar.
+        not stop the others: its state has ``.error`` set (what :meth:`run` would raise),
+        unless ``raise_errors=True``, which cancels the batch at the first failure and raises
+        it by the same rule as :meth:`run` (programs that failed at once: their group).
+        ``progress=True`` shows a tqdm bar.
         ``on_done(index, state)`` is called as each program finishes, failed ones included
         (``state.error`` set), in the order they finish: for a progress display of your own.
         """
@@ -295,9 +295,7 @@ class Program:
                 for _ in range(min(max_concurrency, len(items))):
                     tg.start_soon(worker)
         except BaseExceptionGroup as group:
-            error = single_error(group)
-            if error is None:
-                raise
+            error = program_error(group)
         finally:
             if bar is not None:
                 bar.close()
@@ -416,9 +414,7 @@ class ProgramStream:
         try:
             return bool(await self._tg.__aexit__(exc_type, exc, tb))
         except BaseExceptionGroup as group:
-            error = single_error(group)
-            if error is None:
-                raise
+            error = program_error(group)
         finally:
             self._events._receive.close()
         raise error

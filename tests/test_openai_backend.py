@@ -153,7 +153,8 @@ async def test_chat_logprobs_are_read_per_token():
         b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": null, '
         b'"logprobs": {"content": [{"token": "Hi", "logprob": -0.25, "top_logprobs": '
         b'[{"token": "Hi", "logprob": -0.25}, {"token": "Yo", "logprob": -2.0}]}]}}]}\n\n'
-        b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}\n\ndata: [DONE]\n\n')))
+        b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}\n\ndata: [DONE]\n\n'),
+        headers={"content-type": "text/event-stream"}))
     done = await backend(api, chat=True).generate(GenerateRequest(
         messages=(user("x"),), sampling=SamplingParams(logprobs=True, top_logprobs=2)))
     assert done.finish_reason == "length"

@@ -3,9 +3,12 @@ failure becomes in aiolm.errors, and that nothing hangs."""
 
 from __future__ import annotations
 
+import json
+
 import anyio
 import httpx
 import pytest
+import tenacity
 from fake_openai import FakeAPI, chat_stream, completion_stream, error, sse
 
 import aiolm
@@ -111,6 +114,32 @@ async def test_malformed_stream_events_raise_a_backend_error():
         await generate(backend(api))
 
 
+def multi_line_event(event: dict, *, newline: str = "\n") -> str:
+    """``event`` as one server-sent event whose JSON spans several ``data:`` lines."""
+    lines = json.dumps(event, indent=1).splitlines()
+    return newline.join(f"data: {line}" for line in lines) + newline * 2
+
+
+async def test_events_spanning_several_data_lines_are_read_whole():
+    def piece(text: str, finish: str | None = None) -> dict:
+        return {"id": "c", "object": "text_completion", "created": 0, "model": "m",
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+
+    body = (": a comment, then a keep-alive event without data\n\nevent: ping\n\n"
+            + multi_line_event(piece("Hel")) + multi_line_event(piece("lo"), newline="\r\n")
+            + multi_line_event(piece("", "stop")) + "data: [DONE]\n\n")
+    api = FakeAPI(httpx.Response(200, content=body.encode(),
+                                 headers={"content-type": "text/event-stream"}))
+    done = await generate(backend(api))
+    assert (done.text, done.finish_reason) == ("Hello", "stop")
+
+
+async def test_a_stream_answered_without_server_sent_events_is_malformed():
+    api = FakeAPI(httpx.Response(200, json={"choices": []}))
+    with pytest.raises(MalformedResponse, match="server-sent events"):
+        await generate(backend(api))
+
+
 async def test_an_error_event_mid_stream_raises_a_backend_error():
     first = {"id": "c", "object": "text_completion", "created": 0, "model": "m",
              "choices": [{"index": 0, "text": "Hel", "finish_reason": None, "logprobs": None}]}
@@ -172,17 +201,29 @@ async def test_leaving_a_stream_early_closes_it():
     assert (await generate(b, GenerateRequest(messages=(aiolm.Message(role="user"),)))).text == "abcd"
 
 
+def failed_attempt(policy: RetryPolicy, number: int, error: BaseException) -> tenacity.RetryCallState:
+    """tenacity's record of attempt ``number`` (1-based) of a call, failed with ``error``."""
+    state = tenacity.RetryCallState(policy.retrying(), fn=None, args=(), kwargs={})
+    state.attempt_number = number
+    state.set_exception((type(error), error, None))
+    return state
+
+
 def test_retry_policy_backs_off_exponentially_with_jitter_and_honours_retry_after():
     policy = RetryPolicy(max_retries=5, base_delay=1.0, max_delay=10.0)
     unavailable = BackendUnavailable("x")
-    for attempt in range(5):
-        delay = policy.delay(attempt, unavailable)
-        cap = min(10.0, 2.0**attempt)
-        assert cap / 2 <= delay <= cap
-    assert policy.delay(5, unavailable) is None
-    assert policy.delay(0, RateLimited("x", retry_after=7.0)) == 7.0
-    assert policy.delay(0, RateLimited("x", retry_after=70.0)) is None
-    assert policy.delay(0, BackendError("4xx")) is None
+    for attempt in range(1, 6):
+        cap = min(10.0, 2.0 ** (attempt - 1))
+        delays = {policy.wait(failed_attempt(policy, attempt, unavailable)) for _ in range(20)}
+        assert all(cap / 2 <= d <= cap for d in delays) and len(delays) > 1
+    controller = policy.retrying()
+    assert not controller.stop(failed_attempt(policy, 5, unavailable))
+    assert controller.stop(failed_attempt(policy, 6, unavailable))   # 5 retries, then give up
+    assert policy.wait(failed_attempt(policy, 1, RateLimited("x", retry_after=7.0))) == 7.0
+    assert policy.should_retry(RateLimited("x", retry_after=7.0))
+    assert not policy.should_retry(RateLimited("x", retry_after=70.0))
+    assert not policy.should_retry(BackendError("4xx"))
+    assert not policy.should_retry(ContextLengthExceeded("long"))
 
 
 def test_retry_after_headers_parse_seconds_milliseconds_and_dates():

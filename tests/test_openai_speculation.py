@@ -155,7 +155,7 @@ async def test_a_greedy_turn_that_misses_needs_a_server_that_continues_turns():
 async def test_a_gen_right_after_assistant_needs_no_speculation():
     api, _, plain = openai_api(httpx.Response(200, content=(
         b'data: {"choices": [{"index": 0, "delta": {"content": "Hi."}, "finish_reason": "stop"}]}\n\n'
-        b"data: [DONE]\n\n")))
+        b"data: [DONE]\n\n"), headers={"content-type": "text/event-stream"}))
 
     @program
     async def hello(s):

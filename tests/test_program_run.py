@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import anyio
 import pytest
 
-from aiolm import gen, program, use_backend
+from aiolm import BackendUnavailable, assistant, gen, program, use_backend, user
 from aiolm.backends import ScriptedBackend
 
 pytestmark = pytest.mark.anyio
@@ -167,12 +169,15 @@ async def test_stream_events_name_their_variable_and_fork_branch():
 
 async def test_leaving_a_stream_early_cancels_the_program():
     backend = ScriptedBackend(lambda p: " ".join(["w"] * 500), delay=0.001)
+    before = sorted(t.name or "" for t in anyio.get_running_tasks())
     async with answer.stream("q", backend=backend) as events:
         async for _ in events:
             break
     assert events.state is None
+    # No task of the program outlived the block: nothing is left that could call the
+    # backend later, so the count is final.
+    assert sorted(t.name or "" for t in anyio.get_running_tasks()) == before
     assert backend.statistics().active_streams == 0
-    await anyio.sleep(0.01)
     assert backend.statistics().calls == 1
 
 
@@ -189,3 +194,148 @@ async def test_stream_raises_the_program_error_from_the_block():
             async for ev in events:
                 received.append(ev.text)
     assert received == ["a", " b"]
+
+
+# --------------------------------------------------------------------------- one error rule
+
+
+class FailingAtOnce(ScriptedBackend):
+    """Every stream waits until ``width`` streams are open, then all fail at once (no
+    checkpoint between the wake-up and the raise, so the first failure cannot cancel the
+    others on either event loop). ``errors(prompt)`` picks a stream's error; prompts without
+    "fail" are answered as usual."""
+
+    def __init__(self, width: int, errors) -> None:
+        super().__init__(lambda prompt: " fine")
+        self._width = width
+        self._open = 0
+        self._all_open = anyio.Event()
+        self._errors = errors
+
+    @contextlib.asynccontextmanager
+    async def stream(self, request):
+        prompt = self.prompt_text(request)
+        if "fail" not in prompt:
+            async with super().stream(request) as chunks:
+                yield chunks
+            return
+        self._open += 1
+        if self._open == self._width:
+            self._all_open.set()
+        else:
+            await self._all_open.wait()
+        raise self._errors(prompt)
+
+
+def per_branch(prompt: str) -> Exception:
+    if "fail 0" in prompt:
+        return ValueError("branch 0 failed")
+    return RuntimeError("branch 1 failed")
+
+
+@program
+async def fan_out(s, width: int = 2):
+    s += user("Go.")
+    async with s.fork(width) as forks:
+        forks += lambda i: assistant(f"fail {i}" + gen("x", max_tokens=4))
+
+
+@program
+async def one_failing_branch(s):
+    s += user("Go.")
+    async with s.fork(2) as forks:
+        forks += lambda i: assistant(("fail 0" if i == 0 else "ok") + gen("x", max_tokens=4))
+
+
+async def test_one_failure_is_raised_as_itself_from_run_stream_and_a_fork():
+    with pytest.raises(ValueError, match="branch 0 failed"):
+        await one_failing_branch.run(backend=FailingAtOnce(1, per_branch))
+    with pytest.raises(ValueError, match="branch 0 failed"):
+        async with one_failing_branch.stream(backend=FailingAtOnce(1, per_branch)) as events:
+            async for _ in events:
+                pass
+
+    @program
+    async def catches_the_fork_error(s):
+        try:
+            await one_failing_branch(s)
+        except ValueError as exc:
+            s += f"caught: {exc}"
+
+    state = await catches_the_fork_error.run(backend=FailingAtOnce(1, per_branch))
+    assert state.text().endswith("caught: branch 0 failed")
+
+
+async def test_failures_at_once_are_raised_as_one_flat_group_from_run_and_stream():
+    with pytest.raises(ExceptionGroup) as info:
+        await fan_out.run(backend=FailingAtOnce(2, per_branch))
+    assert sorted(str(e) for e in info.value.exceptions) == ["branch 0 failed", "branch 1 failed"]
+    with pytest.raises(ExceptionGroup) as info:
+        async with fan_out.stream(backend=FailingAtOnce(2, per_branch)) as events:
+            async for _ in events:
+                pass
+    assert {type(e) for e in info.value.exceptions} == {ValueError, RuntimeError}
+
+
+async def test_failures_of_nested_forks_are_flattened_into_one_group():
+    @program
+    async def nested(s):
+        s += user("Go.")
+        async with s.fork(2) as outer:
+            async with anyio.create_task_group() as tg:
+                for f in outer:
+                    tg.start_soon(fan_out, f)
+
+    with pytest.raises(ExceptionGroup) as info:
+        await nested.run(backend=FailingAtOnce(4, per_branch))
+    assert len(info.value.exceptions) == 4
+    assert not any(isinstance(e, BaseExceptionGroup) for e in info.value.exceptions)
+
+
+async def test_one_backend_failure_seen_by_every_branch_is_raised_once():
+    def down(prompt: str) -> Exception:
+        return BackendUnavailable("the engine died")
+
+    with pytest.raises(BackendUnavailable, match="engine died"):
+        await fan_out.run(3, backend=FailingAtOnce(3, down))
+
+
+async def test_except_star_handles_one_failure_and_failures_at_once_alike():
+    for width, errors in ((1, per_branch), (2, per_branch)):
+        caught = []
+        try:
+            await (fan_out if width == 2 else one_failing_branch).run(
+                backend=FailingAtOnce(width, errors))
+        except* ValueError as group:
+            caught.append(group)
+        except* RuntimeError:
+            pass
+        assert [str(e) for g in caught for e in g.exceptions] == ["branch 0 failed"]
+
+
+async def test_run_batch_keeps_each_programs_error_and_the_others_results():
+    @program
+    async def maybe(s, fail: bool):
+        if fail:
+            await fan_out(s)
+        else:
+            s += "ok" + gen("x", max_tokens=1)
+
+    states = await maybe.run_batch([{"fail": False}, {"fail": True}, {"fail": False}],
+                                   backend=FailingAtOnce(2, per_branch))
+    assert states[0]["x"] == states[2]["x"] == " fine"
+    assert isinstance(states[1].error, ExceptionGroup)
+    assert len(states[1].error.exceptions) == 2
+    states = await one_failing_branch.run_batch([{}], backend=FailingAtOnce(1, per_branch))
+    assert isinstance(states[0].error, ValueError)
+
+
+async def test_run_batch_raise_errors_raises_programs_failing_at_once_as_one_group():
+    @program
+    async def fails(s, i: int):
+        s += user(f"fail {i}") + assistant(gen("x", max_tokens=1))
+
+    with pytest.raises(ExceptionGroup) as info:
+        await fails.run_batch([{"i": 0}, {"i": 1}], backend=FailingAtOnce(2, per_branch),
+                              raise_errors=True)
+    assert {type(e) for e in info.value.exceptions} == {ValueError, RuntimeError}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import anyio
@@ -15,7 +16,7 @@ from openai_server import API_KEY, running
 
 from aiolm.backends import GenerateRequest, ScriptedBackend
 from aiolm.chat import SIMPLE_TEMPLATE, Message, TextPart, render_text
-from aiolm.errors import ContextLengthExceeded
+from aiolm.errors import ConstraintError, ContextLengthExceeded
 from aiolm.server import create_app
 
 pytestmark = pytest.mark.anyio
@@ -303,3 +304,115 @@ def test_aiolm_serve_binds_localhost_and_passes_engine_options():
     assert options["enable_radix_cache"] is False and options["schedule_policy"] == "fcfs"
     assert set(options) <= set(inspect.signature(Engine).parameters)
     assert (args.model, args.api_key, args.max_body_bytes) == ("m.gguf", "k", 1000)
+
+
+# ------------------------------------------------------------------- metrics, one error rule
+
+
+async def _asgi_post(app, path: str, body: dict) -> httpx.Response:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://127.0.0.1") as http:
+        return await http.post(path, json=body)
+
+
+async def _scrape(app) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://127.0.0.1") as http:
+        response = await http.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {family.name: family for family in text_string_to_metric_families(response.text)}
+
+
+def _sample(family, suffix: str, **labels) -> float:
+    return sum(s.value for s in family.samples
+               if s.name == family.name + suffix and labels.items() <= s.labels.items())
+
+
+async def test_metrics_have_their_types_and_latency_histograms():
+    app = create_app(ScriptedBackend(lambda prompt: "one two three four"))
+    body = {"model": MODEL, "max_tokens": 8, "n": 2, "stream": True,
+            "messages": [{"role": "user", "content": "Count."}]}
+    response = await _asgi_post(app, "/v1/chat/completions", body)
+    assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+    families = await _scrape(app)
+    kinds = {name: families[name].type for name in (
+        "aiolm_requests", "aiolm_completion_tokens", "aiolm_requests_in_flight",
+        "aiolm_pending_generations", "aiolm_engine_up", "aiolm_time_to_first_token_seconds",
+        "aiolm_inter_token_latency_seconds", "aiolm_request_latency_seconds")}
+    assert kinds == {"aiolm_requests": "counter", "aiolm_completion_tokens": "counter",
+                     "aiolm_requests_in_flight": "gauge", "aiolm_pending_generations": "gauge",
+                     "aiolm_engine_up": "gauge",
+                     "aiolm_time_to_first_token_seconds": "histogram",
+                     "aiolm_inter_token_latency_seconds": "histogram",
+                     "aiolm_request_latency_seconds": "histogram"}
+    route = "/v1/chat/completions"
+    assert _sample(families["aiolm_requests"], "_total", route=route, status="200") == 1
+    # Two choices of four pieces each: two first tokens, three gaps each.
+    assert _sample(families["aiolm_time_to_first_token_seconds"], "_count", route=route) == 2
+    assert _sample(families["aiolm_inter_token_latency_seconds"], "_count", route=route) == 6
+    latency = families["aiolm_request_latency_seconds"]
+    assert _sample(latency, "_count", route=route) == 1 and _sample(latency, "_sum", route=route) > 0
+    assert _sample(families["aiolm_completion_tokens"], "_total") == 8
+
+
+class FailingChoices(ScriptedBackend):
+    """Every choice of a request fails at once, with a constraint error of its own."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self._width = width
+        self._open = 0
+        self._all_open = anyio.Event()
+
+    def stream(self, request: GenerateRequest):
+        @contextlib.asynccontextmanager
+        async def failing():
+            self._open += 1
+            index = self._open
+            if self._open == self._width:
+                self._all_open.set()   # and fail at once, before the others are cancelled
+            else:
+                await self._all_open.wait()
+            raise ConstraintError(f"choice {index} broke the constraint")
+            yield
+
+        return failing()
+
+
+async def test_choices_that_fail_at_once_get_one_error_answer():
+    response = await _asgi_post(create_app(FailingChoices(3)), "/v1/completions",
+                                {"model": MODEL, "prompt": "x", "n": 3, "regex": "[0-9]+"})
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["code"] == "invalid_constraint" and error["param"] == "regex"
+    assert "broke the constraint" in error["message"]
+
+
+@pytest.mark.parametrize(("path", "extra", "param", "message"), [
+    ("/v1/completions", {"prompt": "x", "best_of": "2"},
+     "best_of", "best_of: Input should be a valid integer (got a string)"),
+    ("/v1/completions", {"prompt": [1, "a"]},
+     "prompt", "prompt[1]: Input should be a valid integer (got a string)"),
+    ("/v1/completions", {"prompt": "x", "stop": {"a": 1}},
+     "stop", "stop: expected a string or a list of strings (got an object)"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"include_usage": 1}},
+     "stream_options", "stream_options.include_usage: Input should be a valid boolean"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema",
+                                                            "json_schema": {"name": "x"}}},
+     "response_format", "response_format.json_schema.schema: Field required"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     "messages[0].content[0].text", "messages[0].content[0].text: Field required"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "tools": [{"type": "retrieval"}]},
+     "tools", "tools[0].type: Input should be 'function' (got 'retrieval')"),
+    ("/v1/aiolm/score", {"prompt": "x", "continuations": ["a"], "method": "GREEDY"},
+     "method", "method: Input should be 'token_length_normalized'"),
+])
+async def test_a_body_that_does_not_validate_is_a_400_naming_the_place(path, extra, param, message):
+    response = await _asgi_post(create_app(ScriptedBackend()), path, {"model": MODEL, **extra})
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["param"] == param and error["code"] == "invalid_value"
+    assert error["message"].startswith(message)

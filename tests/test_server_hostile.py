@@ -117,7 +117,7 @@ async def test_health_and_metrics_report_a_dead_engine_and_requests_get_a_plain_
             assert (await http.post("/v1/completions", json=body)).status_code == 200
             health = await http.get("/health")
             assert health.status_code == 200 and health.json()["status"] == "ok"
-            assert "aiolm_engine_up 1\n" in (await http.get("/metrics")).text
+            assert "aiolm_engine_up 1.0\n" in (await http.get("/metrics")).text
 
             def broken(batch, bitmask_fn=None):
                 raise RuntimeError("device lost at 0x7f3a2c00")
@@ -134,7 +134,7 @@ async def test_health_and_metrics_report_a_dead_engine_and_requests_get_a_plain_
             assert health.json()["failure"] == "RuntimeError"
             metrics = await http.get("/metrics")
             assert metrics.status_code == 200
-            assert "aiolm_engine_up 0\n" in metrics.text
+            assert "aiolm_engine_up 0.0\n" in metrics.text
             assert 'aiolm_requests_total{route="/v1/completions",status="503"} 1' in metrics.text
 
 
@@ -148,7 +148,7 @@ async def test_metrics_answer_when_the_backend_has_no_statistics_left():
     async with asgi(create_app(backend)) as http:
         metrics = await http.get("/metrics")
         assert metrics.status_code == 200
-        assert "aiolm_engine_up 0\n" in metrics.text and "aiolm_requests_total" in metrics.text
+        assert "aiolm_engine_up 0.0\n" in metrics.text and "aiolm_requests_total" in metrics.text
         health = await http.get("/health")
         assert health.status_code == 503
         assert health.json() == {"status": "failed", "model": MODEL, "failure": "RuntimeError",
@@ -330,7 +330,7 @@ async def test_work_past_max_pending_gets_a_429_with_retry_after():
         both = await http.post("/v1/completions", json={**body, "max_tokens": 1, "n": 2})
         assert both.status_code == 200
         metrics = await http.get("/metrics")
-        assert "aiolm_pending_generations 0\n" in metrics.text
+        assert "aiolm_pending_generations 0.0\n" in metrics.text
 
 
 async def _append(into: list[Any], awaitable) -> None:

@@ -13,7 +13,7 @@ from ..errors import ProgramError
 from ..primitives import Expr
 from .context import next_request_id
 from .execute import PREFIX_SAMPLING
-from .groups import single_error
+from .groups import program_error
 from .ops import JOIN
 
 if TYPE_CHECKING:
@@ -79,9 +79,7 @@ class ForkGroup:
             ok = exc is None
             return suppress
         except BaseExceptionGroup as group:
-            error = single_error(group)
-            if error is None:
-                raise
+            error = program_error(group)
         finally:
             for branch in self._branches:
                 branch._closed = True

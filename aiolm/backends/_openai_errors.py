@@ -1,21 +1,23 @@
-"""Translating ``openai`` SDK errors into :mod:`aiolm.errors`, and the retry loop around calls.
+"""Translating ``openai`` SDK errors into :mod:`aiolm.errors`, and the retries around calls.
 
-The SDK's own retries are off (``max_retries=0`` on the client we build); this module retries
-what is worth retrying — 429, 5xx, connection failures, timeouts and malformed bodies — with
-exponential backoff and jitter, honouring the server's ``Retry-After``.
+The SDK's own retries are off (``max_retries=0`` on the client): retries are ``tenacity``'s
+(a maintained retry library), so that every attempt passes through one counting hook
+(:attr:`OpenAIStatistics.calls` / ``retries``) and one policy. What is retried: 429, 5xx,
+connection failures, timeouts and malformed bodies, with exponential backoff and jitter,
+honouring the server's ``Retry-After``.
 """
 
 from __future__ import annotations
 
 import email.utils
 import json
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
 import attrs
+import tenacity
 
 from ..errors import (
     BackendError,
@@ -40,25 +42,52 @@ class MalformedResponse(BackendUnavailable):
 
 @attrs.frozen(kw_only=True)
 class RetryPolicy:
-    """How often and how long to wait between attempts.
+    """How often to retry an API call and how long to wait in between (tenacity's terms).
 
-    Attempt ``k`` (0-based) that failed waits ``min(max_delay, base_delay * 2**k)`` scaled by a
-    random factor in [0.5, 1] (jitter), or the server's ``Retry-After`` when it gave one. A
-    ``Retry-After`` longer than ``max_delay`` is not waited for: the error is raised at once.
+    At most ``max_retries`` retries, only of retryable failures (:meth:`should_retry`).
+    After failed attempt ``k`` (1-based) the wait is ``min(max_delay, base_delay * 2**(k-1))``
+    scaled by a random factor in [0.5, 1] (jitter), or the server's ``Retry-After`` when it
+    gave one; a ``Retry-After`` longer than ``max_delay`` is not waited for: the error is
+    raised at once.
     """
 
     max_retries: int = attrs.field(default=4, validator=attrs.validators.ge(0))
     base_delay: float = attrs.field(default=0.5, validator=attrs.validators.ge(0))
     max_delay: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
+    # Half the capped exponential, plus up to as much again: "equal jitter".
+    _backoff: tenacity.wait.wait_base = attrs.field(init=False, eq=False, repr=False)
 
-    def delay(self, attempt: int, error: BackendError) -> float | None:
-        """Seconds to wait before retrying after ``error``, or None to give up."""
-        if attempt >= self.max_retries or not isinstance(error, _RETRYABLE):
-            return None
+    @_backoff.default
+    def _equal_jitter(self) -> tenacity.wait.wait_base:
+        half, cap = self.base_delay / 2, self.max_delay / 2
+        return (tenacity.wait_exponential(multiplier=half, max=cap)
+                + tenacity.wait_random_exponential(multiplier=half, max=cap))
+
+    def should_retry(self, error: BaseException) -> bool:
+        """Whether a call that failed with ``error`` (already an aiolm error) is tried again."""
+        if not isinstance(error, _RETRYABLE):
+            return False
+        retry_after = error.retry_after if isinstance(error, RateLimited) else None
+        return retry_after is None or retry_after <= self.max_delay
+
+    def wait(self, state: tenacity.RetryCallState) -> float:
+        """Seconds to wait after the failed attempt ``state`` (a tenacity wait strategy)."""
+        error = state.outcome.exception() if state.outcome is not None else None
         if isinstance(error, RateLimited) and error.retry_after is not None:
-            return error.retry_after if error.retry_after <= self.max_delay else None
-        backoff = min(self.max_delay, self.base_delay * 2**attempt)
-        return backoff * random.uniform(0.5, 1.0)
+            return error.retry_after
+        return self._backoff(state)
+
+    def retrying(self, before: Callable[[tenacity.RetryCallState], None] | None = None
+                 ) -> tenacity.AsyncRetrying:
+        """A tenacity controller for one call; ``before`` runs before every attempt."""
+        return tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(self.max_retries + 1),
+            wait=self.wait,
+            retry=tenacity.retry_if_exception(self.should_retry),
+            before=before or tenacity.before_nothing,
+            sleep=anyio.sleep,   # asyncio or trio, whichever runs
+            reraise=True,
+        )
 
 
 _RETRYABLE = (RateLimited, BackendTimeout, BackendUnavailable)
@@ -141,27 +170,23 @@ async def retrying(
     call: Callable[[], Awaitable[T]],
     policy: RetryPolicy,
     *,
-    on_attempt: Callable[[], None] | None = None,
+    before: Callable[[tenacity.RetryCallState], None] | None = None,
 ) -> T:
     """Await ``call()`` until it succeeds, mapping SDK errors and retrying per ``policy``.
 
-    ``on_attempt`` runs before every attempt (statistics). Cancellation is never caught.
-    Raises the mapped aiolm error of the last attempt.
+    ``before(state)`` runs before every attempt (``state.attempt_number`` counts from 1: the
+    statistics' hook). Cancellation is never retried. Raises the mapped aiolm error of the
+    last attempt (``from`` the SDK's).
     """
-    attempt = 0
-    while True:
-        if on_attempt is not None:
-            on_attempt()
-        try:
-            return await call()
-        except Exception as exc:
-            mapped = exc if isinstance(exc, BackendError) else map_openai_error(exc)
-            if mapped is None:
-                raise
-            wait = policy.delay(attempt, mapped) if isinstance(mapped, BackendError) else None
-            if wait is None:
-                if mapped is exc:
-                    raise
-                raise mapped from exc
-        await anyio.sleep(wait)
-        attempt += 1
+    return await policy.retrying(before)(_mapped, call)
+
+
+async def _mapped(call: Callable[[], Awaitable[T]]) -> T:
+    """``await call()``, an SDK error raised as its aiolm error."""
+    try:
+        return await call()
+    except Exception as exc:
+        mapped = None if isinstance(exc, BackendError) else map_openai_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc

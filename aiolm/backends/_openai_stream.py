@@ -1,8 +1,10 @@
-"""One streamed call to the OpenAI API, read as server-sent events by aiolm itself.
+"""One streamed call to the OpenAI API, its server-sent events parsed by ``httpx_sse``.
 
-The SDK's own stream parser leaves its inner iterators unfinished after ``[DONE]`` (trio
-then finalizes them on stray tasks and warns), so the raw response is read here, to the end
-of the body; an early exit closes the response and runs httpx's iterators out.
+The SDK's own stream reader leaves its inner iterators unfinished after ``[DONE]`` (trio
+then finalizes them on stray tasks and warns), so the SDK's raw response is read here with
+``httpx_sse`` (a maintained parser of the SSE format: multi-line events, comments, CR/LF
+line ends), to the end of the body; an early exit closes the response and runs httpx's
+iterators out.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from httpx_sse import EventSource, SSEError
 
 from ..errors import BackendError
 from ..sampling import SamplingParams
-from ._openai_errors import map_openai_error
+from ._openai_errors import MalformedResponse, map_openai_error
 from ._openai_wire import (
     ClientStop,
     field,
@@ -60,8 +63,8 @@ async def stream_call(backend: OpenAI, resource: Any, kw: dict[str, Any], sampli
     matched: str | int | None = None
     usage: Usage | None = None
     called = False
-    lines = response.http_response.aiter_lines()
-    events = sse_events(lines)
+    source = EventSource(response.http_response).aiter_sse()
+    events = sse_events(source)
     try:
         async for event in events:
             if field(event, "usage") is not None:
@@ -90,6 +93,8 @@ async def stream_call(backend: OpenAI, resource: Any, kw: dict[str, Any], sampli
                         matched = field(choice, "matched_stop")
             if stopper is not None and matched is not None:
                 break  # our own stop: the rest of the answer is not wanted
+    except SSEError as exc:   # a 2xx whose Content-Type is not text/event-stream
+        raise MalformedResponse(f"the API did not answer with server-sent events: {exc}") from exc
     except Exception as exc:
         mapped = map_openai_error(exc) if not isinstance(exc, BackendError) else None
         if mapped is None:
@@ -98,7 +103,7 @@ async def stream_call(backend: OpenAI, resource: Any, kw: dict[str, Any], sampli
     finally:
         with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
             await response.close()
-            await _run_out(lines)
+            await _run_out(source)
             await events.aclose()
     if stopper is not None and matched is None:
         tail = stopper.flush()
@@ -114,13 +119,14 @@ async def stream_call(backend: OpenAI, resource: Any, kw: dict[str, Any], sampli
                 matched_stop=matched if isinstance(matched, str | int) else None)
 
 
-async def _run_out(lines: AsyncIterator[str]) -> None:
-    """Finish httpx's chain of line/byte iterators after the response was closed.
+async def _run_out(source: AsyncIterator[Any]) -> None:
+    """Finish the chain of event/line/byte iterators under ``source`` after the response
+    was closed.
 
     Closing only the outer one would leave the inner ones unfinished, to be finalized later
     on stray tasks (trio warns about each); reading on makes each one end, with the rest of
     a buffered body or with the error of the closed connection.
     """
     with contextlib.suppress(Exception):
-        async for _ in lines:
+        async for _ in source:
             pass

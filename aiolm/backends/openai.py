@@ -2,8 +2,9 @@
 
 Built on the official SDK (``openai.AsyncOpenAI``; inject your own ``client`` to point it
 anywhere, e.g. at ``aiolm serve``). The SDK's retries are off: this backend retries 429,
-5xx, connection errors, timeouts and malformed bodies itself (exponential backoff with
-jitter, honouring ``Retry-After``) and maps every failure into :mod:`aiolm.errors`.
+5xx, connection errors, timeouts and malformed bodies through ``tenacity`` (exponential
+backoff with jitter, honouring ``Retry-After``; one hook counts every attempt) and maps
+every failure into :mod:`aiolm.errors`.
 
 API speculative execution (``spec_tokens``) lets one call answer several consecutive
 ``gen``\\ s; see :mod:`aiolm.backends._speculative` and ``docs/openai.md``.
@@ -235,16 +236,13 @@ class OpenAI(Backend):
 
     async def call(self, make: Any) -> Any:
         """Await ``make()`` (an SDK call) with retries and error mapping; count attempts."""
-        first = True
+        return await retrying(make, self._retry, before=self._count_attempt)
 
-        def attempt() -> None:
-            nonlocal first
-            self._stats.calls += 1
-            if not first:
-                self._stats.retries += 1
-            first = False
-
-        return await retrying(make, self._retry, on_attempt=attempt)
+    def _count_attempt(self, state: Any) -> None:
+        """The retry loop's hook before each attempt (a tenacity ``RetryCallState``)."""
+        self._stats.calls += 1
+        if state.attempt_number > 1:
+            self._stats.retries += 1
 
     def record_usage(self, usage: Usage | None) -> None:
         self._stats.add_usage(usage)

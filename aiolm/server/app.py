@@ -35,9 +35,10 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .._program.groups import program_error
 from ..backends.base import Backend, Chunk, GenerateRequest, new_request_id
 from ..errors import BackendError
 from ..sampling import SamplingParams
@@ -207,9 +208,13 @@ class _Server:
     limits: Limits
     tool_parser: str | None = None
     reasoning_parser: str | None = None
-    metrics: Metrics = attrs.field(factory=Metrics)
     created: int = attrs.field(factory=lambda: int(time.time()))
+    metrics: Metrics = attrs.field(init=False)
     _parsers: ChatParsers | None = attrs.field(default=None, init=False)
+
+    @metrics.default
+    def _metrics(self) -> Metrics:
+        return Metrics(self.backend, self.failure)
 
     def chat_parsers(self) -> ChatParsers:
         """The tool-call and thinking formats: those configured, the rest detected from the
@@ -266,10 +271,10 @@ class _Server:
         return getattr(self.backend, "failure", None)
 
     def check_model(self, body: dict[str, Any]) -> None:
+        """Raise 404 for a request naming another model (a missing or mistyped ``model`` is
+        the body model's 400)."""
         model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise ApiError(400, "model: required (a string)", param="model", code="invalid_value")
-        if model != self.model:
+        if isinstance(model, str) and model and model != self.model:
             raise ApiError(404, f"The model {model!r} does not exist; this server serves {self.model!r}.",
                            param="model", code="model_not_found")
 
@@ -311,8 +316,8 @@ class _Server:
     async def metrics_text(self, request: Request) -> Response:
         if (err := self._guarded(request, "/metrics")) is not None:
             return JSONResponse(err.body(), status_code=err.status)
-        return PlainTextResponse(self.metrics.render(self.backend, up=self.failure() is None),
-                                 media_type="text/plain; version=0.0.4")
+        body, media_type = self.metrics.exposition()
+        return Response(body, media_type=media_type)
 
 
 @attrs.frozen(kw_only=True)
@@ -336,16 +341,20 @@ class _Answer:
         self._server = server
         self._route = route
         self._parse = parse
+        self._started = 0.0   # time.perf_counter() when the request came
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         server = self._server
         status = 500
+        self._started = time.perf_counter()
         server.metrics.in_flight += 1
         try:
             status = await self._answer(scope, receive, send)
         finally:
             server.metrics.in_flight -= 1
             server.metrics.count(self._route, status)
+        if status == 200:
+            server.metrics.answered(self._route, self._started)
 
     async def _answer(self, scope: dict[str, Any], receive: Receive, send: Send) -> int:
         server = self._server
@@ -379,7 +388,7 @@ class _Answer:
             return self._parse(body, server.backend, server.limits)
         prefix, continuations, method = parse_score(body, server.backend, server.limits)
         return _ScoreJob(prefix=prefix, continuations=continuations, method=method,
-                         prompt_param="messages" if "messages" in body else "prompt")
+                         prompt_param="messages" if body.get("messages") is not None else "prompt")
 
     async def _complete(self, parsed: Parsed, receive: Receive, send: Send) -> int:
         reply = Reply(kind=parsed.kind, model=self._server.model, logprobs=parsed.logprobs,
@@ -410,13 +419,16 @@ class _Answer:
                 jobs.append((choice, attrs.evolve(base, request_id=new_request_id(),
                                                   sampling=_choice_sampling(base.sampling, k))))
         backend = self._server.backend
+        metrics = self._server.metrics
 
         async def run(choice: Choice, request: GenerateRequest) -> None:
             # A chat API backend takes tools and reasoning natively: its request goes as it is.
             opened = (stream_plan(backend, attrs.evolve(plan, request=request))
                       if plan is not None else backend.stream(request))
+            timer = metrics.timer(self._route, self._started)
             async with opened as chunks:
                 async for chunk in chunks:
+                    timer.chunk(chunk)
                     chunk = choice.add(chunk)
                     if on_piece is not None:
                         await on_piece(choice, chunk)
@@ -426,13 +438,16 @@ class _Answer:
 
         if len(jobs) == 1:
             await run(*jobs[0])
-        else:
-            try:
-                async with anyio.create_task_group() as tg:
-                    for job in jobs:
-                        tg.start_soon(run, *job)
-            except BaseExceptionGroup as group:
-                _raise_first(group)
+            return [jobs[0][0]]
+        error: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                for job in jobs:
+                    tg.start_soon(run, *job)
+        except BaseExceptionGroup as group:
+            error = program_error(group)
+        if error is not None:
+            raise error
         return [choice for choice, _ in jobs]
 
     async def _stream(self, parsed: Parsed, receive: Receive, send: Send) -> int:
@@ -547,6 +562,7 @@ async def _until_disconnect(receive: Receive, work: Callable[[], Awaitable[Any]]
     """
     result: Any = None
     gone = False
+    error: BaseException | None = None
     try:
         async with anyio.create_task_group() as tg:
 
@@ -563,7 +579,9 @@ async def _until_disconnect(receive: Receive, work: Callable[[], Awaitable[Any]]
             finally:
                 tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        _raise_first(group)
+        error = program_error(group)
+    if error is not None:
+        raise error
     return result, gone
 
 
@@ -575,20 +593,15 @@ def _choice_sampling(sampling: SamplingParams, k: int) -> SamplingParams:
     return attrs.evolve(sampling, seed=(sampling.seed + k) % 2**64)
 
 
-def _raise_first(group: BaseExceptionGroup) -> None:
-    """Re-raise the first real error of a task group (cancellations re-raise the group)."""
-    errors, _ = group.split(Exception)
-    if errors is None:
-        raise group
-    first: BaseException = errors
-    while isinstance(first, BaseExceptionGroup):
-        first = first.exceptions[0]
-    raise first
-
-
 def _failed(exc: Exception, prompt_param: str, constraint_param: str | None = None) -> ApiError:
-    """The error answer for ``exc``; the server's own failures are logged with their details."""
-    err = api_error_for(exc, prompt_param=prompt_param, constraint_param=constraint_param)
+    """The error answer for ``exc``; the server's own failures are logged with their details.
+
+    ``exc`` is what :func:`~aiolm._program.groups.program_error` raised: for several choices
+    that failed at once (a flat group), the answer is the first one's (an HTTP error
+    carries one); the log has them all.
+    """
+    shown = exc.exceptions[0] if isinstance(exc, ExceptionGroup) else exc
+    err = api_error_for(shown, prompt_param=prompt_param, constraint_param=constraint_param)
     if err.status >= 500:
         _log.error("request failed (%s): %r", err.code, exc, exc_info=exc)
     return err

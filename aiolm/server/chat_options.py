@@ -17,16 +17,10 @@ from ..backends.base import Reasoning
 from ..constraints import JSONSchema
 from ..errors import ConstraintError
 from ..tools.spec import Tool, as_tools, check_tool_choice
-from .errors import ApiError
-from .fields import bad, get
+from .bodies import ChatBody
+from .errors import ApiError, bad
 
 __all__ = ["ChatOptions", "ChatParsers", "parse_chat_options"]
-
-# Variables the chat layer itself passes to the template: a client may not set them.
-_RESERVED_TEMPLATE_KWARGS = frozenset({
-    "messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
-    "tokenize", "return_dict", "chat_template", "tool_choice",
-})
 
 
 @attrs.frozen(kw_only=True)
@@ -48,10 +42,10 @@ class ChatOptions:
     template_kwargs: tuple[tuple[str, Any], ...] = ()
 
 
-def parse_chat_options(body: dict[str, Any], parsers: ChatParsers) -> ChatOptions:
+def parse_chat_options(body: ChatBody, parsers: ChatParsers) -> ChatOptions:
     """The tool and reasoning fields of ``body``; ``parsers`` are the server's formats."""
-    tools = _tools(body.get("tools"))
-    choice = body.get("tool_choice")
+    tools = _tools(body)
+    choice = body.tool_choice
     if choice is None:
         choice = "auto" if tools else "none"
     else:
@@ -59,28 +53,17 @@ def parse_chat_options(body: dict[str, Any], parsers: ChatParsers) -> ChatOption
             choice = check_tool_choice(choice, tools)
         except ValueError as exc:
             raise ApiError(400, str(exc), param="tool_choice", code="invalid_value") from None
-    parallel = get(body, "parallel_tool_calls", bool, True)
-    kwargs = _template_kwargs(body)
-    return ChatOptions(tools=tools, tool_choice=choice, parallel_tool_calls=parallel,
+    kwargs = body.chat_template_kwargs
+    return ChatOptions(tools=tools, tool_choice=choice, parallel_tool_calls=body.parallel_tool_calls,
                        reasoning=_reasoning(body, kwargs, parsers),
                        template_kwargs=tuple(kwargs.items()))
 
 
-def _tools(value: Any) -> tuple[Tool, ...]:
-    if value is None:
+def _tools(body: ChatBody) -> tuple[Tool, ...]:
+    if not body.tools:
         return ()
-    if not isinstance(value, list):
-        raise bad("tools", "expected a list of {'type': 'function', 'function': {...}}")
-    for i, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise bad("tools", f"tools[{i}]: expected an object")
-        if item.get("type") != "function":
-            raise bad("tools", f"tools[{i}]: unsupported tool type {item.get('type')!r} "
-                               "(only 'function')")
-        if not isinstance(item.get("function"), dict):
-            raise bad("tools", f"tools[{i}]: expected a 'function' object")
     try:
-        tools = as_tools(value)
+        tools = as_tools([{"type": "function", "function": t.function} for t in body.tools])
     except (TypeError, ValueError) as exc:
         raise ApiError(400, str(exc), param="tools", code="invalid_value") from None
     for i, tool in enumerate(tools):
@@ -96,24 +79,11 @@ def _tools(value: Any) -> tuple[Tool, ...]:
     return tools
 
 
-def _template_kwargs(body: dict[str, Any]) -> dict[str, Any]:
-    kwargs = get(body, "chat_template_kwargs", dict, {})
-    for key in kwargs:
-        if not key.isidentifier() or key in _RESERVED_TEMPLATE_KWARGS:
-            raise bad("chat_template_kwargs", f"{key!r} cannot be set (template variables are "
-                                              "identifiers other than messages, tools, ...)")
-    thinking = kwargs.get("enable_thinking")
-    if thinking is not None and not isinstance(thinking, bool):
-        raise bad("chat_template_kwargs", "enable_thinking must be a boolean")
-    return kwargs
-
-
-def _reasoning(body: dict[str, Any], kwargs: dict[str, Any], parsers: ChatParsers) -> Reasoning | None:
-    budget = get(body, "max_thinking_tokens", int, None)
-    effort = get(body, "reasoning_effort", str, None)
+def _reasoning(body: ChatBody, kwargs: dict[str, Any], parsers: ChatParsers) -> Reasoning | None:
+    budget = body.max_thinking_tokens
     try:
         reasoning = Reasoning(enabled=kwargs.get("enable_thinking") is not False,
-                              max_thinking_tokens=budget, effort=effort)
+                              max_thinking_tokens=budget, effort=body.reasoning_effort)
     except ValueError as exc:
         param = "max_thinking_tokens" if str(exc).startswith("max_thinking") else "reasoning_effort"
         raise ApiError(400, str(exc), param=param, code="invalid_value") from None

@@ -18,7 +18,7 @@ from ..errors import (
     UnsupportedFeature,
 )
 
-__all__ = ["ApiError", "api_error_for"]
+__all__ = ["ApiError", "api_error_for", "bad", "json_type"]
 
 # Request fields a backend's or the chat layer's ``ValueError`` may start with ("tools: ...",
 # "logit_bias: token id 70000 is outside the vocabulary"): the error names that field.
@@ -49,6 +49,20 @@ class ApiError(Exception):
 
     def encoded(self) -> bytes:
         return json.dumps(self.body()).encode()
+
+
+def bad(param: str, message: str) -> ApiError:
+    """The 400 for request field ``param``; the message starts with the field's name."""
+    return ApiError(400, f"{param}: {message}", param=param, code="invalid_value")
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of ``value``'s type, as the client wrote it ("a boolean", "a list")."""
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"),
+                       (str, "a string"), (list, "a list"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "null" if value is None else type(value).__name__
 
 
 def api_error_for(exc: BaseException, *, prompt_param: str = "prompt",

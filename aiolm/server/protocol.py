@@ -1,4 +1,5 @@
-"""Parsing OpenAI request bodies into aiolm ``GenerateRequest``\\ s (400 on anything wrong).
+"""OpenAI request bodies (validated by the pydantic models of :mod:`.bodies`) as aiolm
+``GenerateRequest``\\ s, with the checks that depend on the server (400 on anything wrong).
 
 Besides the OpenAI fields, both endpoints take aiolm's extensions: ``regex``, ``grammar``,
 ``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``, ``skip_special_tokens``, ``stop_token_ids``, ``stop_regex``,
@@ -26,13 +27,12 @@ from ..backends.base import Backend, GenerateRequest
 from ..chat import Message, render_text
 from ..constraints import Constraint, Grammar, JSONSchema, Regex
 from ..errors import ConstraintError, UnsupportedFeature
-from ..primitives import SELECT_METHODS
 from ..sampling import SamplingParams
 from ..tools.chat_stream import ChatPlan, needs_chat_layer, plan_chat
+from .bodies import ChatBody, CompletionBody, ResponseFormat, ScoreBody, validate
 from .chat_options import ChatParsers, parse_chat_options
-from .errors import ApiError
-from .fields import bad, get
-from .messages import parse_messages
+from .errors import ApiError, bad
+from .messages import to_messages
 
 __all__ = ["ChatParsers", "Limits", "Parsed", "parse_chat", "parse_completion", "parse_json",
            "parse_score"]
@@ -150,47 +150,34 @@ def _too_deep(param: str | None, max_depth: int) -> ApiError:
 _MAX_TEMPERATURE = 2
 
 
-#: Fields of OpenAI's API that change nothing here: type-checked, then ignored.
-_IGNORED = {"user": str, "store": bool, "metadata": dict, "service_tier": str}
-
-
-def _ignored_fields(body: dict[str, Any]) -> None:
-    for name, kind in _IGNORED.items():
-        get(body, name, kind)
-
-
-def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: bool, top_logprobs: int,
-              sent_as: dict[str, str]) -> SamplingParams:
+def _sampling(body: CompletionBody | ChatBody, *, max_tokens: int, logprobs: bool,
+              top_logprobs: int, sent_as: dict[str, str]) -> SamplingParams:
     """The sampling parameters; an error names the field the client sent (``sent_as`` maps
     a ``SamplingParams`` field to the body field it came from where the names differ)."""
-    stop = body.get("stop")
-    if stop is not None and not isinstance(stop, str | list):
-        raise bad("stop", "expected a string or a list of strings")
-    temperature = get(body, "temperature", (int, float), 1.0)
-    if isinstance(temperature, int | float) and temperature > _MAX_TEMPERATURE:
+    temperature = body.temperature
+    if temperature > _MAX_TEMPERATURE:
         raise bad("temperature", f"must be at most {_MAX_TEMPERATURE} (as OpenAI's API), "
-                                 f"got {temperature}")
+                                 f"got {temperature:g}")
     fields: dict[str, Any] = dict(
         max_tokens=max_tokens,
         temperature=temperature,
-        top_p=get(body, "top_p", (int, float), 1.0),
-        top_k=get(body, "top_k", int, 0),
-        min_p=get(body, "min_p", (int, float), 0.0),
-        frequency_penalty=get(body, "frequency_penalty", (int, float), 0.0),
-        presence_penalty=get(body, "presence_penalty", (int, float), 0.0),
-        ignore_eos=get(body, "ignore_eos", bool, False),
-        skip_special_tokens=get(body, "skip_special_tokens", bool, True),
-        min_tokens=get(body, "min_tokens", int, 0),
-        stop=stop,
-        stop_token_ids=get(body, "stop_token_ids", list, None),
-        stop_regex=get(body, "stop_regex", str, None),
-        seed=get(body, "seed", int, None),
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        ignore_eos=body.ignore_eos,
+        skip_special_tokens=body.skip_special_tokens,
+        min_tokens=body.min_tokens,
+        stop=body.stop,
+        stop_token_ids=body.stop_token_ids,
+        stop_regex=body.stop_regex,
+        seed=body.seed,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
     )
-    bias = _logit_bias(body)
-    if bias:
-        fields["logit_bias"] = bias
+    if body.logit_bias:   # token ids as strings, checked by the body model
+        fields["logit_bias"] = {int(token): bias for token, bias in body.logit_bias.items()}
     try:
         return SamplingParams(**fields)
     except (TypeError, ValueError) as exc:
@@ -200,35 +187,20 @@ def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: bool, t
         raise ApiError(400, message, param=param, code="invalid_value") from None
 
 
-def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
-    """OpenAI's ``logit_bias``: an object of token ids (as strings) to biases."""
-    bias = get(body, "logit_bias", dict, {})
-    out: dict[int, float] = {}
-    for key, value in bias.items():
-        if not (key.isascii() and key.isdigit()):
-            raise bad("logit_bias", f"keys are token ids written as strings ('50256'), got {key!r}")
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad("logit_bias", f"the bias of token {key} must be a number, got "
-                                    f"{type(value).__name__}")
-        out[int(key)] = value
-    return out
-
-
-def _max_tokens(body: dict[str, Any], default: int) -> tuple[int, str]:
+def _max_tokens(body: CompletionBody | ChatBody, default: int) -> tuple[int, str]:
     """``max_completion_tokens`` (OpenAI's newer name) or ``max_tokens``, and which was sent."""
-    param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return get(body, param, int, default), param
+    if body.max_completion_tokens is not None:
+        return body.max_completion_tokens, "max_completion_tokens"
+    return (default if body.max_tokens is None else body.max_tokens), "max_tokens"
 
 
-def _constraint(body: dict[str, Any]) -> tuple[Constraint | None, str | None]:
+def _constraint(body: CompletionBody | ChatBody) -> tuple[Constraint | None, str | None]:
     """The request's constraint and the field it came from; errors name that field."""
     found: list[tuple[str, Constraint]] = []
-    for param, build in (("regex", Regex), ("grammar", Grammar), ("response_format", _response_format)):
-        value = body.get(param)
+    for param, value, build in (("regex", body.regex, Regex), ("grammar", body.grammar, Grammar),
+                                ("response_format", body.response_format, _response_format)):
         if value is None:
             continue
-        if param != "response_format" and not isinstance(value, str):
-            raise bad(param, f"expected a string, got {type(value).__name__}")
         try:
             spec = build(value)
         except (ConstraintError, TypeError, ValueError) as exc:
@@ -249,25 +221,18 @@ def _constraint(body: dict[str, Any]) -> tuple[Constraint | None, str | None]:
     return constraint, param
 
 
-def _response_format(fmt: Any) -> Constraint | None:
-    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
-        raise ConstraintError("response_format: expected an object with a 'type'")
-    kind = fmt["type"]
-    if kind == "text":
+def _response_format(fmt: ResponseFormat) -> Constraint | None:
+    if fmt.type == "text":
         return None
-    if kind == "json_object":
+    if fmt.type == "json_object":
         return JSONSchema({"type": "object"})
-    if kind == "json_schema":
-        spec = fmt.get("json_schema")
-        if not isinstance(spec, dict) or "schema" not in spec:
-            raise ConstraintError("response_format: json_schema needs {'name': ..., 'schema': {...}}")
-        return JSONSchema(spec["schema"])
-    raise ConstraintError(f"response_format: unknown type {kind!r} (text, json_object, json_schema)")
+    assert fmt.json_schema is not None   # the body model requires it for this type
+    return JSONSchema(fmt.json_schema.schema_)
 
 
-def _choices(body: dict[str, Any], name: str, limits: Limits, prompts: int, default: int) -> int:
+def _choices(name: str, count: int | None, limits: Limits, prompts: int, default: int) -> int:
     """``n`` (or ``best_of``): within ``max_n``, and prompts x it within ``max_choices``."""
-    count = get(body, name, int, default)
+    count = default if count is None else count
     if not 1 <= count <= limits.max_n:
         raise bad(name, f"must be between 1 and {limits.max_n}, got {count}")
     if prompts * count > limits.max_choices:
@@ -276,42 +241,36 @@ def _choices(body: dict[str, Any], name: str, limits: Limits, prompts: int, defa
     return count
 
 
-def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
-    stream = get(body, "stream", bool, False)
-    options = get(body, "stream_options", dict, None)
-    if options is None:
-        return stream, False
-    if not stream:   # as OpenAI's API answers
+def _stream_options(body: CompletionBody | ChatBody) -> tuple[bool, bool]:
+    if body.stream_options is None:
+        return body.stream, False
+    if not body.stream:   # as OpenAI's API answers
         raise bad("stream_options", "only allowed when stream is true")
-    include = options.get("include_usage", False)
-    if not isinstance(include, bool):
-        raise bad("stream_options", "include_usage must be a boolean")
-    return stream, include
+    return True, body.stream_options.include_usage
 
 
-def parse_completion(body: dict[str, Any], backend: Backend, limits: Limits = _DEFAULT_LIMITS) -> Parsed:
-    """``POST /v1/completions``."""
+def parse_completion(raw: dict[str, Any], backend: Backend,
+                     limits: Limits = _DEFAULT_LIMITS) -> Parsed:
+    """``POST /v1/completions``: ``raw`` (the JSON body) as a validated request."""
     if backend.capabilities.chat_only:
         raise ApiError(400, f"{backend.model_name} is a chat model: use /v1/chat/completions",
                        param="model", code="chat_only")
-    _ignored_fields(body)
-    if get(body, "suffix", str, ""):
+    body = validate(CompletionBody, raw)
+    if body.suffix:
         raise bad("suffix", "not supported by this server")
-    prompts = _prompts(body.get("prompt"))
+    prompts = [tuple(p) if isinstance(p, list) else p for p in _prompts(body.prompt)]
     if len(prompts) > limits.max_prompts:
         raise bad("prompt", f"{len(prompts)} prompts is over this server's limit of "
                             f"{limits.max_prompts} per request")
-    n = _choices(body, "n", limits, len(prompts), 1)
-    best_of = _choices(body, "best_of", limits, len(prompts), n)
+    n = _choices("n", body.n, limits, len(prompts), 1)
+    best_of = _choices("best_of", body.best_of, limits, len(prompts), n)
     if best_of < n:
         raise bad("best_of", f"must be at least n ({n}), got {best_of}")
     stream, include_usage = _stream_options(body)
     if stream and best_of > n:
         raise bad("best_of", "cannot be streamed: the best answers are known only at the end")
-    k = get(body, "logprobs", int, None)
-    if k is not None and not 0 <= k <= 20:
-        raise bad("logprobs", f"must be between 0 and 20, got {k}")
-    echo = get(body, "echo", bool, False)
+    k = body.logprobs
+    echo = body.echo
     max_tokens, max_tokens_param = _max_tokens(body, _COMPLETION_DEFAULT_MAX_TOKENS)
     # best_of ranks the candidates by their mean token logprob: they need logprobs.
     sampling = _sampling(body, max_tokens=max_tokens, logprobs=k is not None or best_of > n,
@@ -330,7 +289,7 @@ def parse_completion(body: dict[str, Any], backend: Backend, limits: Limits = _D
                else tuple(len(p) if isinstance(p, str) else 0 for p in prompts))
     return Parsed(kind="completion", requests=tuple(requests), n=n, best_of=best_of,
                   stream=stream, include_usage=include_usage, logprobs=k is not None,
-                  token_ids=get(body, "return_token_ids", bool, False),
+                  token_ids=body.return_token_ids,
                   prompt_offsets=offsets, echo=echoed, constraint_param=constraint_param)
 
 
@@ -346,46 +305,37 @@ def _prompt_text(prompt: str | tuple[int, ...], backend: Backend) -> str:
     return tokenizer.decode(list(prompt), skip_special_tokens=False)
 
 
-def _prompts(prompt: Any) -> list[str | tuple[int, ...]]:
+def _prompts(prompt: str | list[Any]) -> list[Any]:
+    """The prompts of a validated ``prompt``: one text, texts, one id list, or id lists."""
     if isinstance(prompt, str):
         return [prompt]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
-            return list(prompt)
-        if all(_is_ids(p) for p in prompt):
-            return [tuple(p) for p in prompt]
-        if _is_ids(prompt):
-            return [tuple(prompt)]
-    raise bad("prompt", "expected a string, a list of strings, or token ids")
+    if isinstance(prompt[0], int):
+        return [prompt]
+    return list(prompt)
 
 
-def _is_ids(value: Any) -> bool:
-    return (isinstance(value, list) and bool(value)
-            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value))
-
-
-def parse_chat(body: dict[str, Any], backend: Backend, limits: Limits = _DEFAULT_LIMITS, *,
+def parse_chat(raw: dict[str, Any], backend: Backend, limits: Limits = _DEFAULT_LIMITS, *,
                parsers: ChatParsers = ChatParsers()) -> Parsed:
-    """``POST /v1/chat/completions``; ``parsers`` are the tool-call and thinking formats the
-    server reads from its model."""
-    _ignored_fields(body)
-    if get(body, "functions", list, []):
+    """``POST /v1/chat/completions``: ``raw`` (the JSON body) as a validated request;
+    ``parsers`` are the tool-call and thinking formats the server reads from its model."""
+    body = validate(ChatBody, raw)
+    if body.functions:
         raise bad("functions", "not supported (the deprecated form of tools): send tools")
-    if body.get("function_call") is not None:
+    if body.function_call is not None:
         raise bad("function_call", "not supported (the deprecated form of tool_choice): send "
                                    "tool_choice")
-    messages = parse_messages(body.get("messages"))
-    continue_final = get(body, "continue_final_message", bool, False)
+    messages = to_messages(body.messages)
+    continue_final = body.continue_final_message
     if continue_final and messages[-1].role != "assistant":
         raise bad("continue_final_message", "the last message must be an assistant message")
     if not continue_final:
         messages.append(Message(role="assistant"))
     options = parse_chat_options(body, parsers)
-    want_logprobs = get(body, "logprobs", bool, False)
-    top = get(body, "top_logprobs", int, 0)
+    want_logprobs = body.logprobs
+    top = body.top_logprobs
     if top and not want_logprobs:
         raise bad("top_logprobs", "needs logprobs: true")
-    n = _choices(body, "n", limits, 1, 1)
+    n = _choices("n", body.n, limits, 1, 1)
     max_tokens, max_tokens_param = _max_tokens(body, _CHAT_DEFAULT_MAX_TOKENS)
     sampling = _sampling(body, max_tokens=max_tokens, logprobs=want_logprobs, top_logprobs=top,
                          sent_as={"max_tokens": max_tokens_param})
@@ -414,7 +364,7 @@ def parse_chat(body: dict[str, Any], backend: Backend, limits: Limits = _DEFAULT
     stream, include_usage = _stream_options(body)
     return Parsed(kind="chat", requests=(request,), n=n, stream=stream,
                   include_usage=include_usage, logprobs=want_logprobs,
-                  token_ids=get(body, "return_token_ids", bool, False),
+                  token_ids=body.return_token_ids,
                   plan=plan, prompt_param="messages",
                   constraint_param=constraint_param or ("tools" if options.tools else None))
 
@@ -434,29 +384,24 @@ def _chat_request(messages: list[Message], backend: Backend, **kw: Any) -> Gener
     return GenerateRequest(prompt=prompt, images=images, **kw)
 
 
-def parse_score(body: dict[str, Any], backend: Backend,
+def parse_score(raw: dict[str, Any], backend: Backend,
                 limits: Limits = _DEFAULT_LIMITS) -> tuple[GenerateRequest, tuple[str, ...], str]:
-    """``POST /v1/aiolm/score``: (prefix request, continuations, method)."""
-    continuations = body.get("continuations")
-    if (not isinstance(continuations, list) or not continuations
-            or not all(isinstance(c, str) for c in continuations)):
-        raise bad("continuations", "expected a non-empty list of strings")
+    """``POST /v1/aiolm/score``: ``raw`` (the JSON body) as (prefix request, continuations,
+    method)."""
+    body = validate(ScoreBody, raw)
+    continuations = body.continuations
     if len(continuations) > limits.max_score_continuations:
         raise bad("continuations", f"{len(continuations)} continuations is over this server's "
                                    f"limit of {limits.max_score_continuations} per request")
-    method = get(body, "method", str, "token_length_normalized")
-    if method not in SELECT_METHODS:
-        raise bad("method", f"expected one of {', '.join(SELECT_METHODS)}, got {method!r}")
-    if "messages" in body:
-        messages = parse_messages(body["messages"], tools=False)
+    if body.messages is not None:
+        messages = to_messages(body.messages, tools=False)
         if messages[-1].role != "assistant":
             messages.append(Message(role="assistant"))
         prefix = _chat_request(messages, backend)
     else:
-        prompt = get(body, "prompt", str, None)
-        if prompt is None:
+        if body.prompt is None:
             raise bad("prompt", "give a prompt (text) or messages")
         if backend.capabilities.chat_only:
             raise bad("prompt", f"{backend.model_name} is a chat model: give messages")
-        prefix = GenerateRequest(prompt=prompt)
-    return prefix, tuple(continuations), method
+        prefix = GenerateRequest(prompt=body.prompt)
+    return prefix, tuple(continuations), body.method
