@@ -13,7 +13,7 @@ import pytest
 import aiolm
 from aiolm.backends.engine import Engine, LoadedModel
 from aiolm.constraints import Constraint, Matcher
-from aiolm.errors import BackendUnavailable, ContextLengthExceeded
+from aiolm.errors import BackendUnavailable, ContextLengthExceeded, OutOfMemory
 
 pytestmark = pytest.mark.anyio
 
@@ -118,6 +118,15 @@ async def test_tiny_kv_pool_forces_retraction_with_identical_outputs(tiny):
     assert results == reference
     assert stats.retractions > 0
     assert stats.free_kv_slots + stats.evictable_kv_tokens == stats.total_kv_slots
+
+
+async def test_a_request_may_fill_every_kv_slot_as_its_last_token_takes_none(tiny):
+    async with engine(tiny, max_total_tokens=64) as eng:
+        done = await eng.generate(input_ids=[3] * 60, max_tokens=5, ignore_eos=True)
+        assert done.usage.completion_tokens == 5        # 65 tokens in 64 KV slots
+        with pytest.raises(OutOfMemory, match="needs 65 KV slots"):
+            await eng.generate(input_ids=[3] * 60, max_tokens=6)
+        assert (await eng.check_integrity()).idle
 
 
 async def test_prompt_over_the_context_raises_context_length_exceeded(tiny):

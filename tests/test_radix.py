@@ -126,13 +126,76 @@ def test_parent_becomes_evictable_after_its_children_go(cache):
 
 def test_statistics_count_recorded_lookups_in_tokens(cache):
     c, alloc = cache
+    assert c.statistics().hit_rate == 0.0   # no lookup yet
     put(c, alloc, [1, 2, 3])
-    c.match_prefix([1, 2, 9, 9], record=True)
-    c.match_prefix([1, 2, 3])  # not recorded
+    c.record_lookup(c.match_prefix([1, 2, 9, 9]).length, 2)
+    c.match_prefix([1, 2, 3])  # matching alone records nothing
     stats = c.statistics()
     assert (stats.hit_tokens, stats.miss_tokens) == (2, 2)
     assert stats.hit_rate == 0.5
     assert stats.total_size == 3 and stats.evictable_size == 3 and stats.protected_size == 0
+
+
+def admit(cache: RadixCache, alloc: TokenSlotAllocator, key: list[int]):
+    """What the scheduler does for a new request: lock its cached prefix and take slots of
+    its own for the rest. Returns (node, locked_len, slots of all of ``key``)."""
+    match = cache.match_prefix(key)
+    cache.inc_lock_ref(match.node)
+    own = alloc.alloc(len(key) - match.length)
+    assert own is not None
+    return match.node, match.length, torch.cat([match.slots, own])
+
+
+def test_cache_finished_keeps_new_tokens_frees_duplicates_and_unlocks(cache):
+    c, alloc = cache
+    put(c, alloc, [1, 2])
+    node, locked, slots = admit(c, alloc, [1, 2, 3, 4, 5])
+    assert (locked, c.protected_size()) == (2, 2)
+    put(c, alloc, [1, 2, 3])          # another request caches token 3 meanwhile
+    free_before = alloc.available_size()
+    c.cache_finished([1, 2, 3, 4, 5], slots, node=node, locked_len=locked)
+    assert alloc.available_size() == free_before + 1     # its own slot of token 3
+    contents = cache_contents(c)
+    assert contents[(1, 2, 3)] != int(slots[2])           # the tree kept its own
+    assert [contents[(1, 2, 3, 4)], contents[(1, 2, 3, 4, 5)]] == slots[3:].tolist()
+    assert c.protected_size() == 0 and c.total_size() == 5
+    assert alloc.available_size() + c.total_size() == 100
+    c.check_integrity()
+
+
+def test_cache_unfinished_moves_the_lock_to_what_was_computed(cache):
+    c, alloc = cache
+    put(c, alloc, [7, 8, 9])
+    node, locked, slots = admit(c, alloc, [7, 8, 1, 2])   # a chunk computed [7, 8, 1, 2]
+    match = c.cache_unfinished([7, 8, 1, 2], slots, node=node, locked_len=locked)
+    assert match.length == 4 and match.slots.tolist() == slots.tolist()
+    assert c.protected_size() == 4 and c.evictable_size() == 1     # [9] alone is evictable
+    assert c.evict(100) == 1 and c.match_prefix([7, 8, 1, 2]).length == 4
+    # The next chunk: tokens 3, 4 computed while another request cached [7, 8, 1, 2, 3].
+    own = alloc.alloc(2)
+    put(c, alloc, [7, 8, 1, 2, 3])
+    slots = torch.cat([match.slots, own])
+    again = c.cache_unfinished([7, 8, 1, 2, 3, 4], slots, node=match.node, locked_len=4)
+    assert again.length == 6 and again.slots[5] == own[1] and again.slots[4] != own[0]
+    assert c.protected_size() == 6 and c.evictable_size() == 0
+    c.cache_finished([7, 8, 1, 2, 3, 4], again.slots, node=again.node, locked_len=6)
+    assert c.protected_size() == 0
+    assert alloc.available_size() + c.total_size() == 100
+    c.check_integrity()
+
+
+def test_a_disabled_cache_takes_nothing_and_frees_the_requests_slots():
+    alloc = TokenSlotAllocator(10)
+    c = RadixCache(alloc, disabled=True)
+    node, locked, slots = admit(c, alloc, [1, 2, 3])
+    assert (node, locked) == (c.root, 0)
+    match = c.cache_unfinished([1, 2, 3], slots, node=node, locked_len=0)
+    assert (match.node, match.length, match.slots.numel()) == (c.root, 0, 0)
+    assert alloc.available_size() == 7                  # still the request's
+    c.cache_finished([1, 2, 3], slots, node=node, locked_len=0)
+    assert alloc.available_size() == 10 and c.total_size() == 0
+    with pytest.raises(ValueError, match="slots"):
+        c.cache_finished([1, 2], slots, node=node, locked_len=0)
 
 
 def test_reset_frees_everything_and_refuses_while_locked(cache):
@@ -178,7 +241,9 @@ keys = st.lists(st.integers(0, 3), min_size=1, max_size=10)
 
 
 class RadixMachine(RuleBasedStateMachine):
-    """Random insert / match / lock / unlock / evict against a dict-of-prefixes model."""
+    """Random insert / match / lock / unlock / evict, and requests that lock their cached
+    prefix, compute the rest and hand it to the cache (running or finished), against a
+    dict-of-prefixes model."""
 
     SIZE = 48
 
@@ -188,6 +253,8 @@ class RadixMachine(RuleBasedStateMachine):
         self.cache = RadixCache(self.alloc)
         self.model: dict[tuple[int, ...], int] = {}
         self.locks: list[tuple[object, tuple[int, ...]]] = []
+        # Running requests: [key, locked node, locked_len, slots of all of key].
+        self.requests: list[list] = []
 
     def model_match(self, key: list[int]) -> int:
         n = 0
@@ -212,10 +279,10 @@ class RadixMachine(RuleBasedStateMachine):
         for j in range(cached, len(key)):
             self.model[tuple(key[:j + 1])] = int(slots[j])
 
-    @rule(key=keys, record=st.booleans())
-    def match(self, key, record):
+    @rule(key=keys)
+    def match(self, key):
         assert self.cache.match_length(key) == self.model_match(key)
-        res = self.cache.match_prefix(key, record=record)
+        res = self.cache.match_prefix(key)
         assert res.length == self.model_match(key)
         assert res.slots.tolist() == [self.model[tuple(key[:j + 1])] for j in range(res.length)]
 
@@ -231,6 +298,48 @@ class RadixMachine(RuleBasedStateMachine):
     def unlock(self, index):
         node, _ = self.locks.pop(index % len(self.locks))
         self.cache.dec_lock_ref(node)
+
+    @rule(key=keys)
+    def admit(self, key):
+        match = self.cache.match_prefix(key)
+        self.cache.inc_lock_ref(match.node)
+        need = len(key) - match.length
+        if self.alloc.available_size() < need:
+            self.cache.evict(need - self.alloc.available_size())
+            self.model = cache_contents(self.cache)
+        own = self.alloc.alloc(need)
+        if own is None:
+            self.cache.dec_lock_ref(match.node)
+            return
+        self.requests.append([key, match.node, match.length, torch.cat([match.slots, own])])
+
+    def _hand_over(self, index: int, *, finished: bool) -> None:
+        index %= len(self.requests)
+        request = self.requests[index]
+        key, node, locked_len, slots = request
+        new_from = self.model_match(key)
+        assert new_from >= locked_len
+        if finished:
+            del self.requests[index]
+            self.cache.cache_finished(key, slots, node=node, locked_len=locked_len)
+        else:
+            match = self.cache.cache_unfinished(key, slots, node=node, locked_len=locked_len)
+            assert match.length == len(key)
+            request[1:] = [match.node, len(key), match.slots]
+        for j in range(new_from, len(key)):
+            self.model[tuple(key[:j + 1])] = int(slots[j])
+        if not finished:
+            assert request[3].tolist() == [self.model[tuple(key[:j + 1])] for j in range(len(key))]
+
+    @precondition(lambda self: self.requests)
+    @rule(index=st.integers(0, 1000))
+    def cache_unfinished(self, index):
+        self._hand_over(index, finished=False)
+
+    @precondition(lambda self: self.requests)
+    @rule(index=st.integers(0, 1000))
+    def cache_finished(self, index):
+        self._hand_over(index, finished=True)
 
     @rule(n=st.integers(0, 60))
     def evict(self, n):
@@ -250,8 +359,10 @@ class RadixMachine(RuleBasedStateMachine):
     def consistent(self):
         self.cache.check_integrity()
         assert cache_contents(self.cache) == self.model
-        assert self.alloc.available_size() + self.cache.total_size() == self.SIZE
-        locked = {p[:j] for _, p in self.locks for j in range(1, len(p) + 1)}
+        own = sum(len(key) - locked_len for key, _, locked_len, _ in self.requests)
+        assert self.alloc.available_size() + self.cache.total_size() + own == self.SIZE
+        held = [*self.locks, *((node, tuple(key[:n])) for key, node, n, _ in self.requests)]
+        locked = {p[:j] for _, p in held for j in range(1, len(p) + 1)}
         assert all(p in self.model for p in locked)
         assert self.cache.protected_size() == len(locked)
         assert self.cache.evictable_size() == len(self.model) - len(locked)

@@ -160,6 +160,11 @@ def test_dfs_weight_order_visits_heavier_subtrees_first():
     assert [r.rid for r in dfs_weight_order(reqs)] == EXPECTED_DFS
 
 
+def test_dfs_weight_order_of_no_requests_is_empty():
+    # The scheduler orders only the requests that are not aged, and all may be.
+    assert dfs_weight_order([]) == []
+
+
 def test_dfs_weight_order_handles_identical_and_deep_chains():
     chain = [req(f"c{i}", [7] * (i + 1)) for i in range(2000)]
     for i, r in enumerate(chain):
@@ -244,7 +249,7 @@ def test_disabled_cache_gives_identical_outputs_and_no_hits():
     on, _, _ = run_all(workload(seed=3))
     off, sched, _ = run_all(workload(seed=3), disabled=True)
     assert on == off
-    assert sched.statistics().cached_tokens == 0
+    assert sched.cache.statistics().hit_tokens == 0
     assert sched.allocator.available_size() == sched.allocator.size
 
 
@@ -329,6 +334,20 @@ def test_add_rejects_requests_that_can_never_fit():
         make(policy="random")
 
 
+def test_admission_counts_the_last_token_in_the_context_but_gives_it_no_kv_slot():
+    sched = make(pool_size=20, context=30)
+    fits = req("fits", [1] * 10, max_tokens=11)   # 21 tokens, the last one never fed back
+    sched.add(fits)
+    FakeRunner(sched).run()
+    assert len(fits.output_ids) == 11
+    with pytest.raises(OutOfMemory, match="needs 21 KV slots"):
+        sched.add(req("more", [1] * 10, max_tokens=12))
+    roomy = make(pool_size=100, context=30)
+    roomy.add(req("edge", [2] * 20, max_tokens=10))
+    with pytest.raises(ContextLengthExceeded, match="31 tokens exceed the context of 30"):
+        roomy.add(req("past", [2] * 20, max_tokens=11))
+
+
 def test_max_prefix_match_keeps_tokens_to_score():
     sched = make()
     runner = FakeRunner(sched)
@@ -338,7 +357,7 @@ def test_max_prefix_match_keeps_tokens_to_score():
                  return_all_logits=True)
     sched.add(scorer)
     batch = runner.step()
-    assert batch.prefix_lens == [2] and batch.return_logits == "all"
+    assert batch.reqs == [scorer] and batch.prefix_lens == [2] and batch.extend_lens == [5]
     runner.run()
 
 
@@ -377,10 +396,11 @@ def test_tree_of_thought_hit_rate_is_near_dfs_optimal(policy):
     reqs = [req(f"t{i}", p, max_tokens=2) for i, p in enumerate(prompts)]
     random.Random(1).shuffle(reqs)
     _, sched, _ = run_all(reqs, policy=policy, pool_size=20_000, rows=64, context=1024)
-    stats = sched.statistics()
+    stats = sched.cache.statistics()
     optimal = dfs_optimal_hit_rate(prompts)
-    assert stats.prompt_tokens == sum(map(len, prompts))
-    assert stats.cache_hit_rate >= 0.96 * optimal
+    assert stats.hit_tokens + stats.miss_tokens == sum(map(len, prompts))
+    assert stats.hit_tokens == sum(r.cached_len for r in reqs)   # what usage reports
+    assert stats.hit_rate >= 0.96 * optimal
 
 
 def test_dfs_optimal_hit_rate_of_hand_made_trees():
@@ -408,9 +428,9 @@ def test_decode_batches_write_slots_into_req_to_token():
         sched.add(req(f"r{i}", [i + 1] * 4, max_tokens=3))
     runner.step()
     batch = runner.step()
-    assert batch.mode is ForwardMode.DECODE and batch.batch_size == 3
+    assert batch.mode is ForwardMode.DECODE and len(batch.reqs) == 3
     table = sched.req_to_token_pool.req_to_token
-    rows = torch.tensor(batch.req_pool_indices)
+    rows = torch.tensor([r.req_pool_idx for r in batch.reqs])
     assert table[rows, torch.tensor(batch.prefix_lens)].tolist() == batch.out_cache_loc.tolist()
 
 

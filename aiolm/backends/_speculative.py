@@ -19,10 +19,9 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import attrs
-import regex
 
 from ..sampling import SamplingParams
-from ._openai_wire import first_stop
+from ..stops import StopMatcher
 
 __all__ = ["Cut", "SpecSession", "Speculation", "cut", "sampling_key", "speculable"]
 
@@ -130,28 +129,31 @@ def cut(spec: Speculation, offset: int, sampling: SamplingParams) -> Cut | None:
     """Answer a request whose output starts at ``spec.text[offset:]``, or None if undecided.
 
     Applies the request's ``stop`` strings, ``stop_regex`` and ``max_tokens`` the way the
-    model would have during its own call: a stop counts once the tokens generated so far
-    contain it, and the answer is the text before it. Without token boundaries a stop is
-    accepted only when even one token per byte fits in ``max_tokens``.
+    model would have during its own call: the speculated tokens are fed one by one to the
+    stop matcher every backend uses (:class:`aiolm.stops.StopMatcher`), so a stop counts
+    once the tokens generated so far contain it, and the answer is the text before it.
+    Without token boundaries the text is fed a character at a time, and a stop is accepted
+    only when even one token per byte fits in ``max_tokens``.
     """
     if sampling.max_tokens == 0:
         return Cut(text="", finish_reason="length", num_tokens=0)
     rest = spec.text[offset:]
     ends = _token_ends(spec.tokens, offset) if spec.tokens is not None else None
     finished = spec.finished and not sampling.ignore_eos
-    stop_re = regex.compile(sampling.stop_regex) if sampling.stop_regex else None
+    stops = StopMatcher(sampling.stop, sampling.stop_regex)
     limit = sampling.max_tokens
     checkpoints = ends if ends is not None else range(1, len(rest) + 1)
+    done = 0
     for i, end in enumerate(checkpoints):
         if ends is not None and i >= limit:
             return Cut(text=rest[: ends[limit - 1]], finish_reason="length", num_tokens=limit)
-        hit = first_stop(rest[:end], sampling.stop, stop_re)
-        if hit is None:
+        _, matched = stops.feed(rest[done:end])
+        done = end
+        if matched is None:
             continue
-        start, matched = hit
         if ends is None and len(rest[:end].encode()) > limit:
             return None
-        return Cut(text=rest[:start], finish_reason="stop", matched_stop=matched,
+        return Cut(text=stops.text, finish_reason="stop", matched_stop=matched,
                    num_tokens=i + 1 if ends is not None else None)
     if ends is not None:
         if len(ends) >= limit:

@@ -22,6 +22,8 @@ import regex
 from ..chat import SIMPLE_TEMPLATE, ChatTemplate, ImagePart, render_text
 from ..errors import ConstraintError, UnsupportedFeature
 from ..sampling import SamplingParams
+from ..sequences import common_prefix_length
+from ..stops import StopMatcher
 from .base import (
     Backend,
     Capabilities,
@@ -155,7 +157,7 @@ class ScriptedBackend(Backend):
             raise ValueError("continuations: must not be empty")
         prompt = self.prompt_text(prefix)
         reply = self.reply_to(prompt)
-        shared = [_common_prefix(reply, c) for c in continuations]
+        shared = [common_prefix_length(reply, c) for c in continuations]
         best = max(range(len(shared)), key=lambda i: (shared[i], -i))
         # A deterministic model gives its own reply probability 1 and the rest 0.
         normalized = tuple(0.0 if i == best else -math.inf for i in range(len(continuations)))
@@ -180,31 +182,25 @@ class ScriptedBackend(Backend):
         return tid
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def _truncate(text: str, sampling: SamplingParams) -> tuple[list[str], FinishReason, str | None]:
-    """Apply stop strings, stop_regex and max_tokens; return the pieces to stream."""
-    end = len(text)
-    matched: str | None = None
-    for stop in sampling.stop:
-        at = text.find(stop)
-        if 0 <= at < end:
-            end, matched = at, stop
-    if sampling.stop_regex is not None:
-        m = regex.search(sampling.stop_regex, text)
-        if m is not None and m.start() < end:
-            end, matched = m.start(), m.group(0)
-    pieces = _PIECE.findall(text, 0, end)
-    words = len(pieces) - (1 if pieces and pieces[-1].isspace() else 0)
-    if words > sampling.max_tokens:
-        return pieces[: sampling.max_tokens], "length", None
-    return pieces, "stop", matched
+    """Apply stop strings, stop_regex and max_tokens; return the pieces to stream.
+
+    The pieces (words) are fed one by one to the stop matcher every backend uses, so a stop
+    counts once the words so far contain it; a word past ``max_tokens`` is never produced
+    (whitespace after the last word is free).
+    """
+    pieces = _PIECE.findall(text)
+    stops = StopMatcher(sampling.stop, sampling.stop_regex)
+    words = 0
+    for i, piece in enumerate(pieces):
+        if not piece.isspace():
+            if words == sampling.max_tokens:
+                return pieces[:i], "length", None
+            words += 1
+        _, matched = stops.feed(piece)
+        if matched is not None:
+            return _PIECE.findall(stops.text), "stop", matched
+    return pieces, "stop", None
 
 
 class _ScriptedStream:

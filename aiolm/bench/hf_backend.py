@@ -31,8 +31,9 @@ from ..backends.base import (
     Usage,
     choose_by_method,
 )
-from ..chat import ChatTemplate, render_text
+from ..chat import ChatTemplate, JinjaChatTemplate, chat_template_for, render_text
 from ..errors import ContextLengthExceeded, UnsupportedFeature
+from ..sequences import common_prefix_length
 
 if TYPE_CHECKING:
     from ..backends.engine import LoadedModel
@@ -65,7 +66,8 @@ class HFBackend(Backend):
         self.loaded = loaded
         self.model = to_transformers(loaded)
         self.tokenizer: Tokenizer = loaded.tokenizer  # type: ignore[assignment]
-        self._template = _chat_template(self.tokenizer)
+        # The engine's rule, so both systems see the same prompts (tests/test_bench_engine.py).
+        self._template = chat_template_for(self.tokenizer, model_name=self.model_name)
         self.eos_token_ids = tuple(sorted(set(loaded.model_config.eos_token_ids)
                                           | set(self.tokenizer.eos_token_ids)))
         self.context_len = loaded.model_config.context_len
@@ -73,7 +75,7 @@ class HFBackend(Backend):
         self._lock = anyio.Lock()  # one call at a time, as a plain generate loop runs
 
     @property
-    def chat_template(self) -> ChatTemplate:
+    def chat_template(self) -> ChatTemplate | JinjaChatTemplate:
         return self._template
 
     @property
@@ -187,7 +189,7 @@ class HFBackend(Backend):
     def _score(self, prefix_ids: list[int], fulls: list[list[int]], method: str) -> ScoreResult:
         import torch
 
-        shared = min(_lcp(prefix_ids, f) for f in fulls)
+        shared = min(common_prefix_length(prefix_ids, f) for f in fulls)
         context = self.tokenizer.bos_token_id
         context = context if context is not None else self.eos_token_ids[0]
         if shared == 0:
@@ -216,30 +218,3 @@ class HFBackend(Backend):
             unconditional_logprobs=None if unconditional is None else tuple(map(tuple, unconditional)),
             usage=Usage(prompt_tokens=sum(len(f) for f in fulls)),
         )
-
-
-def _chat_template(tokenizer: Tokenizer) -> ChatTemplate:
-    """The engine's rule for chat roles (its tokenizer's template as role prefixes/suffixes,
-    SIMPLE_TEMPLATE when there is none or it cannot be split), so both systems see the same
-    prompts; tests/test_bench_engine.py checks that the two agree."""
-    from ..chat import SIMPLE_TEMPLATE
-
-    if not tokenizer.has_chat_template:
-        return SIMPLE_TEMPLATE
-
-    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-
-    try:
-        return ChatTemplate.from_renderer("model", render)
-    except Exception:  # as the engine: no usable template, or one that does not wrap turns verbatim
-        return SIMPLE_TEMPLATE
-
-
-def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .radix import common_prefix_length
+from ..sequences import common_prefix_length
 
 __all__ = ["distinct_prefix_tokens", "dfs_optimal_hit_rate"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["KVPool", "ReqToTokenPool", "TokenSlotAllocator"]
+__all__ = ["KVPool", "ReqToTokenPool", "TokenSlotAllocator", "kv_bytes_per_token"]
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -19,6 +19,13 @@ def _positive_int(name: str, value: object) -> int:
     if value < 1:
         raise ValueError(f"{name}: must be >= 1, got {value}")
     return value
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
+                       dtype: torch.dtype) -> int:
+    """Bytes of K and V one token occupies across all layers (what one KV slot costs)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * num_kv_heads * head_dim * elem
 
 
 class TokenSlotAllocator:
@@ -123,9 +130,8 @@ class KVPool:
         return self.k_buffers[layer], self.v_buffers[layer]
 
     def kv_bytes_per_token(self) -> int:
-        """Bytes of K/V one token occupies across all layers."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+        """Bytes of K/V one token occupies across all layers (:func:`kv_bytes_per_token`)."""
+        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
 
 
 class ReqToTokenPool:

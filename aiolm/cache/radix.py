@@ -6,6 +6,10 @@ Keys are lists of token ids; each node holds a run of tokens (``key``) and their
 Lock contract: a running request locks the node where its cached prefix ends
 (:meth:`RadixCache.inc_lock_ref`), which protects that node and all its ancestors from
 eviction, and unlocks it (:meth:`RadixCache.dec_lock_ref`) when it releases the prefix.
+What a request computed enters the tree through :meth:`RadixCache.cache_unfinished` (while
+it runs: its lock moves to the end of what it computed) and :meth:`RadixCache.cache_finished`
+(when it is done with its slots: its lock is released); both free the request's slots for
+tokens the tree already held.
 Sizes are kept incrementally: every cached token is either *evictable* (its node is
 unlocked) or *protected* (locked), and ``evictable + protected == total``.
 
@@ -24,10 +28,12 @@ from typing import TYPE_CHECKING
 import attrs
 import torch
 
+from ..sequences import common_prefix_length
+
 if TYPE_CHECKING:
     from .pool import TokenSlotAllocator
 
-__all__ = ["MatchResult", "RadixCache", "RadixCacheStatistics", "TreeNode", "common_prefix_length"]
+__all__ = ["MatchResult", "RadixCache", "RadixCacheStatistics", "TreeNode"]
 
 _EMPTY = torch.empty(0, dtype=torch.int64)
 
@@ -64,7 +70,9 @@ class MatchResult:
 
 @attrs.frozen(kw_only=True)
 class RadixCacheStatistics:
-    """A snapshot of the cache. Hits and misses count tokens of recorded lookups."""
+    """A snapshot of the cache. Hits and misses count tokens of the lookups recorded with
+    :meth:`RadixCache.record_lookup` (the scheduler records each request's prompt once, at
+    its first admission)."""
 
     hit_tokens: int
     miss_tokens: int
@@ -76,28 +84,10 @@ class RadixCacheStatistics:
 
     @property
     def hit_rate(self) -> float:
+        """The cache hit rate: the fraction of looked-up tokens served from the cache (0.0
+        before any lookup). aiolm's one definition of it."""
         looked_up = self.hit_tokens + self.miss_tokens
         return self.hit_tokens / looked_up if looked_up else 0.0
-
-
-def common_prefix_length(a: list[int], b: list[int], b_start: int = 0) -> int:
-    """Length of the common prefix of ``a`` and ``b[b_start:]``.
-
-    A binary search over slice comparisons (which run in C): O(n log n) machine work but
-    only O(log n) Python steps, much faster than a token loop for long runs.
-    """
-    hi = min(len(a), len(b) - b_start)
-    if a[:hi] == b[b_start:b_start + hi]:
-        return hi
-    lo = 0
-    hi -= 1  # invariant: a[:lo] matches, a[:hi + 1] does not
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[lo:mid] == b[b_start + lo:b_start + mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 class RadixCache:
@@ -162,18 +152,18 @@ class RadixCache:
         )
 
     def record_lookup(self, hit_tokens: int, miss_tokens: int) -> None:
-        """Count a lookup in :meth:`statistics` (for callers that match before committing)."""
+        """Count a lookup in :meth:`statistics`: ``hit_tokens`` served from the cache,
+        ``miss_tokens`` not (the caller decides what counts as a lookup)."""
         self._hit_tokens += hit_tokens
         self._miss_tokens += miss_tokens
 
     # ----------------------------------------------------------------- match / insert
 
-    def match_prefix(self, key: list[int], *, record: bool = False) -> MatchResult:
+    def match_prefix(self, key: list[int]) -> MatchResult:
         """The longest cached prefix of ``key``.
 
         Splits a node when the match ends inside it, so ``node`` always ends exactly at
-        ``length``; touches the LRU time of every node on the path. ``record=True`` counts
-        the lookup in :meth:`statistics` (hits = matched tokens, misses = the rest).
+        ``length``; touches the LRU time of every node on the path.
         """
         node = self._root
         length = 0
@@ -181,29 +171,16 @@ class RadixCache:
             values = []
             now = next(self._clock)
             n = len(key)
-            children = node.children
             while length < n:
-                child = children.get(key[length])
+                child = self._descend(node, key, length, now)
                 if child is None:
                     break
-                ck = child.key
-                size = len(ck)
-                if key[length:length + size] != ck:
-                    size = common_prefix_length(ck, key, length)
-                    child = self._split(child, size)
-                child.last_access = now
                 values.append(child.value)
-                length += size
+                length += len(child.key)
                 node = child
-                if size < len(ck):
-                    break
-                children = child.children
             slots = (values[0] if len(values) == 1 else torch.cat(values)) if values else self._empty
         else:
             slots = self._empty
-        if record:
-            self._hit_tokens += length
-            self._miss_tokens += len(key) - length
         return MatchResult(slots=slots, node=node, length=length)
 
     def match_length(self, key: list[int]) -> int:
@@ -245,7 +222,7 @@ class RadixCache:
         i = 0
         n = len(key)
         while i < n:
-            child = node.children.get(key[i])
+            child = self._descend(node, key, i, now)
             if child is None:
                 leaf = TreeNode(key[i:], slots[i:].to(torch.int64).clone(), node, next(self._ids))
                 leaf.last_access = now
@@ -254,15 +231,67 @@ class RadixCache:
                 self._evictable += n - i
                 heapq.heappush(self._heap, (now, leaf.id, leaf))
                 return i
-            ck = child.key
-            size = len(ck)
-            if key[i:i + size] != ck:
-                size = common_prefix_length(ck, key, i)
-                child = self._split(child, size)
-            child.last_access = now
-            i += size
+            i += len(child.key)
             node = child
         return n
+
+    def _descend(self, node: TreeNode, key: list[int], i: int, now: int) -> TreeNode | None:
+        """The child of ``node`` that ``key[i:]`` goes on into, split where ``key`` leaves it
+        (so all of its key is matched) and touched at LRU time ``now``; None when no child
+        starts with ``key[i]``. After a split the next descent finds no child: the lower
+        half starts with a token ``key`` does not have there."""
+        child = node.children.get(key[i])
+        if child is None:
+            return None
+        ck = child.key
+        size = len(ck)
+        if key[i:i + size] != ck:
+            child = self._split(child, common_prefix_length(ck, key, i))
+        child.last_access = now
+        return child
+
+    def cache_finished(self, key: list[int], slots: torch.Tensor, *, node: TreeNode,
+                       locked_len: int) -> None:
+        """Take over what a request computed, when it is done with its slots, and release
+        its lock.
+
+        ``key`` are the request's computed tokens and ``slots`` their KV slots: the first
+        ``locked_len`` are the tree's own (the request's cached prefix, locked through
+        ``node``), the rest the request's. The tree keeps the request's slots of the tokens
+        it lacked; those of tokens it already held are duplicates and freed; ``node`` is
+        unlocked. Disabled: every slot of the request's is freed. Raises ``ValueError`` when
+        ``slots`` and ``key`` differ in length.
+        """
+        self._take_computed(key, slots, locked_len)
+        self.dec_lock_ref(node)
+
+    def cache_unfinished(self, key: list[int], slots: torch.Tensor, *, node: TreeNode,
+                         locked_len: int) -> MatchResult:
+        """Take over what a still-running request computed so far, and move its lock there.
+
+        As :meth:`cache_finished`, but the request goes on: the returned match holds the
+        tree's slots for all of ``key`` (the request's slot table must use them from
+        ``locked_len`` on, as its own duplicates were freed) and the node where ``key``
+        ends, now locked in place of ``node``. Disabled: nothing changes (the match is
+        ``node`` at ``locked_len``).
+        """
+        if self._disabled:
+            return MatchResult(slots=slots[:locked_len], node=node, length=locked_len)
+        self._take_computed(key, slots, locked_len)
+        match = self.match_prefix(key)
+        if match.length != len(key):
+            raise RuntimeError("RadixCache: a just-inserted prefix is not in the tree")
+        self.inc_lock_ref(match.node)
+        self.dec_lock_ref(node)
+        return match
+
+    def _take_computed(self, key: list[int], slots: torch.Tensor, locked_len: int) -> None:
+        """Insert a request's computed ``key`` and free its duplicate slots (all of its own
+        slots when disabled: the tree takes none)."""
+        cached = self.insert(key, slots)
+        duplicates_end = len(key) if self._disabled else cached
+        if duplicates_end > locked_len:
+            self._allocator.free(slots[locked_len:duplicates_end])
 
     def _split(self, child: TreeNode, at: int) -> TreeNode:
         """Split ``child`` after ``at`` tokens; returns the new upper node."""

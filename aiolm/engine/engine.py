@@ -38,19 +38,13 @@ import attrs
 import torch
 
 from ..cache.radix import RadixCache
-from ..errors import (
-    BackendUnavailable,
-    ConstraintError,
-    ContextLengthExceeded,
-    EngineError,
-    OutOfMemory,
-)
+from ..errors import BackendUnavailable, ConstraintError, EngineError
 from ..sampling import SamplingParams
 from ..values import TokenLogprob, Usage
 from .grammar_backend import GrammarBackend
 from .request import Req
 from .runner import ModelRunner, SampledToken
-from .scheduler import Scheduler
+from .scheduler import Scheduler, check_fits
 from .stopping import StopChecker
 
 if TYPE_CHECKING:
@@ -109,8 +103,10 @@ class EngineFailed:
 class EngineStatistics:
     """A snapshot of the engine, refreshed after every step.
 
-    Token counts are totals over finished requests; ``cache_hit_rate`` is
-    ``cached_tokens / prompt_tokens`` (prompt tokens served from the prefix cache).
+    ``prompt_tokens`` / ``cached_tokens`` count each request's prompt, and the part of it
+    served from the prefix cache, once, when it is first scheduled; ``cache_hit_rate`` is
+    the radix cache's (:attr:`~aiolm.cache.radix.RadixCacheStatistics.hit_rate`):
+    ``cached_tokens / prompt_tokens``. ``completion_tokens`` totals finished requests.
     """
 
     running_requests: int = 0
@@ -126,10 +122,7 @@ class EngineStatistics:
     completion_tokens: int = 0
     forward_passes: int = 0
     retractions: int = 0
-
-    @property
-    def cache_hit_rate(self) -> float:
-        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+    cache_hit_rate: float = 0.0
 
 
 @attrs.frozen(kw_only=True)
@@ -243,8 +236,7 @@ class EngineCore:
         self._fill_rows_alone = False
         self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="aiolm-engine", daemon=True)
-        self._totals = {"finished_requests": 0, "prompt_tokens": 0, "cached_tokens": 0,
-                        "completion_tokens": 0}
+        self._totals = {"finished_requests": 0, "completion_tokens": 0}
         self._stats = EngineStatistics(total_kv_slots=self.runner.allocator.size,
                                        free_kv_slots=self.runner.allocator.available_size())
 
@@ -271,9 +263,9 @@ class EngineCore:
         prompt token given the tokens before it (with ``sampling.top_logprobs``
         alternatives); its prompt is then computed whole, not taken from the prefix cache.
         Raises ``ValueError`` for an empty prompt, out-of-range token ids or a
-        ``logit_bias`` token outside the vocabulary, :class:`ContextLengthExceeded` when
-        prompt + ``max_tokens`` exceed the context, :class:`OutOfMemory` when the KV pool
-        could never hold it.
+        ``logit_bias`` token outside the vocabulary, :class:`ContextLengthExceeded` /
+        :class:`OutOfMemory` when the model's context / the KV pool could never hold it
+        (:func:`~aiolm.engine.scheduler.check_fits`).
         """
         ids = list(input_ids)
         if not ids:
@@ -285,17 +277,8 @@ class EngineCore:
             if t >= self.vocab_size:
                 raise ValueError(f"logit_bias: token id {t} is outside the model's vocabulary "
                                  f"({self.vocab_size} tokens)")
-        need = len(ids) + sampling.max_tokens
-        if len(ids) > self.context_len or need > self.context_len:
-            raise ContextLengthExceeded(
-                f"the prompt has {len(ids)} tokens and max_tokens is {sampling.max_tokens}: "
-                f"{need} tokens exceed the model's context of {self.context_len}"
-            )
-        if need > self.runner.allocator.size:
-            raise OutOfMemory(
-                f"the request needs {need} KV slots; the engine has {self.runner.allocator.size} "
-                "(raise max_total_tokens)"
-            )
+        check_fits(len(ids), sampling.max_tokens, context_len=self.context_len,
+                   kv_slots=self.runner.allocator.size)
         detok = (self.tokenizer.detokenizer(ids, skip_special_tokens=sampling.skip_special_tokens)
                  if self.tokenizer is not None else None)
         checker = StopChecker(sampling, eos_token_ids=self.eos_token_ids, detokenizer=detok)
@@ -456,8 +439,6 @@ class EngineCore:
                 self.runner.sampler.release(req.rid)
                 totals = self._totals
                 totals["finished_requests"] += 1
-                totals["prompt_tokens"] += len(req.input_ids)
-                totals["cached_tokens"] += req.cached_len
                 totals["completion_tokens"] += len(req.output_ids)
 
     def _process(self, req: Req, row: int, batch: ScheduleBatch, sampled: SampledToken | None,
@@ -488,7 +469,7 @@ class EngineCore:
             jump = grammar.after_sample(matcher, sampled.token_id, limit=limit)
             if not jump.ok:
                 raise ConstraintError(
-                    f"the constraint rejected the sampled token {sampled.token_id}"
+                    f"the constraint rejected the sampled token {sampled.token_id}: {jump.reason}"
                 )
             new = new[: len(new) - jump.rollback] + list(jump.append)
         upd = state.checker.feed(new)
@@ -609,5 +590,8 @@ class EngineCore:
             protected_kv_tokens=cache.protected_size,
             forward_passes=self.runner.forward_passes,
             retractions=sched.retractions,
+            prompt_tokens=cache.hit_tokens + cache.miss_tokens,
+            cached_tokens=cache.hit_tokens,
+            cache_hit_rate=cache.hit_rate,
             **self._totals,
         )

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
-from ..cache.pool import KVPool, ReqToTokenPool, TokenSlotAllocator
+from ..cache.pool import KVPool, ReqToTokenPool, TokenSlotAllocator, kv_bytes_per_token
 from .attention import create as create_attention
 from .debug_checks import check_forward_batch, debug_checks_enabled
 from .forward_batch import ForwardBatch, ForwardMode
@@ -45,7 +45,6 @@ __all__ = [
     "StepOutput",
     "choose_attention_backend",
     "choose_num_threads",
-    "resolve_device",
 ]
 
 _log = logging.getLogger("aiolm.engine")
@@ -58,16 +57,6 @@ _log = logging.getLogger("aiolm.engine")
 _CPU_FULL_CONTEXTS = 2
 _CPU_MIN_TOKENS = 4096
 _CPU_RAM_SHARE = 0.10
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else the CPU; ``"cuda"`` without CUDA is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} asked for, but CUDA is not available")
-    return dev
 
 
 def choose_num_threads(requested: int | None, device: torch.device) -> int | None:
@@ -145,11 +134,6 @@ class StepOutput:
     sampled: dict[int, SampledToken] = attrs.field(factory=dict)
     scored: dict[int, ScoredTokens] = attrs.field(factory=dict)
     failed: dict[int, Exception] = attrs.field(factory=dict)
-
-
-def _kv_bytes_per_token(cfg: ModelConfig) -> int:
-    elem = torch.empty((), dtype=cfg.torch_dtype).element_size()
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
 
 
 def _available_ram() -> int:
@@ -270,7 +254,8 @@ class ModelRunner:
                     f"{self.attention_backend} attention can address ({limit} for "
                     f"{cfg.num_kv_heads} KV heads of dimension {cfg.head_dim})")
             return self.config.max_total_tokens
-        per_token = _kv_bytes_per_token(cfg)
+        per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                       cfg.torch_dtype)
         if self.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.device)
             size = int(free * self.config.mem_fraction) // per_token

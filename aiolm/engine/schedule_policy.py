@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import bisect
 
-from ..cache.radix import RadixCache, common_prefix_length
+from ..cache.radix import RadixCache
+from ..sequences import common_prefix_length
+from .config import SCHEDULE_POLICIES as POLICIES
 from .request import Req
 
 __all__ = ["POLICIES", "dfs_weight_order", "order_by_policy"]
-
-POLICIES = ("lpm", "dfs-weight", "fcfs")
 
 
 def order_by_policy(policy: str, reqs: list[Req], cache: RadixCache) -> list[Req]:
@@ -58,7 +58,7 @@ def dfs_weight_order(reqs: list[Req]) -> list[Req]:
         return min(table[k][lo], table[k][hi - (1 << k)])
 
     out: list[Req] = []
-    stack = [(0, n)]
+    stack = [(0, n)] if n else []   # every waiting request may be aged: none left here
     while stack:
         lo, hi = stack.pop()
         if hi - lo == 1:

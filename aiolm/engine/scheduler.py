@@ -51,14 +51,15 @@ from .forward_batch import ForwardMode
 from .request import Req
 from .schedule_policy import POLICIES, order_by_policy
 
-__all__ = ["ScheduleBatch", "Scheduler", "SchedulerStatistics"]
+__all__ = ["ScheduleBatch", "Scheduler", "SchedulerStatistics", "check_fits"]
 
 
 @attrs.define(eq=False, kw_only=True)
 class ScheduleBatch:
-    """One pass's work. ``out_cache_loc`` holds the new tokens' slots, request after request,
-    already written into ``req_to_token``; ``sample_mask[i]`` says whether request ``i``
-    gets a sampled token (its computed tokens reach the end of ``all_ids``)."""
+    """One pass's work: request ``reqs[i]`` computes ``extend_lens[i]`` tokens after its
+    first ``prefix_lens[i]``. ``out_cache_loc`` holds the new tokens' slots, request after
+    request, already written into ``req_to_token``; ``sample_mask[i]`` says whether request
+    ``i`` gets a sampled token (its computed tokens reach the end of ``all_ids``)."""
 
     mode: ForwardMode
     reqs: list[Req]
@@ -67,50 +68,41 @@ class ScheduleBatch:
     out_cache_loc: torch.Tensor
     sample_mask: list[bool]
 
-    @property
-    def batch_size(self) -> int:
-        return len(self.reqs)
-
-    @property
-    def seq_lens(self) -> list[int]:
-        """Sequence length of each request after this pass."""
-        return [p + e for p, e in zip(self.prefix_lens, self.extend_lens, strict=True)]
-
-    @property
-    def req_pool_indices(self) -> list[int]:
-        return [r.req_pool_idx for r in self.reqs]
-
-    @property
-    def return_logits(self) -> str:
-        """``"all"`` when a request scores its tokens, else ``"last"``."""
-        return "all" if any(r.return_all_logits for r in self.reqs) else "last"
-
-    def input_ids(self) -> list[int]:
-        """The new tokens of the pass, request after request."""
-        out: list[int] = []
-        for r, p, e in zip(self.reqs, self.prefix_lens, self.extend_lens, strict=True):
-            out += r.all_ids[p:p + e]
-        return out
-
 
 @attrs.frozen(kw_only=True)
 class SchedulerStatistics:
-    """A snapshot of the scheduler. Token counts are over first admissions."""
+    """A snapshot of the scheduler (the cache hit rate is the radix cache's:
+    ``cache.statistics().hit_rate``, of each request's prompt at its first admission)."""
 
     running: int
     waiting: int
     free_slots: int
     total_slots: int
-    prompt_tokens: int
-    cached_tokens: int
     evictable_size: int
     protected_size: int
     retractions: int
     new_token_ratio: float
 
-    @property
-    def cache_hit_rate(self) -> float:
-        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+def check_fits(prompt_len: int, max_tokens: int, *, context_len: int, kv_slots: int) -> None:
+    """Refuse a request that could never run: aiolm's one admission rule.
+
+    Every token of the finished sequence counts against the context, its last (sampled)
+    token too, as OpenAI counts it: ``ContextLengthExceeded`` when ``prompt_len +
+    max_tokens`` exceed ``context_len``. The last sampled token is never fed back, so it
+    never takes a KV slot: ``OutOfMemory`` when ``prompt_len + max_tokens - 1`` (the prompt
+    alone when ``max_tokens`` is 0) exceed the ``kv_slots`` of the whole pool.
+    """
+    total = prompt_len + max_tokens
+    if total > context_len:
+        raise ContextLengthExceeded(
+            f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: {total} "
+            f"tokens exceed the context of {context_len}")
+    peak = max(prompt_len, total - 1)
+    if peak > kv_slots:
+        raise OutOfMemory(
+            f"the request needs {peak} KV slots; the engine has {kv_slots} (raise "
+            "max_total_tokens)")
 
 
 class Scheduler:
@@ -164,8 +156,6 @@ class Scheduler:
         self._reqs: dict[str, Req] = {}
         self._waiting: list[Req] = []
         self._running: list[Req] = []
-        self._prompt_tokens = 0
-        self._cached_tokens = 0
         self._retractions = 0
 
     # ----------------------------------------------------------------- requests
@@ -188,9 +178,9 @@ class Scheduler:
     def add(self, req: Req) -> None:
         """Queue ``req``; sets its ``arrival``.
 
-        Raises ``ValueError`` for a duplicate rid or an empty prompt,
-        ``ContextLengthExceeded`` when prompt + ``max_tokens`` exceed a ``req_to_token``
-        row, and ``OutOfMemory`` when the request could not fit even alone in the pool.
+        Raises ``ValueError`` for a duplicate rid or an empty prompt, and
+        ``ContextLengthExceeded`` / ``OutOfMemory`` by :func:`check_fits` (the context being
+        a ``req_to_token`` row).
         """
         if req.rid in self._reqs:
             raise ValueError(f"rid: a request {req.rid!r} is already scheduled")
@@ -198,16 +188,9 @@ class Scheduler:
             raise ValueError("input_ids: the prompt must not be empty")
         if req.max_prefix_match is not None and req.max_prefix_match < 0:
             raise ValueError(f"max_prefix_match: must be >= 0, got {req.max_prefix_match}")
-        # Peak KV need: every token but the last sampled one has K/V.
-        peak = max(req.seq_len, req.seq_len + req.remaining_tokens - 1)
-        if peak > self.req_to_token_pool.max_context_len:
-            raise ContextLengthExceeded(
-                f"request {req.rid!r} needs {peak} tokens of context (prompt {req.seq_len} + "
-                f"max_tokens), more than {self.req_to_token_pool.max_context_len}")
-        if peak > self.allocator.size:
-            raise OutOfMemory(
-                f"request {req.rid!r} needs up to {peak} KV slots; the pool has "
-                f"{self.allocator.size}")
+        check_fits(req.seq_len, req.remaining_tokens,
+                   context_len=self.req_to_token_pool.max_context_len,
+                   kv_slots=self.allocator.size)
         req.arrival = next(self._arrivals)
         req.overtaken = 0
         self._reqs[req.rid] = req
@@ -239,7 +222,6 @@ class Scheduler:
         return SchedulerStatistics(
             running=len(self._running), waiting=len(self._waiting),
             free_slots=self.allocator.available_size(), total_slots=self.allocator.size,
-            prompt_tokens=self._prompt_tokens, cached_tokens=self._cached_tokens,
             evictable_size=self.cache.evictable_size(),
             protected_size=self.cache.protected_size(),
             retractions=self._retractions, new_token_ratio=self._new_token_ratio)
@@ -362,8 +344,6 @@ class Scheduler:
             req.last_node = match.node
             if req.admissions == 0:
                 req.cached_len = min(m, len(req.input_ids))
-                self._prompt_tokens += len(req.input_ids)
-                self._cached_tokens += req.cached_len
                 self.cache.record_lookup(req.cached_len, len(req.input_ids) - req.cached_len)
             req.admissions += 1
             req.overtaken = 0
@@ -447,41 +427,30 @@ class Scheduler:
         self._new_token_ratio = self.init_new_token_ratio
 
     def _release(self, req: Req, *, cache_prefix: bool) -> None:
-        """Give back ``req``'s row, lock and own slots; optionally cache its computed prefix."""
+        """Give back ``req``'s row, lock and own slots; with ``cache_prefix`` the radix cache
+        takes over what it computed first."""
         pool = self.req_to_token_pool
         row = req.req_pool_idx
         own_from = req.locked_len
-        if cache_prefix and req.kv_len > 0 and not self.cache.disabled:
-            slots = pool.read(row, 0, req.kv_len)
-            cached = self.cache.insert(req.all_ids[:req.kv_len], slots)
-            if cached > req.locked_len:
-                self.allocator.free(slots[req.locked_len:cached])
+        if cache_prefix and req.kv_len > 0:
+            self.cache.cache_finished(req.all_ids[:req.kv_len], pool.read(row, 0, req.kv_len),
+                                      node=req.last_node, locked_len=req.locked_len)
             own_from = req.kv_len
+        else:
+            self.cache.dec_lock_ref(req.last_node)
         if req.alloc_len > own_from:
             self.allocator.free(pool.read(row, own_from, req.alloc_len))
-        if req.last_node is not None:
-            self.cache.dec_lock_ref(req.last_node)
         pool.free(row)
         req.req_pool_idx = req.last_node = None
         req.kv_len = req.alloc_len = req.locked_len = 0
 
     def _cache_unfinished(self, req: Req) -> None:
-        """Insert ``req``'s computed prefix into the tree and move its lock there."""
-        if self.cache.disabled or req.kv_len == req.locked_len:
+        """Hand ``req``'s computed prefix to the radix cache, which moves its lock there."""
+        if req.kv_len == req.locked_len:
             return
         pool = self.req_to_token_pool
         row = req.req_pool_idx
-        key = req.all_ids[:req.kv_len]
-        slots = pool.read(row, 0, req.kv_len)
-        cached = self.cache.insert(key, slots)
-        if cached > req.locked_len:
-            self.allocator.free(slots[req.locked_len:cached])
-        match = self.cache.match_prefix(key)
-        if match.length != req.kv_len:
-            raise RuntimeError("scheduler: a just-inserted prefix is not in the radix cache")
+        match = self.cache.cache_unfinished(req.all_ids[:req.kv_len], pool.read(row, 0, req.kv_len),
+                                            node=req.last_node, locked_len=req.locked_len)
         pool.write(row, req.locked_len, match.slots[req.locked_len:])
-        self.cache.inc_lock_ref(match.node)
-        if req.last_node is not None:
-            self.cache.dec_lock_ref(req.last_node)
-        req.last_node = match.node
-        req.locked_len = req.kv_len
+        req.last_node, req.locked_len = match.node, match.length
