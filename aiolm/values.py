@@ -10,7 +10,14 @@ import hashlib
 
 import attrs
 
-__all__ = ["ImageData", "TokenLogprob", "Usage"]
+__all__ = ["ImageData", "TokenLogprob", "Usage", "hit_rate"]
+
+
+def hit_rate(cached_tokens: int, prompt_tokens: int) -> float:
+    """The prefix-cache hit rate: the fraction of prompt tokens served from the cache (0.0
+    with no prompt tokens). aiolm's one definition of it: the radix cache, the engine's
+    statistics, the server's metrics and the benchmarks all report this."""
+    return cached_tokens / prompt_tokens if prompt_tokens else 0.0
 
 
 @attrs.frozen(kw_only=True)
@@ -44,3 +51,8 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        """:func:`hit_rate` of these counts."""
+        return hit_rate(self.cached_tokens, self.prompt_tokens)

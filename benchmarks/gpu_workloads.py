@@ -17,6 +17,9 @@ from typing import Any
 
 import attrs
 
+from aiolm.cache.pool import kv_bytes_per_token
+from aiolm.values import hit_rate
+
 # Goals of issue 4 (figure -> threshold), shown next to each figure.
 GOALS = {"decode-bs1": ("of roofline", 0.90), "throughput": ("x peer", 2.0),
          "few-shot": ("x peer", 6.0), "prefill-8k": ("of matmul", 0.65)}
@@ -188,7 +191,8 @@ def model_numbers(loaded: Any) -> dict[str, Any]:
         "params": params, "embedding_params": embed, "lm_head_params": head,
         "bytes_per_param": elem, "layers": cfg.num_layers, "q_heads": cfg.num_heads,
         "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-        "kv_bytes_per_token": 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem,
+        "kv_bytes_per_token": kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                                 next(model.parameters()).dtype),
         # A decode step reads every weight but the embedding table (one row of it).
         "weight_bytes_per_step": (params - embed) * elem,
     }
@@ -321,7 +325,7 @@ async def _few_shot(engine: Any, programs: Sequence[Sequence[int]]) -> dict[str,
     prompt = after.prompt_tokens - before.prompt_tokens
     cached = after.cached_tokens - before.cached_tokens
     return {"programs": len(programs), "seconds": seconds, "programs_s": len(programs) / seconds,
-            "prompt_tokens": prompt, "cache_hit_rate": cached / prompt if prompt else 0.0}
+            "prompt_tokens": prompt, "cache_hit_rate": hit_rate(cached, prompt)}
 
 
 async def _throughput(engine: Any, data: Workloads, plan: Plan, numbers: dict[str, Any]

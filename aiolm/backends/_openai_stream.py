@@ -18,9 +18,9 @@ from httpx_sse import EventSource, SSEError
 
 from ..errors import BackendError
 from ..sampling import SamplingParams
+from ..stops import StopMatcher
 from ._openai_errors import MalformedResponse, map_openai_error
 from ._openai_wire import (
-    ClientStop,
     field,
     finish_reason,
     read_chat_logprobs,
@@ -54,7 +54,7 @@ async def stream_call(backend: OpenAI, resource: Any, kw: dict[str, Any], sampli
     client_stop = sampling.stop_regex is not None or len(sampling.stop) > _MAX_STOPS
     if sampling.stop and not client_stop:
         kw = dict(kw, stop=list(sampling.stop))
-    stopper = ClientStop(sampling.stop, sampling.stop_regex) if client_stop else None
+    stopper = StopMatcher(sampling.stop, sampling.stop_regex) if client_stop else None
     kw = dict(kw, stream=True, stream_options={"include_usage": True}, extra_body=extra or None)
     # The raw response (entering the SDK's streaming-response context by hand, so that
     # retries can wrap it), read as server-sent events below.

@@ -142,7 +142,7 @@ async def measure(
         "cached_tokens": usage.cached_tokens,
         "output_tok_per_s": usage.completion_tokens / wall,
         "total_tok_per_s": (usage.prompt_tokens + usage.completion_tokens) / wall,
-        "cache_hit_rate": usage.cached_tokens / usage.prompt_tokens if usage.prompt_tokens else 0.0,
+        "cache_hit_rate": usage.cache_hit_rate,
     }
     if before is not None and after is not None:
         # The engine's own totals also count what usage cannot show (prefills of fork

@@ -29,6 +29,7 @@ import attrs
 import torch
 
 from ..sequences import common_prefix_length
+from ..values import hit_rate
 
 if TYPE_CHECKING:
     from .pool import TokenSlotAllocator
@@ -86,8 +87,7 @@ class RadixCacheStatistics:
     def hit_rate(self) -> float:
         """The cache hit rate: the fraction of looked-up tokens served from the cache (0.0
         before any lookup). aiolm's one definition of it."""
-        looked_up = self.hit_tokens + self.miss_tokens
-        return self.hit_tokens / looked_up if looked_up else 0.0
+        return hit_rate(self.hit_tokens, self.hit_tokens + self.miss_tokens)
 
 
 class RadixCache:

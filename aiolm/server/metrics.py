@@ -28,6 +28,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..backends.base import Backend, Chunk, Usage
+from ..values import hit_rate
 
 __all__ = ["GenerationTimer", "Metrics"]
 
@@ -156,7 +157,7 @@ class _BackendCollector:
         rate = stats.get("cache_hit_rate")
         if rate is None:
             prompt, cached = self._metrics.tokens()
-            rate = cached / prompt if prompt else 0.0
+            rate = hit_rate(cached, prompt)
         yield GaugeMetricFamily("aiolm_cache_hit_rate",
                                 "Fraction of prompt tokens served from the cache.", value=rate)
         queue = next((stats[f] for f in _QUEUE_FIELDS if f in stats), None)
