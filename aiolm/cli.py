@@ -1,11 +1,116 @@
-"""The ``aiolm`` command: ``aiolm demo | serve | bench``."""
+"""The ``aiolm`` command: ``aiolm demo | serve | bench``, and the engine's flags they share.
+
+Every engine flag is derived from the option's declaration on
+:class:`~aiolm.engine.config.EngineConfig` (:func:`add_engine_arguments`), and parsed flags
+become ``aiolm.Engine`` keyword arguments through :func:`engine_options`, so a command
+line takes the same names, values and defaults as the Python API.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import typing
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
-__all__ = ["main"]
+__all__ = ["add_engine_arguments", "engine_options", "main"]
+
+_METAVARS = {int: "N", float: "X"}
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                         names: Iterable[str] | None = None, *,
+                         exclude: Iterable[str] = ()) -> None:
+    """Add the flags of the engine options ``names`` (default: every one the command line
+    takes, but ``exclude``) to ``parser`` or an argument group, as
+    :class:`~aiolm.engine.config.EngineConfig` declares them: ``--option-name`` with the
+    option's type, default, choices and help.
+
+    A bool option is a ``--X`` / ``--no-X`` pair; ``None`` among an option's choices is
+    ``none``; a path option (``chat_template``) takes an existing file. Each value is
+    checked as ``EngineConfig`` checks it, so a bad one is a usage error naming the flag.
+    Raises ``KeyError`` for a name that is not an engine option.
+    """
+    import attrs
+
+    from .engine.config import EngineConfig
+
+    fields = attrs.fields_dict(EngineConfig)
+    hints = typing.get_type_hints(EngineConfig)
+    skip = set(exclude)
+    every = [n for n, f in fields.items() if f.metadata["cli"] and n not in skip]
+    for name in (list(names) if names is not None else every):
+        field = fields[name]
+        meta = field.metadata
+        kinds = {typing.get_origin(t) or t for t in typing.get_args(hints[name]) or (hints[name],)}
+        flag = "--" + (meta["flag"] or name).replace("_", "-")
+        help_text = meta["help"].replace("%", "%%")
+        if bool in kinds:
+            help_text += " (default: on)" if field.default else " (default: off)"
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=field.default, help=help_text)
+            continue
+        if field.default is not None:
+            help_text += " (default: %(default)s)"
+        if meta["choices"]:
+            choices = ["none" if c is None else c for c in meta["choices"]]
+            parser.add_argument(flag, dest=name, default=field.default, choices=choices,
+                                help=help_text)
+        elif os.PathLike in kinds:
+            parser.add_argument(flag, dest=name, default=field.default, type=_existing_file,
+                                metavar="PATH", help=help_text)
+        else:
+            base = int if int in kinds else float if float in kinds else str
+            parser.add_argument(flag, dest=name, default=field.default,
+                                type=_checked(base, field), metavar=_METAVARS.get(base),
+                                help=help_text)
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``aiolm.Engine`` keyword arguments from the engine flags parsed into ``args`` (every
+    engine option the namespace has; ``none`` given for an option that takes None is
+    None)."""
+    import attrs
+
+    from .engine.config import EngineConfig
+
+    options = {}
+    for field in attrs.fields(EngineConfig):
+        if hasattr(args, field.name):
+            value = getattr(args, field.name)
+            if value == "none" and None in field.metadata["choices"]:
+                value = None
+            options[field.name] = value
+    return options
+
+
+def _checked(base: type, field: Any):
+    """The ``type=`` of an engine flag: the text as ``base``, checked by the option's
+    validator (its message becomes the usage error)."""
+    def parse(text: str) -> Any:
+        try:
+            value = base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an' if base is int else 'a'} {base.__name__}, got {text!r}") from None
+        if field.validator is not None:
+            try:
+                field.validator(None, field, value)
+            except (TypeError, ValueError) as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+    return parse
+
+
+def _existing_file(value: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {value!r}")
+    return path
 
 
 def _demo(argv: list[str]) -> int:
@@ -13,8 +118,7 @@ def _demo(argv: list[str]) -> int:
         prog="aiolm demo",
         description="Run a small structured program on the embedded SmolLM2-135M-Instruct model (CPU).",
     )
-    parser.add_argument("--model", default=None, help="a model path instead of the embedded model")
-    parser.add_argument("--device", default="auto")
+    add_engine_arguments(parser, ["model", "device"])
     args = parser.parse_args(argv)
 
     import anyio

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import attrs
 
-from .backends.base import Reasoning
+from .backends.base import SELECT_METHODS, Reasoning, SelectMethod
 from .constraints.base import Constraint
 from .constraints.choices import Choices
 from .constraints.grammar import Grammar
@@ -49,8 +49,6 @@ __all__ = [
 ]
 
 RoleName = Literal["system", "user", "assistant"]
-SelectMethod = Literal["token_length_normalized", "greedy", "unconditional_normalized"]
-SELECT_METHODS = ("token_length_normalized", "greedy", "unconditional_normalized")
 
 #: The regex a ``dtype`` becomes, and hence what the model may write for it.
 DTYPE_REGEX: dict[type, str] = {
@@ -430,10 +428,3 @@ def _contains_role(expr: Expr) -> bool:
 system = _role("system")
 user = _role("user")
 assistant = _role("assistant")
-
-
-def schema_to_json(schema: Any) -> str:
-    """Normalize a JSON schema (dict, JSON string, pydantic model class) to canonical JSON."""
-    return JSONSchema(schema).schema_json
-
-

@@ -211,4 +211,8 @@ async def test_programs_run_through_the_openai_server_when_asked():
     shape = WORKLOADS["judge"].shape("tiny")
     # Counted at the server: each essay's verdicts and its score (fork prefills stay client-side).
     assert judge["runs"]["aiolm"]["requests"] == shape.programs * (len(DIMENSIONS) + 1)
-    assert chat["runs"]["aiolm"]["ttft_later_turns_ms"] >= 0
+    # Each turn streamed through the server (one request each), its first piece timed in the run.
+    turns, streamed = WORKLOADS["multi-turn"].shape("tiny"), chat["runs"]["aiolm"]
+    assert streamed["requests"] == turns.programs * turns.turns
+    for figure in ("ttft_first_turn_ms", "ttft_later_turns_ms"):
+        assert 0 < streamed[figure] < 1000 * streamed["wall_s"], figure

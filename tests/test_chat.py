@@ -44,6 +44,11 @@ def llama3(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
     return "".join(out)
 
 
+def derive(renderer) -> ChatTemplate:
+    """The template derived from ``renderer`` (its BOS is Llama-3's, as its tokenizer says)."""
+    return ChatTemplate.from_renderer(renderer.__name__, renderer, bos_token="<|begin_of_text|>")
+
+
 def msg(role: str, text: str) -> Message:
     return Message(role=role, parts=(TextPart(text=text),))
 
@@ -58,15 +63,15 @@ CONVERSATIONS = [
 @pytest.mark.parametrize("renderer", [chatml, llama3], ids=["chatml", "llama3"])
 @pytest.mark.parametrize("conversation", CONVERSATIONS, ids=["one", "system", "multi"])
 def test_template_from_renderer_reproduces_the_model_template(renderer, conversation):
-    template = ChatTemplate.from_renderer(renderer.__name__, renderer)
+    template = derive(renderer)
     as_dicts = [{"role": m.role, "content": m.content} for m in conversation]
     assert render_text(conversation, template) == renderer(as_dicts, False)
     assert render_text(conversation, template, open_role="assistant") == renderer(as_dicts, True)
 
 
 def test_template_from_renderer_finds_the_default_system_prompt():
-    assert ChatTemplate.from_renderer("chatml", chatml).default_system == SMOL_DEFAULT
-    template = ChatTemplate.from_renderer("llama3", llama3)
+    assert derive(chatml).default_system == SMOL_DEFAULT
+    template = derive(llama3)
     assert template.default_system is None and template.bos == "<|begin_of_text|>"
 
 
@@ -78,7 +83,7 @@ def test_template_requires_every_role():
 @pytest.mark.parametrize("renderer", [chatml, llama3], ids=["chatml", "llama3"])
 @pytest.mark.parametrize("conversation", CONVERSATIONS, ids=["one", "system", "multi"])
 def test_render_conversation_of_turns_equals_render_text(renderer, conversation):
-    template = ChatTemplate.from_renderer(renderer.__name__, renderer)
+    template = derive(renderer)
     assert render_conversation(conversation, template) == render_text(conversation, template)
     assert render_conversation(
         conversation, template, open_role="assistant", open_text="Sure"
@@ -86,13 +91,13 @@ def test_render_conversation_of_turns_equals_render_text(renderer, conversation)
 
 
 def test_render_conversation_of_plain_text_is_the_concatenation():
-    template = ChatTemplate.from_renderer("llama3", llama3)
+    template = derive(llama3)
     assert render_conversation(["Q: 1+1?\n", "A: 2"], template) == "Q: 1+1?\nA: 2"
     assert render_conversation([], template) == ""
 
 
 def test_render_conversation_keeps_plain_text_where_it_stands():
-    template = ChatTemplate.from_renderer("chatml", chatml)
+    template = derive(chatml)
     text = render_conversation(["Preamble. "], template, open_role="user", open_text="Hi")
     assert text == f"Preamble. <|im_start|>system\n{SMOL_DEFAULT}<|im_end|>\n<|im_start|>user\nHi"
     between = render_conversation([msg("system", "S"), "--", msg("user", "U")], SIMPLE_TEMPLATE)

@@ -412,11 +412,12 @@ async def test_a_template_error_while_rendering_is_a_value_error():
     template = ("{% if messages[0]['role'] == 'system' %}"
                 "{{ raise_exception('System role not supported') }}{% endif %}\n"
                 "{% for m in messages %}{{ m.content }}{% endfor %}")
-    async with Engine(tiny_chat_model(), chat_template=template) as engine:
-        with pytest.raises(ValueError, match="chat_template: rendering failed: .*System role "
-                                             "not supported"):
-            engine.render_chat(chat())
-        assert engine.render_chat(chat()[1:]) == "What is the weather in Paris?"
+    with pytest.warns(UserWarning, match="does not wrap each turn on its own"):  # used whole
+        async with Engine(tiny_chat_model(), chat_template=template) as engine:
+            with pytest.raises(ValueError, match="chat_template: rendering failed: .*System "
+                                                 "role not supported"):
+                engine.render_chat(chat())
+            assert engine.render_chat(chat()[1:]) == "What is the weather in Paris?"
 
 
 async def test_render_chat_renders_tool_calls_and_tool_answers():
@@ -462,8 +463,9 @@ async def test_content_the_template_rewrites_is_left_unmarked():
                 "{{ m.content | replace('\\n', ' ') }}<|im_end|>\n{% endfor %}")
     messages = [{"role": "user", "content": "one\n<|im_end|>"},
                 {"role": "user", "content": "two <|im_end|>"}]
-    async with Engine(tiny_chat_model(), chat_template=template) as engine:
-        text = engine.render_chat(messages, add_generation_prompt=False)
+    with pytest.warns(UserWarning, match="does not wrap each turn on its own"):  # used whole
+        async with Engine(tiny_chat_model(), chat_template=template) as engine:
+            text = engine.render_chat(messages, add_generation_prompt=False)
     assert text == ("<|im_start|>user\none <|im_end|><|im_end|>\n"
                     "<|im_start|>user\ntwo <|im_end|><|im_end|>\n")
     assert [text[a:b] for a, b in text.literal_spans] == ["two <|im_end|>"]

@@ -1,22 +1,30 @@
-"""Host-side parts of the GPU path that run anywhere: graph buckets, backend availability."""
+"""Host-side parts of the GPU path that run anywhere: which captured CUDA graph a decode
+batch replays (the runner's own choice, without a GPU), backend availability."""
 
 from __future__ import annotations
 
 import importlib.util
+import types
 
 import pytest
 
 pytest.importorskip("torch")
 
 
-def test_graph_buckets_cover_every_batch_size_up_to_the_maximum():
-    from aiolm.engine.cuda_graph import graph_batch_sizes
+@pytest.mark.parametrize("most", [1, 2, 20, 64, 100, 256])
+def test_every_batch_size_replays_a_captured_graph_with_little_padding(most):
+    from aiolm.engine.cuda_graph import CudaGraphRunner, graph_batch_sizes
 
-    sizes = graph_batch_sizes(256)
-    assert sizes[:8] == [1, 2, 4, 8, 16, 24, 32, 48]
-    assert sizes[-1] == 256 and sizes == sorted(set(sizes))
-    assert graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
-    assert graph_batch_sizes(1) == [1]
+    sizes = graph_batch_sizes(most)
+    assert sizes == sorted(set(sizes)) and sizes[0] == 1 and sizes[-1] == most
+    # The runner's own choice of graph for a batch (it reads only the captured sizes, so it
+    # runs here without capturing anything on a GPU).
+    runner = types.SimpleNamespace(batch_sizes=sizes)
+    for batch_size in range(1, most + 1):
+        padded = CudaGraphRunner.bucket(runner, batch_size)
+        assert padded in sizes and padded >= batch_size
+        # Padding rows are wasted work: under 2x for small batches, under 16 rows above 32.
+        assert padded - batch_size < (16 if batch_size > 32 else batch_size)
 
 
 def test_graph_buckets_reject_an_empty_maximum():

@@ -150,9 +150,9 @@ async def test_the_chat_completions_route_escapes_message_content(smol, tok):
 
 
 def test_benign_chat_content_encodes_exactly_as_before(tok):
-    from aiolm.backends._engine_plumbing import chat_template_of
+    from aiolm.chat import chat_template_for
 
-    template = chat_template_of(tok)
+    template = chat_template_for(tok)
     messages = chat(("system", "Be brief."), ("user", "What is <b>2+2</b>? Use <|im_start"),
                     ("assistant", "4."), ("user", " Thanks!\n"))
     text = render_text(messages, template, open_role="assistant")
@@ -177,9 +177,9 @@ async def test_a_forged_turn_does_not_break_the_prefix_cache(smol):
 
 def test_select_scoring_text_keeps_the_marks(tok):
     # Engine.score encodes ``prompt + choice``: the choice is appended, the marks stay.
-    from aiolm.backends._engine_plumbing import chat_template_of
+    from aiolm.chat import chat_template_for
 
-    text = render_text(chat(("user", EVIL)), chat_template_of(tok), open_role="assistant")
+    text = render_text(chat(("user", EVIL)), chat_template_for(tok), open_role="assistant")
     scored = text + "Paris"
     assert isinstance(scored, MarkedText) and scored.literal_spans == text.literal_spans
     assert tok.encode(scored).count(im_start(tok)) == 3

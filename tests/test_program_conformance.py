@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import anyio
 import conformance
 import pytest
 
@@ -122,12 +121,14 @@ async def test_run_batch_keeps_order_and_isolates_the_failure(backend):
 @pytest.mark.parametrize("check", [conformance.check_cancel_queued, conformance.check_cancel_fork])
 async def test_cancelled_program_stops_calling_the_backend(check, backend):
     await check(backend, settle=0.02)
-    calls = backend.statistics().calls
-    assert backend.statistics().active_streams == 0
-    await anyio.sleep(0.05)
-    assert backend.statistics().calls == calls  # nothing queued ran after the cancel
+    # The check asserts that no task of the program outlived the cancel: nothing is left
+    # that could call the backend later, so these counts are final.
+    stats = backend.statistics()
+    assert stats.active_streams == 0
     if check is conformance.check_cancel_queued:
-        assert calls == 1  # the queued gen never reached the backend
+        assert stats.calls == 1  # the queued gen never reached the backend
+    else:
+        assert stats.calls <= 3  # one call at most per branch
 
 
 async def test_fork_error_cancels_sibling_streams(backend):

@@ -249,7 +249,6 @@ async def test_gen_choices_constrain_the_output():
 
 
 async def test_gen_json_schema_from_a_pydantic_model():
-    pytest.importorskip("aiolm.constraints._llg")
     import pydantic
 
     class City(pydantic.BaseModel):

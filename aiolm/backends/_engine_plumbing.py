@@ -12,17 +12,18 @@ import anyio
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..chat import SIMPLE_TEMPLATE, ChatTemplate
 from ..errors import AiolmError, BackendUnavailable, EngineError
 from ..sampling import SamplingParams
+from ..sequences import (
+    common_prefix_length as common_prefix_len,  # re-export for backends/engine.py
+)
 from .base import Chunk, GenerateRequest
 
 if TYPE_CHECKING:
     from ..constraints.base import Constraint
     from ..engine.engine import RequestOutput
-    from ..engine.tokenizer import Tokenizer
 
-__all__ = ["ChunkStream", "Pending", "as_request", "chat_template_of", "common_prefix_len",
+__all__ = ["ChunkStream", "Pending", "as_request", "common_prefix_len",
            "final_event", "read_chat_template", "soon_caller", "translate_error"]
 
 
@@ -80,15 +81,6 @@ def translate_error(error: BaseException) -> BaseException:
     wrapped = EngineError(f"the engine failed this request: {type(error).__name__}: {error}")
     wrapped.__cause__ = error
     return wrapped
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 async def final_event(receive: MemoryObjectReceiveStream[RequestOutput]) -> RequestOutput:
@@ -165,29 +157,3 @@ def read_chat_template(value: str | os.PathLike[str] | None) -> str | None:
     if not source.strip():
         raise ValueError(f"chat_template: {where} is empty")
     return source
-
-
-def chat_template_of(tokenizer: Tokenizer | None, source: str | None = None) -> ChatTemplate:
-    """The chat template as role prefixes/suffixes: ``source`` (Jinja) if given, else the
-    tokenizer's own; SIMPLE_TEMPLATE when there is none, or it does not wrap turns verbatim.
-
-    Raises ``ValueError`` when ``source`` has a Jinja syntax error.
-    """
-    if tokenizer is None:
-        return SIMPLE_TEMPLATE
-    import jinja2
-
-    from ..engine.tokenizer import chat_template_error
-
-    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                             chat_template=source)
-
-    try:
-        return ChatTemplate.from_renderer("model", render)
-    except jinja2.TemplateSyntaxError as exc:
-        if source is not None:
-            raise chat_template_error(exc) from exc
-        return SIMPLE_TEMPLATE
-    except Exception:  # no template, or one that does not wrap turns verbatim
-        return SIMPLE_TEMPLATE

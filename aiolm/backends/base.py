@@ -12,7 +12,7 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import attrs
 
@@ -33,7 +33,9 @@ __all__ = [
     "GenerateRequest",
     "ImageData",
     "Reasoning",
+    "SELECT_METHODS",
     "ScoreResult",
+    "SelectMethod",
     "TokenLogprob",
     "Usage",
     "choose_by_method",
@@ -41,6 +43,9 @@ __all__ = [
 ]
 
 FinishReason = Literal["stop", "length", "abort", "tool_calls"]
+#: How ``select`` picks a choice (see :func:`choose_by_method`).
+SelectMethod = Literal["token_length_normalized", "greedy", "unconditional_normalized"]
+SELECT_METHODS: tuple[str, ...] = get_args(SelectMethod)
 
 
 def new_request_id() -> str:

@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..chat import SIMPLE_TEMPLATE, ChatTemplate, render_text
+from ..chat import SIMPLE_TEMPLATE, ChatTemplate, JinjaChatTemplate, chat_template_for, render_text
+from ..constraints.limits import ConstraintLimits
+from ..engine.config import EngineConfig, resolve_device
 from ..engine.loaded import LoadedModel
 from ..errors import BackendUnavailable, ContextLengthExceeded, UnsupportedFeature
 from ..sampling import SamplingParams
@@ -32,13 +34,13 @@ from ._engine_plumbing import (
     ChunkStream,
     Pending,
     as_request,
-    chat_template_of,
     common_prefix_len,
     final_event,
     read_chat_template,
     soon_caller,
 )
 from .base import (
+    SELECT_METHODS,
     Backend,
     Capabilities,
     Chunk,
@@ -62,75 +64,63 @@ _log = logging.getLogger("aiolm.engine")
 
 # Longer texts are tokenized on a worker thread (about a millisecond of encoding).
 _INLINE_ENCODE_CHARS = 8192
-_SELECT_METHODS = ("token_length_normalized", "greedy", "unconditional_normalized")
+#: The declared defaults of the options (the signature of ``Engine`` takes its own from it).
+_DEFAULT = EngineConfig()
 
 
 class Engine(Backend):
     """The in-process inference engine (RadixAttention, cache-aware scheduling, constraints).
 
     Open it with ``async with Engine(...) as engine`` or ``await engine.start()`` /
-    ``await engine.aclose()``. Options are those of :class:`aiolm.engine.config.EngineConfig`
-    (validated here, before anything loads); ``model`` may also be a :class:`LoadedModel`.
-    Weights load in :meth:`start`, on a worker thread.
+    ``await engine.aclose()``. The options, their defaults and what they mean are declared
+    once, on :class:`aiolm.engine.config.EngineConfig` (validated here, before anything
+    loads; docs/engine.md lists them); ``model`` may also be a :class:`LoadedModel`. Weights
+    load in :meth:`start`, on a worker thread.
 
-    ``escape_special_tokens`` (default True): special-token text inside chat message content
-    (a user writing ``<|im_end|>\n<|im_start|>system``) encodes as ordinary tokens, so it
-    cannot forge a turn; the chat template's own markers stay control tokens. Raw text
-    prompts (``engine.generate("...")``, the completions API) are never escaped: they may
-    carry control tokens on purpose. False encodes chat content as raw text too.
-
-    ``chat_template``: a Jinja chat template used in place of the tokenizer's own (as
-    vLLM's and SGLang's ``--chat-template``): its source text, or the path of a file (a
-    path object, or a string with neither ``{`` nor a line break), read here. It renders
-    chat requests (:attr:`chat_template`) and :meth:`render_chat`. Raises
-    ``FileNotFoundError`` naming a missing file; a syntax error in it raises ``ValueError``
-    from :meth:`start`.
+    Raises ``ValueError`` / ``TypeError`` naming a bad option, ``FileNotFoundError`` naming
+    a missing ``chat_template`` file (read here; a Jinja syntax error in the template
+    raises ``ValueError`` from :meth:`start`).
     """
 
     capabilities = Capabilities(images=False)
 
+    # NOTE: the keyword parameters are EngineConfig's fields, one for one, with its
+    # defaults (tests/test_engine_config.py checks both): a new option is declared there
+    # and named here.
     def __init__(self, model: str | os.PathLike[str] | LoadedModel | None = None, *,
-                 dtype: str = "auto", device: str = "auto", attention_backend: str = "auto",
-                 schedule_policy: str = "lpm", enable_radix_cache: bool = True,
-                 chunked_prefill_size: int | None = None,
-                 max_running_requests: int | None = None, max_total_tokens: int | None = None,
-                 mem_fraction: float = 0.85, cuda_graphs: bool = True,
-                 load_format: str = "auto", quantization: str | None = "auto",
-                 tp_size: int = 1, seed: int = 0,
-                 jump_forward: bool = True, aging_limit: int = 16,
-                 request_step_timeout: float = 5.0, close_timeout: float = 10.0,
-                 num_threads: int | None = None, compile: bool = False,
-                 escape_special_tokens: bool = True,
-                 chat_template: str | os.PathLike[str] | None = None) -> None:
-        from ..engine.config import EngineConfig
-
-        if not isinstance(escape_special_tokens, bool):
-            raise TypeError(f"escape_special_tokens: expected a bool, got "
-                            f"{type(escape_special_tokens).__name__}")
-        self.escape_special_tokens = escape_special_tokens
-        self._chat_template_source = read_chat_template(chat_template)
-
+                 dtype: str = _DEFAULT.dtype, device: str = _DEFAULT.device,
+                 attention_backend: str = _DEFAULT.attention_backend,
+                 schedule_policy: str = _DEFAULT.schedule_policy,
+                 enable_radix_cache: bool = _DEFAULT.enable_radix_cache,
+                 chunked_prefill_size: int | None = _DEFAULT.chunked_prefill_size,
+                 max_running_requests: int | None = _DEFAULT.max_running_requests,
+                 max_total_tokens: int | None = _DEFAULT.max_total_tokens,
+                 mem_fraction: float = _DEFAULT.mem_fraction,
+                 cuda_graphs: bool = _DEFAULT.cuda_graphs,
+                 load_format: str = _DEFAULT.load_format,
+                 quantization: str | None = _DEFAULT.quantization,
+                 tp_size: int = _DEFAULT.tp_size, seed: int = _DEFAULT.seed,
+                 jump_forward: bool = _DEFAULT.jump_forward,
+                 aging_limit: int = _DEFAULT.aging_limit,
+                 request_step_timeout: float = _DEFAULT.request_step_timeout,
+                 close_timeout: float = _DEFAULT.close_timeout,
+                 num_threads: int | None = _DEFAULT.num_threads,
+                 compile: bool = _DEFAULT.compile,
+                 escape_special_tokens: bool = _DEFAULT.escape_special_tokens,
+                 chat_template: str | os.PathLike[str] | None = _DEFAULT.chat_template,
+                 constraint_limits: ConstraintLimits = _DEFAULT.constraint_limits) -> None:
+        options = dict(locals())  # first: the parameters and nothing else
+        del options["self"], options["model"]
         self._loaded = model if isinstance(model, LoadedModel) else None
         if self._loaded is not None:
-            model, load_format = self._loaded.source, self._loaded.load_format
-        self.config = EngineConfig(
-            model=model, dtype=dtype, device=device, attention_backend=attention_backend,
-            schedule_policy=schedule_policy, enable_radix_cache=enable_radix_cache,
-            chunked_prefill_size=chunked_prefill_size,
-            max_running_requests=max_running_requests, max_total_tokens=max_total_tokens,
-            mem_fraction=mem_fraction, cuda_graphs=cuda_graphs, load_format=load_format,
-            quantization=quantization, tp_size=tp_size, seed=seed, jump_forward=jump_forward,
-            aging_limit=aging_limit,
-            request_step_timeout=request_step_timeout, close_timeout=close_timeout,
-            num_threads=num_threads, compile=compile,
-        )
+            model, options["load_format"] = self._loaded.source, self._loaded.load_format
+        self.config = EngineConfig(model=model, **options)
+        self._chat_template_source = read_chat_template(self.config.chat_template)
         if self.config.device.startswith("cuda"):  # say it now, not after a model load
-            from ..engine.runner import resolve_device
-
             resolve_device(self.config.device)
         self._core: EngineCore | None = None
         self._tokenizer: Tokenizer | None = None
-        self._template: ChatTemplate = SIMPLE_TEMPLATE
+        self._template: ChatTemplate | JinjaChatTemplate = SIMPLE_TEMPLATE
         self._call_soon: Callable[..., None] | None = None
         self._streams: dict[str, MemoryObjectSendStream[RequestOutput]] = {}
         self._tickets: dict[int, Pending] = {}
@@ -161,7 +151,8 @@ class Engine(Backend):
                 seed=cfg.seed, quantization=cfg.quantization))
         if loaded.in_use:
             raise RuntimeError("model: this LoadedModel is used by another open Engine")
-        template = chat_template_of(loaded.tokenizer, self._chat_template_source)
+        template = chat_template_for(loaded.tokenizer, self._chat_template_source,
+                                     model_name=self.model_name)
         loaded.in_use = True
         self._loaded = loaded
         try:
@@ -253,10 +244,12 @@ class Engine(Backend):
         return os.path.basename(self.config.model or "SmolLM2-135M-Instruct")
 
     @property
-    def chat_template(self) -> ChatTemplate:
-        """The chat template (``chat_template`` if given, else the tokenizer's) as role
-        prefixes/suffixes; SIMPLE_TEMPLATE if there is none or it does not wrap each turn
-        verbatim."""
+    def chat_template(self) -> ChatTemplate | JinjaChatTemplate:
+        """The chat template chat requests render with (``chat_template`` if given, else the
+        tokenizer's): role prefixes/suffixes, or, for a template that does not wrap each turn
+        on its own, the template itself (warned at :meth:`start`; see
+        :func:`aiolm.chat.chat_template_for`); SIMPLE_TEMPLATE without a tokenizer or a
+        template."""
         return self._template
 
     @property
@@ -379,8 +372,8 @@ class Engine(Backend):
         """Score ``continuations`` after ``prefix``: the prefix is prefilled once, then all
         continuations are scored in one batch (and, for ``unconditional_normalized``, also
         with no prompt)."""
-        if method not in _SELECT_METHODS:
-            raise ValueError(f"method: unknown select method {method!r}")
+        if method not in SELECT_METHODS:
+            raise ValueError(f"method: expected one of {', '.join(SELECT_METHODS)}, got {method!r}")
         if not continuations:
             raise ValueError("continuations: need at least one choice")
         core = self._require_core()
@@ -456,7 +449,8 @@ class Engine(Backend):
         matcher = None
         if request.constraint is not None:
             # A user's own constraint may need no tokenizer (dummy weights pass None).
-            matcher = await anyio.to_thread.run_sync(request.constraint.compile, self._tokenizer)
+            matcher = await anyio.to_thread.run_sync(
+                request.constraint.compile_for, self._tokenizer, self.config.constraint_limits)
         req = core.new_request(request.request_id, ids, request.sampling, matcher=matcher,
                                prompt_logprobs=request.prompt_logprobs)
         receive = self._submit(req)
@@ -508,7 +502,7 @@ class Engine(Backend):
             text = render_text(request.messages, self._template, open_role="assistant")
         else:
             raise ValueError("prompt: this request has token ids, not text")
-        return text if self.escape_special_tokens else str(text)
+        return text if self.config.escape_special_tokens else str(text)
 
     async def _encode(self, request: GenerateRequest) -> list[int]:
         """The prompt's token ids; a long text is encoded on a worker thread, so that one

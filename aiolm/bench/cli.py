@@ -40,6 +40,7 @@ from typing import Any, NoReturn
 
 import attrs
 
+from ..cli import add_engine_arguments
 from .synth import SIZES
 from .workload import ABLATIONS
 
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--model", help="a Hugging Face directory or .gguf file (default: embedded SmolLM2)")
     model.add_argument("--dummy", metavar="NAME", help="random weights of a named config, e.g. llama-3-8b")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_engine_arguments(parser, ["device"])
     parser.add_argument("--peer", choices=("hf",), help="also run the programs on transformers generate")
     parser.add_argument("--peer-programs", type=int, metavar="N",
                         help="the peer runs only each workload's first N programs (its rate is per call)")
@@ -201,13 +202,14 @@ def _make_target(args: argparse.Namespace, dummy: str | None):
 
 def _on_cpu(args: argparse.Namespace) -> bool:
     """Whether the benchmark runs on the CPU (then each workload's variants run together)."""
-    if args.backend == "scripted" or args.device == "cpu":
+    if args.backend == "scripted":
         return True
-    if args.device != "auto":
-        return False
-    import torch
+    from ..engine.config import resolve_device
 
-    return not torch.cuda.is_available()
+    try:
+        return resolve_device(args.device).type == "cpu"
+    except ValueError:  # CUDA asked for where there is none: each step records the error
+        return False
 
 
 #: The workloads whose records take roofline fractions (see :mod:`aiolm.bench.limits`).

@@ -49,9 +49,9 @@ class LoadedModel:
         on the ``aiolm.engine`` logger at INFO. Raises ``FileNotFoundError`` for a missing
         model (saying how to install the default one), ``ValueError`` for bad arguments.
         """
+        from .config import resolve_device
         from .default_model import default_model_path
         from .loader import load_model
-        from .runner import resolve_device
 
         source = os.fspath(model) if model is not None else default_model_path()
         dev = resolve_device(device)

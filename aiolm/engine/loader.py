@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import check_quantization
+from .config import LOAD_FORMATS, check_quantization, resolve_device
 from .model_config import NAMED_CONFIGS, ModelConfig, dtype_name
 
 if TYPE_CHECKING:
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 __all__ = ["load_model"]
 
-_LOAD_FORMATS = ("auto", "dummy")
 _DUMMY_STD = 0.02
 _log = logging.getLogger("aiolm.engine")
 
@@ -60,10 +59,11 @@ def load_model(
     """
     import torch
 
-    if load_format not in _LOAD_FORMATS:
-        raise ValueError(f"load_format: expected one of {_LOAD_FORMATS}, got {load_format!r}")
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format: must be one of {', '.join(map(repr, LOAD_FORMATS))}, "
+                         f"got {load_format!r}")
     check_quantization(quantization)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     started = time.perf_counter()
     source, config = _resolve_source(model, load_format)
     if source is not None:
@@ -169,17 +169,6 @@ def _resolve_source(model: Any, load_format: str) -> tuple[Any, ModelConfig]:
 def _require_dummy(load_format: str, what: str) -> None:
     if load_format != "dummy":
         raise ValueError(f"model: {what} has no weights; pass load_format='dummy'")
-
-
-def _resolve_device(device: Any) -> torch.device:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device: invalid {device!r}") from exc
 
 
 def _resolve_dtype(dtype: Any, config: ModelConfig, device: torch.device) -> str:

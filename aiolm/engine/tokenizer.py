@@ -26,6 +26,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..sequences import common_prefix_length
+
 __all__ = ["IncrementalDetokenizer", "MarkedText", "Tokenizer"]
 
 
@@ -305,6 +307,11 @@ class Tokenizer:
         return bool(getattr(self.hf, "chat_template", None))
 
     @property
+    def bos_token(self) -> str | None:
+        """The BOS token's text (which a chat template may write in front of a chat)."""
+        return getattr(self.hf, "bos_token", None)
+
+    @property
     def chat_template_source(self) -> str | None:
         """The tokenizer's own Jinja chat template (its default one, where it has several)."""
         template = getattr(self.hf, "chat_template", None)
@@ -353,7 +360,7 @@ class IncrementalDetokenizer:
         text = self._decode(window)
         if not final and (len(text) <= len(done) or text.endswith(_REPLACEMENT)):
             return ""
-        new = text[len(done):] if text.startswith(done) else text[_common_prefix(done, text):]
+        new = text[len(done):] if text.startswith(done) else text[common_prefix_length(done, text):]
         self._prefix, self._read = self._read, len(self._ids)
         return new
 
@@ -440,15 +447,6 @@ def _in_literal(text: str, content: str, offset: tuple[int, int],
     lo, hi = (at, at + len(content)) if at >= 0 else (a, b)
     k = bisect.bisect_right(starts, hi - 1) - 1  # the last span starting before ``hi``
     return lo < hi and k >= 0 and spans[k][1] > lo
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _generation_eos_ids(directory: Path) -> list[int]:

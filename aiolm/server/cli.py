@@ -16,12 +16,12 @@ import errno
 import logging
 import socket
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import attrs
 
+from ..cli import add_engine_arguments, engine_options
 from .app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PENDING
 from .connections import DEFAULT_HEAD_TIMEOUT, default_connection_limit, http_protocol
 from .guard import is_loopback_host
@@ -57,8 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Exit status: 0 after a normal shutdown, {EXIT_STARTUP_FAILED} if the server did not "
                f"start, {EXIT_ENGINE_FAILED} if the engine died while serving (restart it).",
     )
-    p.add_argument("--model", default=None,
-                   help="a Hugging Face model directory or GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    add_engine_arguments(p, ["model"])
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 route")
@@ -74,8 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                    help="the format the model writes its thinking in; answers then carry "
                         "reasoning_content (default: detected from its chat template)")
-    t.add_argument("--chat-template", default=None, type=_template_file, metavar="PATH",
-                   help="a Jinja chat template file used in place of the model's own")
+    add_engine_arguments(t, ["chat_template"])
     x = p.add_argument_group("exposure (without --api-key)")
     x.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="also answer requests with this Host name (repeatable; '*' any; '*.example.com' "
@@ -111,59 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "descriptor limit minus 64, at most 4096)")
     c.add_argument("--h11-max-incomplete-event-size", type=int, default=_DEFAULT_MAX_HEAD_BYTES,
                    help="largest request head in bytes (h11; default %(default)s)")
-    e = p.add_argument_group("engine")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--dtype", default="auto")
-    e.add_argument("--attention-backend", default="auto")
-    e.add_argument("--schedule-policy", default="lpm", choices=["lpm", "dfs-weight", "fcfs"])
-    e.add_argument("--no-radix-cache", action="store_true", help="disable prefix caching (ablation)")
-    e.add_argument("--chunked-prefill-size", type=int, default=None)
-    e.add_argument("--max-running-requests", type=int, default=None)
-    e.add_argument("--max-total-tokens", type=int, default=None)
-    e.add_argument("--mem-fraction", type=float, default=0.85)
-    e.add_argument("--no-cuda-graphs", action="store_true")
-    e.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    e.add_argument("--quantization", default="auto", choices=["auto", "int8", "int4", "none"],
-                   help="weight-only quantized layers on the CPU: auto keeps a quantized GGUF "
-                        "quantized; none keeps exact float weights (default %(default)s)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--request-step-timeout", type=float, default=5.0,
-                   help="the watchdog: seconds of host work one request may take in one engine "
-                        "step before it is aborted (default %(default)s)")
-    e.add_argument("--close-timeout", type=float, default=10.0,
-                   help="seconds shutdown waits for the engine loop (default %(default)s)")
-    e.add_argument("--num-threads", type=int, default=None,
-                   help="torch CPU threads of the engine (default: usable cores minus one)")
-    e.add_argument("--compile", action="store_true",
-                   help="compile the CPU decode step with torch.compile (slow first start)")
-    e.add_argument("--no-escape-special-tokens", action="store_true",
-                   help="let special-token text inside chat messages act as special tokens "
-                        "(default: it is encoded as plain text)")
+    e = p.add_argument_group("engine (the options of aiolm.Engine; docs/engine.md)")
+    add_engine_arguments(e, exclude=("model", "chat_template"))
     return p
-
-
-def _template_file(value: str) -> Path:
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {value!r}")
-    return path
-
-
-def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``aiolm.Engine`` keyword arguments from parsed ``aiolm serve`` options."""
-    return dict(
-        dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
-        schedule_policy=args.schedule_policy, enable_radix_cache=not args.no_radix_cache,
-        chunked_prefill_size=args.chunked_prefill_size,
-        max_running_requests=args.max_running_requests, max_total_tokens=args.max_total_tokens,
-        mem_fraction=args.mem_fraction, cuda_graphs=not args.no_cuda_graphs,
-        load_format=args.load_format, seed=args.seed,
-        quantization=None if args.quantization == "none" else args.quantization,
-        request_step_timeout=args.request_step_timeout, close_timeout=args.close_timeout,
-        num_threads=args.num_threads, compile=args.compile,
-        escape_special_tokens=not args.no_escape_special_tokens,
-        chat_template=args.chat_template,
-    )
 
 
 def serve_main(argv: Sequence[str]) -> int:
@@ -185,7 +133,7 @@ def serve_main(argv: Sequence[str]) -> int:
     with sock:
         from ..backends.engine import Engine
 
-        return run_server(Engine(args.model, **engine_options(args)), args, sockets=[sock])
+        return run_server(Engine(**engine_options(args)), args, sockets=[sock])
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
