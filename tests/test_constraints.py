@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 
+import attrs
 import jsonschema
 import numpy as np
 import pydantic
@@ -14,10 +15,21 @@ import regex
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mini_model import build_mini_tokenizer
 
 from aiolm import ConstraintError
-from aiolm.constraints import Choices, Grammar, JSONSchema, Regex
+from aiolm.constraints import (
+    Choices,
+    ConstraintGrammar,
+    ConstraintLimits,
+    Grammar,
+    GrammarConstraint,
+    JSONSchema,
+    Matcher,
+    Regex,
+)
 from aiolm.constraints._llg import text_matches, validate_spec
+from aiolm.engine.grammar_backend import GrammarBackend
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -56,23 +68,6 @@ def random_walk(matcher, tokenizer, rng: random.Random, *, max_steps: int = 600)
 
 def text_of(tokenizer, tokens: list[int]) -> str:
     return tokenizer.decode(tokens, clean_up_tokenization_spaces=False)
-
-
-def build_mini_tokenizer():
-    """A small byte-level BPE tokenizer trained in memory (fast; real merges; EOS id 2)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    corpus = ['{"name": "Ada", "age": 36, "job": "engineer"}', "about the house",
-              "hello world 12345", "the quick brown fox jumps over the lazy dog"] * 20
-    trainer = trainers.BpeTrainer(vocab_size=600, show_progress=False,
-                                  special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>")
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +114,6 @@ def test_regex_rust_syntax_error_is_reported():
 @pytest.mark.parametrize(("schema", "named"), [
     ({"type": "bogus"}, "bogus"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "missing"),
-    ({"if": {"type": "string"}, "then": {"maxLength": 2}}, "if, then"),
-    ({"type": "array", "uniqueItems": True}, "uniqueItems"),
     ({"type": "integer", "minimum": 5, "maximum": 2}, "minimum"),
     ({"type": "string", "minLength": 5, "maxLength": 2}, "minLength"),
     ({"type": "string", "format": "no-such-format"}, "no-such-format"),
@@ -130,6 +123,21 @@ def test_regex_rust_syntax_error_is_reported():
 def test_json_schema_problem_is_named(schema, named):
     with pytest.raises(ConstraintError, match=named):
         JSONSchema(schema).validate()
+
+
+@pytest.mark.parametrize(("schema", "named"), [
+    ({"if": {"type": "string"}, "then": {"maxLength": 2}}, "if at /"),
+    ({"type": "object", "properties": {"t": {"type": "array", "uniqueItems": True}}},
+     "uniqueItems at /properties/t"),
+])
+def test_unenforceable_keywords_are_named_in_error_mode_and_checked_after_otherwise(
+        mini_tok, schema, named):
+    strict = JSONSchema(schema, unenforceable="error")
+    for call in (strict.validate, lambda: strict.compile(mini_tok)):
+        with pytest.raises(ConstraintError, match=named):
+            call()
+    JSONSchema(schema).validate()
+    assert named in [str(d) for d in JSONSchema(schema).checked_after()]
 
 
 def test_json_schema_malformed_input_is_rejected():
@@ -313,10 +321,11 @@ def test_wider_and_narrower_mask_rows(mini_tok):
     assert np.array_equal(as_numpy, full.numpy())
 
 
-def test_compiled_grammars_are_shared_between_requests(mini_tok):
+def test_each_request_compiles_its_own_matcher(mini_tok):
     spec = JSONSchema({"type": "object", "properties": {"age": {"type": "integer"}}})
     first, second = spec.compile(mini_tok), spec.compile(mini_tok)
-    assert first.ll_matcher is not second.ll_matcher  # each request has its own state
+    words = first.mask_words
+    assert first.llguidance_mask(words) is not second.llguidance_mask(words)  # own state
     assert first.forced_tokens() == second.forced_tokens()
 
 
@@ -482,3 +491,235 @@ def test_fork_and_rollback_on_smollm2(smol_tok):
     matcher.rollback(len(apple))
     assert all(matcher.advance(t) for t in banana)
     assert matcher.accepts_eos()
+
+
+# ------------------------------------------------------- limits, fresh matchers, text checks
+
+WORD_COUNT = {"type": "object", "required": ["a"], "properties": {"a": {
+    "type": "string", "pattern": "^(?:\\S+\\s+){0,99}\\S+$", "maxLength": 1000}}}
+
+
+@pytest.mark.slow
+def test_a_matcher_that_hits_a_limit_leaves_later_requests_unharmed(smol_tok):
+    # Under llguidance's own per-token lexer fuel, this schema's first mask inside the string
+    # fails; the grammar compiled for it used to be a shared template whose copies shared
+    # the lexer, so every later request with the schema failed at its first token.
+    spec = JSONSchema(WORD_COUNT)
+    tight = ConstraintLimits(step_lexer_fuel=200_000)  # llguidance's own default
+    masks = GrammarBackend(len(smol_tok))
+    (quote_comma,) = smol_tok.encode(' ",')  # opens the string with a comma
+    for _ in range(2):  # the second request on the same limits starts as well as the first
+        matcher = spec.compile_for(smol_tok, tight)
+        while matcher.only_token() is not None:  # the forced '{"a":'
+            masks.fill_bitmask([(0, matcher)], 1)
+            assert matcher.advance(matcher.only_token())
+        masks.fill_bitmask([(0, matcher)], 1)
+        assert matcher.advance(quote_comma)
+        with pytest.raises(ConstraintError, match="too many expressions constructed"):
+            masks.fill_bitmask([(0, matcher)], 1)
+        assert "too many expressions constructed" in matcher.error()
+    # The default limits are set for such schemas: a whole value, valid.
+    rng = random.Random(0)
+    for _ in range(2):
+        tokens = _walk_closing_early(spec.compile(smol_tok), smol_tok, rng)
+        value = json.loads(text_of(smol_tok, tokens))
+        jsonschema.validate(value, WORD_COUNT)
+        assert len(value["a"]) > 20
+
+
+def _walk_closing_early(matcher, tokenizer, rng: random.Random) -> list[int]:
+    """A random walk that writes 30 tokens into the string, then takes the closing quote as
+    soon as it is allowed (a uniform walk would write up to maxLength characters)."""
+    vocab = len(tokenizer)
+    row = torch.empty((vocab + 31) // 32, dtype=torch.int32)
+    (close,) = tokenizer.encode('"')
+    quoted = {t for t in range(vocab) if '"' in tokenizer.decode([t])}
+    tokens: list[int] = []
+    while not matcher.is_finished():
+        matcher.fill_next_token_mask(row)
+        allowed = allowed_tokens(row, vocab)
+        assert len(allowed) > 0, matcher.error()
+        if len(tokens) > 30 and close in allowed:
+            pick = close
+        else:
+            inside = [int(t) for t in allowed if int(t) not in quoted] or allowed.tolist()
+            pick = inside[rng.randrange(len(inside))]
+        if pick == tokenizer.eos_token_id:
+            break
+        assert matcher.advance(pick), matcher.error()
+        tokens.append(pick)
+        rollback, forced = matcher.jump_forward()
+        if rollback:
+            del tokens[-rollback:]
+        for t in forced:
+            assert matcher.advance(t)
+            tokens.append(t)
+    return tokens
+
+
+def test_constraint_limits_are_checked():
+    assert ConstraintLimits().step_lexer_fuel > 200_000  # above llguidance's own default
+    with pytest.raises(ValueError, match="step_lexer_fuel must be a positive int"):
+        ConstraintLimits(step_lexer_fuel=0)
+    with pytest.raises(TypeError, match="precompute_large_lexemes"):
+        ConstraintLimits(precompute_large_lexemes="yes")
+
+
+_WORDS_50 = {"type": "string", "pattern": "^(?:\\S+\\s+){0,49}\\S+$", "maxLength": 500}
+
+
+def test_matches_text_uses_jsonschema_whatever_the_grammar_limits():
+    spec = JSONSchema(_WORDS_50)
+    assert spec.matches_text('"The lab is near a bus stop and a train station."')
+    words = ["w"] * 50
+    assert spec.matches_text(json.dumps(" ".join(words)))
+    assert not spec.matches_text(json.dumps(" ".join(words + ["w"])))  # 51 words
+    long_word = "x" * 500
+    assert spec.matches_text(json.dumps(long_word))  # exactly maxLength
+    assert not spec.matches_text(json.dumps(long_word + "x"))
+    assert not spec.matches_text('"trailing space "')
+    big = JSONSchema({**_WORDS_50, "maxLength": 100_000})
+    assert big.matches_text(json.dumps(" ".join(["word"] * 50)))
+    # formats are checked, NaN is not JSON, layout is free
+    email = JSONSchema({"type": "object", "properties": {"e": {"type": "string",
+                                                               "format": "email"}}})
+    assert email.matches_text(' {\n "e" : "a@b.io"}\n')
+    assert not email.matches_text('{"e": "not an address"}')
+    assert not JSONSchema({"type": "number"}).matches_text("NaN")
+
+
+def test_regex_matches_text_is_the_full_regex():
+    words = Regex(r"(?:\S+\s+){0,49}\S+")
+    assert words.matches_text(" ".join(["w"] * 50))
+    assert not words.matches_text(" ".join(["w"] * 51))
+    lookahead = Regex("(?=a)a+b")  # decoding cannot express it; checking text can
+    assert lookahead.matches_text("aab") and not lookahead.matches_text("b")
+    with pytest.raises(ConstraintError, match="lookahead"):
+        lookahead.validate()
+
+
+def test_oneof_is_generated_as_anyof_and_its_exclusivity_checked():
+    overlap = JSONSchema({"oneOf": [{"type": "integer", "maximum": 6},
+                                    {"type": "integer", "minimum": 4}]})
+    assert [str(d) for d in overlap.checked_after()] == ["oneOf at /"]
+    assert overlap.check_output("5") is not None and "oneOf" in overlap.check_output("5")
+    assert overlap.check_output("9") is None
+    disjoint = JSONSchema({"oneOf": [{"type": "integer"}, {"type": "string"}]})
+    assert disjoint.checked_after() == ()  # llguidance proves it exclusive: enforced
+
+
+def test_unknown_format_is_never_silently_ignored():
+    spec = JSONSchema({"type": "object", "properties": {"p": {"type": "string",
+                                                              "format": "phone"}}})
+    for call in (spec.validate, lambda: spec.matches_text('{"p": "1"}')):
+        with pytest.raises(ConstraintError, match="unknown format .*'phone' at /properties/p"):
+            call()
+    known = JSONSchema({"type": "string", "format": "color"})
+    assert [str(d) for d in known.checked_after()] == ["format 'color' at /"]
+    assert known.matches_text('"red"') and not known.matches_text('"reddish"')
+
+
+def test_false_schema_and_not_anything_are_unsatisfiable():
+    for schema in (False, {"not": {}}):
+        with pytest.raises(ConstraintError, match="unsatisfiable"):
+            JSONSchema(schema).validate()
+
+
+def test_finished_value_that_fails_the_check_is_refused_with_the_reason(mini_tok):
+    spec = JSONSchema({"type": "array", "items": {"enum": [1, 2]}, "maxItems": 2,
+                       "uniqueItems": True})
+    matcher = spec.compile(mini_tok)
+    tokens = mini_tok.encode("[1, 1")
+    for t in tokens:
+        assert matcher.advance(t)
+    (close,) = mini_tok.encode("]")
+    assert not matcher.advance(close)  # completes [1, 1]: not unique
+    assert "'uniqueItems' fails at /" in matcher.error()
+    matcher.rollback(1)  # back to "[1, "
+    for t in mini_tok.encode("2]"):
+        assert matcher.advance(t)
+    assert matcher.is_finished() and matcher.accepts_eos()
+
+
+def test_grammar_dispatch_is_by_method_for_your_own_grammar_constraint():
+    from aiolm.backends._openai_wire import constraint_fields
+
+    @attrs.frozen
+    class Digits(GrammarConstraint):
+        width: int
+
+        def as_grammar(self) -> ConstraintGrammar:
+            return ConstraintGrammar(kind="regex", source=f"[0-9]{{{self.width}}}")
+
+    spec = Digits(3)
+    spec.validate()
+    assert spec.matches_text("123") and not spec.matches_text("12")
+    assert constraint_fields(spec, chat=False) == ({}, {"regex": "[0-9]{3}"})
+    with pytest.raises(Exception, match="chat API cannot constrain"):
+        constraint_fields(spec, chat=True)
+
+
+def test_matcher_fork_and_rollback_have_defaults():
+    class Bare(Matcher):
+        def fill_next_token_mask(self, bitmask_row):
+            bitmask_row.fill(-1)
+
+        def advance(self, token_id):
+            return True
+
+        def forced_tokens(self):
+            return []
+
+        def is_finished(self):
+            return False
+
+    bare = Bare()
+    bare.rollback(0)
+    with pytest.raises(NotImplementedError, match="rollback"):
+        bare.rollback(1)
+    with pytest.raises(NotImplementedError, match="fork"):
+        bare.fork()
+    assert bare.error() == "" and bare.only_token() is None and bare.llguidance_mask(4) is None
+
+
+def _walk_checking_kept_masks(spec, tokenizer, rng: random.Random) -> int:
+    """Walk ``spec`` randomly; at every full mask, the mask the matcher gives (kept per
+    automaton state across requests) must equal the one its own llguidance matcher computes.
+    Returns how many masks came from the kept ones."""
+    matcher = spec.compile(tokenizer)
+    vocab = len(tokenizer)
+    words = (vocab + 31) // 32
+    row = torch.empty(words, dtype=torch.int32)
+    hits = 0
+    for _ in range(200):
+        if matcher.is_finished():
+            break
+        matcher.fill_next_token_mask(row)
+        if matcher.only_token() is None:
+            hits += matcher._masks is not None and matcher._masks.mask(matcher._states[-1]) is not None
+            assert row.numpy().tobytes() == bytes(matcher._ll.compute_bitmask())[: words * 4]
+        allowed = allowed_tokens(row, vocab)
+        token = int(allowed[rng.randrange(len(allowed))])
+        if token == tokenizer.eos_token_id:
+            break
+        assert matcher.advance(token)
+        _, forced = matcher.jump_forward()
+        for t in forced:
+            assert matcher.advance(t)
+    return hits
+
+
+@pytest.mark.slow
+def test_regex_masks_are_kept_per_state_and_equal_llguidances(smol_tok):
+    spec = Regex(r"[A-Z][a-z]{1,11} (19|20)[0-9]{2}, mail [a-z0-9._]{1,16}@[a-z]{2,10}\.(com|org)")
+    hits = sum(_walk_checking_kept_masks(spec, smol_tok, random.Random(seed))
+               for seed in range(6))
+    assert hits > 20  # later outputs copy the masks of states earlier ones computed
+
+
+@pytest.mark.slow
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pattern=_regexes())
+def test_kept_masks_equal_llguidances_on_random_regexes(mini_tok, pattern):
+    for seed in range(3):
+        _walk_checking_kept_masks(Regex(pattern), mini_tok, random.Random(seed))

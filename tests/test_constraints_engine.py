@@ -16,23 +16,22 @@ import regex
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_constraints import build_mini_tokenizer
+from mini_model import load_tiny
 
 import aiolm
 from aiolm import gen, program
+from aiolm.backends import ScriptedBackend
 from aiolm.backends.engine import Engine, LoadedModel
-from aiolm.constraints import Constraint, JSONSchema, Matcher, Regex, pack_allowed_tokens
-from aiolm.engine.tokenizer import Tokenizer
+from aiolm.constraints import (
+    Constraint,
+    ConstraintLimits,
+    JSONSchema,
+    Matcher,
+    Regex,
+    pack_allowed_tokens,
+)
 
 PROMPT = [5, 6, 7, 8, 9]
-
-
-def load_tiny() -> LoadedModel:
-    """The tiny random Llama (vocabulary 512) with a 332-token BPE tokenizer: tokens past
-    the tokenizer's vocabulary are never allowed by a constraint."""
-    loaded = LoadedModel.load("tiny-llama", load_format="dummy", device="cpu", seed=0)
-    loaded.tokenizer = Tokenizer(build_mini_tokenizer())
-    return loaded
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +241,92 @@ async def test_smollm2_writes_valid_person_int_and_digits(smol):
     assert isinstance(state["legs"], int)
     numbers = state["numbers"]
     assert numbers and set(numbers) <= set(string.digits + ",")
+
+
+# ------------------------------------------- errors that name why, checks after decoding
+
+
+_WORD_COUNT = {"type": "object", "required": ["a"], "properties": {"a": {
+    "type": "string", "pattern": "^(?:\\S+\\s+){0,99}\\S+$", "maxLength": 1000}}}
+
+
+@pytest.mark.anyio
+async def test_a_grammar_engine_failure_ends_the_request_with_its_message():
+    from tiny_chat import tiny_chat_model
+
+    model = tiny_chat_model()
+    (quote_comma,) = model.tokenizer.encode(' ",')  # the token that exhausts the fuel
+    spec = JSONSchema(_WORD_COUNT)
+    tight = ConstraintLimits(step_lexer_fuel=200_000)  # llguidance's own default
+    async with Engine(model, max_total_tokens=2048, constraint_limits=tight) as eng:
+        for _ in range(2):  # no request with the schema is poisoned by an earlier one
+            with pytest.raises(aiolm.ConstraintError,
+                               match="lexer error: too many expressions constructed"):
+                await eng.generate(input_ids=PROMPT, constraint=spec, max_tokens=40,
+                                   logit_bias={quote_comma: 100.0})
+    async with Engine(tiny_chat_model(), max_total_tokens=2048) as eng:  # default limits
+        done = await eng.generate(input_ids=PROMPT, constraint=spec, max_tokens=12,
+                                  logit_bias={quote_comma: 100.0})
+        assert done.finish_reason == "length" and done.text.startswith('{"a": ",')
+
+
+@pytest.mark.anyio
+async def test_the_engine_never_ends_on_a_value_that_fails_the_check(tiny):
+    never = JSONSchema({"type": "string", "maxLength": 3, "not": {"type": "string"}})
+    async with Engine(tiny, max_total_tokens=4096) as eng:
+        with pytest.raises(aiolm.ConstraintError, match="'not' fails at /"):
+            await eng.generate(input_ids=PROMPT, constraint=never, max_tokens=20,
+                               temperature=1.0, seed=0)
+
+
+@pytest.mark.anyio
+async def test_programs_regenerate_a_value_that_fails_and_count_the_attempts(tiny):
+    unique = JSONSchema({"type": "array", "items": {"enum": [1, 2, 3]}, "minItems": 3,
+                         "maxItems": 3, "uniqueItems": True}, attempts=20)
+
+    @program
+    async def pick(s):
+        s += "Three: " + gen("v", constraint=unique, max_tokens=20)
+
+    events: list[Any] = []
+    async with Engine(tiny, max_total_tokens=8192) as eng:
+        counts = []
+        for seed in range(4):
+            state = await pick.run(backend=eng, temperature=1.0, seed=seed)
+            assert sorted(json.loads(state["v"])) == [1, 2, 3]
+            counts.append(state.meta("v").attempts)
+        async with pick.stream(backend=eng, temperature=1.0, seed=0) as stream:
+            async for event in stream:
+                events.append(event)
+    assert max(counts) > 1  # 6 of the 27 arrays are unique: most seeds regenerate
+    streamed = "".join(e.text for e in events if e.name == "v")
+    assert sorted(json.loads(streamed)) == [1, 2, 3]  # only the attempt that passed
+
+
+@pytest.mark.anyio
+async def test_greedy_regeneration_stops_when_the_output_repeats(tiny):
+    never = JSONSchema({"type": "string", "maxLength": 3, "not": {"type": "string"}},
+                       attempts=5)
+
+    @program
+    async def one(s):
+        s += "Q: " + gen("v", constraint=never, max_tokens=20)
+
+    async with Engine(tiny, max_total_tokens=4096) as eng:
+        with pytest.raises(aiolm.ConstraintError,
+                           match=r"after 2 attempt\(s\).*'not' fails at /.*the same output"):
+            await one.run(backend=eng, temperature=0.0)
+
+
+@pytest.mark.anyio
+async def test_scripted_answers_are_regenerated_too():
+    replies = iter(["[1, 1]", "[1, 2]"])
+    backend = ScriptedBackend(lambda prompt: next(replies))
+    unique = JSONSchema({"type": "array", "items": {"type": "integer"}, "uniqueItems": True})
+
+    @program
+    async def pick(s):
+        s += gen("v", constraint=unique)
+
+    state = await pick.run(backend=backend)
+    assert state["v"] == "[1, 2]" and state.meta("v").attempts == 2

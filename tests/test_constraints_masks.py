@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_constraints import allowed_tokens, build_mini_tokenizer
+from mini_model import build_mini_tokenizer
+from test_constraints import allowed_tokens
 
 from aiolm.constraints import JSONSchema, Matcher, Regex, pack_allowed_tokens
 from aiolm.engine.grammar_backend import GrammarBackend
@@ -143,3 +144,46 @@ def test_pack_allowed_tokens_sets_exactly_the_allowed_bits():
     assert np.array_equal(as_numpy, row.numpy())
     with pytest.raises(ValueError, match="do not fit"):
         pack_allowed_tokens(torch.ones(97, dtype=torch.bool), row)
+
+
+class OwnLLMatcher(Matcher):
+    """A user's matcher built on llguidance directly: the engine computes its masks in the
+    same batched pool as the built-in ones (fill_next_token_mask is never called)."""
+
+    def __init__(self, ll: Any, forced: int | None = None) -> None:
+        self.ll = ll
+        self.forced = forced
+
+    def fill_next_token_mask(self, bitmask_row: Any) -> None:
+        raise AssertionError("the batched path fills this row")
+
+    def only_token(self) -> int | None:
+        return self.forced
+
+    def llguidance_mask(self, words: int) -> Any | None:
+        return self.ll
+
+    def advance(self, token_id: int) -> bool:
+        return self.ll.consume_token(token_id)
+
+    def forced_tokens(self) -> list[int]:
+        return []
+
+    def is_finished(self) -> bool:
+        return self.ll.is_stopped()
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["in-turn", "thread-pool"])
+def test_a_users_matcher_gets_the_batched_mask_path(tok, threads):
+    import llguidance
+    import llguidance.hf
+
+    gb = GrammarBackend(len(tok), num_threads=threads)
+    llt = llguidance.hf.from_tokenizer(tok)
+    grammar = llguidance.LLMatcher.grammar_from_regex("[0-9]{2,5}")
+    own = [OwnLLMatcher(llguidance.LLMatcher(llt, grammar)) for _ in range(2)]
+    forced = OwnLLMatcher(None, forced=7)
+    mask = gb.fill_bitmask([(0, own[0]), (1, forced), (2, own[1])], batch_size=3)
+    reference = single_fill(Regex("[0-9]{2,5}").compile(tok), gb.words)
+    assert torch.equal(mask[0], reference) and torch.equal(mask[2], reference)
+    assert allowed_tokens(mask[1], len(tok)).tolist() == [7]

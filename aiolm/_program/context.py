@@ -14,7 +14,6 @@ import attrs
 from ..backends.base import Backend, Capabilities, TokenLogprob, Usage
 from ..chat import SIMPLE_TEMPLATE, ChatTemplate
 from ..constraints.base import Constraint
-from ..constraints.json_schema import JSONSchema
 from ..errors import UnsupportedFeature
 from ..primitives import Gen
 from ..sampling import SamplingParams
@@ -66,6 +65,8 @@ class GenerationMeta:
     only) is each choice's normalized logprob. A gen with ``reasoning=True`` has its thinking
     in ``reasoning``; a gen with ``tools`` has the calls it made in ``tool_calls`` (empty
     when it answered in text; ``finish_reason`` is ``"tool_calls"`` when it called).
+    ``attempts`` is how many outputs were generated to get one that passes its constraint's
+    check after decoding (1 unless an output failed it; see ``docs/constraints.md``).
     """
 
     finish_reason: str
@@ -77,6 +78,7 @@ class GenerationMeta:
     choice_logprobs: tuple[float, ...] | None = None
     reasoning: str | None = None
     tool_calls: tuple[ToolCall, ...] | None = None
+    attempts: int = 1
 
     @classmethod
     def from_usage(cls, usage: Usage, *, finish_reason: str, **extra: object) -> GenerationMeta:
@@ -133,7 +135,8 @@ class RunContext:
 
     def check_constraint(self, constraint: Constraint, what: str) -> None:
         """Raise ``UnsupportedFeature`` if the backend cannot enforce ``constraint``."""
-        if isinstance(constraint, JSONSchema):
+        grammar = constraint.as_grammar()
+        if grammar is not None and grammar.kind == "json_schema":
             if not self.caps.json_schema:
                 raise UnsupportedFeature(
                     f"{self.backend.model_name} cannot constrain {what} to a JSON schema; "

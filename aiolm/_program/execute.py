@@ -3,17 +3,20 @@ it has tools or reasoning), ``select`` (scored), ``image``."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from ..backends.base import Chunk, GenerateRequest, TokenLogprob, Usage
-from ..constraints.json_schema import JSONSchema
+from ..constraints.base import Constraint
 from ..errors import BackendError, ConstraintError, ProgramError, UnsupportedFeature
 from ..primitives import Gen, Image, Select, parse_dtype
 from ..sampling import SamplingParams
 from ..tools.chat_stream import stream_chat
 from ..tools.partial_json import parse_partial_json
 from ..tools.spec import ToolCall, ToolCallDelta, assemble_tool_calls
-from .context import GenerationMeta, StreamEvent, next_request_id
+from .context import EmitFn, GenerationMeta, StreamEvent, next_request_id
 from .images import load_image
 
 if TYPE_CHECKING:
@@ -33,10 +36,13 @@ async def run_gen(state: ProgramState, gen: Gen) -> None:
     """Stream one generation into ``state``: its text, then its variable and meta.
 
     A gen with tools or reasoning, or any gen of a conversation with tool turns, runs
-    through the chat layer (:func:`aiolm.tools.stream_chat`). Raises ``UnsupportedFeature``
-    before calling the backend when it cannot honour the gen, ``ConstraintError`` for an
-    invalid constraint or an output ``dtype`` cannot parse, ``ProgramError`` for a chat gen
-    outside an assistant turn, and whatever the backend raises.
+    through the chat layer (:func:`aiolm.tools.stream_chat`). A constraint that checks part
+    of its rule on the finished output (:meth:`~aiolm.constraints.Constraint.check_output`)
+    is regenerated when that check fails (see :func:`_generate`). Raises
+    ``UnsupportedFeature`` before calling the backend when it cannot honour the gen,
+    ``ConstraintError`` for an invalid constraint, an output no attempt made valid or an
+    output ``dtype`` cannot parse, ``ProgramError`` for a chat gen outside an assistant
+    turn, and whatever the backend raises.
     """
     ctx = state._run
     constraint = gen.constraint
@@ -47,22 +53,127 @@ async def run_gen(state: ProgramState, gen: Gen) -> None:
         raise UnsupportedFeature(
             f"{ctx.backend.model_name} does not return logprobs ({_describe(gen.name, 'gen')})"
         )
-    if gen.chat or state._tooled:
-        await _run_chat_gen(state, gen)
+    chat = gen.chat or state._tooled
+    if chat and state._calls:
+        raise ProgramError(
+            f"{_describe(gen.name, 'gen')}: this assistant turn already made tool calls; "
+            "answer them with tool_result(...) after the turn, then open a new one"
+        )
+    out = await _generate(state, gen, _chat_attempt if chat else _plain_attempt)
+    if not chat:
+        state._append_text(out.text, gen.name)
+        _store(state, gen, out.request, out.text, out.last, out.logprobs, attempts=out.attempts)
         return
-    request = GenerateRequest(
+    calls = _whole_calls(out.deltas)
+    if out.text:
+        state._append_text(out.text, gen.name)
+    if calls:
+        state._record_calls(calls, gen.name)
+    _store(state, gen, out.request, out.text, out.last, out.logprobs,
+           calls=list(calls) if calls else None,
+           reasoning="".join(out.thinking) if gen.reasoning is not None else None,
+           tool_calls=calls if gen.tools else None, attempts=out.attempts)
+
+
+@attrs.define(eq=False, kw_only=True)
+class _Attempt:
+    """One generation of a gen: its request and what the backend streamed."""
+
+    request: GenerateRequest
+    text: str = ""
+    last: Chunk | None = None
+    logprobs: list[TokenLogprob] = attrs.field(factory=list)
+    thinking: list[str] = attrs.field(factory=list)
+    deltas: list[ToolCallDelta] = attrs.field(factory=list)
+    attempts: int = 1
+
+
+AttemptFn = Callable[["ProgramState", Gen, SamplingParams, "EmitFn | None", list[str]],
+                     Awaitable[_Attempt]]
+
+
+async def _generate(state: ProgramState, gen: Gen, attempt: AttemptFn) -> _Attempt:
+    """Run ``attempt`` until its output passes the constraint's check after decoding.
+
+    This is the one place every program ``gen`` goes through on every backend, so a
+    constraint that checks part of its rule on the finished value (a JSON schema's ``not``,
+    ``uniqueItems``, ``oneOf`` exclusivity, ...) is regenerated here: up to
+    ``constraint.attempts`` outputs, each a new request with the same prompt (free from the
+    prefix cache) and, for a seeded gen, the seed plus the attempt's index. An attempt fails
+    when its finished text fails :meth:`~aiolm.constraints.Constraint.check_output` or the
+    backend raises ``ConstraintError`` (the engine refuses to end a value that fails; the
+    scripted and OpenAI backends check answers themselves). Its stream events are held back
+    until it passes, so a consumer never sees an output that did not. Raises
+    ``ConstraintError`` naming the last failure (keyword and path) when no attempt passes,
+    or after two identical outputs (greedy decoding repeats itself).
+    """
+    ctx = state._run
+    constraint = gen.constraint
+    checked = constraint is not None and bool(constraint.checked_after())
+    sampling = ctx.sampling_for(gen)
+    if not checked:
+        return await attempt(state, gen, sampling, ctx.emit, [])
+    assert constraint is not None
+    seen: set[str] = set()
+    failure = ""
+    tried = 0
+    for k in range(constraint.attempts):
+        tried = k + 1
+        held: list[StreamEvent] = []
+        pieces: list[str] = []
+        if k and sampling.seed is not None:
+            sampling = attrs.evolve(sampling, seed=(sampling.seed + 1) % _SEEDS)
+        try:
+            out = await attempt(state, gen, sampling, _holder(held) if ctx.emit else None,
+                                pieces)
+        except ConstraintError as exc:
+            failure = str(exc)
+        else:
+            failure = "" if out.last is None or out.last.finish_reason == "length" \
+                else constraint.check_output(out.text) or ""
+            if not failure:
+                if ctx.emit is not None:
+                    for event in held:
+                        await ctx.emit(event)
+                out.attempts = k + 1
+                return out
+        text = "".join(pieces)
+        if text in seen:
+            failure += (" (the same output twice: decoding repeats itself, so sample with "
+                        "temperature > 0 for regeneration to find another)")
+            break
+        seen.add(text)
+    raise ConstraintError(
+        f"{_describe(gen.name, 'gen')}: no output satisfied its {type(constraint).__name__} "
+        f"after {tried} attempt(s); the last: {failure}"
+    )
+
+
+_SEEDS = 1 << 64
+
+
+def _holder(events: list[StreamEvent]) -> EmitFn:
+    """A stream sink that keeps ``events`` until their attempt passes its check."""
+    async def hold(event: StreamEvent) -> None:
+        events.append(event)
+
+    return hold
+
+
+async def _plain_attempt(state: ProgramState, gen: Gen, sampling: SamplingParams,
+                         emit: EmitFn | None, pieces: list[str]) -> _Attempt:
+    """One generation of a gen outside the chat layer, its text streamed to ``emit`` and
+    collected in ``pieces``."""
+    ctx = state._run
+    out = _Attempt(request=GenerateRequest(
         **state._request_fields(for_gen=True),
-        sampling=ctx.sampling_for(gen),
-        constraint=constraint,
+        sampling=sampling,
+        constraint=gen.constraint,
         request_id=next_request_id(),
         session=ctx.session,
-    )
-    emit = ctx.emit
-    typed = emit is not None and isinstance(constraint, JSONSchema)
-    pieces: list[str] = []
-    logprobs: list[TokenLogprob] = []
-    last: Chunk | None = None
-    async with ctx.backend.stream(request) as chunks:
+    ))
+    typed = emit is not None and _is_json(gen.constraint)
+    async with ctx.backend.stream(out.request) as chunks:
         async for chunk in chunks:
             if chunk.text:
                 pieces.append(chunk.text)
@@ -71,26 +182,20 @@ async def run_gen(state: ProgramState, gen: Gen) -> None:
                     await emit(StreamEvent(name=gen.name, text=chunk.text, branch=state._path,
                                            partial=partial))
             if chunk.logprobs:
-                logprobs.extend(chunk.logprobs)
+                out.logprobs.extend(chunk.logprobs)
             if chunk.finish_reason is not None:
-                last = chunk
-    text = "".join(pieces)
-    state._append_text(text, gen.name)
-    _store(state, gen, request, text, last, logprobs)
+                out.last = chunk
+    out.text = "".join(pieces)
+    return out
 
 
-async def _run_chat_gen(state: ProgramState, gen: Gen) -> None:
-    """A gen through the chat layer: the content is appended to the open assistant turn,
-    calls are recorded on it; the thinking goes to the meta only."""
+async def _chat_attempt(state: ProgramState, gen: Gen, sampling: SamplingParams,
+                        emit: EmitFn | None, pieces: list[str]) -> _Attempt:
+    """One generation of a gen through the chat layer: content, thinking and calls."""
     ctx = state._run
-    if state._calls:
-        raise ProgramError(
-            f"{_describe(gen.name, 'gen')}: this assistant turn already made tool calls; "
-            "answer them with tool_result(...) after the turn, then open a new one"
-        )
-    request = GenerateRequest(
+    out = _Attempt(request=GenerateRequest(
         **state._request_fields(for_gen=True, chat=True),
-        sampling=ctx.sampling_for(gen),
+        sampling=sampling,
         constraint=gen.constraint,
         tools=gen.tools,
         tool_choice=gen.tool_choice,
@@ -99,42 +204,34 @@ async def _run_chat_gen(state: ProgramState, gen: Gen) -> None:
         request_id=next_request_id(),
         # NOTE: API speculation cannot answer tools or thinking; such gens go without it.
         session=None if gen.chat else ctx.session,
-    )
-    emit = ctx.emit
-    typed = emit is not None and isinstance(gen.constraint, JSONSchema)
-    pieces: list[str] = []
-    thinking: list[str] = []
-    deltas: list[ToolCallDelta] = []
-    logprobs: list[TokenLogprob] = []
-    last: Chunk | None = None
-    async with stream_chat(ctx.backend, request) as chunks:
+    ))
+    typed = emit is not None and _is_json(gen.constraint)
+    async with stream_chat(ctx.backend, out.request) as chunks:
         async for chunk in chunks:
             if chunk.text:
                 pieces.append(chunk.text)
             if chunk.reasoning:
-                thinking.append(chunk.reasoning)
+                out.thinking.append(chunk.reasoning)
             if chunk.tool_calls:
-                deltas.extend(chunk.tool_calls)
+                out.deltas.extend(chunk.tool_calls)
             if chunk.logprobs:
-                logprobs.extend(chunk.logprobs)
+                out.logprobs.extend(chunk.logprobs)
             if chunk.finish_reason is not None:
-                last = chunk
+                out.last = chunk
             if emit is not None and (chunk.text or chunk.reasoning or chunk.tool_calls):
-                if deltas:
-                    partial: Any = _calls_so_far(deltas)
+                if out.deltas:
+                    partial: Any = _calls_so_far(out.deltas)
                 else:
                     partial = _json_so_far("".join(pieces)) if typed else None
                 await emit(StreamEvent(name=gen.name, text=chunk.text, branch=state._path,
                                        reasoning=chunk.reasoning, partial=partial))
-    calls = _whole_calls(deltas)
-    text = "".join(pieces)
-    if text:
-        state._append_text(text, gen.name)
-    if calls:
-        state._record_calls(calls, gen.name)
-    _store(state, gen, request, text, last, logprobs, calls=list(calls) if calls else None,
-           reasoning="".join(thinking) if gen.reasoning is not None else None,
-           tool_calls=calls if gen.tools else None)
+    out.text = "".join(pieces)
+    return out
+
+
+def _is_json(constraint: Constraint | None) -> bool:
+    grammar = constraint.as_grammar() if constraint is not None else None
+    return grammar is not None and grammar.kind == "json_schema"
 
 
 def _store(state: ProgramState, gen: Gen, request: GenerateRequest, text: str,

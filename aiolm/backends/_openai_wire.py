@@ -5,30 +5,28 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import regex
 
 from ..chat import Message
 from ..constraints.base import Constraint
-from ..constraints.choices import Choices
-from ..constraints.grammar import Grammar
-from ..constraints.json_schema import JSONSchema
-from ..constraints.regex import Regex
 from ..errors import BackendError, ConstraintError, UnsupportedFeature
 from ..tools.spec import ToolCallDelta
 from ._openai_errors import MalformedResponse
 from .base import FinishReason, GenerateRequest, TokenLogprob, Usage
 
+if TYPE_CHECKING:
+    from httpx_sse import ServerSentEvent
+
 __all__ = [
-    "ClientStop",
     "field",
     "sse_events",
     "chat_fields",
     "choice_schema",
     "constraint_fields",
     "finish_reason",
-    "first_stop",
     "parse_choice_json",
     "read_chat_logprobs",
     "read_completion_logprobs",
@@ -227,93 +225,42 @@ def constraint_fields(constraint: Constraint | None, *, chat: bool) -> tuple[dic
     """
     if constraint is None:
         return {}, {}
-    if isinstance(constraint, JSONSchema):
+    grammar = constraint.as_grammar()
+    if grammar is None:
+        raise UnsupportedFeature(
+            f"constraint: the OpenAI backend cannot apply a custom {type(constraint).__name__}; "
+            "use aiolm.Engine"
+        )
+    if grammar.kind == "json_schema":
+        schema = json.loads(grammar.source)
         fmt = {"type": "json_schema",
-               "json_schema": {"name": "output", "schema": constraint.schema, "strict": False}}
+               "json_schema": {"name": "output", "schema": schema, "strict": False}}
         return ({"response_format": fmt}, {}) if chat else ({}, {"response_format": fmt})
-    if isinstance(constraint, Choices):
+    if grammar.kind == "choices":
         if chat:
-            return {"response_format": choice_schema(constraint.choices)}, {}
-        return {}, {"regex": "|".join(regex.escape(c) for c in constraint.choices)}
-    if isinstance(constraint, Regex | Grammar):
-        kind = "regex" if isinstance(constraint, Regex) else "grammar"
-        if chat:
-            raise UnsupportedFeature(
-                f"{kind} constraints: the OpenAI chat API cannot constrain decoding by a {kind}; "
-                "use json_schema, a completion model on aiolm's server, or aiolm.Engine"
-            )
-        value = constraint.pattern if isinstance(constraint, Regex) else constraint.grammar
-        return {}, {kind: value}
-    raise UnsupportedFeature(
-        f"constraint: the OpenAI backend cannot apply a custom {type(constraint).__name__}; "
-        "use aiolm.Engine"
-    )
+            return {"response_format": choice_schema(grammar.source)}, {}
+        return {}, {"regex": "|".join(regex.escape(c) for c in grammar.source)}
+    kind = "regex" if grammar.kind == "regex" else "grammar"
+    if chat:
+        raise UnsupportedFeature(
+            f"{kind} constraints: the OpenAI chat API cannot constrain decoding by a {kind}; "
+            "use json_schema, a completion model on aiolm's server, or aiolm.Engine"
+        )
+    return {}, {kind: grammar.source}
 
 
-def first_stop(text: str, stops: tuple[str, ...], stop_re: regex.Pattern | None) -> tuple[int, str] | None:
-    """The earliest stop string or ``stop_re`` match in ``text``: (start, matched text)."""
-    best: tuple[int, str] | None = None
-    for s in stops:
-        pos = text.find(s)
-        if pos >= 0 and (best is None or pos < best[0]):
-            best = (pos, s)
-    if stop_re is not None:
-        m = stop_re.search(text)
-        if m is not None and (best is None or m.start() < best[0]):
-            best = (m.start(), m.group(0))
-    return best
+async def sse_events(events: AsyncIterator[ServerSentEvent]) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of a server-sent-event stream, parsed by ``httpx_sse``, to the end.
 
-
-class ClientStop:
-    """Stop strings and ``stop_regex`` applied on this side, for APIs that lack them.
-
-    ``feed(delta)`` returns the text safe to emit and the matched stop once one appears.
-    Text that could be the start of a stop string is held back; with a ``stop_regex``
-    everything is held back until the end (a regex match can start anywhere).
+    The parser joins an event's ``data:`` lines with newlines (JSON may span lines) and drops
+    comments; events without data (keep-alives) and ``[DONE]`` are skipped. Reading past
+    ``[DONE]`` to the end of the body lets every iterator underneath finish normally (an
+    abandoned one would be finalized later, on another task). An event with an ``error``
+    raises :class:`BackendError`; data that is not a JSON object, MalformedResponse.
     """
-
-    def __init__(self, stops: tuple[str, ...], stop_regex: str | None) -> None:
-        self._stops = stops
-        self._re = regex.compile(stop_regex) if stop_regex else None
-        self._hold = math.inf if self._re is not None else max(len(s) for s in stops) - 1
-        self._text = ""
-        self._emitted = 0
-
-    def feed(self, delta: str) -> tuple[str, str | None]:
-        """Add ``delta``; return (text to emit now, the matched stop or None)."""
-        self._text += delta
-        hit = first_stop(self._text, self._stops, self._re)
-        if hit is not None:
-            start, matched = hit
-            out = self._text[self._emitted:start]
-            self._emitted = len(self._text)
-            return out, matched
-        safe = len(self._text) - self._hold
-        if safe <= self._emitted:
-            return "", None
-        out = self._text[self._emitted:int(safe)]
-        self._emitted = int(safe)
-        return out, None
-
-    def flush(self) -> str:
-        """The held-back text, at the end of a stream that hit no stop."""
-        out = self._text[self._emitted:]
-        self._emitted = len(self._text)
-        return out
-
-
-async def sse_events(lines: Any) -> Any:
-    """The JSON events of a server-sent-event stream of text ``lines``, to the very end.
-
-    Reading past ``[DONE]`` to the end of the body lets every iterator underneath finish
-    normally (an abandoned one would be finalized later, on another task). An event with an
-    ``error`` raises :class:`BackendError`; a line that is not JSON, MalformedResponse.
-    """
-    async for line in lines:
-        if not line.startswith("data:"):
-            continue  # blank separators, comments, event names
-        data = line[5:].strip()
-        if data == "[DONE]":
+    async for sse in events:
+        data = sse.data
+        if not data.strip() or data.strip() == "[DONE]":
             continue
         try:
             event = json.loads(data)

@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from .base import Constraint, Matcher
+from .base import ConstraintGrammar, GrammarConstraint
 
 __all__ = ["Choices"]
 
@@ -24,15 +24,13 @@ def _to_choices(value: Any) -> tuple[str, ...]:
 
 
 @attrs.frozen
-class Choices(Constraint):
+class Choices(GrammarConstraint):
     """The output is exactly one of ``choices`` (generated, not scored: see ``select``)."""
 
     choices: tuple[str, ...] = attrs.field(converter=_to_choices)
 
-    def compile(self, tokenizer: Any) -> Matcher:
-        from ._llg import compile_spec
-
-        return compile_spec(self, tokenizer)
+    def as_grammar(self) -> ConstraintGrammar:
+        return ConstraintGrammar(kind="choices", source=self.choices)
 
     def matches_text(self, text: str) -> bool:
         return text in self.choices

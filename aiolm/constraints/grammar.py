@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 
-from .base import Constraint, Matcher
+from .base import ConstraintGrammar, GrammarConstraint
 
 __all__ = ["Grammar"]
 
 
 @attrs.frozen
-class Grammar(Constraint):
+class Grammar(GrammarConstraint):
     """The output is a sentence of ``grammar`` (Lark / EBNF, start rule ``start``)."""
 
     grammar: str
@@ -21,17 +19,5 @@ class Grammar(Constraint):
         if not isinstance(self.grammar, str) or not self.grammar.strip():
             raise ValueError("grammar: expected a non-empty grammar string")
 
-    def compile(self, tokenizer: Any) -> Matcher:
-        from ._llg import compile_spec
-
-        return compile_spec(self, tokenizer)
-
-    def matches_text(self, text: str) -> bool:
-        from ._llg import text_matches
-
-        return text_matches(self, text)
-
-    def validate(self) -> None:
-        from ._llg import validate_spec
-
-        validate_spec(self)
+    def as_grammar(self) -> ConstraintGrammar:
+        return ConstraintGrammar(kind="lark", source=self.grammar)

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 import regex as _re
 
 from ..errors import ConstraintError
-from .base import Constraint, Matcher
+from .base import ConstraintGrammar, GrammarConstraint
 
 __all__ = ["Regex"]
 
 
 @attrs.frozen
-class Regex(Constraint):
+class Regex(GrammarConstraint):
     """The whole output matches ``pattern`` (Python ``regex`` syntax, implicitly anchored)."""
 
     pattern: str
@@ -27,17 +25,14 @@ class Regex(Constraint):
         except _re.error as exc:
             raise ConstraintError(f"regex: {self.pattern!r} does not compile: {exc}") from None
 
-    def compile(self, tokenizer: Any) -> Matcher:
-        from ._llg import compile_spec
-
-        return compile_spec(self, tokenizer)
+    def as_grammar(self) -> ConstraintGrammar:
+        return ConstraintGrammar(kind="regex", source=self.pattern)
 
     def matches_text(self, text: str) -> bool:
+        """``regex.fullmatch(pattern, text)``: the full regex, whatever decoding can express."""
         return _re.fullmatch(self.pattern, text) is not None
 
     def validate(self) -> None:
         """Raise ``ConstraintError`` if the pattern uses what constrained decoding cannot
         express (lookarounds, backreferences, word boundaries, ...), naming it."""
-        from ._llg import validate_spec
-
-        validate_spec(self)
+        super().validate()

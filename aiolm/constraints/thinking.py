@@ -25,6 +25,7 @@ import attrs
 
 from ._llg_matcher import set_single_token
 from .base import Constraint, Matcher
+from .limits import ConstraintLimits
 
 __all__ = ["ThinkingBudget"]
 
@@ -64,6 +65,10 @@ class ThinkingBudget(Constraint):
             raise ValueError("thinking: after_end must be a string")
 
     def compile(self, tokenizer: Any) -> Matcher:
+        return self.compile_for(tokenizer, ConstraintLimits())
+
+    def compile_for(self, tokenizer: Any, limits: ConstraintLimits) -> Matcher:
+        """The matcher; the answer's constraint is compiled under ``limits``."""
         from ._llg import _eos_ids
 
         hf = getattr(tokenizer, "hf", tokenizer)
@@ -76,7 +81,7 @@ class ThinkingBudget(Constraint):
             texts=texts,
             run_ons=run_ons,
             eos=frozenset(_eos_ids(tokenizer, hf)),
-            inner=self.inner.compile(tokenizer) if self.inner is not None else None,
+            inner=self.inner.compile_for(tokenizer, limits) if self.inner is not None else None,
         )
 
     def matches_text(self, text: str) -> bool:
@@ -134,6 +139,23 @@ class _ThinkingMatcher(Matcher):
             _allow_below(target, len(self._texts))
             if phase == _THINK and self._inner is not None:
                 _disallow(target, self._refused_while_thinking())
+
+    def only_token(self) -> int | None:
+        if self._phase == _START:
+            return self._start_ids[self._pos]
+        if self._phase == _FORCE:
+            return self._end_ids[self._pos]
+        if self._phase == _ANSWER and self._inner is not None:
+            return self._inner.only_token()
+        return None
+
+    def llguidance_mask(self, words: int) -> Any | None:
+        if self._phase == _ANSWER and self._inner is not None:
+            return self._inner.llguidance_mask(words)
+        return None
+
+    def error(self) -> str:
+        return self._inner.error() if self._inner is not None else ""
 
     def advance(self, token_id: int) -> bool:
         state = (self._phase, self._pos, self._count, self._tail)

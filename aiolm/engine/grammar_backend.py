@@ -1,10 +1,12 @@
 """Constraint masks for a whole batch, and jump-forward after sampling (engine thread only).
 
 Each step the runtime asks :meth:`GrammarBackend.fill_bitmask` for the int32 bitmask of the
-rows about to be sampled (the sampler applies it on the device); llguidance matchers are
-computed together by llguidance's thread pool with the GIL released, other matchers (a
-user's own) fill their rows one by one. After sampling, :meth:`GrammarBackend.after_sample`
-advances a request's matcher and says which tokens to drop and append (jump-forward).
+rows about to be sampled (the sampler applies it on the device). Every matcher, built in or
+a user's own, goes the same way (:class:`~aiolm.constraints.Matcher`): a row with one
+forced token is a one-bit write, rows of llguidance matchers are computed together by
+llguidance's thread pool with the GIL released, the others fill their rows one by one. After
+sampling, :meth:`GrammarBackend.after_sample` advances a request's matcher and says which
+tokens to drop and append (jump-forward).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
-from ..constraints._llg_matcher import LLGMatcher, set_single_token
+from ..constraints._llg_matcher import set_single_token
+from ..errors import ConstraintError
 
 if TYPE_CHECKING:
     from ..constraints.base import Matcher
@@ -30,19 +33,21 @@ class JumpForward:
     """What to do with a request's ``output_ids`` after its sampled token was advanced.
 
     Drop the last ``rollback`` tokens, then append ``append`` (the matcher has already
-    advanced through them). ``ok`` is False when the sampled token broke the constraint
-    (the sampler ignored the mask): the request must end, its output is not valid.
-    ``finished`` is True when the constraint is complete (only EOS may follow).
+    advanced through them). ``ok`` is False when a token broke the constraint (the sampler
+    ignored the mask, the grammar engine hit a limit, or the finished value failed the
+    constraint's check): the request must end, its output is not valid; ``reason`` is the
+    matcher's own account (:meth:`~aiolm.constraints.Matcher.error`). ``finished`` is True
+    when the constraint is complete (only EOS may follow).
     """
 
     ok: bool = True
     rollback: int = 0
     append: tuple[int, ...] = ()
     finished: bool = False
+    reason: str = ""
 
 
 _NOTHING = JumpForward()
-_BROKEN = JumpForward(ok=False)
 _FINISHED = JumpForward(finished=True)
 
 
@@ -50,13 +55,14 @@ class GrammarBackend:
     """Batched constraint masks and jump-forward decisions for the engine loop.
 
     ``vocab_size`` is the model's (the width of the logits); the bitmask has
-    ``ceil(vocab_size / 32)`` words per row. ``device`` is where the sampler runs. ``jump_forward=False`` is the ablation: forced
-    tokens are then decoded one forward pass each (the masks admit only the next forced
-    token, so the text is the same either way).
+    ``ceil(vocab_size / 32)`` words per row. ``device`` is where the sampler runs.
+    ``jump_forward=False`` is the ablation: forced tokens are then decoded one forward pass
+    each (the masks admit only the next forced token, so the text is the same either way).
     """
 
     def __init__(self, vocab_size: int, *, jump_forward: bool = True,
-                 num_threads: int | None = None, device: torch.device | str | None = None) -> None:
+                 num_threads: int | None = None,
+                 device: torch.device | str | None = None) -> None:
         if not isinstance(vocab_size, int) or vocab_size <= 0:
             raise ValueError(f"vocab_size: expected a positive int, got {vocab_size!r}")
         self.vocab_size = vocab_size
@@ -93,21 +99,26 @@ class GrammarBackend:
         """A CPU int32 ``[batch_size, words]`` bitmask (pinned when CUDA is present).
 
         ``entries`` are ``(row, matcher)`` pairs; rows not listed allow every token. Every
-        listed matcher writes its row: llguidance ones in parallel (on machines with the
-        cores for it), others in turn.
+        listed matcher writes its row: a forced token as one bit, llguidance matchers
+        (:meth:`~aiolm.constraints.Matcher.llguidance_mask`) in parallel (on machines with
+        the cores for it), others in turn. Raises ``ConstraintError`` with the grammar
+        engine's message when a matcher cannot compute its mask (a limit it hit).
         """
         bitmask = torch.empty((batch_size, self.words), dtype=torch.int32, pin_memory=self._pin)
         # NOTE: numpy's fill, not torch's: torch parallelises a fill this size over its
         # intra-op threads, which costs milliseconds when the cores are busy.
         bitmask.numpy().fill(-1)
         parallel: list[tuple[Any, int]] = []
+        pooled: list[Matcher] = []
         for row, matcher in entries:
-            if isinstance(matcher, LLGMatcher) and matcher.mask_words == self.words:
-                token = matcher.planned_token()
-                if token is not None:
-                    set_single_token(bitmask[row], token)
-                else:
-                    parallel.append((matcher.ll_matcher, row))
+            token = matcher.only_token()
+            if token is not None:
+                set_single_token(bitmask[row], token)
+                continue
+            ll = matcher.llguidance_mask(self.words)
+            if ll is not None:
+                parallel.append((ll, row))
+                pooled.append(matcher)
             else:
                 matcher.fill_next_token_mask(bitmask[row])
         if len(parallel) > 1 and self._parallel:
@@ -117,6 +128,9 @@ class GrammarBackend:
         else:
             for ll, row in parallel:  # each call releases the GIL while it computes
                 ll.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), self.words * 4)
+        for (ll, _), matcher in zip(parallel, pooled, strict=True):
+            if ll.is_error():  # its row is not a mask: the request must end
+                raise ConstraintError(f"the constraint failed: {matcher.error()}")
         return bitmask
 
     def _executor_(self) -> Any:
@@ -138,7 +152,7 @@ class GrammarBackend:
         with either setting (it costs no forward pass: the token is not computed yet).
         """
         if not matcher.advance(token):
-            return _BROKEN
+            return JumpForward(ok=False, reason=matcher.error())
         if matcher.is_finished():
             return _FINISHED
         rollback, forced = matcher.jump_forward()
@@ -151,6 +165,7 @@ class GrammarBackend:
         count = min(count, max(limit, 0) + rollback)
         append = tuple(forced[:count])
         for i, t in enumerate(append):
-            if not matcher.advance(t):  # a matcher whose forced tokens it refuses itself
-                return JumpForward(ok=False, rollback=rollback, append=append[:i])
+            if not matcher.advance(t):  # a forced token that completes a failing value
+                return JumpForward(ok=False, rollback=rollback, append=append[:i],
+                                   reason=matcher.error())
         return JumpForward(rollback=rollback, append=append, finished=matcher.is_finished())
