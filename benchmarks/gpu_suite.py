@@ -302,6 +302,17 @@ def aiolm_benchmarks(suite: Suite) -> dict[str, Any]:
                 record["error"] = f"{type(exc).__name__}: {exc}"
         else:
             out["radix_off"] = {"status": "skipped", "reason": "not enough time left"}
+        budget = min(plan.ablation_budget * 2, suite.remaining() - plan.reserve - plan.peer_budget)
+        if budget >= 30:
+            record = {}
+            out["overlap_off"] = record
+            try:
+                anyio.run(wl.overlap_off_benchmark, loaded, best, plan,
+                          time.monotonic() + budget, record)
+            except Exception as exc:  # noqa: BLE001
+                record["error"] = f"{type(exc).__name__}: {exc}"
+        else:
+            out["overlap_off"] = {"status": "skipped", "reason": "not enough time left"}
     suite.loaded = loaded
     return out
 

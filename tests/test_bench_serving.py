@@ -13,7 +13,6 @@ from aiolm.bench.serving import (
     crossing_rate,
     make_requests,
     run_engine,
-    serving_main,
     summarize,
 )
 
@@ -84,8 +83,10 @@ async def test_engine_run_completes_every_request_with_its_full_output():
 
 @pytest.mark.slow
 def test_cli_through_aiolm_serve_writes_results_and_plot(tmp_path):
+    from aiolm.bench.cli import bench_main
+
     out, png = tmp_path / "serving.json", tmp_path / "serving.png"
-    code = serving_main(["--backend", "server", "--rates", "8,inf", "--requests", "4",
+    code = bench_main(["serving", "--backend", "server", "--rates", "8,inf", "--requests", "4",
                          "--input-len", "16", "--output-len", "4", "--out", str(out),
                          "--plot", str(png)])
     assert code == 0

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="aiolm bench",
         description="Run the paper's benchmark workloads as aiolm programs, with ablations and "
         "the transformers peer measured in the same run.",
-        epilog="workloads: " + ", ".join(WORKLOADS),
+        epilog="workloads: " + ", ".join(WORKLOADS) + ". Latency under Poisson arrivals "
+        "(TTFT, ITL, E2E): aiolm bench serving --help.",
     )
     parser.add_argument("workloads", nargs="*", metavar="WORKLOAD", help="workloads to run (see below)")
     parser.add_argument("--suite", choices=tuple(SUITES), help="every workload with the suite's defaults")
@@ -123,6 +124,10 @@ def bench_main(argv: list[str]) -> int:
     """
     from . import WORKLOADS
 
+    if argv[:1] == ["serving"]:  # latency under load: its own options (bench/serving.py)
+        from .serving import serving_main
+
+        return serving_main(argv[1:])
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.list:
