@@ -5,6 +5,9 @@ immediately when nothing is queued; the rest go to a queue that one stream task 
 (started on demand in the task group of the program or fork that owns the state) executes
 in order. Readers wait for exactly what they need: ``await s.get(name)`` for one variable,
 ``await s.sync()`` for everything queued.
+
+The state's content and how a backend sees it are in :mod:`.transcript`, its variables in
+:mod:`.variables`; :class:`ProgramState` adds the queue, the blocks and the display.
 """
 
 from __future__ import annotations
@@ -19,17 +22,10 @@ import anyio.lowlevel
 import attrs
 
 from ..backends.base import ImageData
-from ..chat import (
-    ImagePart,
-    Message,
-    TextPart,
-    as_text_turn,
-    messages_to_openai,
-    render_conversation,
-)
-from ..errors import ProgramError, UnknownVariable, UnsupportedFeature, VariableNotReady
+from ..chat import Message
+from ..errors import ProgramError
 from . import execute
-from .context import GenerationMeta, RunContext
+from .context import RunContext
 from .ops import (
     ASYNC_KINDS,
     CALLS,
@@ -46,11 +42,12 @@ from .ops import (
     Op,
     compile_expr,
 )
+from .transcript import TranscriptMixin
+from .variables import VariablesMixin
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
-    from ..primitives import ToolResult
     from ..tools.spec import ToolCall
     from .fork import ForkGroup
 
@@ -58,7 +55,7 @@ __all__ = ["ProgramState"]
 
 
 @attrs.define(eq=False)
-class ProgramState:
+class ProgramState(TranscriptMixin, VariablesMixin):
     """The state a program appends to. Created by ``Program.run`` (and by ``fork``).
 
     ``error`` is set on states returned by ``run_batch`` whose program failed.
@@ -186,137 +183,7 @@ class ProgramState:
         else:
             raise AssertionError(f"unknown op {kind}")
 
-    # ------------------------------------------------------------------ content (sync)
-
-    def _append_text(self, text: str, var: str | None = None) -> None:
-        """Append ``text``; ``var``: the gen/select variable that generated it."""
-        if self._role is None:
-            self._plain.append(text)
-        else:
-            self._parts.append(text)
-        self._history.append(text if var is None else (TEXT, text, var))
-
-    def _append_image(self, image: ImageData) -> None:
-        if self._role is None:
-            raise ProgramError("image() must be inside a turn")
-        self._parts.append(image)
-        self._images.append(image)
-        self._history.append((IMAGE, image, None))
-
-    def _open(self, role: str) -> None:
-        if self._role is not None:
-            raise ProgramError(f"cannot start a {role} turn inside the open {self._role} turn")
-        if self._plain:
-            self._items.append("".join(self._plain))
-            self._plain.clear()
-        self._role = role
-        self._parts = []
-        self._calls = []
-        self._history.append((OPEN, role, None))
-
-    def _close(self) -> None:
-        role = self._role
-        if role is None:
-            raise ProgramError("no turn is open")
-        self._items.append(self._open_turn())
-        self._role = None
-        self._parts = []
-        self._calls = []
-        self._history.append((CLOSE, role, None))
-
-    def _open_turn(self) -> Message:
-        return Message(role=self._role, parts=_to_parts(self._parts),  # type: ignore[arg-type]
-                       tool_calls=tuple(self._calls))
-
-    def _record_calls(self, calls: tuple[ToolCall, ...], var: str | None = None) -> None:
-        """Record the tool calls a gen (of variable ``var``) made in the open assistant turn."""
-        self._calls.extend(calls)
-        self._tooled = True
-        self._history.append((CALLS, calls, var))
-
-    def _tool_turn(self, result: ToolResult) -> None:
-        """Append a ``tool`` turn answering call ``result.call_id`` of the last assistant turn.
-
-        Raises ``ProgramError`` inside a turn, or when no such call was made.
-        """
-        if self._role is not None:
-            raise ProgramError(f"tool_result() is a turn of its own: append it after the "
-                               f"{self._role} turn, not inside it")
-        last = next((it for it in reversed(self._items)
-                     if isinstance(it, Message) and it.role != "tool"), None)
-        ids = [c.id for c in last.tool_calls] if last is not None else []
-        if result.call_id not in ids:
-            made = ", ".join(repr(i) for i in ids) or "none"
-            raise ProgramError(f"tool_result: no call {result.call_id!r} in the last assistant "
-                               f"turn (its calls: {made}); answer the calls of "
-                               "gen(..., tools=...) right after its turn")
-        if self._plain:
-            self._items.append("".join(self._plain))
-            self._plain.clear()
-        self._items.append(Message(role="tool", parts=(TextPart(text=result.content),),
-                                   tool_call_id=result.call_id))
-        self._tooled = True
-        self._history.append((TOOL, result, None))
-
-    def _entries(self, start: int = 0) -> Iterator[tuple[int, Any, str | None]]:
-        """The content changes from ``_history[start]`` on, as ``(kind, argument, variable)``."""
-        for entry in self._history[start:]:
-            yield (TEXT, entry, None) if type(entry) is str else entry  # type: ignore[misc]
-
-    def _replay(self, kind: int, arg: Any, var: str | None) -> None:
-        """Apply an entry of another state's history (a concat-join of a branch)."""
-        if kind == IMAGE:
-            self._append_image(arg)
-        elif kind == TEXT:
-            self._append_text(arg, var)
-        elif kind == CALLS:
-            self._record_calls(arg, var)
-        else:
-            self._apply((kind, arg))
-
-    def _set(self, name: str, value: Any, meta: Any) -> None:
-        self._vars[name] = value
-        if meta is None:
-            self._meta.pop(name, None)
-        else:
-            self._meta[name] = meta
-        if self._own is not None:
-            self._own[name] = None
-        count = self._pending[name] - 1
-        if count:
-            self._pending[name] = count
-            return
-        del self._pending[name]
-        if self._waiters is not None:
-            waiter = self._waiters.pop(name, None)
-            if waiter is not None:
-                waiter.set()
-
-    # ------------------------------------------------------------------ reading
-
-    def get(self, name: str) -> VariableAwaitable:
-        """``await s.get(name)``: wait until variable ``name`` is generated and return it.
-
-        Waits only for that variable (and for a name enqueued several times, its last
-        write). Raises ``UnknownVariable`` if ``name`` was never enqueued. Used without
-        ``await`` (``if s.get("ok") == "no":``), the result raises ``TypeError`` at once
-        instead of comparing an awaitable.
-        """
-        return VariableAwaitable(self, name)
-
-    async def _get(self, name: str) -> Any:
-        if name not in self._pending:
-            await anyio.lowlevel.checkpoint_if_cancelled()
-        while name in self._pending:
-            if self._closed:
-                raise self._unfinished(name)
-            if self._waiters is None:
-                self._waiters = {}
-            waiter = self._waiters.get(name)
-            if waiter is None:
-                waiter = self._waiters[name] = anyio.Event()
-            await waiter.wait()
-        return self[name]
+    # ------------------------------------------------------------------ waiting
 
     async def sync(self) -> None:
         """Wait until everything appended so far has run."""
@@ -328,118 +195,6 @@ class ProgramState:
             if self._idle is None:
                 self._idle = anyio.Event()
             await self._idle.wait()
-
-    def __getitem__(self, name: str) -> Any:
-        """A finished variable. Raises ``VariableNotReady`` while it is being generated."""
-        if name in self._pending:
-            if self._closed:
-                raise self._unfinished(name)
-            raise VariableNotReady(
-                f"variable {name!r} is still being generated; use `await s.get({name!r})` "
-                "to wait for it"
-            )
-        if name in self._vars:
-            return self._vars[name]
-        if self.error is not None:  # the program failed before making it: say why
-            raise self.error
-        raise UnknownVariable(self._missing(name))
-
-    def _missing(self, name: str) -> str:
-        """Why this state has no variable ``name``: in the branches of a fork not joined,
-        or of one joined with mode="concat", or never appended."""
-        where = (self._fork_vars or {}).get(name)
-        if where is None and any(name in group._names() for group in self._forks or ()):
-            where = "unjoined"
-        if where == "unjoined":
-            return (f"variable {name!r} is in the fork's branches, not in this state yet: "
-                    f"call forks.join() after the `async with s.fork(...)` block (then "
-                    f"s[{name!r}] is a list, one value per branch), or read forks[i][{name!r}]")
-        if where == "concat":
-            return (f"variable {name!r} is in fork branches joined with join(mode='concat'), "
-                    f"which merges their text, not their variables: read forks[i][{name!r}], "
-                    "or join with mode='gather'")
-        return f"no variable {name!r} was ever appended to this state"
-
-    def _unfinished(self, name: str) -> VariableNotReady:
-        return VariableNotReady(
-            f"variable {name!r} was never finished: its program (or fork) failed or was cancelled"
-        )
-
-    def __contains__(self, name: object) -> bool:
-        """True when ``name`` is a variable (finished or pending)."""
-        return name in self._vars or name in self._pending
-
-    def meta(self, name: str) -> GenerationMeta | list[GenerationMeta | None]:
-        """How variable ``name`` was generated: finish reason, token counts, logprobs.
-
-        A gathered fork variable has a list (one entry per branch). Raises like
-        ``state[name]``, and ``UnknownVariable`` for a variable not made by gen/select.
-        """
-        self[name]  # noqa: B018 -- raises VariableNotReady / UnknownVariable
-        try:
-            return self._meta[name]
-        except KeyError:
-            raise UnknownVariable(
-                f"variable {name!r} has no generation metadata (gen and select set it)"
-            ) from None
-
-    def text(self) -> str:
-        """The whole text so far, as a text backend sees it (roles through its chat
-        template; the scripted template for chat backends; tool calls and results in the
-        Hermes form, see :func:`aiolm.chat.as_text_turn`). Queued exprs are not in it."""
-        return str(self._prompt())
-
-    def _prompt(self) -> str:
-        """:meth:`text` as a text backend's prompt: a ``MarkedText`` marking message content
-        (see :mod:`aiolm.chat`) once there are turns."""
-        items = self._items
-        if self._plain:
-            items = [*items, "".join(self._plain)]
-        open_parts: tuple[TextPart | ImagePart, ...] = ()
-        if self._role is not None:
-            open_parts = as_text_turn(self._open_turn()).parts if self._calls else _to_parts(self._parts)
-        return render_conversation(items, self._run.template, open_role=self._role,
-                                   open_text=open_parts)
-
-    def messages(self) -> list[dict[str, Any]]:
-        """The chat turns so far (the open turn last), in the OpenAI format the ``openai``
-        client takes as is: ``{"role", "content"}`` (the text, or text and ``image_url``
-        parts; None for an assistant turn with only calls), plus ``tool_calls`` on an
-        assistant turn that made calls and ``tool_call_id`` on a ``tool`` turn. Text outside
-        turns is not a message. Queued exprs are not in it."""
-        return messages_to_openai(self._turns())
-
-    def _turns(self) -> list[Message]:
-        """The chat turns so far as :class:`aiolm.Message` objects (the open turn last)."""
-        out = [it for it in self._items if isinstance(it, Message)]
-        if self._role is not None:
-            out.append(self._open_turn())
-        return out
-
-    def _request_fields(self, *, for_gen: bool, chat: bool = False) -> dict[str, Any]:
-        """The prompt part of a ``GenerateRequest`` for what this state holds now.
-
-        ``chat``: the request goes through the chat layer (tools, reasoning, tool turns),
-        which needs messages on every backend. Raises ``UnsupportedFeature`` (a chat
-        backend) or ``ProgramError`` (the chat layer) when a gen is not inside an assistant
-        turn or text stands outside the turns.
-        """
-        ctx = self._run
-        if not (ctx.chat or chat):
-            return {"prompt": self._prompt(), "images": tuple(self._images)}
-        if for_gen:
-            if ctx.chat:
-                error: type[Exception] = UnsupportedFeature
-                why = f"{ctx.backend.model_name} is a chat backend"
-            else:
-                error, why = ProgramError, "tools, reasoning and tool turns make a chat"
-            if self._role != "assistant":
-                raise error(f"{why}: put gen/select inside an assistant turn, e.g. "
-                            "s += assistant(gen('answer'))")
-            if any(isinstance(it, str) and it.strip() for it in self._items):
-                raise error(f"{why}: the model cannot see text outside a turn; wrap it in "
-                            "system(...) or user(...)")
-        return {"messages": tuple(self._turns())}
 
     # ------------------------------------------------------------------ blocks
 
@@ -556,46 +311,3 @@ class ProgramState:
 
         return state_html(summary=self._summary(), history=self._entries(),
                           variables=list(self._vars), error=self.error)
-
-
-def _to_parts(raw: list[str | ImageData]) -> tuple[TextPart | ImagePart, ...]:
-    parts: list[TextPart | ImagePart] = []
-    run: list[str] = []
-    for p in raw:
-        if type(p) is str:
-            run.append(p)
-            continue
-        if run:
-            parts.append(TextPart(text="".join(run)))
-            run = []
-        parts.append(ImagePart(image=p))  # type: ignore[arg-type]
-    if run:
-        parts.append(TextPart(text="".join(run)))
-    return tuple(parts)
-
-
-class VariableAwaitable:
-    """What :meth:`ProgramState.get` returns: awaiting it waits for the variable.
-
-    Anything else done with it — comparing, testing its truth, formatting it — is a
-    forgotten ``await`` (``s["ok"]`` habits from SGLang land here), so it raises at once.
-    """
-
-    __slots__ = ("_name", "_state")
-
-    def __init__(self, state: ProgramState, name: str) -> None:
-        self._state, self._name = state, name
-
-    def __await__(self):
-        return self._state._get(self._name).__await__()
-
-    def _forgot(self, *_args: Any) -> Any:
-        raise TypeError(f"s.get({self._name!r}) must be awaited: did you forget `await`? "
-                        f"(`await s.get({self._name!r})`)")
-
-    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _forgot
-    __bool__ = __format__ = __iter__ = __len__ = __contains__ = __getitem__ = _forgot
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"<awaitable s.get({self._name!r}): use `await`>"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import attrs
 import regex
 
-from .parsers import _partial_tail
+from .parsers.base import _partial_tail
 
 __all__ = [
     "REASONING_PARSERS",
