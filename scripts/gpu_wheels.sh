@@ -4,7 +4,10 @@
 #   flashinfer-python 0.5.3 + apache-tvm-ffi (its only runtime need for paged attention),
 #   llguidance (constraints), gguf (the GGUF loader), and the versions of anyio (the engine
 #   needs >= 4.11: anyio.lowlevel.current_token), attrs and typing_extensions (anyio 4.16
-#   needs >= 4.16) that aiolm is tested with here; the machine's own may be older.
+#   needs >= 4.16) that aiolm is tested with here; the machine's own may be older; and the
+#   runtime needs added since (issue 15/16): prometheus-client (/metrics), httpx-sse and
+#   tenacity (the OpenAI backend), pydantic (request bodies), jsonschema with its
+#   format-nongpl checkers (constraints checked on the finished value).
 # Idempotent: pip skips wheels already in .whl/. Keep one version of each package there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,5 +23,11 @@ dl=("$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary
 "${dl[@]}" "llguidance==${LLGUIDANCE_VERSION:-1.9.1}"
 "${dl[@]}" "gguf==${GGUF_VERSION:-0.19.0}"
 "${dl[@]}" anyio==4.16.0 attrs==26.1.0 typing_extensions==4.16.0
+"${dl[@]}" prometheus-client==0.26.0 httpx-sse==0.4.3 tenacity==9.2.1
+"${dl[@]}" pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+"${dl[@]}" jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
+"${dl[@]}" fqdn==1.6.0 isoduration==20.11.0 arrow==1.4.0 python-dateutil==4.0.0 six==1.17.0 \
+    jsonpointer==3.12 rfc3339-validator==0.1.4 rfc3986-validator==0.1.1 rfc3987-syntax==1.1.0 \
+    lark==1.3.1 uri-template==1.3.0 webcolors==25.10.0 tzdata==2026.6
 ls -l .whl
 du -sh .whl
