@@ -49,7 +49,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
         flag = "--" + (meta["flag"] or name).replace("_", "-")
         help_text = meta["help"].replace("%", "%%")
         if bool in kinds:
-            help_text += " (default: on)" if field.default else " (default: off)"
+            if field.default is not None:   # None: the help says what decides
+                help_text += " (default: on)" if field.default else " (default: off)"
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=field.default, help=help_text)
             continue

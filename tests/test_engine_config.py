@@ -98,7 +98,8 @@ def test_engine_passes_every_option_to_its_config():
                "mem_fraction": 0.5, "cuda_graphs": False, "load_format": "dummy",
                "quantization": None, "tp_size": 1, "seed": 7, "jump_forward": False,
                "aging_limit": 2, "request_step_timeout": 1.5, "close_timeout": 2.5,
-               "num_threads": 1, "compile": True, "escape_special_tokens": False,
+               "num_threads": 1, "overlap": True, "compile": True,
+               "escape_special_tokens": False,
                "chat_template": "{{ messages }}",
                "constraint_limits": ConstraintLimits(max_grammar_size=1000)}
     assert set(options) | {"model"} == {f.name for f in option_fields()}

@@ -105,6 +105,7 @@ class Engine(Backend):
                  request_step_timeout: float = _DEFAULT.request_step_timeout,
                  close_timeout: float = _DEFAULT.close_timeout,
                  num_threads: int | None = _DEFAULT.num_threads,
+                 overlap: bool | None = _DEFAULT.overlap,
                  compile: bool = _DEFAULT.compile,
                  escape_special_tokens: bool = _DEFAULT.escape_special_tokens,
                  chat_template: str | os.PathLike[str] | None = _DEFAULT.chat_template,

@@ -26,6 +26,7 @@ ABLATION_ENGINE_KWARGS: dict[str, dict[str, Any]] = {
     "radix": {"enable_radix_cache": False},
     "schedule": {"schedule_policy": "fcfs"},
     "jump-forward": {"jump_forward": False},
+    "overlap": {"overlap": False},
 }
 
 
@@ -157,6 +158,11 @@ class EngineTarget(Target):
         }
 
     def supports(self, ablation: str) -> bool:
+        if ablation == "overlap":  # the loop overlaps only with CUDA: on the CPU it is moot
+            import torch
+
+            return self.device.startswith("cuda") or (self.device == "auto"
+                                                      and torch.cuda.is_available())
         return ablation in ABLATION_ENGINE_KWARGS
 
     async def loaded(self) -> Any:

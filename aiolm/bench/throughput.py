@@ -53,5 +53,6 @@ WORKLOAD = Workload(
     make_inputs=make_inputs,
     shape=SHAPES.__getitem__,
     headline="output_tok_per_s",
+    ablations=("overlap",),
     max_concurrency=4096,
 )

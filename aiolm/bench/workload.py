@@ -25,6 +25,7 @@ ABLATIONS: dict[str, str] = {
     "schedule": "fcfs",
     "jump-forward": "jump-forward-off",
     "spec": "spec-off",
+    "overlap": "overlap-off",
 }
 
 #: A custom way to run a workload's inputs on a backend (for figures ``run_batch`` cannot

@@ -122,6 +122,11 @@ def _check_bool(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise TypeError(f"{attribute.name}: expected a bool, got {type(value).__name__}")
 
 
+def _check_optional_bool(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None:
+        _check_bool(_inst, attribute, value)
+
+
 def _check_model(_inst: Any, _attribute: attrs.Attribute, value: Any) -> None:
     if value is None:
         return
@@ -263,6 +268,13 @@ class EngineConfig:
         "usable cores minus one, at least 1, leaving the event loop a core; on CUDA, torch's "
         "own setting). NOTE: torch's thread count is process-wide: later torch work in other "
         "threads gets it too", validator=_int_at_least(1, optional=True))
+    overlap: bool | None = _option(
+        None, "overlap the host's work with the device's: the next step is scheduled and "
+        "launched while the current one runs, and each step's tokens are processed (stop "
+        "checks, detokenization, streaming) while the next one runs; results are the same "
+        "(see docs/engine.md for the steps that run serialized). Default: on with CUDA, off "
+        "on the CPU (no asynchronous device: it would only reorder the work)",
+        validator=_check_optional_bool)
     compile: bool = _option(
         False, "compile the CPU decode step with torch.compile (inductor), warmed at start and "
         "cached on disk; the first start compiles for about a minute. Ignored on CUDA (CUDA "

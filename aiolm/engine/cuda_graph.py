@@ -8,6 +8,9 @@ buffers; :meth:`CudaGraphRunner.replay` copies a batch into them, pads it to the
 (padding rows write their K/V to the reserved slot 0 and see a sequence of length 1), lets
 the attention backend update its own buffers (``init_forward_for_replay``), replays, and
 returns the logits of the real rows. Sampling stays outside the graph, on the device.
+Every copy into the static buffers is device to device and queued on the stream, so a batch
+whose input ids the overlapped loop took from the previous step's sampled ids (on the
+device, not yet known to the host) replays like any other, after that step.
 """
 
 from __future__ import annotations

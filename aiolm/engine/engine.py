@@ -10,6 +10,17 @@ queue (add a request, abort one, flush the cache, shut down); each step of the l
 4. hands the batch back to the scheduler (``process_result``);
 5. posts *all* of the step's events to the async side in one call of ``post``.
 
+The overlapped loop (``overlap``, the default with CUDA) reorders that so the host works
+while the device computes: step N+1 is scheduled and launched (forward pass, sampling and
+the copy of the results, queued on the device) before step N's results are processed, so
+3-5 for step N run while the device computes step N+1. The tokens step N samples stay on
+the device and feed step N+1's inputs: until the host learns them they stand in
+``Req.all_ids`` as placeholders (:mod:`aiolm.engine.request`). A request that finishes at
+step N was computed once more at step N+1: that token is dropped and its slot freed, so
+the results are those of the loop that does not overlap. A step whose requests need their
+tokens on the host before their next step runs serialized (:meth:`EngineCore._serialized`):
+its results are processed before the next step is scheduled.
+
 ``post`` must be thread-safe and must not block (the async front schedules the fan-out on
 its event loop). The loop never imports anyio. An error while handling one request (preparing
 its sampling, its constraint mask, advancing its matcher, stop checks, detokenization)
@@ -40,10 +51,11 @@ import torch
 from ..cache.radix import RadixCache
 from ..errors import BackendUnavailable, ConstraintError, EngineError
 from ..sampling import SamplingParams
-from ..values import TokenLogprob, Usage
+from ..values import TokenLogprob, Usage, hit_rate
+from .forward_batch import ForwardMode
 from .grammar_backend import GrammarBackend
 from .request import Req
-from .runner import ModelRunner, SampledToken
+from .runner import LaunchedStep, ModelRunner, SampledToken
 from .scheduler import Scheduler, check_fits
 from .stopping import StopChecker
 
@@ -101,7 +113,7 @@ class EngineFailed:
 
 @attrs.frozen(kw_only=True)
 class EngineStatistics:
-    """A snapshot of the engine, refreshed after every step.
+    """A snapshot of the engine as its last step left it.
 
     ``prompt_tokens`` / ``cached_tokens`` count each request's prompt, and the part of it
     served from the prefix cache, once, when it is first scheduled; ``cache_hit_rate`` is
@@ -158,6 +170,15 @@ class _ReqState:
     prompt_logprobs: bool = False
     scores: dict[int, tuple[float, bool, tuple[tuple[int, float], ...]]] = attrs.field(
         factory=dict)
+
+
+@attrs.define(eq=False)
+class _InFlight:
+    """A launched step whose results the host has not processed yet; ``placeholders``:
+    batch row -> index in that request's ``all_ids`` of the token the step samples."""
+
+    step: LaunchedStep
+    placeholders: dict[int, int]
 
 
 @attrs.frozen
@@ -237,8 +258,13 @@ class EngineCore:
         self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="aiolm-engine", daemon=True)
         self._totals = {"finished_requests": 0, "completion_tokens": 0}
-        self._stats = EngineStatistics(total_kv_slots=self.runner.allocator.size,
-                                       free_kv_slots=self.runner.allocator.available_size())
+        # With the flashinfer backend every pass plans on the host through page-locked
+        # buffers, so no pass may be queued behind another (ModelRunner.queues_behind).
+        wanted = config.overlap if config.overlap is not None else device.type == "cuda"
+        self.overlap = wanted and self.runner.queues_behind(ForwardMode.DECODE)
+        self._in_flight: _InFlight | None = None
+        self._counters: tuple[int, ...] = ()
+        self._publish_counters()
 
     # ------------------------------------------------------------ caller side
     def start(self) -> None:
@@ -251,8 +277,17 @@ class EngineCore:
         return not self._thread.is_alive()
 
     def statistics(self) -> EngineStatistics:
-        """The snapshot taken after the last step (never waits)."""
-        return self._stats
+        """The engine as its last step left it (never waits): the loop publishes the raw
+        counters after each step; the snapshot is built when asked."""
+        (running, waiting, free, total, cached, evictable, protected, passes, retractions,
+         hits, misses, finished, completion) = self._counters
+        return EngineStatistics(
+            running_requests=running, queued_requests=waiting, free_kv_slots=free,
+            total_kv_slots=total, cached_kv_tokens=cached, evictable_kv_tokens=evictable,
+            protected_kv_tokens=protected, forward_passes=passes, retractions=retractions,
+            prompt_tokens=hits + misses, cached_tokens=hits,
+            cache_hit_rate=hit_rate(hits, hits + misses), finished_requests=finished,
+            completion_tokens=completion)
 
     def new_request(self, rid: str, input_ids: Sequence[int], sampling: SamplingParams, *,
                     matcher: Matcher | None = None, return_all_logits: bool = False,
@@ -359,7 +394,8 @@ class EngineCore:
 
     def _run_once(self) -> bool:
         events: list[Event] = []
-        commands = [self._inbox.get()] if not self._live else []
+        idle = not self._live and self._in_flight is None
+        commands = [self._inbox.get()] if idle else []
         while True:
             try:
                 commands.append(self._inbox.get_nowait())
@@ -369,16 +405,21 @@ class EngineCore:
         for cmd in commands:
             running = self._handle(cmd, events) and running
         if not running:
+            self._settle(events)
             for rid in list(self._live):
                 self._abort(rid, events, BackendUnavailable("the engine was closed"))
-            self._refresh_stats()
+            self._publish_counters()
             if events:
                 self._post(events)
             return False
         batch = self.scheduler.schedule() if self._live else None
-        if batch is not None:
+        if batch is not None and self.overlap:
+            self._step_overlapped(batch, events)
+        elif batch is not None:
             self._step(batch, events)
-        self._refresh_stats()
+        else:
+            self._settle(events)
+        self._publish_counters()
         if events:
             self._post(events)
         return True
@@ -416,8 +457,89 @@ class EngineCore:
                                     error=error))
 
     def _step(self, batch: ScheduleBatch, events: list[Event]) -> None:
+        """One step of the loop that does not overlap: compute ``batch``, then process it."""
         out = self.runner.run(batch, self._bitmask)
+        self._process_step(batch, out, {}, events)
+
+    def _step_overlapped(self, batch: ScheduleBatch, events: list[Event]) -> None:
+        """Launch ``batch``, then process the step in flight while the device computes it.
+
+        ``batch`` stays in flight unless it is :meth:`_serialized`. A pass that may not be
+        queued behind another (``ModelRunner.queues_behind``: an extend planned by
+        flashinfer) waits for the step in flight to be processed first; it holds no
+        placeholder, and processing that step touches none of its requests.
+        """
+        if not self.runner.queues_behind(batch.mode):
+            self._settle(events)
+        previous, self._in_flight = self._in_flight, None
+        launched = self.runner.launch(batch, self._bitmask,
+                                      previous=previous.step if previous is not None else None)
+        flight = _InFlight(launched, self._hold_places(batch, launched))
+        self.scheduler.launched(batch)
+        if previous is not None:
+            self._complete(previous, events)
+        if self._serialized(batch):
+            self._complete(flight, events)
+        else:
+            self._in_flight = flight
+
+    def _hold_places(self, batch: ScheduleBatch, launched: LaunchedStep) -> dict[int, int]:
+        """Append a placeholder for each token ``launched`` samples (``-1 - j`` for
+        ``next_ids[j]``); returns where each one is, by batch row."""
+        places = {}
+        for j, row in enumerate(launched.sample_rows):
+            req = batch.reqs[row]
+            req.all_ids.append(-1 - j)
+            req.pending += 1
+            places[row] = len(req.all_ids) - 1
+        return places
+
+    @staticmethod
+    def _serialized(batch: ScheduleBatch) -> bool:
+        """Whether ``batch`` must be processed before the next step is scheduled: one of its
+        requests needs the host to know its sampled token before its next step can run.
+
+        A constrained request (its next mask and any jump-forward depend on the token), a
+        frequency or presence penalty (the counts of its tokens), a scoring request (select,
+        ``prompt_logprobs``: its scores shape its next pass).
+        """
+        for req in batch.reqs:
+            p = req.sampling
+            if (req.matcher is not None or req.return_all_logits
+                    or p.frequency_penalty or p.presence_penalty):
+                return True
+        return False
+
+    def _settle(self, events: list[Event]) -> None:
+        """Process the step in flight, if any (waits for the device)."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is not None:
+            self._complete(flight, events)
+
+    def _complete(self, flight: _InFlight, events: list[Event]) -> None:
+        """Fetch a launched step's results and process them (waits for its copy)."""
+        out = self.runner.fetch(flight.step)
+        self._process_step(flight.step.batch, out, flight.placeholders, events)
+
+    def _process_step(self, batch: ScheduleBatch, out: Any, placeholders: dict[int, int],
+                      events: list[Event]) -> None:
+        """Each request's part of a computed step, then the scheduler's.
+
+        ``placeholders`` (the overlapped loop): batch row -> where the row's sampled token
+        stands in its ``all_ids``. That placeholder and any after it (a later step in
+        flight) come off before the request is processed, which then sees ``all_ids`` as the
+        loop that does not overlap would; the later ones go back unless it finished, when
+        the K/V computed for them no longer count.
+        """
         for row, req in enumerate(batch.reqs):
+            if self._live.get(req.rid) is not req:
+                continue  # aborted (or failed) since the step was launched
+            at = placeholders.get(row)
+            later: list[int] = []
+            if at is not None:
+                later = req.all_ids[at + 1:]
+                del req.all_ids[at:]
+                req.pending -= 1 + len(later)
             try:
                 failure = self._mask_failures.pop(req.rid, None)
                 failure = out.failed.get(row, failure)
@@ -433,13 +555,18 @@ class EngineCore:
                 req.finish_reason = "abort"
                 events.append(RequestOutput(rid=req.rid, finish_reason="abort",
                                             usage=self._usage(req), error=exc))
+            if later and req.finished:
+                self.scheduler.drop_in_flight(req, len(later))
+            elif later:
+                req.all_ids.extend(later)
+                req.pending += len(later)
         self.scheduler.process_result(batch)
         for req in batch.reqs:
             if req.finish_reason is not None and self._live.pop(req.rid, None) is not None:
                 self.runner.sampler.release(req.rid)
                 totals = self._totals
                 totals["finished_requests"] += 1
-                totals["completion_tokens"] += len(req.output_ids)
+                totals["completion_tokens"] += req.num_outputs - req.pending
 
     def _process(self, req: Req, row: int, batch: ScheduleBatch, sampled: SampledToken | None,
                  scored: Any, events: list[Event]) -> None:
@@ -574,24 +701,17 @@ class EngineCore:
 
     @staticmethod
     def _usage(req: Req) -> Usage:
-        return Usage(prompt_tokens=len(req.input_ids), completion_tokens=len(req.output_ids),
+        return Usage(prompt_tokens=req.prompt_len, completion_tokens=req.num_outputs - req.pending,
                      cached_tokens=req.cached_len)
 
-    def _refresh_stats(self) -> None:
-        sched = self.scheduler.statistics()
+    def _publish_counters(self) -> None:
+        """Publish what :meth:`statistics` reports, as plain counters (one tuple: a reader
+        on another thread sees one step's values or the next's, never a mix)."""
         cache = self.cache.statistics()
-        self._stats = EngineStatistics(
-            running_requests=sched.running,
-            queued_requests=sched.waiting,
-            free_kv_slots=self.runner.allocator.available_size(),
-            total_kv_slots=self.runner.allocator.size,
-            cached_kv_tokens=cache.total_size,
-            evictable_kv_tokens=cache.evictable_size,
-            protected_kv_tokens=cache.protected_size,
-            forward_passes=self.runner.forward_passes,
-            retractions=sched.retractions,
-            prompt_tokens=cache.hit_tokens + cache.miss_tokens,
-            cached_tokens=cache.hit_tokens,
-            cache_hit_rate=cache.hit_rate,
-            **self._totals,
-        )
+        running, waiting, retractions = self.scheduler.counts()
+        self._counters = (
+            running, waiting, self.runner.allocator.available_size(),
+            self.runner.allocator.size, cache.total_size, cache.evictable_size,
+            cache.protected_size, self.runner.forward_passes, retractions, cache.hit_tokens,
+            cache.miss_tokens, self._totals["finished_requests"],
+            self._totals["completion_tokens"])

@@ -6,7 +6,11 @@ allocator, K/V buffers, request → slots table), the attention backend and the 
 :class:`~aiolm.engine.forward_batch.ForwardBatch` (the missing tokens of each request,
 their positions and slots), runs the model under ``torch.inference_mode``, samples the
 requests the batch marks, and fetches everything the host needs with one device → host
-copy per step.
+copy per step. It is :meth:`ModelRunner.launch` (queue the pass, the sampling and the
+copy; on CUDA nothing waits for the device) then :meth:`ModelRunner.fetch` (wait for the
+copy, unpack): the overlapped engine loop calls them a step apart, and the next pass's
+inputs take the tokens the previous one sampled from the device (placeholders in
+``Req.all_ids``, see :mod:`aiolm.engine.request`).
 
 CUDA graphs: when enabled on CUDA with a backend that supports them, decode batches go
 through ``aiolm.engine.cuda_graph.CudaGraphRunner(runner)``, which offers
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
     from .scheduler import ScheduleBatch
 
 __all__ = [
+    "LaunchedStep",
     "ModelRunner",
     "SampledToken",
     "ScoredTokens",
@@ -134,6 +139,27 @@ class StepOutput:
     sampled: dict[int, SampledToken] = attrs.field(factory=dict)
     scored: dict[int, ScoredTokens] = attrs.field(factory=dict)
     failed: dict[int, Exception] = attrs.field(factory=dict)
+
+
+@attrs.define(eq=False, kw_only=True)
+class LaunchedStep:
+    """A pass queued on the device by :meth:`ModelRunner.launch`, until :meth:`ModelRunner.fetch`.
+
+    ``sample_rows``: the batch rows sampled, in the order of ``next_ids`` (a sampled token
+    of row ``sample_rows[j]`` is ``next_ids[j]``, which a placeholder ``-1 - j`` stands
+    for). ``host``: the results, being copied to the host; ``ready``: the CUDA event the
+    copy completes (None on the CPU, where the results are ready).
+    """
+
+    batch: ScheduleBatch
+    sample_rows: list[int]
+    next_ids: torch.Tensor | None
+    sample_out: Any
+    score_spans: list[tuple[int, int, int, list[int]]]
+    score_top: int
+    failed: dict[int, Exception]
+    host: list[torch.Tensor]
+    ready: Any = None
 
 
 def _available_ram() -> int:
@@ -269,9 +295,15 @@ class ModelRunner:
         return min(size, limit)
 
     # ---------------------------------------------------------------- the step
-    @torch.inference_mode()
     def run(self, batch: ScheduleBatch, bitmask_fn: Any = None) -> StepOutput:
-        """Compute ``batch`` and sample the requests of its ``sample_mask``.
+        """Compute ``batch`` and sample the requests of its ``sample_mask``: :meth:`launch`
+        then :meth:`fetch` (waits for the device)."""
+        return self.fetch(self.launch(batch, bitmask_fn))
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduleBatch, bitmask_fn: Any = None, *,
+               previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue ``batch``'s pass, its sampling and the copy of the results to the host.
 
         ``bitmask_fn(reqs) -> int32 tensor | None`` fills the constraint bitmask of the
         rows about to be sampled; it runs on the host while the device computes the
@@ -280,15 +312,17 @@ class ModelRunner:
         their ``top_logprobs`` alternatives) in ``StepOutput.scored``, and are sampled like
         any other when ``max_tokens > 0``. A request whose sampling cannot be prepared is
         left out of the sampling and reported in ``StepOutput.failed``; the others are
-        sampled.
-        Mutates nothing but the KV pool. With ``AIOLM_DEBUG_CHECKS=1``
-        raises :class:`~aiolm.engine.debug_checks.DebugCheckError` before the pass for a bad
-        index (see :mod:`aiolm.engine.debug_checks`).
+        sampled. ``previous``: the pass still in flight whose sampled ids the placeholders
+        of ``batch``'s requests stand for (they are read on the device).
+        Mutates nothing but the KV pool; on CUDA never waits for the device (but with
+        ``AIOLM_DEBUG_CHECKS=1``, which copies the batch to the host and raises
+        :class:`~aiolm.engine.debug_checks.DebugCheckError` before the pass for a bad
+        index: see :mod:`aiolm.engine.debug_checks`).
         """
         if self.num_threads is not None and torch.get_num_threads() != self.num_threads:
             torch.set_num_threads(self.num_threads)  # the count is per thread: set it on ours
         reqs = batch.reqs
-        fb = self._forward_batch(batch)
+        fb = self._forward_batch(batch, previous)
         if self.debug_checks:
             check_forward_batch(fb, allocator=self.allocator,
                                 req_to_token_pool=self.req_to_token_pool,
@@ -318,8 +352,12 @@ class ModelRunner:
         if sample_rows:
             sample_reqs = [reqs[i] for i in sample_rows]
             bitmask = bitmask_fn(sample_reqs) if bitmask_fn is not None else None
-            index = self._h2d([last_rows[i] for i in sample_rows])
-            sample_out = self.sampler.sample(logits.index_select(0, index), info, bitmask)
+            rows = [last_rows[i] for i in sample_rows]
+            if len(rows) == logits.shape[0] and rows == list(range(len(rows))):
+                chosen = logits   # every row, in order (a decode step): nothing to gather
+            else:
+                chosen = logits.index_select(0, self._h2d(rows))
+            sample_out = self.sampler.sample(chosen, info, bitmask)
             fetch.append(sample_out.next_ids)
             if sample_out.logprobs is not None:
                 fetch.append(sample_out.logprobs)
@@ -328,16 +366,40 @@ class ModelRunner:
         score_spans = self._score_spans(batch, score_rows)
         score_top = max((reqs[i].sampling.top_logprobs for i, *_ in score_spans), default=0)
         if score_spans:
-            rows = self._h2d([r for _, a, b, _ in score_spans for r in range(a, b)])
+            rows_t = self._h2d([r for _, a, b, _ in score_spans for r in range(a, b)])
             targets = self._h2d([t for *_, ts in score_spans for t in ts])
-            scored = logits.index_select(0, rows)[:, : self.model_config.vocab_size]
+            scored = logits.index_select(0, rows_t)[:, : self.model_config.vocab_size]
             fetch += token_logprobs(scored, targets)
             if score_top:
                 fetch += top_token_logprobs(scored, score_top)
-        host = self._to_host(fetch)
-        out = self._unpack(host, sample_rows, sample_out, score_spans, score_top, batch)
-        out.failed = failed
+        host, ready = self._start_copy(fetch)
+        return LaunchedStep(batch=batch, sample_rows=sample_rows,
+                            next_ids=sample_out.next_ids if sample_out is not None else None,
+                            sample_out=sample_out, score_spans=score_spans,
+                            score_top=score_top, failed=failed, host=host, ready=ready)
+
+    def fetch(self, step: LaunchedStep) -> StepOutput:
+        """Wait for ``step``'s results to reach the host and unpack them."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        out = self._unpack(step.host, step.sample_rows, step.sample_out, step.score_spans,
+                           step.score_top, step.batch)
+        out.failed = step.failed
         return out
+
+    def queues_behind(self, mode: ForwardMode) -> bool:
+        """Whether a pass of ``mode`` may be queued while another is in flight.
+
+        Not when its attention is planned through flashinfer (the ``flashinfer`` backend,
+        and ``hybrid``'s extend passes): the plan writes page-locked host buffers that the
+        device copies from asynchronously, so a second plan could overwrite the first's
+        before the device read it.
+        """
+        if self.device.type != "cuda":
+            return True
+        if self.attention_backend == "flashinfer":
+            return False
+        return not (self.attention_backend == "hybrid" and mode is ForwardMode.EXTEND)
 
     def _prepare_sampling(self, reqs: Sequence[Req],
                           rows: list[int]) -> tuple[Any, dict[int, Exception]]:
@@ -381,13 +443,30 @@ class ModelRunner:
                 spans.append((i, starts[i], starts[i] + n, ids[prefix + 1: prefix + 1 + n]))
         return spans
 
-    def _to_host(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One device → host crossing for every result of the step."""
+    def _start_copy(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
+        """Start the one device → host crossing of the step's results: the host tensors
+        (page-locked on CUDA) and the event that says they are there (None on the CPU)."""
         if self.device.type != "cuda":
-            return tensors
+            return tensors, None
         out = [t.to("cpu", non_blocking=True) for t in tensors]
-        torch.cuda.current_stream(self.device).synchronize()
-        return out
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        return out, ready
+
+    def _input_ids(self, ids: list[int], previous: LaunchedStep | None) -> torch.Tensor:
+        """``ids`` on the device, each placeholder ``-1 - j`` replaced there by the token
+        the pass in flight sampled into ``previous.next_ids[j]`` (no host sync).
+        ``previous`` is None when no request of the batch has a token in flight."""
+        out = torch.tensor(ids, dtype=torch.int64)
+        if previous is None:
+            return out.to(self.device, non_blocking=True)
+        holes = (out < 0).nonzero().view(-1)
+        source = -1 - out[holes]
+        out[holes] = 0
+        out = out.to(self.device, non_blocking=True)
+        dev_holes = holes.to(self.device, non_blocking=True)
+        dev_source = source.to(self.device, non_blocking=True)
+        return out.index_copy_(0, dev_holes, previous.next_ids.index_select(0, dev_source))
 
     def _unpack(self, host: list[torch.Tensor], sample_rows: list[int], sample_out: Any,
                 score_spans: list[tuple[int, int, int, list[int]]], score_top: int,
@@ -433,7 +512,8 @@ class ModelRunner:
                 offset += n
         return out
 
-    def _forward_batch(self, batch: ScheduleBatch) -> ForwardBatch:
+    def _forward_batch(self, batch: ScheduleBatch,
+                       previous: LaunchedStep | None = None) -> ForwardBatch:
         reqs: Sequence[Req] = batch.reqs
         prefix_lens = list(batch.prefix_lens)
         extend_lens = list(batch.extend_lens)
@@ -441,9 +521,7 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         if batch.mode is ForwardMode.DECODE:
-            for r, p in zip(reqs, prefix_lens, strict=True):
-                n_in = len(r.input_ids)
-                input_ids.append(r.input_ids[p] if p < n_in else r.output_ids[p - n_in])
+            input_ids = [r.all_ids[p] for r, p in zip(reqs, prefix_lens, strict=True)]
             positions = prefix_lens
         else:
             for r, p, e in zip(reqs, prefix_lens, extend_lens, strict=True):
@@ -454,11 +532,15 @@ class ModelRunner:
         def on_device(values: list[int], dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
 
+        in_flight = any(r.pending for r in reqs)
+        if in_flight and (previous is None or previous.next_ids is None):
+            raise RuntimeError("a request of the batch has a token in flight, but no pass "
+                               "is in flight to take it from")
         extend = batch.mode is ForwardMode.EXTEND
         return ForwardBatch(
             mode=batch.mode,
             batch_size=len(reqs),
-            input_ids=on_device(input_ids, torch.int64),
+            input_ids=self._input_ids(input_ids, previous if in_flight else None),
             positions=on_device(positions, torch.int64),
             out_cache_loc=batch.out_cache_loc.to(dev, torch.int64),
             req_pool_indices=on_device([r.req_pool_idx for r in reqs], torch.int64),

@@ -220,10 +220,18 @@ class Sampler:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
     def _count_new_outputs(self, info: SamplingBatchInfo, reqs: Sequence[Req]) -> None:
+        # Only the rows with a penalty are counted: the others multiply their counts by 0,
+        # and may hold placeholders (tokens in flight, negative ids) of the overlapped loop,
+        # which never lets a request with a penalty run ahead of its tokens.
         rows: list[int] = []
         toks: list[int] = []
         for i, r in enumerate(reqs):
+            if not (r.sampling.frequency_penalty or r.sampling.presence_penalty):
+                continue
             new = r.output_ids[info.counted[i]:]
+            if new and min(new) < 0:
+                raise RuntimeError(f"request {r.rid}: a penalty needs its output tokens, and "
+                                   "one is still in flight")
             rows.extend([i] * len(new))
             toks.extend(new)
             info.counted[i] = len(r.output_ids)

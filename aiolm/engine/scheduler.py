@@ -10,7 +10,10 @@ Each pass (:meth:`Scheduler.schedule`) returns one batch:
 
 Policies: ``lpm`` (longest cached prefix first), ``dfs-weight`` (the SGLang paper's: the
 waiting requests form a prefix tree; a node's weight is the number of requests in its
-subtree; requests are taken in DFS pre-order, heavier children first) and ``fcfs``.
+subtree; requests are taken in DFS pre-order, heavier children first) and ``fcfs``. The
+waiting queue is kept in arrival order, so ``fcfs`` costs nothing to order and a pass
+looks at no more requests than it admits; above ``cache_aware_limit`` waiting requests the
+cache-aware policies fall back to it (as SGLang does), so a pass never orders a long queue.
 
 Aging bound (the fix for the paper's starvation problem): a pass *overtakes* a waiting
 request when it admits a request that arrived later while this one keeps waiting. A request
@@ -18,9 +21,9 @@ overtaken ``aging_limit`` times goes before every policy-ordered request (aged r
 arrival order), is never deferred, and if it cannot be admitted nothing behind it is
 admitted in that pass. So no request is overtaken more than ``aging_limit`` times.
 
-In-batch prefix sharing (``lpm`` and ``dfs-weight``): a waiting request whose next
-``in_batch_prefix_threshold`` uncached tokens are being computed by a request already in
-this batch waits one pass, then hits the cache that request fills.
+In-batch prefix sharing (``lpm`` and ``dfs-weight``, while they order the queue): a waiting
+request whose next ``in_batch_prefix_threshold`` uncached tokens are being computed by a
+request already in this batch waits one pass, then hits the cache that request fills.
 
 Memory: admission reserves the missing tokens plus ``new_token_ratio`` × the remaining
 ``max_tokens`` of every running and admitted request (the ratio decays each decode pass and
@@ -34,12 +37,21 @@ request that could not fit even alone in the pool.
 
 Slot ownership: ``req_to_token[row, :locked_len]`` are the radix tree's slots (locked via
 ``last_node``); ``[locked_len, alloc_len)`` belong to the request.
+
+Overlap (the engine's overlapped loop): :meth:`Scheduler.launched` accounts for a batch as
+computed as soon as it is queued on the device, which runs passes in order, so the next
+pass may be scheduled before the host knows the tokens this one samples (placeholders, see
+:mod:`aiolm.engine.request`); :meth:`Scheduler.process_result` then only releases what
+finished. Freeing the slots or the row of a request while a pass in flight still writes or
+reads them is safe for the same reason: whatever reuses them is queued after it.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
+from collections.abc import Iterable, Iterator
 
 import attrs
 import torch
@@ -67,6 +79,8 @@ class ScheduleBatch:
     extend_lens: list[int]
     out_cache_loc: torch.Tensor
     sample_mask: list[bool]
+    #: Set by :meth:`Scheduler.launched`: the batch's K/V already count as computed.
+    launched: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -121,13 +135,15 @@ class Scheduler:
                  new_token_ratio: float = 0.7, min_new_token_ratio: float = 0.1,
                  new_token_ratio_decay: float = 0.001,
                  max_new_tokens_estimate: int = 4096,
-                 in_batch_prefix_threshold: int = 32) -> None:
+                 in_batch_prefix_threshold: int = 32,
+                 cache_aware_limit: int = 128) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
         for name, value in (("max_prefill_tokens", max_prefill_tokens),
                             ("aging_limit", aging_limit),
                             ("max_new_tokens_estimate", max_new_tokens_estimate),
-                            ("in_batch_prefix_threshold", in_batch_prefix_threshold)):
+                            ("in_batch_prefix_threshold", in_batch_prefix_threshold),
+                            ("cache_aware_limit", cache_aware_limit)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         if chunked_prefill_size is not None and chunked_prefill_size < 1:
@@ -150,11 +166,13 @@ class Scheduler:
         self.new_token_ratio_decay = new_token_ratio_decay
         self.max_new_tokens_estimate = max_new_tokens_estimate
         self.in_batch_prefix_threshold = in_batch_prefix_threshold
+        self.cache_aware_limit = cache_aware_limit
         self._budget = min(max_prefill_tokens, chunked_prefill_size or max_prefill_tokens)
         self._new_token_ratio = new_token_ratio
         self._arrivals = itertools.count()
         self._reqs: dict[str, Req] = {}
-        self._waiting: list[Req] = []
+        self._waiting: list[Req] = []   # in arrival order
+        self._aged: list[Req] = []      # the waiting requests overtaken aging_limit times, ditto
         self._running: list[Req] = []
         self._retractions = 0
 
@@ -184,7 +202,7 @@ class Scheduler:
         """
         if req.rid in self._reqs:
             raise ValueError(f"rid: a request {req.rid!r} is already scheduled")
-        if not req.input_ids:
+        if not req.prompt_len:
             raise ValueError("input_ids: the prompt must not be empty")
         if req.max_prefix_match is not None and req.max_prefix_match < 0:
             raise ValueError(f"max_prefix_match: must be >= 0, got {req.max_prefix_match}")
@@ -206,7 +224,7 @@ class Scheduler:
         if req is None:
             return None
         if req.req_pool_idx is None:
-            self._waiting.remove(req)
+            self._remove_waiting(req)
         else:
             self._release(req, cache_prefix=False)
             self._running.remove(req)
@@ -217,6 +235,10 @@ class Scheduler:
     def flush_cache(self) -> int:
         """Evict every unlocked cached token; returns how many slots were freed."""
         return self.cache.evict(self.cache.evictable_size())
+
+    def counts(self) -> tuple[int, int, int]:
+        """``(running, waiting, retractions)``, without building a snapshot."""
+        return len(self._running), len(self._waiting), self._retractions
 
     def statistics(self) -> SchedulerStatistics:
         return SchedulerStatistics(
@@ -237,28 +259,56 @@ class Scheduler:
             batch = self._schedule_decode()
             if batch is not None:
                 return batch
-            if not self._running:
+            if not any(r.needs_extend for r in self._running):
+                # Nothing to run until the tokens in flight are known (overlap), or idle.
                 return None
             # Only unfinished extends remain and memory cannot hold them: make room.
             self._retract_latest()
 
-    def process_result(self, batch: ScheduleBatch) -> None:
-        """Account for a computed batch (after the runner appended tokens / finished requests).
+    def launched(self, batch: ScheduleBatch) -> None:
+        """Account for ``batch`` as computed once its pass is queued on the device.
 
-        Advances ``kv_len``; a finished request's sequence goes into the radix cache and its
-        row is freed; after an extend, an unfinished request's computed prefix is cached
-        (and locked) so later requests can share it.
+        Advances ``kv_len`` to ``alloc_len``; after an extend, each request's computed
+        prefix is cached (and locked) so later requests can share it. The device runs
+        passes in order, so a pass scheduled next may read this one's K/V. Idempotent per
+        batch; :meth:`process_result` calls it when the loop did not.
         """
+        if batch.launched:
+            return
+        batch.launched = True
         for req in batch.reqs:
             if self._reqs.get(req.rid) is not req or req.req_pool_idx is None:
                 continue  # aborted since
             req.kv_len = req.alloc_len
-            if req.finish_reason is not None:
+            if batch.mode is ForwardMode.EXTEND and req.finish_reason is None:
+                self._cache_unfinished(req)
+
+    def process_result(self, batch: ScheduleBatch) -> None:
+        """Account for a computed batch (after the runner appended tokens / finished requests).
+
+        Advances ``kv_len`` and caches extended prefixes (:meth:`launched`) unless that was
+        done when the pass was queued; a finished request's sequence goes into the radix
+        cache and its row is freed. A finished request that waits (retracted while a token
+        of it was in flight) leaves the queue.
+        """
+        self.launched(batch)
+        for req in batch.reqs:
+            if self._reqs.get(req.rid) is not req or req.finish_reason is None:
+                continue  # aborted since, or still going
+            if req.req_pool_idx is None:
+                self._remove_waiting(req)
+            else:
                 self._release(req, cache_prefix=True)
                 self._running.remove(req)
-                del self._reqs[req.rid]
-            elif batch.mode is ForwardMode.EXTEND:
-                self._cache_unfinished(req)
+            del self._reqs[req.rid]
+
+    def drop_in_flight(self, req: Req, tokens: int) -> None:
+        """``req`` finished before the last ``tokens`` of its placeholders were known: the
+        caller removed them from ``all_ids``; the K/V that the passes in flight compute for
+        the tokens before them no longer count (their slots are freed with the request's,
+        as in the loop that is not overlapped, which never computes them)."""
+        if tokens and req.req_pool_idx is not None:
+            req.kv_len = max(req.locked_len, req.kv_len - tokens)
 
     # ----------------------------------------------------------------- extend
 
@@ -306,20 +356,25 @@ class Scheduler:
     def _admit_waiting(self, entries: list, left: int) -> None:
         pool = self.req_to_token_pool
         reserved = sum(self._future_need(r) for r in self._running)
-        sharing = self.policy != "fcfs" and not self.cache.disabled
+        cache_aware = (self.policy != "fcfs" and not self.cache.disabled
+                       and len(self._waiting) <= self.cache_aware_limit)
         admitted_arrival = -1
-        for req in self._order_waiting():
+        for req in self._order_waiting(cache_aware):
             if left <= 0 or len(self._running) >= self.max_running_requests \
                     or pool.available_size() == 0:
                 break
             aged = req.overtaken >= self.aging_limit
+            if req.pending:  # retracted while a token of it was in flight: not known yet
+                if aged:
+                    break    # nothing overtakes an aged request
+                continue
             ids = req.all_ids
             cap = len(ids) - 1
             if req.max_prefix_match is not None:
                 cap = min(cap, req.max_prefix_match)
             match = self.cache.match_prefix(ids[:cap])
             m = match.length
-            if sharing and not aged and self._shared_in_batch(ids, m, entries):
+            if cache_aware and not aged and self._shared_in_batch(ids, m, entries):
                 continue
             missing = len(ids) - m
             ext = self._extend_len(req, missing, left, bool(entries))
@@ -343,19 +398,22 @@ class Scheduler:
             req.alloc_len = m + ext
             req.last_node = match.node
             if req.admissions == 0:
-                req.cached_len = min(m, len(req.input_ids))
-                self.cache.record_lookup(req.cached_len, len(req.input_ids) - req.cached_len)
+                req.cached_len = min(m, req.prompt_len)
+                self.cache.record_lookup(req.cached_len, req.prompt_len - req.cached_len)
             req.admissions += 1
+            self._remove_waiting(req)
             req.overtaken = 0
-            self._waiting.remove(req)
             self._running.append(req)
             reserved += need
             admitted_arrival = max(admitted_arrival, req.arrival)
             entries.append((req, ids, m, ext, slots))
             left -= ext
-        for req in self._waiting:
-            if req.arrival < admitted_arrival:
-                req.overtaken += 1
+        for req in self._waiting:   # in arrival order: those that arrived before it
+            if req.arrival >= admitted_arrival:
+                break
+            req.overtaken += 1
+            if req.overtaken == self.aging_limit:
+                bisect.insort(self._aged, req, key=_arrival)
 
     def _shared_in_batch(self, ids: list[int], m: int, entries: list) -> bool:
         """True when a batch member computes this request's next uncached tokens now."""
@@ -365,11 +423,29 @@ class Scheduler:
         head = ids[:end]
         return any(p + e >= end and other[:end] == head for _, other, p, e, _ in entries)
 
-    def _order_waiting(self) -> list[Req]:
-        aged = sorted((r for r in self._waiting if r.overtaken >= self.aging_limit),
-                      key=lambda r: r.arrival)
-        rest = [r for r in self._waiting if r.overtaken < self.aging_limit]
-        return aged + order_by_policy(self.policy, rest, self.cache)
+    def _order_waiting(self, cache_aware: bool) -> Iterator[Req]:
+        """The waiting requests in admission order: the aged ones by arrival, then the rest
+        in policy order (``cache_aware``), else by arrival, produced lazily: a pass that
+        admits few requests of a long queue looks at few."""
+        aged = list(self._aged)
+        waiting = list(self._waiting)   # snapshots: admission removes from the queue
+        if aged:
+            # By identity: admitting an aged request resets its count before the rest
+            # is produced.
+            skip = set(aged)
+            rest: Iterable[Req] = (r for r in waiting if r not in skip)
+        else:
+            rest = waiting
+        if cache_aware:
+            rest = order_by_policy(self.policy, list(rest), self.cache)
+        yield from aged
+        yield from rest
+
+    def _remove_waiting(self, req: Req) -> None:
+        """Take ``req`` out of the waiting queue (and the aged list)."""
+        self._waiting.remove(req)
+        if req.overtaken >= self.aging_limit:
+            self._aged.remove(req)
 
     def _future_need(self, req: Req) -> int:
         """Slots ``req`` will still take: its unallocated tokens plus estimated decode."""
@@ -418,10 +494,12 @@ class Scheduler:
             # add() guarantees a lone request fits; reaching here means output_ids grew past
             # max_tokens or the pool was touched from outside.
             raise RuntimeError("scheduler: a lone running request does not fit the KV pool")
-        req = max(self._running, key=lambda r: r.arrival)
+        req = max(self._running, key=_arrival)
         self._release(req, cache_prefix=True)
         self._running.remove(req)
-        self._waiting.append(req)
+        bisect.insort(self._waiting, req, key=_arrival)
+        if req.overtaken >= self.aging_limit:
+            bisect.insort(self._aged, req, key=_arrival)
         req.retractions += 1
         self._retractions += 1
         self._new_token_ratio = self.init_new_token_ratio
@@ -454,3 +532,7 @@ class Scheduler:
                                             node=req.last_node, locked_len=req.locked_len)
         pool.write(row, req.locked_len, match.slots[req.locked_len:])
         req.last_node, req.locked_len = match.node, match.length
+
+
+def _arrival(req: Req) -> int:
+    return req.arrival

@@ -5,7 +5,9 @@ GGUF file's embedded vocabulary (never from the network). ``IncrementalDetokeniz
 a request's output tokens into text as they arrive without ever splitting a character:
 byte-level tokenizers spread one emoji or CJK character over several tokens, and a piece
 whose decoding ends in U+FFFD (an incomplete UTF-8 sequence) is held back until the
-character completes.
+character completes. Where the tokenizer is a ``tokenizers`` one (a fast tokenizer), that
+is done by ``tokenizers``' own streaming decoder (``tokenizers.decoders.DecodeStream``, the
+same rule in Rust, several times faster a token); otherwise by decoding a window of tokens.
 
 Chat content must not smuggle control tokens: a user message containing ``<|im_start|>``
 would otherwise encode as the template's own marker and forge a turn. A chat rendered to text
@@ -324,6 +326,22 @@ class Tokenizer:
         """A fresh incremental detokenizer for one request whose prompt is ``prompt_ids``."""
         return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens=skip_special_tokens)
 
+    def decode_stream(self, context: Sequence[int], *, skip_special_tokens: bool) -> Any:
+        """``tokenizers``' streaming decoder after ``context`` (a ``DecodeStream``), or None
+        where there is none: a tokenizer that is not a ``tokenizers`` one, a version of
+        ``tokenizers`` without it, or a context whose text ends in an unfinished character
+        (which the first output token could complete)."""
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        try:
+            from tokenizers.decoders import DecodeStream
+        except ImportError:
+            return None
+        if self.decode(context, skip_special_tokens=skip_special_tokens).endswith(_REPLACEMENT):
+            return None
+        return DecodeStream(ids=list(context), skip_special_tokens=skip_special_tokens)
+
 
 class IncrementalDetokenizer:
     """Streams a request's output text token by token, never splitting a character.
@@ -342,15 +360,37 @@ class IncrementalDetokenizer:
         # Text of ids[prefix:read] was already emitted; ids[read:] not yet.
         self._prefix = 0
         self._read = len(self._ids)
+        # tokenizers' streaming decoder, while it is used (see Tokenizer.decode_stream).
+        self._stream = tokenizer.decode_stream(self._ids, skip_special_tokens=skip_special_tokens)
+        self._backend = tokenizer.hf.backend_tokenizer if self._stream is not None else None
 
     def feed(self, ids: Iterable[int]) -> str:
         """Append output tokens; return the newly completed text."""
-        self._ids.extend(ids)
-        return self._emit(final=False)
+        if self._stream is None:
+            self._ids.extend(ids)
+            return self._emit(final=False)
+        pieces = []
+        for token in ids:
+            self._ids.append(token)
+            try:
+                piece = self._stream.step(self._backend, token)
+            except Exception:
+                # Its rule failed (a text that does not extend the text before it): decode
+                # windows from here on, from what was emitted so far.
+                self._stream = None
+                pieces.append(self._emit(final=False))
+                continue
+            if piece is not None:
+                pieces.append(piece)
+                self._prefix, self._read = self._read, len(self._ids)
+        return "".join(pieces)
 
     def flush(self) -> str:
         """Return any held-back text (an incomplete character decodes as U+FFFD)."""
-        return self._emit(final=True)
+        text = self._emit(final=True)
+        if text:
+            self._stream = None  # it still holds the flushed tokens: decode windows after
+        return text
 
     def _emit(self, *, final: bool) -> str:
         if self._read == len(self._ids):
