@@ -440,7 +440,9 @@ async def overlap_off_benchmark(loaded: Any, backend: str, plan: Plan, deadline:
         return
     data = Workloads(plan)
     numbers = model_numbers(loaded)
+    _release(loaded)
     async with Engine(loaded, **engine_options(plan, backend, overlap=False)) as engine:
+        record["kv_slots"] = engine.statistics().total_kv_slots
         with anyio.fail_after(max(deadline - time.monotonic(), 1.0)):
             await _generate_all(engine, [(data.decode_prompts[2], 8), (data.ids(300), 4)])
             record["decode_bs1"] = await _decode_bs1(engine, data, plan)
@@ -449,6 +451,15 @@ async def overlap_off_benchmark(loaded: Any, backend: str, plan: Plan, deadline:
             record["throughput"] = await _throughput(engine, data, plan, numbers)
             print(f"   {backend} throughput, overlap off: {_brief(record['throughput'])}",
                   flush=True)
+        record["statistics"] = attrs.asdict(engine.statistics())
+    _release(loaded)
+    # The default (overlap on) again, right after, in a fresh engine: the pair side by side.
+    async with Engine(loaded, **engine_options(plan, backend)) as engine:
+        with anyio.fail_after(max(deadline - time.monotonic(), 1.0)):
+            await _generate_all(engine, [(data.decode_prompts[2], 8), (data.ids(300), 4)])
+            record["throughput_on_again"] = await _throughput(engine, data, plan, numbers)
+            print(f"   {backend} throughput, overlap on again: "
+                  f"{_brief(record['throughput_on_again'])}", flush=True)
 
 
 def faster_backend(results: dict[str, Any], backends: Sequence[str]) -> str | None:
