@@ -29,5 +29,9 @@ dl=("$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary
 "${dl[@]}" fqdn==1.6.0 isoduration==20.11.0 arrow==1.4.0 python-dateutil==4.0.0 six==1.17.0 \
     jsonpointer==3.12 rfc3339-validator==0.1.4 rfc3986-validator==0.1.1 rfc3987-syntax==1.1.0 \
     lark==1.3.1 uri-template==1.3.0 webcolors==25.10.0 tzdata==2026.6
+# aiolm serve and the openai client, for `aiolm bench serving --backend server` there.
+"${dl[@]}" starlette==1.10.0 uvicorn==0.54.0 h11==0.16.0 click==8.5.1 openai==3.57.0 \
+    jiter==0.19.0 distro==1.9.0 sniffio==1.3.1 httpx==0.28.1 httpcore==1.0.9 \
+    certifi==2026.10.19.post1 idna==3.20 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5
 ls -l .whl
 du -sh .whl
