@@ -299,7 +299,7 @@ async def test_prompt_logprobs_in_a_batch_leave_the_other_requests_alone(tiny, r
 
 def test_one_pass_unpacks_scored_rows_beside_sampled_rows_with_top_logprobs(tiny, reference):
     from aiolm.engine.config import EngineConfig
-    from aiolm.engine.engine import EngineCore
+    from aiolm.engine.core import EngineCore
 
     config = EngineConfig(model="tiny-llama", load_format="dummy", device="cpu",
                           max_total_tokens=1024)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 if TYPE_CHECKING:
-    from ..engine.engine import EngineStatistics
+    from ..engine.core import EngineStatistics
 
 __all__ = ["EngineView", "engine_html", "engine_repr"]
 

@@ -21,7 +21,7 @@ from .base import Chunk, GenerateRequest
 
 if TYPE_CHECKING:
     from ..constraints.base import Constraint
-    from ..engine.engine import RequestOutput
+    from ..engine.core import RequestOutput
 
 __all__ = ["ChunkStream", "Pending", "as_request", "common_prefix_len",
            "final_event", "read_chat_template", "soon_caller", "translate_error"]

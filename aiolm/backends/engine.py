@@ -1,6 +1,6 @@
 """``aiolm.Engine``: the in-process engine as an async :class:`~aiolm.backends.base.Backend`.
 
-The engine loop (:class:`aiolm.engine.engine.EngineCore`) runs on its own thread. This
+The engine loop (:class:`aiolm.engine.core.EngineCore`) runs on its own thread. This
 module is its async front: it validates and tokenizes requests on the caller's task, posts
 them to the loop's inbox, and fans the loop's per-step events out to per-request streams.
 The loop crosses into the event loop once per step with a non-blocking, thread-safe
@@ -55,7 +55,7 @@ from .base import (
 if TYPE_CHECKING:
 
     from ..constraints.base import Constraint
-    from ..engine.engine import EngineCore, EngineStatistics, IntegrityReport, RequestOutput
+    from ..engine.core import EngineCore, EngineStatistics, IntegrityReport, RequestOutput
     from ..engine.tokenizer import MarkedText, Tokenizer
 
 __all__ = ["Engine", "LoadedModel"]
@@ -157,7 +157,7 @@ class Engine(Backend):
         loaded.in_use = True
         self._loaded = loaded
         try:
-            from ..engine.engine import EngineCore
+            from ..engine.core import EngineCore
 
             # The loop thread holds the core; the core must not hold the engine, or an
             # engine whose last reference is dropped could never be collected and stopped.
@@ -313,7 +313,7 @@ class Engine(Backend):
     async def check_integrity(self) -> IntegrityReport:
         """Check the engine's KV accounting between two steps (waits for the loop to reach it).
 
-        Returns an :class:`~aiolm.engine.engine.IntegrityReport`; raises ``RuntimeError``
+        Returns an :class:`~aiolm.engine.core.IntegrityReport`; raises ``RuntimeError``
         naming the broken invariant: a radix-cache invariant, a slot both free and cached or
         freed twice, a table row without its request, or, once idle, slots or locks still
         held (a leak). For tests, soaks and debugging; cheap enough to call between programs.
@@ -568,7 +568,7 @@ class Engine(Backend):
 
     def _deliver(self, events: list[Any]) -> None:
         """Fan one step's events out to the streams (on the event loop; must not raise)."""
-        from ..engine.engine import CommandDone, EngineFailed
+        from ..engine.core import CommandDone, EngineFailed
 
         for ev in events:
             if isinstance(ev, CommandDone):
@@ -589,7 +589,7 @@ class Engine(Backend):
                     send.close()
 
     def _fail_all(self, error: BaseException) -> None:
-        from ..engine.engine import RequestOutput
+        from ..engine.core import RequestOutput
 
         for rid, send in list(self._streams.items()):
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
