@@ -6,6 +6,9 @@ them to the loop's inbox, and fans the loop's per-step events out to per-request
 The loop crosses into the event loop once per step with a non-blocking, thread-safe
 ``call_soon`` of the running event loop (asyncio's ``call_soon_threadsafe`` or trio's
 ``TrioToken.run_sync_soon``), so it never waits on the event loop.
+
+Prompt encoding, submission and the event fan-out are :mod:`aiolm.backends._engine_requests`;
+turning scores into a choice is :mod:`aiolm.backends._engine_score`.
 """
 
 from __future__ import annotations
@@ -13,21 +16,19 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
 import os
-import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 
-from ..chat import SIMPLE_TEMPLATE, ChatTemplate, JinjaChatTemplate, chat_template_for, render_text
+from ..chat import SIMPLE_TEMPLATE, ChatTemplate, JinjaChatTemplate, chat_template_for
 from ..constraints.limits import ConstraintLimits
 from ..engine.config import EngineConfig, resolve_device
 from ..engine.loaded import LoadedModel
-from ..errors import BackendUnavailable, ContextLengthExceeded, UnsupportedFeature
+from ..errors import BackendUnavailable, UnsupportedFeature
 from ..sampling import SamplingParams
 from ._engine_display import EngineView, engine_html, engine_repr
 from ._engine_plumbing import (
@@ -35,10 +36,11 @@ from ._engine_plumbing import (
     Pending,
     as_request,
     common_prefix_len,
-    final_event,
     read_chat_template,
     soon_caller,
 )
+from ._engine_requests import EngineRequests, _collected_while_running, _text_chars, _weak_post
+from ._engine_score import score_result
 from .base import (
     SELECT_METHODS,
     Backend,
@@ -47,8 +49,6 @@ from .base import (
     Completion,
     GenerateRequest,
     ScoreResult,
-    Usage,
-    choose_by_method,
     new_request_id,
 )
 
@@ -68,7 +68,7 @@ _INLINE_ENCODE_CHARS = 8192
 _DEFAULT = EngineConfig()
 
 
-class Engine(Backend):
+class Engine(EngineRequests, Backend):
     """The in-process inference engine (RadixAttention, cache-aware scheduling, constraints).
 
     Open it with ``async with Engine(...) as engine`` or ``await engine.start()`` /
@@ -323,16 +323,6 @@ class Engine(Backend):
             raise value
         return value
 
-    async def _command(self, post: Callable[[int], None]) -> Any:
-        """Post a command to the engine loop and wait for its ``CommandDone`` value."""
-        ticket = next(self._ticket_ids)
-        pending = self._tickets[ticket] = Pending()
-        post(ticket)
-        await pending.event.wait()
-        if pending.error is not None:
-            raise pending.error
-        return pending.value
-
     # ------------------------------------------------------------------ generation
     def stream(self, request: GenerateRequest | str | Sequence[int] | None = None, /, *,
                prompt: str | None = None, input_ids: Sequence[int] | None = None,
@@ -410,35 +400,7 @@ class Engine(Backend):
                              for c in conts if c]
         finals = await self._run_all(scoring + unconditional)
         cond_final, unc_final = finals[: len(scoring)], finals[len(scoring):]
-
-        def per_choice(results: list[RequestOutput], start: int) -> list[list[tuple[float, bool]]]:
-            it = iter(results)
-            out = []
-            for c in conts:
-                if not c:
-                    out.append([])
-                    continue
-                scores = {p: (lp, g) for p, lp, g in next(it).scores}
-                out.append([scores[start + k] for k in range(len(c))])
-            return out
-
-        cond = per_choice(cond_final, shared)
-        token_logprobs = [[lp for lp, _ in c] for c in cond]
-        greedy = [next((k for k, (_, g) in enumerate(c) if not g), len(c)) for c in cond]
-        unc_logprobs = None
-        if unconditional:
-            unc_logprobs = [[lp for lp, _ in c] for c in per_choice(unc_final, 1)]
-        index, normalized = choose_by_method(method, token_logprobs, greedy_matches=greedy,
-                                             unconditional_logprobs=unc_logprobs)
-        usage = Usage(prompt_tokens=sum(f.usage.prompt_tokens for f in cond_final if f.usage),
-                      cached_tokens=sum(f.usage.cached_tokens for f in cond_final if f.usage))
-        return ScoreResult(
-            index=index, normalized_logprobs=normalized,
-            token_logprobs=tuple(tuple(c) for c in token_logprobs),
-            unconditional_logprobs=None if unc_logprobs is None
-            else tuple(tuple(c) for c in unc_logprobs),
-            usage=usage,
-        )
+        return score_result(method, conts, shared, cond_final, unc_final)
 
     # ------------------------------------------------------------------ internals
     @contextlib.asynccontextmanager
@@ -461,50 +423,6 @@ class Engine(Backend):
         finally:
             self._release(req.rid, receive, abort=not chunks.done)
 
-    def _submit(self, req: Any) -> MemoryObjectReceiveStream[RequestOutput]:
-        core = self._require_core()
-        if req.rid in self._streams:
-            raise ValueError(f"request_id: {req.rid!r} is already running")
-        send, receive = anyio.create_memory_object_stream[Any](math.inf)
-        self._streams[req.rid] = send
-        core.add(req)
-        return receive
-
-    def _release(self, rid: str, receive: MemoryObjectReceiveStream[RequestOutput], *,
-                 abort: bool) -> None:
-        send = self._streams.pop(rid, None)
-        if abort and self._core is not None:
-            self._core.abort(rid)
-        if send is not None:
-            send.close()
-        receive.close()
-
-    async def _run_to_end(self, req: Any) -> RequestOutput:
-        return (await self._run_all([req]))[0]
-
-    async def _run_all(self, reqs: Sequence[Any]) -> list[RequestOutput]:
-        """Submit ``reqs`` together (one engine step sees them all); return their last events."""
-        receives = [self._submit(r) for r in reqs]
-        finals: list[Any] = []
-        try:
-            for receive in receives:
-                finals.append(await final_event(receive))
-        finally:
-            for i, (r, receive) in enumerate(zip(reqs, receives, strict=True)):
-                self._release(r.rid, receive, abort=i >= len(finals))
-        return finals
-
-    def _prompt_text(self, request: GenerateRequest) -> str:
-        # A chat rendered to text is a MarkedText (its message content marked): the
-        # tokenizer encodes special-token text there as plain text. A plain str is raw.
-        if request.prompt is not None:
-            text = request.prompt
-        elif request.messages is not None:
-            text = render_text(request.messages, self._template, open_role="assistant")
-        else:
-            raise ValueError("prompt: this request has token ids, not text")
-        return text if self.config.escape_special_tokens else str(text)
-
     async def _encode(self, request: GenerateRequest) -> list[int]:
         """The prompt's token ids; a long text is encoded on a worker thread, so that one
         large prompt never stalls the event loop (8 MB of text takes seconds), and a text
@@ -517,120 +435,3 @@ class Engine(Backend):
             return await anyio.to_thread.run_sync(self._prompt_ids, request)
         return self._prompt_ids(request)
 
-    def _refuse_overlong(self, chars: int) -> None:
-        """Raise ContextLengthExceeded when ``chars`` characters cannot fit the context
-        whatever they encode to (each token stands for at most ``max_token_chars``)."""
-        tok, core = self._tokenizer, self._core
-        if tok is None or core is None:
-            return
-        least = -(-chars // tok.max_token_chars)
-        if least > core.context_len:
-            raise ContextLengthExceeded(
-                f"the prompt has {chars} characters, so at least {least} tokens: more than "
-                f"the model's context of {core.context_len}")
-
-    def _prompt_ids(self, request: GenerateRequest) -> list[int]:
-        if request.input_ids is not None:
-            return list(request.input_ids)
-        tok = self._require_tokenizer("a text prompt")
-        return tok.encode(self._prompt_text(request))
-
-    def _context_token(self) -> int:
-        tok = self._require_tokenizer("select")
-        bos = tok.bos_token_id
-        if bos is not None:
-            return int(bos)
-        return int(sorted(tok.eos_token_ids)[0])
-
-    def _require_core(self) -> EngineCore:
-        if self._failed is not None:
-            raise BackendUnavailable(f"the engine failed: {self._failed!r}") from self._failed
-        if self._core is None:
-            state = "closed" if self._closed else "not started (use `async with` or start())"
-            raise BackendUnavailable(f"the engine is {state}")
-        return self._core
-
-    def _require_tokenizer(self, what: str) -> Tokenizer:
-        if self._tokenizer is None:
-            raise UnsupportedFeature(
-                f"{what} needs a tokenizer; this engine has dummy weights (pass input_ids)"
-            )
-        return self._tokenizer
-
-    # ------------------------------------------------ the engine thread's crossing
-    def _post(self, events: list[Any]) -> None:
-        """Called on the engine thread once per step: schedule the fan-out, never block."""
-        call_soon = self._call_soon
-        if call_soon is None:
-            return
-        with contextlib.suppress(Exception):  # the event loop is gone: nobody is listening
-            call_soon(self._deliver, events)
-
-    def _deliver(self, events: list[Any]) -> None:
-        """Fan one step's events out to the streams (on the event loop; must not raise)."""
-        from ..engine.core import CommandDone, EngineFailed
-
-        for ev in events:
-            if isinstance(ev, CommandDone):
-                pending = self._tickets.pop(ev.ticket, None)
-                if pending is not None:
-                    pending.value = ev.value
-                    pending.event.set()
-            elif isinstance(ev, EngineFailed):
-                self._failed = ev.error
-                self._fail_all(BackendUnavailable(f"the engine loop failed: {ev.error!r}"))
-            else:
-                send = self._streams.get(ev.rid)
-                if send is None:
-                    continue
-                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    send.send_nowait(ev)
-                if ev.finish_reason is not None or ev.error is not None:
-                    send.close()
-
-    def _fail_all(self, error: BaseException) -> None:
-        from ..engine.core import RequestOutput
-
-        for rid, send in list(self._streams.items()):
-            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                send.send_nowait(RequestOutput(rid=rid, finish_reason="abort", error=error))
-            send.close()
-        for pending in self._tickets.values():
-            pending.error = error
-            pending.event.set()
-        self._tickets.clear()
-
-
-def _weak_post(ref: weakref.ref[Engine]) -> Callable[[list[Any]], None]:
-    """``Engine._post`` for the loop thread, through a weak reference to the engine (a
-    no-op once the engine is collected: its finalizer has asked the loop to stop)."""
-    def post(events: list[Any]) -> None:
-        engine = ref()
-        if engine is not None:
-            engine._post(events)
-
-    return post
-
-
-def _collected_while_running(core: EngineCore, model_name: str, loaded: LoadedModel) -> None:
-    """An open engine lost its last reference: stop its loop thread and say so.
-
-    Runs on whatever thread collected the engine, maybe in the middle of another task's
-    code: it only posts the shutdown to the loop's inbox and never touches an event loop.
-    The weights are released for another engine once the loop thread has ended and
-    dropped the core (a finalizer on the core), not before: the loop may be mid-step.
-    """
-    if core.failure is not None:  # the loop already stopped; collecting frees the rest
-        return
-    core.shutdown()
-    weakref.finalize(core, setattr, loaded, "in_use", False)
-    message = (f"an aiolm Engine ({model_name}) was garbage-collected while running; its "
-               "engine thread is being stopped. Close engines with `await engine.aclose()` "
-               "or use `async with aiolm.Engine(...) as engine:`")
-    _log.warning("%s", message)
-    warnings.warn(message, ResourceWarning, stacklevel=1)
-
-
-def _text_chars(request: GenerateRequest) -> int:
-    """How many characters of text ``request``'s prompt has (its messages' content too)."""
-    return len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())

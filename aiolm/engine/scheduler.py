@@ -44,82 +44,30 @@ pass may be scheduled before the host knows the tokens this one samples (placeho
 :mod:`aiolm.engine.request`); :meth:`Scheduler.process_result` then only releases what
 finished. Freeing the slots or the row of a request while a pass in flight still writes or
 reads them is safe for the same reason: whatever reuses them is queued after it.
+
+EXTEND batches and admission are :mod:`aiolm.engine.admission`; the batch, the snapshot
+and :func:`check_fits` are :mod:`aiolm.engine.schedule_batch`.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
-import math
-from collections.abc import Iterable, Iterator
 
-import attrs
 import torch
 
 from ..cache.pool import ReqToTokenPool, TokenSlotAllocator
 from ..cache.radix import RadixCache
-from ..errors import ContextLengthExceeded, OutOfMemory
+from .admission import PrefillAdmission, _arrival
 from .forward_batch import ForwardMode
 from .request import Req
-from .schedule_policy import POLICIES, order_by_policy
+from .schedule_batch import ScheduleBatch, SchedulerStatistics, check_fits
+from .schedule_policy import POLICIES
 
 __all__ = ["ScheduleBatch", "Scheduler", "SchedulerStatistics", "check_fits"]
 
 
-@attrs.define(eq=False, kw_only=True)
-class ScheduleBatch:
-    """One pass's work: request ``reqs[i]`` computes ``extend_lens[i]`` tokens after its
-    first ``prefix_lens[i]``. ``out_cache_loc`` holds the new tokens' slots, request after
-    request, already written into ``req_to_token``; ``sample_mask[i]`` says whether request
-    ``i`` gets a sampled token (its computed tokens reach the end of ``all_ids``)."""
-
-    mode: ForwardMode
-    reqs: list[Req]
-    prefix_lens: list[int]
-    extend_lens: list[int]
-    out_cache_loc: torch.Tensor
-    sample_mask: list[bool]
-    #: Set by :meth:`Scheduler.launched`: the batch's K/V already count as computed.
-    launched: bool = False
-
-
-@attrs.frozen(kw_only=True)
-class SchedulerStatistics:
-    """A snapshot of the scheduler (the cache hit rate is the radix cache's:
-    ``cache.statistics().hit_rate``, of each request's prompt at its first admission)."""
-
-    running: int
-    waiting: int
-    free_slots: int
-    total_slots: int
-    evictable_size: int
-    protected_size: int
-    retractions: int
-    new_token_ratio: float
-
-
-def check_fits(prompt_len: int, max_tokens: int, *, context_len: int, kv_slots: int) -> None:
-    """Refuse a request that could never run: aiolm's one admission rule.
-
-    Every token of the finished sequence counts against the context, its last (sampled)
-    token too, as OpenAI counts it: ``ContextLengthExceeded`` when ``prompt_len +
-    max_tokens`` exceed ``context_len``. The last sampled token is never fed back, so it
-    never takes a KV slot: ``OutOfMemory`` when ``prompt_len + max_tokens - 1`` (the prompt
-    alone when ``max_tokens`` is 0) exceed the ``kv_slots`` of the whole pool.
-    """
-    total = prompt_len + max_tokens
-    if total > context_len:
-        raise ContextLengthExceeded(
-            f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: {total} "
-            f"tokens exceed the context of {context_len}")
-    peak = max(prompt_len, total - 1)
-    if peak > kv_slots:
-        raise OutOfMemory(
-            f"the request needs {peak} KV slots; the engine has {kv_slots} (raise "
-            "max_total_tokens)")
-
-
-class Scheduler:
+class Scheduler(PrefillAdmission):
     """Decides what each forward pass computes, and owns the requests' KV bookkeeping.
 
     Not thread-safe: the engine loop calls it from one thread. ``abort`` frees a request's
@@ -310,152 +258,6 @@ class Scheduler:
         if tokens and req.req_pool_idx is not None:
             req.kv_len = max(req.locked_len, req.kv_len - tokens)
 
-    # ----------------------------------------------------------------- extend
-
-    def _schedule_extend(self) -> ScheduleBatch | None:
-        entries: list[tuple[Req, list[int], int, int, torch.Tensor]] = []
-        left = self._budget
-        for req in self._running:
-            if left <= 0:
-                break
-            if not req.needs_extend:
-                continue
-            ext = self._extend_len(req, req.num_missing, left, bool(entries))
-            if ext == 0:
-                continue
-            slots = self._alloc(ext)
-            if slots is None:
-                break
-            self.req_to_token_pool.write(req.req_pool_idx, req.kv_len, slots)
-            req.alloc_len = req.kv_len + ext
-            entries.append((req, req.all_ids, req.kv_len, ext, slots))
-            left -= ext
-        if (self._waiting and left > 0 and len(self._running) < self.max_running_requests
-                and self.req_to_token_pool.available_size()):
-            self._admit_waiting(entries, left)
-        if not entries:
-            return None
-        return ScheduleBatch(
-            mode=ForwardMode.EXTEND,
-            reqs=[e[0] for e in entries],
-            prefix_lens=[e[2] for e in entries],
-            extend_lens=[e[3] for e in entries],
-            out_cache_loc=torch.cat([e[4] for e in entries]),
-            sample_mask=[e[2] + e[3] == len(e[1]) for e in entries],
-        )
-
-    def _extend_len(self, req: Req, missing: int, left: int, batch_nonempty: bool) -> int:
-        """Tokens of ``missing`` to compute now: all, a chunk, or 0 (does not fit)."""
-        if missing <= left:
-            return missing
-        if self.chunked_prefill_size is not None and not req.return_all_logits:
-            return left
-        # Unchunkable and over budget: it runs alone in a batch of its own.
-        return 0 if batch_nonempty else missing
-
-    def _admit_waiting(self, entries: list, left: int) -> None:
-        pool = self.req_to_token_pool
-        reserved = sum(self._future_need(r) for r in self._running)
-        cache_aware = (self.policy != "fcfs" and not self.cache.disabled
-                       and len(self._waiting) <= self.cache_aware_limit)
-        admitted_arrival = -1
-        for req in self._order_waiting(cache_aware):
-            if left <= 0 or len(self._running) >= self.max_running_requests \
-                    or pool.available_size() == 0:
-                break
-            aged = req.overtaken >= self.aging_limit
-            if req.pending:  # retracted while a token of it was in flight: not known yet
-                if aged:
-                    break    # nothing overtakes an aged request
-                continue
-            ids = req.all_ids
-            cap = len(ids) - 1
-            if req.max_prefix_match is not None:
-                cap = min(cap, req.max_prefix_match)
-            match = self.cache.match_prefix(ids[:cap])
-            m = match.length
-            if cache_aware and not aged and self._shared_in_batch(ids, m, entries):
-                continue
-            missing = len(ids) - m
-            ext = self._extend_len(req, missing, left, bool(entries))
-            if ext == 0:
-                break
-            self.cache.inc_lock_ref(match.node)
-            need = missing + self._decode_estimate(req)
-            room = self.allocator.available_size() + self.cache.evictable_size()
-            idle = not self._running and not entries
-            slots = None
-            if (ext <= room) if idle else (need <= room - reserved):
-                slots = self._alloc(ext)
-            if slots is None:
-                self.cache.dec_lock_ref(match.node)
-                break
-            row = pool.alloc()
-            pool.write(row, 0, match.slots)
-            pool.write(row, m, slots)
-            req.req_pool_idx = row
-            req.kv_len = req.locked_len = m
-            req.alloc_len = m + ext
-            req.last_node = match.node
-            if req.admissions == 0:
-                req.cached_len = min(m, req.prompt_len)
-                self.cache.record_lookup(req.cached_len, req.prompt_len - req.cached_len)
-            req.admissions += 1
-            self._remove_waiting(req)
-            req.overtaken = 0
-            self._running.append(req)
-            reserved += need
-            admitted_arrival = max(admitted_arrival, req.arrival)
-            entries.append((req, ids, m, ext, slots))
-            left -= ext
-        for req in self._waiting:   # in arrival order: those that arrived before it
-            if req.arrival >= admitted_arrival:
-                break
-            req.overtaken += 1
-            if req.overtaken == self.aging_limit:
-                bisect.insort(self._aged, req, key=_arrival)
-
-    def _shared_in_batch(self, ids: list[int], m: int, entries: list) -> bool:
-        """True when a batch member computes this request's next uncached tokens now."""
-        end = m + self.in_batch_prefix_threshold
-        if end > len(ids) - 1:
-            return False
-        head = ids[:end]
-        return any(p + e >= end and other[:end] == head for _, other, p, e, _ in entries)
-
-    def _order_waiting(self, cache_aware: bool) -> Iterator[Req]:
-        """The waiting requests in admission order: the aged ones by arrival, then the rest
-        in policy order (``cache_aware``), else by arrival, produced lazily: a pass that
-        admits few requests of a long queue looks at few."""
-        aged = list(self._aged)
-        waiting = list(self._waiting)   # snapshots: admission removes from the queue
-        if aged:
-            # By identity: admitting an aged request resets its count before the rest
-            # is produced.
-            skip = set(aged)
-            rest: Iterable[Req] = (r for r in waiting if r not in skip)
-        else:
-            rest = waiting
-        if cache_aware:
-            rest = order_by_policy(self.policy, list(rest), self.cache)
-        yield from aged
-        yield from rest
-
-    def _remove_waiting(self, req: Req) -> None:
-        """Take ``req`` out of the waiting queue (and the aged list)."""
-        self._waiting.remove(req)
-        if req.overtaken >= self.aging_limit:
-            self._aged.remove(req)
-
-    def _future_need(self, req: Req) -> int:
-        """Slots ``req`` will still take: its unallocated tokens plus estimated decode."""
-        return req.seq_len - req.alloc_len + self._decode_estimate(req)
-
-    def _decode_estimate(self, req: Req) -> int:
-        """Slots ``req``'s future decode steps are expected to take (clipped, as SGLang)."""
-        remaining = min(req.remaining_tokens, self.max_new_tokens_estimate)
-        return math.ceil(remaining * self._new_token_ratio)
-
     # ----------------------------------------------------------------- decode
 
     def _schedule_decode(self) -> ScheduleBatch | None:
@@ -532,7 +334,3 @@ class Scheduler:
                                             node=req.last_node, locked_len=req.locked_len)
         pool.write(row, req.locked_len, match.slots[req.locked_len:])
         req.last_node, req.locked_len = match.node, match.length
-
-
-def _arrival(req: Req) -> int:
-    return req.arrival
