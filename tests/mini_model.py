@@ -6,6 +6,17 @@ from __future__ import annotations
 from aiolm.backends.engine import LoadedModel
 from aiolm.engine.tokenizer import Tokenizer
 
+#: Token-id prompts that share prefixes in several ways (one long common run, a branch, a
+#: one-token prompt): the engine tests' standard mix.
+PROMPTS = [
+    [5, 6, 7, 8, 9, 10, 11, 12],
+    [5, 6, 7, 8, 9, 10, 40, 41, 42],
+    [100, 101, 102],
+    [5, 6, 7, 8, 200, 201, 202, 203, 204, 205, 206],
+    [300],
+    [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17],
+]
+
 
 def build_mini_tokenizer():
     """A small byte-level BPE tokenizer trained in memory (fast; real merges; EOS id 2)."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
+from mini_model import PROMPTS
 
 import aiolm
 from aiolm.backends.engine import Engine, LoadedModel
@@ -16,16 +17,6 @@ from aiolm.constraints import Constraint, Matcher
 from aiolm.errors import BackendUnavailable, ContextLengthExceeded, OutOfMemory
 
 pytestmark = pytest.mark.anyio
-
-PROMPTS = [
-    [5, 6, 7, 8, 9, 10, 11, 12],
-    [5, 6, 7, 8, 9, 10, 40, 41, 42],
-    [100, 101, 102],
-    [5, 6, 7, 8, 200, 201, 202, 203, 204, 205, 206],
-    [300],
-    [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17],
-]
-
 
 @pytest.fixture(scope="module")
 def tiny() -> LoadedModel:

@@ -21,7 +21,7 @@ import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mini_model import load_tiny
+from mini_model import PROMPTS, load_tiny
 
 from aiolm import gen, program, select
 from aiolm.backends.engine import Engine, LoadedModel
@@ -33,16 +33,6 @@ from aiolm.engine.scheduler import Scheduler
 from aiolm.sampling import SamplingParams
 
 pytestmark = pytest.mark.anyio
-
-PROMPTS = [
-    [5, 6, 7, 8, 9, 10, 11, 12],
-    [5, 6, 7, 8, 9, 10, 40, 41, 42],
-    [100, 101, 102],
-    [5, 6, 7, 8, 200, 201, 202, 203, 204, 205, 206],
-    [300],
-    [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17],
-]
-
 
 @pytest.fixture(scope="module")
 def tiny() -> LoadedModel:
