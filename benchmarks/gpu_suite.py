@@ -291,28 +291,19 @@ def aiolm_benchmarks(suite: Suite) -> dict[str, Any]:
             best = wl.faster_backend(out, ["torch"])
     out["auto_choice"] = best
     if best is not None:
-        budget = min(plan.ablation_budget, suite.remaining() - plan.reserve - plan.peer_budget)
-        if budget >= 20:
-            record = {}
-            out["radix_off"] = record
+        # The ablations on the backend "auto" picks: (name, benchmark, budget, least budget).
+        for name, bench, cap, least in (
+                ("radix_off", wl.radix_off_benchmark, plan.ablation_budget, 20),
+                ("overlap_off", wl.overlap_off_benchmark, plan.ablation_budget * 2, 30)):
+            budget = min(cap, suite.remaining() - plan.reserve - plan.peer_budget)
+            if budget < least:
+                out[name] = {"status": "skipped", "reason": "not enough time left"}
+                continue
+            record = out[name] = {}
             try:
-                anyio.run(wl.radix_off_benchmark, loaded, best, plan,
-                          time.monotonic() + budget, record)
+                anyio.run(bench, loaded, best, plan, time.monotonic() + budget, record)
             except Exception as exc:  # noqa: BLE001
                 record["error"] = f"{type(exc).__name__}: {exc}"
-        else:
-            out["radix_off"] = {"status": "skipped", "reason": "not enough time left"}
-        budget = min(plan.ablation_budget * 2, suite.remaining() - plan.reserve - plan.peer_budget)
-        if budget >= 30:
-            record = {}
-            out["overlap_off"] = record
-            try:
-                anyio.run(wl.overlap_off_benchmark, loaded, best, plan,
-                          time.monotonic() + budget, record)
-            except Exception as exc:  # noqa: BLE001
-                record["error"] = f"{type(exc).__name__}: {exc}"
-        else:
-            out["overlap_off"] = {"status": "skipped", "reason": "not enough time left"}
     suite.loaded = loaded
     return out
 

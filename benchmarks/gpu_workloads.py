@@ -289,6 +289,11 @@ async def _generate_all(engine: Any, requests: Sequence[tuple[Sequence[int], int
     return elapsed
 
 
+async def _warm_up(engine: Any, data: Workloads) -> None:
+    """A decode and a short prefill before anything is timed (kernels compiled, graphs hit)."""
+    await _generate_all(engine, [(data.decode_prompts[2], 8), (data.ids(300), 4)])
+
+
 async def _decode_bs1(engine: Any, data: Workloads, plan: Plan) -> dict[str, Any]:
     runs = []
     for prompt in data.decode_prompts[:2]:
@@ -375,7 +380,7 @@ async def engine_benchmarks(loaded: Any, backend: str, plan: Plan, deadline: flo
         record["startup_s"] = time.perf_counter() - t0
         record["kv_slots"] = engine.statistics().total_kv_slots
         with anyio.fail_after(max(deadline - time.monotonic(), 1.0)):
-            await _generate_all(engine, [(data.decode_prompts[2], 8), (data.ids(300), 4)])
+            await _warm_up(engine, data)
         steps = [
             ("decode_bs1", lambda: _decode_bs1(engine, data, plan), 30.0),
             ("prefill_8k", lambda: _prefill(engine, data, plan, numbers), 40.0),
@@ -429,13 +434,12 @@ async def overlap_off_benchmark(loaded: Any, backend: str, plan: Plan, deadline:
     """decode-bs1 and throughput with the overlapped loop off (``overlap=False``): the
     ablation of issue 11, on the backend ``"auto"`` picks."""
     import anyio
-    import attrs as _attrs
 
     from aiolm.backends.engine import Engine
     from aiolm.engine.config import EngineConfig
 
     record["backend"] = backend
-    if "overlap" not in _attrs.fields_dict(EngineConfig):
+    if "overlap" not in attrs.fields_dict(EngineConfig):
         record.update(status="skipped", reason="this engine has no overlap option")
         return
     data = Workloads(plan)
@@ -444,7 +448,7 @@ async def overlap_off_benchmark(loaded: Any, backend: str, plan: Plan, deadline:
     async with Engine(loaded, **engine_options(plan, backend, overlap=False)) as engine:
         record["kv_slots"] = engine.statistics().total_kv_slots
         with anyio.fail_after(max(deadline - time.monotonic(), 1.0)):
-            await _generate_all(engine, [(data.decode_prompts[2], 8), (data.ids(300), 4)])
+            await _warm_up(engine, data)
             record["decode_bs1"] = await _decode_bs1(engine, data, plan)
             print(f"   {backend} decode_bs1, overlap off: {_brief(record['decode_bs1'])}",
                   flush=True)
@@ -456,7 +460,7 @@ async def overlap_off_benchmark(loaded: Any, backend: str, plan: Plan, deadline:
     # The default (overlap on) again, right after, in a fresh engine: the pair side by side.
     async with Engine(loaded, **engine_options(plan, backend)) as engine:
         with anyio.fail_after(max(deadline - time.monotonic(), 1.0)):
-            await _generate_all(engine, [(data.decode_prompts[2], 8), (data.ids(300), 4)])
+            await _warm_up(engine, data)
             record["throughput_on_again"] = await _throughput(engine, data, plan, numbers)
             print(f"   {backend} throughput, overlap on again: "
                   f"{_brief(record['throughput_on_again'])}", flush=True)
