@@ -14,17 +14,14 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..errors import AiolmError, BackendUnavailable, EngineError
 from ..sampling import SamplingParams
-from ..sequences import (
-    common_prefix_length as common_prefix_len,  # re-export for backends/engine.py
-)
 from .base import Chunk, GenerateRequest
 
 if TYPE_CHECKING:
     from ..constraints.base import Constraint
     from ..engine.core import RequestOutput
 
-__all__ = ["ChunkStream", "Pending", "as_request", "common_prefix_len",
-           "final_event", "read_chat_template", "soon_caller", "translate_error"]
+__all__ = ["ChunkStream", "Pending", "as_request", "final_event", "read_chat_template",
+           "soon_caller", "translate_error"]
 
 
 @attrs.define(eq=False)

@@ -260,7 +260,7 @@ async def sse_events(events: AsyncIterator[ServerSentEvent]) -> AsyncIterator[di
     """
     async for sse in events:
         data = sse.data
-        if not data.strip() or data.strip() == "[DONE]":
+        if data.strip() in ("", "[DONE]"):
             continue
         try:
             event = json.loads(data)

@@ -30,12 +30,12 @@ from ..engine.config import EngineConfig, resolve_device
 from ..engine.loaded import LoadedModel
 from ..errors import BackendUnavailable, UnsupportedFeature
 from ..sampling import SamplingParams
+from ..sequences import common_prefix_length
 from ._engine_display import EngineView, engine_html, engine_repr
 from ._engine_plumbing import (
     ChunkStream,
     Pending,
     as_request,
-    common_prefix_len,
     read_chat_template,
     soon_caller,
 )
@@ -381,7 +381,7 @@ class Engine(EngineRequests, Backend):
         self._refuse_overlong(chars + max(len(c) for c in continuations))
         prefix_ids, fulls = (encode() if chars + sum(map(len, continuations)) <= _INLINE_ENCODE_CHARS
                              else await anyio.to_thread.run_sync(encode))
-        shared = min(common_prefix_len(prefix_ids, f) for f in fulls)
+        shared = min(common_prefix_length(prefix_ids, f) for f in fulls)
         if shared == 0:  # nothing to condition on: start from a context token
             ctx = [self._context_token()]
             fulls, shared = [ctx + f for f in fulls], 1
