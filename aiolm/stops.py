@@ -82,7 +82,8 @@ class StopMatcher:
     def start_budget(self) -> None:
         """Start a new time budget for the ``stop_regex`` searches (call it once per step,
         before that step's :meth:`append` calls; :meth:`feed` does)."""
-        self._deadline = time.monotonic() + self._timeout
+        if self._regex is not None:   # only the regex searches read the deadline
+            self._deadline = time.monotonic() + self._timeout
 
     def append(self, piece: str, *, can_stop: bool = True) -> str | None:
         """Add the next ``piece`` of text; return the stop it completed, if any.

@@ -182,13 +182,12 @@ class StepProcessing:
             elif later:
                 req.all_ids.extend(later)
                 req.pending += len(later)
-        self.scheduler.process_result(batch)
-        for req in batch.reqs:
-            if req.finish_reason is not None and self._live.pop(req.rid, None) is not None:
+            if req.finished:
+                del self._live[req.rid]
                 self.runner.sampler.release(req.rid)
-                totals = self._totals
-                totals["finished_requests"] += 1
-                totals["completion_tokens"] += req.num_outputs - req.pending
+                self._totals["finished_requests"] += 1
+                self._totals["completion_tokens"] += req.num_outputs - req.pending
+        self.scheduler.process_result(batch)
 
     def _process(self, req: Req, row: int, batch: ScheduleBatch, sampled: SampledToken | None,
                  scored: Any, events: list[Event]) -> None:
