@@ -57,13 +57,18 @@ def random_walk(matcher, tokenizer, rng: random.Random, *, max_steps: int = 600)
             return tokens
         assert matcher.advance(token)
         tokens.append(token)
-        rollback, forced = matcher.jump_forward()
-        if rollback:
-            del tokens[-rollback:]
-        for t in forced:
-            assert matcher.advance(t)
-            tokens.append(t)
+        take_jump_forward(matcher, tokens)
     raise AssertionError(f"no end after {max_steps} steps: {tokenizer.decode(tokens)!r}")
+
+
+def take_jump_forward(matcher, tokens: list[int]) -> None:
+    """Apply the matcher's jump-forward to ``tokens`` (its output so far), in place."""
+    rollback, forced = matcher.jump_forward()
+    if rollback:
+        del tokens[-rollback:]
+    for t in forced:
+        assert matcher.advance(t)
+        tokens.append(t)
 
 
 def text_of(tokenizer, tokens: list[int]) -> str:
@@ -548,12 +553,7 @@ def _walk_closing_early(matcher, tokenizer, rng: random.Random) -> list[int]:
             break
         assert matcher.advance(pick), matcher.error()
         tokens.append(pick)
-        rollback, forced = matcher.jump_forward()
-        if rollback:
-            del tokens[-rollback:]
-        for t in forced:
-            assert matcher.advance(t)
-            tokens.append(t)
+        take_jump_forward(matcher, tokens)
     return tokens
 
 

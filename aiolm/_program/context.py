@@ -19,7 +19,7 @@ from ..primitives import Gen
 from ..sampling import SamplingParams
 from ..tools.spec import ToolCall
 
-__all__ = ["GenerationMeta", "RunContext", "StreamEvent", "next_request_id"]
+__all__ = ["GenerationMeta", "RunContext", "StreamEvent", "is_json_schema", "next_request_id"]
 
 _ids = itertools.count()
 _ID_PREFIX = uuid.uuid4().hex[:16]
@@ -28,6 +28,12 @@ _ID_PREFIX = uuid.uuid4().hex[:16]
 def next_request_id() -> str:
     """A process-unique request id (cheaper than a uuid4 per request)."""
     return f"{_ID_PREFIX}-{next(_ids)}"
+
+
+def is_json_schema(constraint: Constraint | None) -> bool:
+    """True when ``constraint`` stands for a JSON schema (its output is one JSON value)."""
+    grammar = constraint.as_grammar() if constraint is not None else None
+    return grammar is not None and grammar.kind == "json_schema"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -135,8 +141,7 @@ class RunContext:
 
     def check_constraint(self, constraint: Constraint, what: str) -> None:
         """Raise ``UnsupportedFeature`` if the backend cannot enforce ``constraint``."""
-        grammar = constraint.as_grammar()
-        if grammar is not None and grammar.kind == "json_schema":
+        if is_json_schema(constraint):
             if not self.caps.json_schema:
                 raise UnsupportedFeature(
                     f"{self.backend.model_name} cannot constrain {what} to a JSON schema; "

@@ -9,14 +9,13 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from ..backends.base import Chunk, GenerateRequest, TokenLogprob, Usage
-from ..constraints.base import Constraint
 from ..errors import BackendError, ConstraintError, ProgramError, UnsupportedFeature
 from ..primitives import Gen, Image, Select, parse_dtype
 from ..sampling import SamplingParams
 from ..tools.chat_stream import stream_chat
 from ..tools.partial_json import parse_partial_json
 from ..tools.spec import ToolCall, ToolCallDelta, assemble_tool_calls
-from .context import EmitFn, GenerationMeta, StreamEvent, next_request_id
+from .context import EmitFn, GenerationMeta, StreamEvent, is_json_schema, next_request_id
 from .images import load_image
 
 if TYPE_CHECKING:
@@ -172,7 +171,7 @@ async def _plain_attempt(state: ProgramState, gen: Gen, sampling: SamplingParams
         request_id=next_request_id(),
         session=ctx.session,
     ))
-    typed = emit is not None and _is_json(gen.constraint)
+    typed = emit is not None and is_json_schema(gen.constraint)
     async with ctx.backend.stream(out.request) as chunks:
         async for chunk in chunks:
             if chunk.text:
@@ -205,7 +204,7 @@ async def _chat_attempt(state: ProgramState, gen: Gen, sampling: SamplingParams,
         # NOTE: API speculation cannot answer tools or thinking; such gens go without it.
         session=None if gen.chat else ctx.session,
     ))
-    typed = emit is not None and _is_json(gen.constraint)
+    typed = emit is not None and is_json_schema(gen.constraint)
     async with stream_chat(ctx.backend, out.request) as chunks:
         async for chunk in chunks:
             if chunk.text:
@@ -227,11 +226,6 @@ async def _chat_attempt(state: ProgramState, gen: Gen, sampling: SamplingParams,
                                        reasoning=chunk.reasoning, partial=partial))
     out.text = "".join(pieces)
     return out
-
-
-def _is_json(constraint: Constraint | None) -> bool:
-    grammar = constraint.as_grammar() if constraint is not None else None
-    return grammar is not None and grammar.kind == "json_schema"
 
 
 def _store(state: ProgramState, gen: Gen, request: GenerateRequest, text: str,

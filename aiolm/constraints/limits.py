@@ -56,13 +56,5 @@ class ConstraintLimits:
         """These limits as an ``llguidance.LLParserLimits``."""
         import llguidance
 
-        return llguidance.LLParserLimits(
-            step_lexer_fuel=self.step_lexer_fuel,
-            initial_lexer_fuel=self.initial_lexer_fuel,
-            step_max_items=self.step_max_items,
-            max_items_in_row=self.max_items_in_row,
-            max_lexer_states=self.max_lexer_states,
-            max_grammar_size=self.max_grammar_size,
-            precompute_large_lexemes=self.precompute_large_lexemes,
-            verbose_errors=True,
-        )
+        # The fields are named as llguidance's own keyword arguments.
+        return llguidance.LLParserLimits(**attrs.asdict(self), verbose_errors=True)
