@@ -3,6 +3,7 @@ loop, the per-request chunk streams, and argument handling (private to ``backend
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -10,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import attrs
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..errors import AiolmError, BackendUnavailable, EngineError
 from ..sampling import SamplingParams
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..constraints.base import Constraint
     from ..engine.core import RequestOutput
 
-__all__ = ["ChunkStream", "Pending", "as_request", "final_event", "read_chat_template",
+__all__ = ["ChunkStream", "Mailbox", "Pending", "as_request", "final_event", "read_chat_template",
            "soon_caller", "translate_error"]
 
 
@@ -42,11 +42,67 @@ def soon_caller() -> Callable[..., None]:
     return token.call_soon_threadsafe  # an asyncio event loop
 
 
-class ChunkStream:
-    """The async iterator ``Engine.stream`` yields: one :class:`Chunk` per engine step."""
+class Mailbox:
+    """One request's events from the engine loop: filled on the event loop by the step's
+    fan-out (``put``), taken by the request's reader (``take``).
 
-    def __init__(self, receive: MemoryObjectReceiveStream[RequestOutput]) -> None:
-        self._receive = receive
+    Cheaper than a memory object stream where it counts, at hundreds of requests a step:
+    ``put`` is a deque append, and it wakes the reader only when the reader waits (and,
+    with ``final_only``, only for the request's last event); the reader takes everything
+    queued in one go. An event loop that falls behind the engine therefore does less work
+    per token, not more.
+    """
+
+    __slots__ = ("_items", "_waiter", "closed", "final_only")
+
+    def __init__(self, *, final_only: bool = False) -> None:
+        self._items: collections.deque[RequestOutput] = collections.deque()
+        self._waiter: anyio.Event | None = None
+        self.closed = False
+        self.final_only = final_only
+
+    def put(self, event: RequestOutput) -> None:
+        if self.closed:
+            return
+        self._items.append(event)
+        last = event.finish_reason is not None or event.error is not None
+        if last:
+            self.closed = True
+        if self._waiter is not None and (last or not self.final_only):
+            self._waiter.set()
+            self._waiter = None
+
+    def close(self) -> None:
+        """No more events (the engine is gone, or the reader left); wakes the reader."""
+        self.closed = True
+        if self._waiter is not None:
+            self._waiter.set()
+            self._waiter = None
+
+    async def take(self) -> list[RequestOutput]:
+        """Every event queued, at least one (with ``final_only``: once the last is in).
+
+        Raises :class:`BackendUnavailable` when the mailbox closed without the request's
+        last event (the engine closed or failed underneath it).
+        """
+        while not self._items or (self.final_only and not self.closed):
+            if self.closed:
+                raise BackendUnavailable("the engine closed before the request finished")
+            self._waiter = anyio.Event()
+            await self._waiter.wait()
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+
+class ChunkStream:
+    """The async iterator ``Engine.stream`` yields: one :class:`Chunk` per engine step, or
+    per run of steps when the reader falls behind the engine (their tokens, text and
+    logprobs joined in order)."""
+
+    def __init__(self, mailbox: Mailbox) -> None:
+        self._mailbox = mailbox
+        self._held: list[RequestOutput] = []
         self.done = False
 
     def __aiter__(self) -> ChunkStream:
@@ -55,19 +111,30 @@ class ChunkStream:
     async def __anext__(self) -> Chunk:
         if self.done:
             raise StopAsyncIteration
-        try:
-            out = await self._receive.receive()
-        except anyio.EndOfStream:
+        items = self._held or await self._mailbox.take()
+        self._held = []
+        for i, out in enumerate(items):
+            if out.error is not None:
+                if i:  # what came before the error first; the error on the next call
+                    self._held = [out]
+                    items = items[:i]
+                    break
+                self.done = True
+                raise translate_error(out.error)
+        last = items[-1]
+        if last.finish_reason is not None:
             self.done = True
-            raise BackendUnavailable("the engine closed before the request finished") from None
-        if out.error is not None:
-            self.done = True
-            raise translate_error(out.error)
-        if out.finish_reason is not None:
-            self.done = True
-        return Chunk(text=out.text, token_ids=out.token_ids, logprobs=out.logprobs,
-                     finish_reason=out.finish_reason, usage=out.usage,
-                     matched_stop=out.matched_stop, prompt_logprobs=out.prompt_logprobs)
+        if len(items) == 1:
+            return Chunk(text=last.text, token_ids=last.token_ids, logprobs=last.logprobs,
+                         finish_reason=last.finish_reason, usage=last.usage,
+                         matched_stop=last.matched_stop, prompt_logprobs=last.prompt_logprobs)
+        return Chunk(text="".join(o.text for o in items),
+                     token_ids=tuple(t for o in items for t in o.token_ids),
+                     logprobs=tuple(lp for o in items for lp in o.logprobs),
+                     finish_reason=last.finish_reason, usage=last.usage,
+                     matched_stop=last.matched_stop,
+                     prompt_logprobs=next((o.prompt_logprobs for o in items
+                                           if o.prompt_logprobs is not None), None))
 
 
 def translate_error(error: BaseException) -> BaseException:
@@ -80,17 +147,14 @@ def translate_error(error: BaseException) -> BaseException:
     return wrapped
 
 
-async def final_event(receive: MemoryObjectReceiveStream[RequestOutput]) -> RequestOutput:
-    """Wait for a request's last event (raising its error)."""
-    while True:
-        try:
-            out = await receive.receive()
-        except anyio.EndOfStream:
-            raise BackendUnavailable("the engine closed before the request finished") from None
-        if out.error is not None:
-            raise translate_error(out.error)
-        if out.finish_reason is not None:
-            return out
+async def final_event(mailbox: Mailbox) -> RequestOutput:
+    """Wait for a request's last event (raising its error); ``mailbox`` is ``final_only``."""
+    out = (await mailbox.take())[-1]
+    if out.error is not None:
+        raise translate_error(out.error)
+    if out.finish_reason is None:
+        raise BackendUnavailable("the engine closed before the request finished")
+    return out
 
 
 def as_request(request: Any, prompt: str | None, input_ids: Sequence[int] | None,

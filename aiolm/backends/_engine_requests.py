@@ -13,18 +13,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-
 from ..chat import ChatTemplate, JinjaChatTemplate, render_text
 from ..errors import BackendUnavailable, ContextLengthExceeded, UnsupportedFeature
-from ._engine_plumbing import Pending, final_event
+from ._engine_plumbing import Mailbox, Pending, final_event
 
 if TYPE_CHECKING:
     from ..engine.config import EngineConfig
@@ -49,7 +45,7 @@ class EngineRequests:
     _tokenizer: Tokenizer | None
     _template: ChatTemplate | JinjaChatTemplate
     _call_soon: Callable[..., None] | None
-    _streams: dict[str, MemoryObjectSendStream[RequestOutput]]
+    _streams: dict[str, Mailbox]
     _tickets: dict[int, Pending]
     _ticket_ids: itertools.count[int]
     _failed: BaseException | None
@@ -65,37 +61,34 @@ class EngineRequests:
             raise pending.error
         return pending.value
 
-    def _submit(self, req: Any) -> MemoryObjectReceiveStream[RequestOutput]:
+    def _submit(self, req: Any, *, final_only: bool = False) -> Mailbox:
         core = self._require_core()
         if req.rid in self._streams:
             raise ValueError(f"request_id: {req.rid!r} is already running")
-        send, receive = anyio.create_memory_object_stream[Any](math.inf)
-        self._streams[req.rid] = send
+        mailbox = self._streams[req.rid] = Mailbox(final_only=final_only)
         core.add(req)
-        return receive
+        return mailbox
 
-    def _release(self, rid: str, receive: MemoryObjectReceiveStream[RequestOutput], *,
-                 abort: bool) -> None:
-        send = self._streams.pop(rid, None)
+    def _release(self, rid: str, mailbox: Mailbox, *, abort: bool) -> None:
+        if self._streams.get(rid) is mailbox:
+            del self._streams[rid]
         if abort and self._core is not None:
             self._core.abort(rid)
-        if send is not None:
-            send.close()
-        receive.close()
+        mailbox.close()
 
     async def _run_to_end(self, req: Any) -> RequestOutput:
         return (await self._run_all([req]))[0]
 
     async def _run_all(self, reqs: Sequence[Any]) -> list[RequestOutput]:
         """Submit ``reqs`` together (one engine step sees them all); return their last events."""
-        receives = [self._submit(r) for r in reqs]
+        mailboxes = [self._submit(r, final_only=True) for r in reqs]
         finals: list[Any] = []
         try:
-            for receive in receives:
-                finals.append(await final_event(receive))
+            for mailbox in mailboxes:
+                finals.append(await final_event(mailbox))
         finally:
-            for i, (r, receive) in enumerate(zip(reqs, receives, strict=True)):
-                self._release(r.rid, receive, abort=i >= len(finals))
+            for i, (r, mailbox) in enumerate(zip(reqs, mailboxes, strict=True)):
+                self._release(r.rid, mailbox, abort=i >= len(finals))
         return finals
 
     def _prompt_text(self, request: GenerateRequest) -> str:
@@ -172,21 +165,16 @@ class EngineRequests:
                 self._failed = ev.error
                 self._fail_all(BackendUnavailable(f"the engine loop failed: {ev.error!r}"))
             else:
-                send = self._streams.get(ev.rid)
-                if send is None:
-                    continue
-                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    send.send_nowait(ev)
-                if ev.finish_reason is not None or ev.error is not None:
-                    send.close()
+                mailbox = self._streams.get(ev.rid)
+                if mailbox is not None:
+                    mailbox.put(ev)
 
     def _fail_all(self, error: BaseException) -> None:
         from ..engine.core import RequestOutput
 
-        for rid, send in list(self._streams.items()):
-            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                send.send_nowait(RequestOutput(rid=rid, finish_reason="abort", error=error))
-            send.close()
+        for rid, mailbox in list(self._streams.items()):
+            mailbox.put(RequestOutput(rid=rid, finish_reason="abort", error=error))
+            mailbox.close()
         for pending in self._tickets.values():
             pending.error = error
             pending.event.set()

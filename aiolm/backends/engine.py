@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectSendStream
 
 from ..chat import SIMPLE_TEMPLATE, ChatTemplate, JinjaChatTemplate, chat_template_for
 from ..constraints.limits import ConstraintLimits
@@ -34,6 +33,7 @@ from ..sequences import common_prefix_length
 from ._engine_display import EngineView, engine_html, engine_repr
 from ._engine_plumbing import (
     ChunkStream,
+    Mailbox,
     Pending,
     as_request,
     read_chat_template,
@@ -49,13 +49,14 @@ from .base import (
     Completion,
     GenerateRequest,
     ScoreResult,
+    Usage,
     new_request_id,
 )
 
 if TYPE_CHECKING:
 
     from ..constraints.base import Constraint
-    from ..engine.core import EngineCore, EngineStatistics, IntegrityReport, RequestOutput
+    from ..engine.core import EngineCore, EngineStatistics, IntegrityReport
     from ..engine.tokenizer import MarkedText, Tokenizer
 
 __all__ = ["Engine", "LoadedModel"]
@@ -123,7 +124,7 @@ class Engine(EngineRequests, Backend):
         self._tokenizer: Tokenizer | None = None
         self._template: ChatTemplate | JinjaChatTemplate = SIMPLE_TEMPLATE
         self._call_soon: Callable[..., None] | None = None
-        self._streams: dict[str, MemoryObjectSendStream[RequestOutput]] = {}
+        self._streams: dict[str, Mailbox] = {}
         self._tickets: dict[int, Pending] = {}
         self._ticket_ids = itertools.count()
         self._failed: BaseException | None = None
@@ -348,7 +349,14 @@ class Engine(EngineRequests, Backend):
         """Run one request to the end; same arguments as :meth:`stream`."""
         req = as_request(request, prompt, input_ids, constraint, sampling,
                          prompt_logprobs=prompt_logprobs)
-        return await super().generate(req)
+        async with self._open(req, final_only=True) as chunks:
+            whole = await chunks.__anext__()
+            if whole.finish_reason is None:
+                await chunks.__anext__()
+        return Completion(text=whole.text, token_ids=whole.token_ids, logprobs=whole.logprobs,
+                          finish_reason=whole.finish_reason, usage=whole.usage or Usage(),
+                          matched_stop=whole.matched_stop,
+                          prompt_logprobs=whole.prompt_logprobs)
 
     async def prefill(self, prefix: GenerateRequest) -> None:
         """Compute and cache ``prefix``'s prompt (a fork's shared prefix); nothing if empty."""
@@ -404,7 +412,8 @@ class Engine(EngineRequests, Backend):
 
     # ------------------------------------------------------------------ internals
     @contextlib.asynccontextmanager
-    async def _open(self, request: GenerateRequest) -> AsyncIterator[AsyncIterator[Chunk]]:
+    async def _open(self, request: GenerateRequest, *,
+                    final_only: bool = False) -> AsyncIterator[AsyncIterator[Chunk]]:
         core = self._require_core()
         if request.images:
             raise UnsupportedFeature(f"{self.model_name} does not take images")
@@ -416,12 +425,12 @@ class Engine(EngineRequests, Backend):
                 request.constraint.compile_for, self._tokenizer, self.config.constraint_limits)
         req = core.new_request(request.request_id, ids, request.sampling, matcher=matcher,
                                prompt_logprobs=request.prompt_logprobs)
-        receive = self._submit(req)
-        chunks = ChunkStream(receive)
+        mailbox = self._submit(req, final_only=final_only)
+        chunks = ChunkStream(mailbox)
         try:
             yield chunks
         finally:
-            self._release(req.rid, receive, abort=not chunks.done)
+            self._release(req.rid, mailbox, abort=not chunks.done)
 
     async def _encode(self, request: GenerateRequest) -> list[int]:
         """The prompt's token ids; a long text is encoded on a worker thread, so that one

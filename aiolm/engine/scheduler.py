@@ -270,8 +270,10 @@ class Scheduler(PrefillAdmission):
                 break
             self._retract_latest()
         pool = self.req_to_token_pool
-        rows = torch.tensor([r.req_pool_idx for r in reqs], device=pool.device)
-        cols = torch.tensor([r.kv_len for r in reqs], device=pool.device)
+        # Built on the host and copied without waiting: a tensor made on the device from a
+        # list would wait for the pass in flight (the overlapped loop's whole point).
+        rows = torch.tensor([r.req_pool_idx for r in reqs]).to(pool.device, non_blocking=True)
+        cols = torch.tensor([r.kv_len for r in reqs]).to(pool.device, non_blocking=True)
         pool.req_to_token[rows, cols] = slots.to(torch.int32)
         prefix_lens = []
         for r in reqs:

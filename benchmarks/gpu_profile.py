@@ -1,0 +1,225 @@
+"""Where a decode step's time goes on the GPU: kernels, gaps between them, host work.
+
+``python benchmarks/gpu_profile.py --out DIR [--dry-run]`` loads the Llama-3-8B shape with
+dummy bf16 weights (``--dry-run``: tiny-llama on the CPU) and writes ``DIR/profile.json``:
+
+1. ``linear``: each projection of a layer (and the LM head) alone at one token — the time
+   of ``F.linear`` on the device and the bandwidth it reaches as a fraction of the copy
+   bandwidth (how far the GEMV kernels are from the roofline before anything else);
+2. ``decode``: the engine decoding with ``torch.profiler`` on, at batch 1 and at batch 64:
+   per step, the wall time, the GPU's busy time (the union of its kernels' intervals), the
+   idle time between kernels, the kernel count and the kernels ranked by time;
+3. ``host``: the engine thread's own Python time per step (``cProfile`` around each
+   iteration of the loop), ranked by function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import pstats
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_workloads as wl  # noqa: E402
+
+
+def _time_cuda(fn: Any, repeats: int = 50) -> float:
+    """Median seconds of ``fn`` on the device (events around each call)."""
+    import torch
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def linear_figures(loaded: Any, bandwidth: float) -> list[dict[str, Any]]:
+    """Each projection of layer 0 (and the LM head) at one token, alone on the device."""
+    import torch
+    import torch.nn.functional as F
+
+    model = loaded.model
+    layer = model.model.layers[0]
+    parts = {"qkv_proj": layer.self_attn.qkv_proj, "o_proj": layer.self_attn.o_proj,
+             "gate_up_proj": layer.mlp.gate_up_proj, "down_proj": layer.mlp.down_proj,
+             "lm_head": model.lm_head}
+    out = []
+    for name, module in parts.items():
+        weight = module.weight
+        x = torch.randn(1, weight.shape[1], device=weight.device, dtype=weight.dtype)
+        seconds = _time_cuda(lambda w=weight, x=x: F.linear(x, w))
+        nbytes = weight.numel() * weight.element_size()
+        out.append({"name": name, "shape": list(weight.shape), "us": seconds * 1e6,
+                    "GBps": nbytes / seconds / 1e9, "of_bandwidth": nbytes / seconds / bandwidth})
+    return out
+
+
+def _kernel_table(prof: Any, steps: int) -> dict[str, Any]:
+    """Kernel time by name per step, and the GPU's busy / idle time in the window."""
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    by_name: dict[str, list[float]] = defaultdict(list)
+    spans = []
+    for e in events:
+        start = e.time_range.start
+        end = e.time_range.end
+        by_name[e.name].append(end - start)
+        spans.append((start, end))
+    spans.sort()
+    busy = 0.0
+    cur_start = cur_end = None
+    for s, e in spans:
+        if cur_end is None or s > cur_end:
+            if cur_end is not None:
+                busy += cur_end - cur_start
+            cur_start, cur_end = s, e
+        else:
+            cur_end = max(cur_end, e)
+    if cur_end is not None:
+        busy += cur_end - cur_start
+    window = (spans[-1][1] - spans[0][0]) if spans else 0.0
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+    return {
+        "steps": steps,
+        "kernels_per_step": len(events) / max(steps, 1),
+        "gpu_window_us_per_step": window / max(steps, 1),
+        "gpu_busy_us_per_step": busy / max(steps, 1),
+        "gpu_idle_us_per_step": (window - busy) / max(steps, 1),
+        "kernels": [{"name": name[:120], "calls_per_step": len(ts) / max(steps, 1),
+                     "us_per_step": sum(ts) / max(steps, 1), "us_each": statistics.median(ts)}
+                    for name, ts in ranked[:30]],
+    }
+
+
+async def _decode_profile(engine: Any, prompts: list[list[int]], new: int,
+                          device: str) -> dict[str, Any]:
+    import anyio
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    async def run_all() -> None:
+        async with anyio.create_task_group() as tg:
+            for p in prompts:
+                tg.start_soon(lambda p=p: engine.generate(input_ids=p, max_tokens=new,
+                                                          ignore_eos=True, temperature=0.0))
+
+    await run_all()  # warm: graphs, kernels
+    core = engine._core  # noqa: SLF001 - the engine's loop object (profiling only)
+    passes0 = core.runner.forward_passes
+    t0 = time.perf_counter()
+    await run_all()
+    wall = time.perf_counter() - t0
+    steps = core.runner.forward_passes - passes0
+    record: dict[str, Any] = {"batch": len(prompts), "new_tokens": new, "wall_s": wall,
+                              "passes": steps, "wall_us_per_pass": wall / steps * 1e6,
+                              "tok_s": len(prompts) * new / wall}
+    if device == "cuda":
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        passes0 = core.runner.forward_passes
+        with profile(activities=activities) as prof:
+            await run_all()
+            torch.cuda.synchronize()
+        record["profile"] = _kernel_table(prof, core.runner.forward_passes - passes0)
+
+    # Host time per iteration of the engine loop, by function.
+    profiler = cProfile.Profile()
+    original = core._run_once  # noqa: SLF001
+
+    def profiled() -> bool:
+        profiler.enable()
+        try:
+            return original()
+        finally:
+            profiler.disable()
+
+    core._run_once = profiled  # noqa: SLF001
+    passes0 = core.runner.forward_passes
+    try:
+        await run_all()
+    finally:
+        core._run_once = original  # noqa: SLF001
+    passes = core.runner.forward_passes - passes0
+    stats = pstats.Stats(profiler)
+    rows = []
+    for (file, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append({"function": f"{Path(file).name}:{line}:{func}", "calls_per_pass": nc / passes,
+                     "own_us_per_pass": tt / passes * 1e6, "cum_us_per_pass": ct / passes * 1e6})
+    total = sum(r["own_us_per_pass"] for r in rows)
+    rows.sort(key=lambda r: -r["own_us_per_pass"])
+    record["host"] = {"note": "cProfile adds overhead: compare rows with each other",
+                      "own_us_per_pass_total": total, "by_own_time": rows[:25],
+                      "by_cumulative": sorted(rows, key=lambda r: -r["cum_us_per_pass"])[:25]}
+    return record
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    import aiolm
+
+    plan = wl.Plan.make(dry_run=args.dry_run, backends=args.backend)
+    out: dict[str, Any] = {"plan": {"model": plan.model, "dtype": plan.dtype,
+                                    "backend": plan.backends[0]}}
+    if not plan.dry_run:
+        import torch
+
+        out["device"] = torch.cuda.get_device_name()
+        out["kind"] = args.kind or wl.kind_from_device(out["device"])
+        out["limits"] = wl.measure_limits(plan)
+    loaded = wl.load_dummy(plan)
+    if not plan.dry_run:
+        out["linear"] = linear_figures(loaded, out["limits"]["bandwidth_Bps"])
+    data = wl.Workloads(plan)
+    backend = plan.backends[0]
+    async with aiolm.Engine(loaded, **wl.engine_options(plan, backend)) as engine:
+        bs1_new = 8 if plan.dry_run else 128
+        out["decode_bs1"] = await _decode_profile(
+            engine, [data.decode_prompts[0]], bs1_new, plan.device)
+        batch = 4 if plan.dry_run else 64
+        prompts = [data.ids(16 if plan.dry_run else 512) for _ in range(batch)]
+        out["decode_bs64"] = await _decode_profile(
+            engine, prompts, 8 if plan.dry_run else 64, plan.device)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--backend", default=None)
+    parser.add_argument("--kind", default=None)
+    args = parser.parse_args()
+    result = asyncio.run(main_async(args))
+    path = Path(args.out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "profile.json").write_text(json.dumps(result, indent=1))
+    for key in ("decode_bs1", "decode_bs64"):
+        rec = result[key]
+        prof = rec.get("profile", {})
+        print(f"{key}: {rec['tok_s']:.1f} tok/s, {rec['wall_us_per_pass']:.0f} us/pass, "
+              f"gpu busy {prof.get('gpu_busy_us_per_step', 0):.0f} us, idle "
+              f"{prof.get('gpu_idle_us_per_step', 0):.0f} us, "
+              f"{prof.get('kernels_per_step', 0):.0f} kernels/step, host own "
+              f"{rec['host']['own_us_per_pass_total']:.0f} us/pass")
+        for k in prof.get("kernels", [])[:12]:
+            print(f"   {k['us_per_step']:8.1f} us {k['calls_per_step']:6.1f}x  {k['name'][:90]}")
+    for row in result.get("linear", []):
+        print(f"linear {row['name']}: {row['us']:.1f} us, {row['of_bandwidth']:.2f} of bandwidth")
+
+
+if __name__ == "__main__":
+    main()
