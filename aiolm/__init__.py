@@ -31,6 +31,7 @@ from .primitives import select as select
 from .primitives import system as system
 from .primitives import tool_result as tool_result
 from .primitives import user as user
+from .primitives import video as video
 from .program import ForkGroup as ForkGroup
 from .program import GenerationMeta as GenerationMeta
 from .program import Program as Program
@@ -83,6 +84,7 @@ __all__ = [
     "tool_result",
     "use_backend",
     "user",
+    "video",
 ]
 
 

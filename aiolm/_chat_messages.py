@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import attrs
 
+from .errors import UnsupportedFeature
 from .tools.spec import ToolCall
 from .values import ImageData
 
@@ -103,6 +104,9 @@ def _message_to_openai(m: Message) -> dict[str, Any]:
                     content.append({"type": "text", "text": p.text})
             else:
                 img = p.image
+                if not isinstance(img, ImageData):  # a video's frames (aiolm.video)
+                    raise UnsupportedFeature("video: the OpenAI chat format has no video part; "
+                                             "messages() cannot show a turn with a video")
                 url = img.url or f"data:{img.mime};base64,{base64.b64encode(img.data or b'').decode()}"
                 content.append({"type": "image_url", "image_url": {"url": url}})
     else:

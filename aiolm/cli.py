@@ -29,7 +29,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     :class:`~aiolm.engine.config.EngineConfig` declares them: ``--option-name`` with the
     option's type, default, choices and help.
 
-    A bool option is a ``--X`` / ``--no-X`` pair; ``None`` among an option's choices is
+    An option may have more names (``--tp`` for ``--tp-size``). A bool option is a
+    ``--X`` / ``--no-X`` pair; ``None`` among an option's choices is
     ``none``; a path option (``chat_template``) takes an existing file. Each value is
     checked as ``EngineConfig`` checks it, so a bad one is a usage error naming the flag.
     Raises ``KeyError`` for a name that is not an engine option.
@@ -47,25 +48,26 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
         meta = field.metadata
         kinds = {typing.get_origin(t) or t for t in typing.get_args(hints[name]) or (hints[name],)}
         flag = "--" + (meta["flag"] or name).replace("_", "-")
+        flags = (flag, *meta.get("aliases", ()))
         help_text = meta["help"].replace("%", "%%")
         if bool in kinds:
             if field.default is not None:   # None: the help says what decides
                 help_text += " (default: on)" if field.default else " (default: off)"
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
                                 default=field.default, help=help_text)
             continue
         if field.default is not None:
             help_text += " (default: %(default)s)"
         if meta["choices"]:
             choices = ["none" if c is None else c for c in meta["choices"]]
-            parser.add_argument(flag, dest=name, default=field.default, choices=choices,
+            parser.add_argument(*flags, dest=name, default=field.default, choices=choices,
                                 help=help_text)
         elif os.PathLike in kinds:
-            parser.add_argument(flag, dest=name, default=field.default, type=_existing_file,
+            parser.add_argument(*flags, dest=name, default=field.default, type=_existing_file,
                                 metavar="PATH", help=help_text)
         else:
             base = int if int in kinds else float if float in kinds else str
-            parser.add_argument(flag, dest=name, default=field.default,
+            parser.add_argument(*flags, dest=name, default=field.default,
                                 type=_checked(base, field), metavar=_METAVARS.get(base),
                                 help=help_text)
 

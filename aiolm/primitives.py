@@ -36,6 +36,7 @@ __all__ = [
     "Select",
     "Text",
     "ToolResult",
+    "Video",
     "assistant",
     "gen",
     "image",
@@ -43,6 +44,7 @@ __all__ = [
     "system",
     "tool_result",
     "user",
+    "video",
     "as_expr",
     "DTYPE_REGEX",
     "parse_dtype",
@@ -397,6 +399,51 @@ def image(source: str | os.PathLike | bytes | Any) -> Image:
     if hasattr(source, "save") and hasattr(source, "size"):  # a PIL image, duck-typed
         return Image(source=source)
     raise TypeError(f"image: expected a path, bytes, a URL or a PIL image, got {type(source).__name__}")
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class Video(Expr):
+    """A video: a path or the encoded bytes of a file (its frames sampled when run), or a
+    sequence of frames (PIL images or ``H x W x 3`` uint8 arrays)."""
+
+    source: Any
+    num_frames: int | None = None
+
+
+def video(source: str | os.PathLike | bytes | Sequence[Any], *,
+          num_frames: int | None = None) -> Video:
+    """A video part of a (user) turn, for video models (Qwen2.5-VL on :class:`aiolm.Engine`).
+
+    ``source``: a path or a file's bytes (any format FFmpeg reads, through PyAV), whose
+    frames are sampled when the program runs: ``num_frames`` of them, evenly spread from the
+    first frame to the last (default 8, or every frame of a shorter clip); or the frames
+    themselves, of which ``num_frames`` are taken the same way (default: all). Raises
+    ``ValueError`` for no frames, an empty path or a ``num_frames`` below 1, and
+    ``TypeError`` for anything else. An unreadable file fails when the program runs,
+    before any token is generated.
+    """
+    if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int)
+                                   or num_frames < 1):
+        raise ValueError(f"video: num_frames must be an int >= 1 or None, got {num_frames!r}")
+    if isinstance(source, str | os.PathLike | bytes | bytearray):
+        if isinstance(source, str | os.PathLike) and not str(source):
+            raise ValueError("video: empty path")
+        if isinstance(source, bytes | bytearray) and not source:
+            raise ValueError("video: empty bytes")
+        return Video(source=bytes(source) if isinstance(source, bytearray) else source,
+                     num_frames=num_frames)
+    if isinstance(source, Sequence):
+        frames = tuple(source)
+        if not frames:
+            raise ValueError("video: no frames (an empty sequence)")
+        for i, frame in enumerate(frames):
+            if not (hasattr(frame, "save") and hasattr(frame, "size")) and not hasattr(
+                    frame, "__array_interface__"):
+                raise TypeError(f"video: frame {i} is a {type(frame).__name__}; frames must be "
+                                "PIL images or H x W x 3 uint8 arrays")
+        return Video(source=frames, num_frames=num_frames)
+    raise TypeError(f"video: expected a path, bytes or a sequence of frames, "
+                    f"got {type(source).__name__}")
 
 
 @attrs.frozen(kw_only=True)

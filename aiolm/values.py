@@ -10,7 +10,7 @@ import hashlib
 
 import attrs
 
-__all__ = ["ImageData", "TokenLogprob", "Usage", "hit_rate"]
+__all__ = ["ImageData", "TokenLogprob", "Usage", "VideoData", "hit_rate"]
 
 
 def hit_rate(cached_tokens: int, prompt_tokens: int) -> float:
@@ -32,6 +32,40 @@ class ImageData:
     def digest(self) -> str:
         """A stable content hash (used as the image's key in the engine's prefix cache)."""
         return hashlib.sha256(self.data if self.data is not None else (self.url or "").encode()).hexdigest()
+
+
+def _check_frames(instance: VideoData, attribute: attrs.Attribute, frames: tuple) -> None:
+    if not frames:
+        raise ValueError("video: no frames")
+    size = instance.width * instance.height * 3
+    if instance.width <= 0 or instance.height <= 0 or any(len(f) != size for f in frames):
+        raise ValueError(f"video: each frame must be {instance.width}x{instance.height} RGB "
+                         f"bytes ({size} bytes)")
+
+
+@attrs.frozen(kw_only=True)
+class VideoData:
+    """The sampled frames of a video: raw RGB bytes (``width * height * 3`` each, rows top
+    to bottom), and the rate they were sampled at (frames a second; None when unknown)."""
+
+    frames: tuple[bytes, ...] = attrs.field(converter=tuple, validator=_check_frames,
+                                            repr=lambda f: f"<{len(f)} frames>")
+    width: int
+    height: int
+    fps: float | None = None
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frames)
+
+    @property
+    def digest(self) -> str:
+        """A stable hash of the sampled frames (the video's key in the engine's prefix
+        cache): the same frames at the same size give the same digest."""
+        h = hashlib.sha256(f"video {self.width}x{self.height} {len(self.frames)};".encode())
+        for frame in self.frames:
+            h.update(frame)
+        return h.hexdigest()
 
 
 @attrs.frozen(kw_only=True)

@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 profile=${1:-full}
 case "$profile" in
   demo) extras="engine" ;;
-  full) extras="engine,openai,server,dev" ;;
+  full) extras="engine,openai,server,dev,ray" ;;
   *) echo "setup.sh: unknown profile '$profile' (demo or full)" >&2; exit 2 ;;
 esac
 fresh() { [ -f ".venv/.stamp-$1" ] && cmp -s ".venv/.stamp-$1" pyproject.toml; }

@@ -296,7 +296,7 @@ async def test_closing_fails_open_streams_with_backend_unavailable(tiny):
 
 def test_bad_options_fail_before_loading():
     with pytest.raises(ValueError, match="tp_size"):
-        Engine("tiny-llama", load_format="dummy", tp_size=2)
+        Engine("tiny-llama", load_format="dummy", tp_size=0)
     with pytest.raises(ValueError, match="schedule_policy"):
         Engine("tiny-llama", load_format="dummy", schedule_policy="random")
 

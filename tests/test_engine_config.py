@@ -35,7 +35,7 @@ def test_path_models_become_strings():
         ({"max_total_tokens": -5}, "max_total_tokens"),
         ({"mem_fraction": 1.5}, "mem_fraction"),
         ({"load_format": "pickle"}, "load_format"),
-        ({"tp_size": 2}, "tp_size"),
+        ({"tp_size": 0}, "tp_size"),
         ({"seed": -1}, "seed"),
         ({"aging_limit": -1}, "aging_limit"),
         ({"model": ""}, "model"),
@@ -97,6 +97,7 @@ def test_engine_passes_every_option_to_its_config():
                "chunked_prefill_size": 64, "max_running_requests": 3, "max_total_tokens": 999,
                "mem_fraction": 0.5, "cuda_graphs": False, "load_format": "dummy",
                "quantization": None, "tp_size": 1, "seed": 7, "jump_forward": False,
+               "mix_decode": False,
                "aging_limit": 2, "request_step_timeout": 1.5, "close_timeout": 2.5,
                "num_threads": 1, "overlap": True, "compile": True,
                "escape_special_tokens": False,
@@ -138,7 +139,7 @@ def test_serve_flags_set_the_options():
     (["--aging-limit", "-1"], "argument --aging-limit: aging_limit: must be >= 0"),
     (["--max-total-tokens", "1.5"], "argument --max-total-tokens: expected an int, got '1.5'"),
     (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
-    (["--tp-size", "2"], "argument --tp-size: tp_size: only 1 is supported"),
+    (["--tp-size", "0"], "argument --tp-size/--tp: tp_size: must be >= 1"),
 ])
 def test_a_bad_flag_value_is_a_usage_error_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -1,5 +1,5 @@
 """Running the ops that need the backend: ``gen`` (streamed; through the chat layer when
-it has tools or reasoning), ``select`` (scored), ``image``."""
+it has tools or reasoning), ``select`` (scored), ``image``, ``video``."""
 
 from __future__ import annotations
 
@@ -10,18 +10,19 @@ import attrs
 
 from ..backends.base import Chunk, GenerateRequest, TokenLogprob, Usage
 from ..errors import BackendError, ConstraintError, ProgramError, UnsupportedFeature
-from ..primitives import Gen, Image, Select, parse_dtype
+from ..primitives import Gen, Image, Select, Video, parse_dtype
 from ..sampling import SamplingParams
 from ..tools.chat_stream import stream_chat
 from ..tools.partial_json import parse_partial_json
 from ..tools.spec import ToolCall, ToolCallDelta, assemble_tool_calls
 from .context import EmitFn, GenerationMeta, StreamEvent, is_json_schema, next_request_id
 from .images import load_image
+from .videos import load_video
 
 if TYPE_CHECKING:
     from .state import ProgramState
 
-__all__ = ["PREFIX_SAMPLING", "run_gen", "run_image", "run_select"]
+__all__ = ["PREFIX_SAMPLING", "run_gen", "run_image", "run_select", "run_video"]
 
 #: The sampling of a prefix-only request (scoring and prefill ignore it).
 PREFIX_SAMPLING = SamplingParams()
@@ -338,3 +339,18 @@ async def run_image(state: ProgramState, img: Image) -> None:
             f"{ctx.backend.model_name} does not take images; use a vision model"
         )
     state._append_image(await load_image(img.source))
+
+
+async def run_video(state: ProgramState, vid: Video) -> None:
+    """Sample ``vid``'s frames and add them to the open turn (before any later gen runs).
+
+    Raises ``UnsupportedFeature`` when the backend takes no video, and the errors of
+    :func:`~aiolm._program.videos.load_video` for a source that cannot be read.
+    """
+    ctx = state._run
+    if not ctx.caps.video:
+        raise UnsupportedFeature(
+            f"{ctx.backend.model_name} does not take video; use a video model "
+            "(Qwen2.5-VL on aiolm.Engine)"
+        )
+    state._append_image(await load_video(vid.source, vid.num_frames))

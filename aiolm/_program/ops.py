@@ -2,7 +2,7 @@
 
 An op is a ``(kind, argument)`` tuple. ``TEXT``/``OPEN``/``CLOSE``/``TOOL`` (and the
 internal scope, join and call-recording ops) change the state synchronously;
-``GEN``/``SELECT``/``IMAGE`` need the backend (or file I/O) and are awaited by the state's
+``GEN``/``SELECT``/``IMAGE``/``VIDEO`` need the backend (or file I/O) and are awaited by the state's
 stream task.
 """
 
@@ -11,7 +11,18 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ProgramError
-from ..primitives import Concat, Expr, Gen, Image, Role, Select, Text, ToolResult, as_expr
+from ..primitives import (
+    Concat,
+    Expr,
+    Gen,
+    Image,
+    Role,
+    Select,
+    Text,
+    ToolResult,
+    Video,
+    as_expr,
+)
 
 __all__ = [
     "ASYNC_KINDS",
@@ -26,11 +37,12 @@ __all__ = [
     "SELECT",
     "TEXT",
     "TOOL",
+    "VIDEO",
     "compile_expr",
 ]
 
-TEXT, OPEN, CLOSE, GEN, SELECT, IMAGE, SCOPE_BEGIN, SCOPE_END, JOIN, TOOL, CALLS = range(11)
-ASYNC_KINDS = frozenset((GEN, SELECT, IMAGE))
+TEXT, OPEN, CLOSE, GEN, SELECT, IMAGE, SCOPE_BEGIN, SCOPE_END, JOIN, TOOL, CALLS, VIDEO = range(12)
+ASYNC_KINDS = frozenset((GEN, SELECT, IMAGE, VIDEO))
 
 Op = tuple[int, Any]
 
@@ -95,5 +107,11 @@ def _walk(expr: Expr, role: str | None, ops: list[Op], names: list[str]) -> None
                 "image() must be inside a turn, e.g. s += user(image(path) + 'Describe it.')"
             )
         ops.append((IMAGE, expr))
+    elif isinstance(expr, Video):
+        if role is None:
+            raise ProgramError(
+                "video() must be inside a turn, e.g. s += user(video(path) + 'What happens?')"
+            )
+        ops.append((VIDEO, expr))
     else:  # a user's own Expr subclass: nothing knows how to run it
         raise TypeError(f"cannot append a {type(expr).__name__} to a program state")

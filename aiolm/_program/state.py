@@ -39,6 +39,7 @@ from .ops import (
     SELECT,
     TEXT,
     TOOL,
+    VIDEO,
     Op,
     compile_expr,
 )
@@ -151,6 +152,8 @@ class ProgramState(TranscriptMixin, VariablesMixin):
                 await execute.run_select(self, arg)
             elif kind == IMAGE:
                 await execute.run_image(self, arg)
+            elif kind == VIDEO:
+                await execute.run_video(self, arg)
             else:
                 self._apply((kind, arg))
         # NOTE: only a successful drain wakes waiters; on an error (or cancellation) the

@@ -17,6 +17,7 @@ from ..chat import (
     render_conversation,
 )
 from ..errors import ProgramError, UnsupportedFeature
+from ..values import VideoData
 from .ops import CALLS, CLOSE, IMAGE, OPEN, TEXT, TOOL
 
 if TYPE_CHECKING:
@@ -58,7 +59,9 @@ class TranscriptMixin:
             self._parts.append(text)
         self._history.append(text if var is None else (TEXT, text, var))
 
-    def _append_image(self, image: ImageData) -> None:
+    def _append_image(self, image: ImageData | VideoData) -> None:
+        """Append an image, or a video's frames (a visual part: the backend sees both in
+        the request's ``images``, in prompt order)."""
         if self._role is None:
             raise ProgramError("image() must be inside a turn")
         self._parts.append(image)

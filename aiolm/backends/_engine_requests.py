@@ -18,14 +18,19 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from ..chat import ChatTemplate, JinjaChatTemplate, render_text
+from ..engine.multimodal import is_multimodal
 from ..errors import BackendUnavailable, ContextLengthExceeded, UnsupportedFeature
+from ..values import VideoData
 from ._engine_plumbing import Mailbox, Pending, final_event
 
 if TYPE_CHECKING:
     from ..engine.config import EngineConfig
     from ..engine.core import EngineCore, RequestOutput
     from ..engine.loaded import LoadedModel
+    from ..engine.multimodal import MultimodalInputs
     from ..engine.tokenizer import Tokenizer
     from .base import GenerateRequest
     from .engine import Engine
@@ -50,6 +55,9 @@ class EngineRequests:
     _ticket_ids: itertools.count[int]
     _failed: BaseException | None
     _closed: bool
+    _loaded: LoadedModel | None
+    _processor: Any
+    model_name: str
 
     async def _command(self, post: Callable[[int], None]) -> Any:
         """Post a command to the engine loop and wait for its ``CommandDone`` value."""
@@ -62,6 +70,8 @@ class EngineRequests:
         return pending.value
 
     def _submit(self, req: Any, *, final_only: bool = False) -> Mailbox:
+        """Hand ``req`` to the engine loop; its events arrive in the mailbox returned
+        (``final_only``: the reader is woken for the last one only)."""
         core = self._require_core()
         if req.rid in self._streams:
             raise ValueError(f"request_id: {req.rid!r} is already running")
@@ -114,6 +124,48 @@ class EngineRequests:
                 f"the prompt has {chars} characters, so at least {least} tokens: more than "
                 f"the model's context of {core.context_len}")
 
+    def _refuse_images(self, request: GenerateRequest) -> None:
+        """Raise before anything is encoded when ``request`` has images the engine cannot
+        take: ``UnsupportedFeature`` for a text-only model, ``ValueError`` for
+        ``prompt_logprobs`` with images."""
+        if not request.images:
+            return
+        loaded = self._loaded
+        if loaded is None or not is_multimodal(loaded.model):
+            raise UnsupportedFeature(f"{self.model_name} does not take images; use a "
+                                     "multimodal model (LLaVA, Qwen2.5-VL)")
+        if request.prompt_logprobs:
+            raise ValueError("prompt_logprobs: not available for a prompt with images")
+        if (any(isinstance(x, VideoData) for x in request.images)
+                and not hasattr(loaded.model, "video_token_id")):   # H-QVL's addition
+            raise UnsupportedFeature(f"{self.model_name} does not take video; use a video "
+                                     "model (Qwen2.5-VL)")
+
+    async def _with_images(self, ids: list[int], request: GenerateRequest,
+                           ) -> tuple[list[int], MultimodalInputs | None]:
+        """``ids`` with ``request``'s images in place (their placeholder runs; see
+        :mod:`aiolm.engine.multimodal` for where they go), and their
+        :class:`MultimodalInputs`; ``(ids, None)`` without images. Decoding and
+        preprocessing run on a worker thread. Raises ``ValueError`` for an unreadable
+        image or image tokens that do not match the images."""
+        if not request.images:
+            return ids, None
+        loaded = self._loaded
+        assert loaded is not None  # _refuse_images let a multimodal model's request through
+        return await anyio.to_thread.run_sync(self._prepare_images, loaded, ids,
+                                              request.images)
+
+    def _prepare_images(self, loaded: LoadedModel, ids: list[int],
+                        images: Sequence[Any]) -> tuple[list[int], MultimodalInputs]:
+        from ..engine.multimodal import build_processor, prepare_multimodal
+
+        if self._processor is None:
+            self._processor = build_processor(loaded)
+        tok = self._tokenizer
+        bos = tok.bos_token_id if tok is not None else loaded.model_config.bos_token_id
+        return prepare_multimodal(loaded.model, self._processor, ids, images,
+                                  vocab_size=loaded.model_config.vocab_size, bos_token_id=bos)
+
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:
         if request.input_ids is not None:
             return list(request.input_ids)
@@ -155,6 +207,7 @@ class EngineRequests:
         """Fan one step's events out to the streams (on the event loop; must not raise)."""
         from ..engine.core import CommandDone, EngineFailed
 
+        streams = self._streams
         for ev in events:
             if isinstance(ev, CommandDone):
                 pending = self._tickets.pop(ev.ticket, None)
@@ -165,7 +218,7 @@ class EngineRequests:
                 self._failed = ev.error
                 self._fail_all(BackendUnavailable(f"the engine loop failed: {ev.error!r}"))
             else:
-                mailbox = self._streams.get(ev.rid)
+                mailbox = streams.get(ev.rid)
                 if mailbox is not None:
                     mailbox.put(ev)
 

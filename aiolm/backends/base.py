@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import attrs
 
 from ..sampling import SamplingParams
-from ..values import ImageData, TokenLogprob, Usage
+from ..values import ImageData, TokenLogprob, Usage, VideoData
 
 if TYPE_CHECKING:
     from ..chat import ChatTemplate, Message
@@ -61,6 +61,7 @@ class Capabilities:
     json_schema: bool = True
     logprobs: bool = True
     images: bool = False
+    video: bool = False              # ``VideoData`` items among a request's ``images``
     token_ids: bool = True           # prompts as token ids
     score: bool = True               # ``select`` by scoring continuations
 
@@ -94,7 +95,8 @@ class GenerateRequest:
     """One generation call.
 
     Exactly one of ``prompt`` (text), ``input_ids`` (token ids) or ``messages`` (chat,
-    for chat backends) is set. ``images`` go with a text prompt for multimodal models.
+    for chat backends) is set. ``images`` go with a text prompt for multimodal models
+    (a ``VideoData`` among them is a video, for backends whose ``Capabilities.video``).
     ``session`` is an opaque per-program-run object from :meth:`Backend.new_session`
     (speculative execution keeps its state there, not on the backend).
 
@@ -110,7 +112,7 @@ class GenerateRequest:
     prompt: str | None = None
     input_ids: tuple[int, ...] | None = None
     messages: tuple[Message, ...] | None = None
-    images: tuple[ImageData, ...] = ()
+    images: tuple[ImageData | VideoData, ...] = ()
     sampling: SamplingParams = attrs.field(factory=SamplingParams)
     constraint: Constraint | None = None
     request_id: str = attrs.field(factory=new_request_id)

@@ -27,6 +27,7 @@ from ..chat import SIMPLE_TEMPLATE, ChatTemplate, JinjaChatTemplate, chat_templa
 from ..constraints.limits import ConstraintLimits
 from ..engine.config import EngineConfig, resolve_device
 from ..engine.loaded import LoadedModel
+from ..engine.multimodal import is_multimodal
 from ..errors import BackendUnavailable, UnsupportedFeature
 from ..sampling import SamplingParams
 from ..sequences import common_prefix_length
@@ -67,6 +68,9 @@ _log = logging.getLogger("aiolm.engine")
 _INLINE_ENCODE_CHARS = 8192
 #: The declared defaults of the options (the signature of ``Engine`` takes its own from it).
 _DEFAULT = EngineConfig()
+_TEXT_CAPABILITIES = Capabilities(images=False)
+_MULTIMODAL_CAPABILITIES = Capabilities(images=True)
+_VIDEO_CAPABILITIES = Capabilities(images=True, video=True)   # Qwen2.5-VL (H-QVL's addition)
 
 
 class Engine(EngineRequests, Backend):
@@ -83,7 +87,15 @@ class Engine(EngineRequests, Backend):
     raises ``ValueError`` from :meth:`start`).
     """
 
-    capabilities = Capabilities(images=False)
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        """What the engine's model can do: images when its class is multimodal (LLaVA,
+        Qwen2.5-VL; known once the model is loaded), else text only."""
+        loaded = self._loaded
+        multimodal = loaded is not None and is_multimodal(loaded.model)
+        if multimodal and hasattr(loaded.model, "video_token_id"):
+            return _VIDEO_CAPABILITIES
+        return _MULTIMODAL_CAPABILITIES if multimodal else _TEXT_CAPABILITIES
 
     # NOTE: the keyword parameters are EngineConfig's fields, one for one, with its
     # defaults (tests/test_engine_config.py checks both): a new option is declared there
@@ -102,6 +114,7 @@ class Engine(EngineRequests, Backend):
                  quantization: str | None = _DEFAULT.quantization,
                  tp_size: int = _DEFAULT.tp_size, seed: int = _DEFAULT.seed,
                  jump_forward: bool = _DEFAULT.jump_forward,
+                 mix_decode: bool = _DEFAULT.mix_decode,
                  aging_limit: int = _DEFAULT.aging_limit,
                  request_step_timeout: float = _DEFAULT.request_step_timeout,
                  close_timeout: float = _DEFAULT.close_timeout,
@@ -117,6 +130,9 @@ class Engine(EngineRequests, Backend):
         if self._loaded is not None:
             model, options["load_format"] = self._loaded.source, self._loaded.load_format
         self.config = EngineConfig(model=model, **options)
+        if self._loaded is not None and self.config.tp_size > 1:
+            raise ValueError("tp_size: each tensor-parallel rank loads its own shard; pass the "
+                             "model's path or name, not a LoadedModel")
         self._chat_template_source = read_chat_template(self.config.chat_template)
         if self.config.device.startswith("cuda"):  # say it now, not after a model load
             resolve_device(self.config.device)
@@ -131,6 +147,7 @@ class Engine(EngineRequests, Backend):
         self._last_statistics: EngineStatistics | None = None
         self._closed = False
         self._finalizer: weakref.finalize | None = None
+        self._processor: Any = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -146,15 +163,25 @@ class Engine(EngineRequests, Backend):
             raise RuntimeError("Engine.start: the engine was already started")
         self._call_soon = soon_caller()
         loaded = self._loaded
-        if loaded is None:
+        workers = None  # tensor parallelism: the worker processes, until the core owns them
+        if loaded is None and self.config.tp_size > 1:
+            from ..engine.tp_workers import start_tensor_parallel
+
+            loaded, workers = await anyio.to_thread.run_sync(start_tensor_parallel, self.config)
+        elif loaded is None:
             cfg = self.config
             loaded = await anyio.to_thread.run_sync(lambda: LoadedModel.load(
                 cfg.model, dtype=cfg.dtype, device=cfg.device, load_format=cfg.load_format,
                 seed=cfg.seed, quantization=cfg.quantization))
-        if loaded.in_use:
-            raise RuntimeError("model: this LoadedModel is used by another open Engine")
-        template = chat_template_for(loaded.tokenizer, self._chat_template_source,
-                                     model_name=self.model_name)
+        try:
+            if loaded.in_use:
+                raise RuntimeError("model: this LoadedModel is used by another open Engine")
+            template = chat_template_for(loaded.tokenizer, self._chat_template_source,
+                                         model_name=self.model_name)
+        except BaseException:
+            if workers is not None:
+                workers.close()
+            raise
         loaded.in_use = True
         self._loaded = loaded
         try:
@@ -165,9 +192,11 @@ class Engine(EngineRequests, Backend):
             post = _weak_post(weakref.ref(self))
             self._core = await anyio.to_thread.run_sync(lambda: EngineCore(
                 self.config, model=loaded.model, model_config=loaded.model_config,
-                tokenizer=loaded.tokenizer, device=loaded.device, post=post))
+                tokenizer=loaded.tokenizer, device=loaded.device, post=post, workers=workers))
         except BaseException:
             loaded.in_use = False
+            if workers is not None:
+                workers.close()
             raise
         self._finalizer = weakref.finalize(self, _collected_while_running, self._core,
                                            self.model_name, loaded)
@@ -349,22 +378,27 @@ class Engine(EngineRequests, Backend):
         """Run one request to the end; same arguments as :meth:`stream`."""
         req = as_request(request, prompt, input_ids, constraint, sampling,
                          prompt_logprobs=prompt_logprobs)
+        # One wake-up for the whole completion, not one per engine step: the event loop's
+        # work per token is what limits a busy engine's throughput.
         async with self._open(req, final_only=True) as chunks:
             whole = await chunks.__anext__()
             if whole.finish_reason is None:
-                await chunks.__anext__()
+                await chunks.__anext__()  # the request failed after these tokens: raises
         return Completion(text=whole.text, token_ids=whole.token_ids, logprobs=whole.logprobs,
                           finish_reason=whole.finish_reason, usage=whole.usage or Usage(),
                           matched_stop=whole.matched_stop,
                           prompt_logprobs=whole.prompt_logprobs)
 
     async def prefill(self, prefix: GenerateRequest) -> None:
-        """Compute and cache ``prefix``'s prompt (a fork's shared prefix); nothing if empty."""
+        """Compute and cache ``prefix``'s prompt (a fork's shared prefix, its images
+        included); nothing if empty."""
+        self._refuse_images(prefix)
         ids = await self._encode(prefix)
         if not ids:
             return
+        ids, mm = await self._with_images(ids, prefix)
         await self._run_to_end(self._require_core().new_request(
-            new_request_id(), ids, SamplingParams(max_tokens=0)))
+            new_request_id(), ids, SamplingParams(max_tokens=0), mm=mm))
 
     async def score(self, prefix: GenerateRequest, continuations: Sequence[str],
                     method: str = "token_length_normalized") -> ScoreResult:
@@ -375,6 +409,9 @@ class Engine(EngineRequests, Backend):
             raise ValueError(f"method: expected one of {', '.join(SELECT_METHODS)}, got {method!r}")
         if not continuations:
             raise ValueError("continuations: need at least one choice")
+        if prefix.images:
+            raise UnsupportedFeature(f"{self.model_name}: select (scoring) after an image is "
+                                     "not available in the engine; use gen with choices")
         core = self._require_core()
         tok = self._require_tokenizer("select")
 
@@ -415,16 +452,16 @@ class Engine(EngineRequests, Backend):
     async def _open(self, request: GenerateRequest, *,
                     final_only: bool = False) -> AsyncIterator[AsyncIterator[Chunk]]:
         core = self._require_core()
-        if request.images:
-            raise UnsupportedFeature(f"{self.model_name} does not take images")
+        self._refuse_images(request)
         ids = await self._encode(request)
+        ids, mm = await self._with_images(ids, request)
         matcher = None
         if request.constraint is not None:
             # A user's own constraint may need no tokenizer (dummy weights pass None).
             matcher = await anyio.to_thread.run_sync(
                 request.constraint.compile_for, self._tokenizer, self.config.constraint_limits)
         req = core.new_request(request.request_id, ids, request.sampling, matcher=matcher,
-                               prompt_logprobs=request.prompt_logprobs)
+                               prompt_logprobs=request.prompt_logprobs, mm=mm)
         mailbox = self._submit(req, final_only=final_only)
         chunks = ChunkStream(mailbox)
         try:

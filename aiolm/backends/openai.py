@@ -13,8 +13,11 @@ API speculative execution (``spec_tokens``) lets one call answer several consecu
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import re
+import uuid
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -40,7 +43,21 @@ from ._openai_wire import (
 from ._speculative import Cut, SpecSession, Speculation, sampling_key, speculable
 from .base import Backend, Capabilities, Chunk, GenerateRequest, ScoreResult, Usage
 
-__all__ = ["OpenAI", "OpenAIStatistics"]
+__all__ = ["SESSION_HEADER", "OpenAI", "OpenAIStatistics"]
+
+#: The header naming the program run a request belongs to (one key per ``new_session()``,
+#: forks included), so that a router in front of several replicas (aiolm on Ray Serve) keeps
+#: a program's requests on the replica whose cache holds what it computed so far.
+SESSION_HEADER = "x-aiolm-session"
+_session_key: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "aiolm_openai_session", default=None)
+
+
+async def _send_session_key(request: Any) -> None:
+    """httpx request hook: the current program run's session key as :data:`SESSION_HEADER`."""
+    key = _session_key.get()
+    if key is not None:
+        request.headers[SESSION_HEADER] = key
 
 # Families served only by /v1/completions; every other model name is taken for a chat model.
 _COMPLETION_MODELS = re.compile(r"^(gpt-3\.5-turbo-instruct|davinci|babbage|text-|code-)")
@@ -128,8 +145,10 @@ class OpenAI(Backend):
 
         if client is None:
             try:
-                client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0,
-                                            timeout=timeout)
+                client = openai.AsyncOpenAI(
+                    base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout,
+                    http_client=openai.DefaultAsyncHttpxClient(
+                        timeout=timeout, event_hooks={"request": [_send_session_key]}))
             except openai.OpenAIError as exc:  # no key given and none in the environment
                 raise ValueError(f"api_key: {exc}") from exc
             self._owns_client = True
@@ -147,6 +166,7 @@ class OpenAI(Backend):
         self._aiolm_server = aiolm_server
         self._encoding = local_encoding(model)
         self._stats = _Counters()
+        self._session_keys: weakref.WeakKeyDictionary[SpecSession, str] = weakref.WeakKeyDictionary()
         logprobs = not _NO_LOGPROBS.match(model.lower())
         extensions = aiolm_server is not False
         if self._chat:
@@ -174,7 +194,21 @@ class OpenAI(Backend):
 
     def new_session(self, *, spec_tokens: int | None = None) -> SpecSession:
         """Per-run speculation state; ``spec_tokens`` overrides the backend's for this run."""
-        return SpecSession(spec_tokens=spec_tokens if spec_tokens is not None else self._spec_tokens)
+        session = SpecSession(spec_tokens=spec_tokens if spec_tokens is not None else self._spec_tokens)
+        self._session_keys[session] = uuid.uuid4().hex
+        return session
+
+    @contextlib.contextmanager
+    def _in_session(self, session: Any):
+        """Send ``session``'s key (:data:`SESSION_HEADER`) with the calls made meanwhile, on
+        a client this backend made."""
+        key = self._session_keys.get(session) if isinstance(session, SpecSession) else None
+        previous = _session_key.get()
+        _session_key.set(key)
+        try:
+            yield
+        finally:
+            _session_key.set(previous)
 
     def statistics(self) -> OpenAIStatistics:
         """A frozen snapshot of calls, tokens and speculation counters."""
@@ -202,7 +236,8 @@ class OpenAI(Backend):
             raise ValueError("continuations: must not be empty")
         prompt, messages = self._prefix_of(prefix)
         if await self._is_aiolm():
-            return await _openai_score.by_route(self, prompt, messages, choices, method)
+            with self._in_session(prefix.session):
+                return await _openai_score.by_route(self, prompt, messages, choices, method)
         if messages is None:
             return await _openai_score.by_echo(self, prompt, choices, method)
         pre, partial = split_open_turn(messages)
@@ -221,16 +256,17 @@ class OpenAI(Backend):
         :mod:`aiolm.errors` types on entry or while iterating. Leaving early closes the
         HTTP stream.
         """
-        if self._chat:
-            chunks = await self._chat_request(request)
-        else:
-            chunks = await self._completion_request(request)
-        if request.constraint is not None:
-            chunks = self._checked(chunks, request.constraint)
-        try:
-            yield chunks
-        finally:
-            await chunks.aclose()
+        with self._in_session(request.session):
+            if self._chat:
+                chunks = await self._chat_request(request)
+            else:
+                chunks = await self._completion_request(request)
+            if request.constraint is not None:
+                chunks = self._checked(chunks, request.constraint)
+            try:
+                yield chunks
+            finally:
+                await chunks.aclose()
 
     # ------------------------------------------------------------------ calls
 

@@ -12,6 +12,7 @@ from . import (
     api_spec,
     decode_bs1,
     few_shot,
+    image_qa,
     json_decode,
     judge,
     multi_turn,
@@ -19,10 +20,11 @@ from . import (
     select,
     throughput,
     tree_of_thought,
+    video_qa,
 )
 from .workload import Workload
 
-__all__ = ["WORKLOADS", "Workload"]
+__all__ = ["ALL_WORKLOADS", "MULTIMODAL_WORKLOADS", "WORKLOADS", "Workload"]
 
 #: Every workload by its command-line name, in BENCH.md's order.
 WORKLOADS: dict[str, Workload] = {
@@ -40,3 +42,13 @@ WORKLOADS: dict[str, Workload] = {
         api_spec.WORKLOAD,
     )
 }
+
+
+#: The workloads that need a multimodal model (``--dummy llava-1.5-7b``, ``qwen2.5-vl-7b``):
+#: run by name, never by a suite (whose model is a text model).
+MULTIMODAL_WORKLOADS: dict[str, Workload] = {
+    w.name: w for w in (image_qa.WORKLOAD, image_qa.FORK_WORKLOAD, video_qa.WORKLOAD)
+}
+
+#: Every workload ``aiolm bench`` runs by name.
+ALL_WORKLOADS: dict[str, Workload] = {**WORKLOADS, **MULTIMODAL_WORKLOADS}

@@ -6,6 +6,15 @@
 - Matmul rate (a large square matmul in the model's dtype): prefill and large batches
   cost about ``2 × parameters`` FLOPs per token, so they cannot beat
   ``matmul rate / (2 × parameters)`` tokens per second.
+
+Mixture-of-Experts models count only what a step uses: a token runs ``top_k`` of the ``E``
+experts of each sparse layer (``active_parameters`` = the dense weights + ``top_k / E`` of
+the expert weights), and a decode step of ``B`` tokens reads the experts any of them chose.
+Under uniform routing (each token ``top_k`` distinct experts) an expert is left untouched
+by all ``B`` tokens with probability ``(1 - top_k / E) ** B``, so the step reads
+``E × (1 - (1 - top_k / E) ** B)`` experts per layer on average (``top_k`` at batch 1):
+``decode_weight_bytes`` = the dense weights (attention, norms, embedding, head, dense MLPs)
++ that fraction of the expert weights.
 """
 
 from __future__ import annotations
@@ -13,7 +22,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-__all__ = ["add_roofline_figures", "measure_limits", "weight_figures"]
+__all__ = ["add_roofline_figures", "expected_experts_touched", "measure_limits",
+           "weight_figures"]
 
 
 def _sync(device: Any) -> None:
@@ -62,27 +72,62 @@ def measure_limits(device: Any, dtype: Any) -> dict[str, float]:
     }
 
 
-def weight_figures(model: Any) -> dict[str, float]:
-    """``parameters`` and ``weight_bytes`` of a torch module."""
+def expected_experts_touched(num_experts: int, top_k: int, batch_size: int) -> float:
+    """Experts of one layer that ``batch_size`` tokens use, on average, when each picks
+    ``top_k`` distinct experts uniformly: ``E × (1 - (1 - top_k / E) ** B)``."""
+    if not 1 <= top_k <= num_experts or batch_size < 1:
+        raise ValueError(f"expected 1 <= top_k ({top_k}) <= num_experts ({num_experts}) and "
+                         f"batch_size >= 1 ({batch_size})")
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** batch_size)
+
+
+def weight_figures(model: Any, *, decode_batch_size: int = 1) -> dict[str, float]:
+    """``parameters`` and ``weight_bytes`` of a torch module.
+
+    A Mixture-of-Experts model (its ``config.num_experts > 0``) adds ``active_parameters``
+    (per token), ``experts_touched_per_layer`` and ``decode_weight_bytes`` (read by a
+    decode step of ``decode_batch_size`` tokens under uniform routing; see the module
+    docstring), which :func:`add_roofline_figures` uses in place of the totals.
+    """
     params = list(model.parameters())
-    return {
+    figures: dict[str, float] = {
         "parameters": sum(p.numel() for p in params),
         "weight_bytes": sum(p.numel() * p.element_size() for p in params),
     }
+    config = getattr(model, "config", None)
+    if getattr(config, "num_experts", 0) > 0:
+        from ..engine.layers.fused_moe import FusedMoE
+
+        experts = [p for m in model.modules() if isinstance(m, FusedMoE)
+                   for p in m.parameters()]
+        expert_params = sum(p.numel() for p in experts)
+        expert_bytes = sum(p.numel() * p.element_size() for p in experts)
+        num_experts, top_k = config.num_experts, config.num_experts_per_tok
+        touched = expected_experts_touched(num_experts, top_k, decode_batch_size)
+        figures.update(
+            active_parameters=figures["parameters"] - expert_params * (1 - top_k / num_experts),
+            experts_touched_per_layer=touched,
+            decode_weight_bytes=figures["weight_bytes"] - expert_bytes * (1 - touched / num_experts),
+        )
+    return figures
 
 
 def add_roofline_figures(record: dict[str, Any], limits: dict[str, float], weights: dict[str, float]) -> None:
     """Add the roofline fractions to a workload record's runs (in place).
 
     ``decode-bs1`` gets ``bandwidth_roofline_fraction``, ``throughput`` gets
-    ``matmul_roofline_fraction``; other workloads are left alone.
+    ``matmul_roofline_fraction``; other workloads are left alone. A Mixture-of-Experts
+    model's figures count only the experts a step uses (``decode_weight_bytes``,
+    ``active_parameters`` from :func:`weight_figures`).
     """
+    step_bytes = weights.get("decode_weight_bytes", weights["weight_bytes"])
+    parameters = weights.get("active_parameters", weights["parameters"])
     for figures in record["runs"].values():
         if record["name"] == "decode-bs1":
-            roofline = limits["copy_bandwidth_gbps"] * 1e9 / weights["weight_bytes"]
+            roofline = limits["copy_bandwidth_gbps"] * 1e9 / step_bytes
             figures["bandwidth_roofline_tok_per_s"] = roofline
             figures["bandwidth_roofline_fraction"] = figures["output_tok_per_s"] / roofline
         elif record["name"] == "throughput":
-            roofline = limits["matmul_tflops"] * 1e12 / (2 * weights["parameters"])
+            roofline = limits["matmul_tflops"] * 1e12 / (2 * parameters)
             figures["matmul_roofline_tok_per_s"] = roofline
             figures["matmul_roofline_fraction"] = figures["total_tok_per_s"] / roofline

@@ -17,12 +17,17 @@ Eviction frees least-recently-used unlocked leaves through the slot allocator; a
 that becomes an unlocked leaf becomes a candidate in turn. Candidates live in a heap keyed
 by last-access time with lazy invalidation (an entry whose node was touched since is pushed
 again with its new time), so eviction never scans the whole tree.
+
+A listener (:meth:`RadixCache.listen`) is told which token blocks the tree starts and stops
+holding, as chained block hashes (:mod:`aiolm.cache.block_events`), e.g. for a router that
+sends requests to the replica holding their prefix. Without one, nothing is hashed.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -30,6 +35,7 @@ import torch
 
 from ..sequences import common_prefix_length
 from ..values import hit_rate
+from .block_events import DEFAULT_BLOCK_SIZE, CacheEvent, block_hashes
 
 if TYPE_CHECKING:
     from .pool import TokenSlotAllocator
@@ -107,6 +113,8 @@ class RadixCache:
         self._hit_tokens = 0
         self._miss_tokens = 0
         self._evicted_tokens = 0
+        self._listener: Callable[[CacheEvent], None] | None = None
+        self._block_size = DEFAULT_BLOCK_SIZE
 
     def _init_tree(self) -> None:
         self._root = TreeNode([], self._empty, None, next(self._ids))
@@ -156,6 +164,36 @@ class RadixCache:
         ``miss_tokens`` not (the caller decides what counts as a lookup)."""
         self._hit_tokens += hit_tokens
         self._miss_tokens += miss_tokens
+
+    # ----------------------------------------------------------------- events
+
+    def listen(self, listener: Callable[[CacheEvent], None] | None, *,
+               block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+        """Call ``listener`` (on the thread that changes the tree; it must be quick) with a
+        ``stored`` event for the whole ``block_size``-token blocks each insert adds and a
+        ``removed`` event for those each eviction drops (:mod:`aiolm.cache.block_events`);
+        a ``cleared`` event on :meth:`reset`. ``None`` stops the events. Only blocks cached
+        from now on are reported. Raises ``ValueError`` for a ``block_size`` below 1."""
+        if block_size < 1:
+            raise ValueError(f"block_size: must be at least 1 (got {block_size})")
+        self._listener = listener
+        self._block_size = block_size
+
+    def _report(self, kind: str, path: list[int], start: int) -> None:
+        """Tell the listener that the blocks of ``path`` ending past ``start`` were stored
+        or removed (those ending at or before ``start`` are unchanged)."""
+        size = self._block_size
+        if len(path) // size > start // size:
+            hashes = block_hashes(path[:len(path) // size * size], size)
+            self._listener(CacheEvent(kind=kind, hashes=tuple(hashes[start // size:])))
+
+    def _path_tokens(self, node: TreeNode) -> list[int]:
+        """The tokens from the root to the end of ``node``."""
+        keys = []
+        while node is not self._root:
+            keys.append(node.key)
+            node = node.parent
+        return [t for key in reversed(keys) for t in key]
 
     # ----------------------------------------------------------------- match / insert
 
@@ -230,6 +268,8 @@ class RadixCache:
                 self._node_count += 1
                 self._evictable += n - i
                 heapq.heappush(self._heap, (now, leaf.id, leaf))
+                if self._listener is not None:
+                    self._report("stored", list(key), i)
                 return i
             i += len(child.key)
             node = child
@@ -356,6 +396,9 @@ class RadixCache:
                 heapq.heappush(heap, (node.last_access, node_id, node))
                 continue
             size = len(node.key)
+            if self._listener is not None:
+                path = self._path_tokens(node)
+                self._report("removed", path, len(path) - size)
             self._allocator.free(node.value)
             freed += size
             self._evictable -= size
@@ -383,6 +426,8 @@ class RadixCache:
         """
         if self._protected:
             raise RuntimeError(f"reset() while {self._protected} cached tokens are locked")
+        if self._listener is not None and self._root.children:
+            self._listener(CacheEvent(kind="cleared"))
         for node in self._iter_nodes():
             self._allocator.free(node.value)
             node.dead = True

@@ -44,6 +44,7 @@ class PrefillAdmission:
     max_new_tokens_estimate: int
     in_batch_prefix_threshold: int
     cache_aware_limit: int
+    mix_decode: bool
     _budget: int
     _new_token_ratio: float
     _waiting: list[Req]
@@ -70,17 +71,49 @@ class PrefillAdmission:
             left -= ext
         if (self._waiting and left > 0 and len(self._running) < self.max_running_requests
                 and self.req_to_token_pool.available_size()):
-            self._admit_waiting(entries, left)
+            left = self._admit_waiting(entries, left)
         if not entries:
             return None
+        decode_start = len(entries)
+        slots = [e[4] for e in entries]
+        if self.mix_decode and left > 0:
+            riding = self._mix_decode(entries, left)
+            if riding is not None:
+                slots.append(riding)
         return ScheduleBatch(
             mode=ForwardMode.EXTEND,
             reqs=[e[0] for e in entries],
             prefix_lens=[e[2] for e in entries],
             extend_lens=[e[3] for e in entries],
-            out_cache_loc=torch.cat([e[4] for e in entries]),
+            out_cache_loc=torch.cat(slots),
             sample_mask=[e[2] + e[3] == len(e[1]) for e in entries],
+            decode_start=decode_start,
         )
+
+    def _mix_decode(self, entries: list, left: int) -> torch.Tensor | None:
+        """Let the running requests that miss only their last token ride along in this
+        extend pass (SGLang's mixed chunk): each advances a token now instead of waiting for
+        the next decode pass. That pass would read every weight again for them, so a
+        jump-forward (or a chunk of prefill) no longer costs a pass of its own. Within the
+        pass's token budget; nothing when the pool cannot give every one a slot without
+        evicting (a decode pass makes room as it always does). Returns their slots, in the
+        order of the entries appended."""
+        taken = {id(e[0]) for e in entries}
+        # Not a request whose token is still in flight (the overlapped loop): its decode
+        # goes behind that pass as usual.
+        reqs = [r for r in self._running
+                if r.needs_decode and not r.pending and id(r) not in taken][:left]
+        if not reqs or len(reqs) > self.allocator.available_size():
+            return None
+        slots = self.allocator.alloc(len(reqs))
+        pool = self.req_to_token_pool
+        rows = torch.tensor([r.req_pool_idx for r in reqs]).to(pool.device, non_blocking=True)
+        cols = torch.tensor([r.kv_len for r in reqs]).to(pool.device, non_blocking=True)
+        pool.req_to_token[rows, cols] = slots.to(torch.int32)
+        for r in reqs:
+            r.alloc_len = r.kv_len + 1
+            entries.append((r, r.all_ids, r.kv_len, 1, None))
+        return slots
 
     def _extend_len(self, req: Req, missing: int, left: int, batch_nonempty: bool) -> int:
         """Tokens of ``missing`` to compute now: all, a chunk, or 0 (does not fit)."""
@@ -91,7 +124,8 @@ class PrefillAdmission:
         # Unchunkable and over budget: it runs alone in a batch of its own.
         return 0 if batch_nonempty else missing
 
-    def _admit_waiting(self, entries: list, left: int) -> None:
+    def _admit_waiting(self, entries: list, left: int) -> int:
+        """Admit waiting requests into ``entries``; returns the token budget left."""
         pool = self.req_to_token_pool
         reserved = sum(self._future_need(r) for r in self._running)
         cache_aware = (self.policy != "fcfs" and not self.cache.disabled
@@ -152,6 +186,7 @@ class PrefillAdmission:
             req.overtaken += 1
             if req.overtaken == self.aging_limit:
                 bisect.insort(self._aged, req, key=_arrival)
+        return left
 
     def _shared_in_batch(self, ids: list[int], m: int, entries: list) -> bool:
         """True when a batch member computes this request's next uncached tokens now."""

@@ -159,13 +159,15 @@ def _check_seconds(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise ValueError(f"{attribute.name}: must be a positive number of seconds, got {value}")
 
 
+#: The most tensor-parallel ranks an engine runs (one host's GPUs).
+MAX_TP_SIZE = 64
+
+
 def _check_tp_size(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     _int_at_least(1)(_inst, attribute, value)
-    if value != 1:
-        raise ValueError(
-            f"tp_size: only 1 is supported (one device per engine), got {value}; "
-            "run one Engine per GPU instead"
-        )
+    if value > MAX_TP_SIZE:
+        raise ValueError(f"tp_size: at most {MAX_TP_SIZE} ranks (the GPUs of one host), "
+                         f"got {value}")
 
 
 def _check_template(_inst: Any, _attribute: attrs.Attribute, value: Any) -> None:
@@ -181,16 +183,19 @@ def _check_constraint_limits(_inst: Any, _attribute: attrs.Attribute, value: Any
 
 
 def _option(default: Any, help: str, *, validator: Any = None, choices: tuple[Any, ...] = (),
-            converter: Any = None, flag: str | None = None, cli: bool = True) -> Any:
+            converter: Any = None, flag: str | None = None, cli: bool = True,
+            aliases: tuple[str, ...] = ()) -> Any:
     """One option's declaration: an attrs field whose metadata carries what the command
     line and the docs need. ``choices``: the allowed values (validated here, offered as
     the flag's choices; ``None`` among them is ``none`` on the command line); ``flag``: the
     command-line name of a bool option's ``--X`` / ``--no-X`` pair (default: the name's);
-    ``cli=False``: a structured value the command line does not take."""
+    ``aliases``: more names of the flag (``"--tp"``); ``cli=False``: a structured value
+    the command line does not take."""
     if choices:
         validator = _one_of(choices)
     return attrs.field(default=default, validator=validator, converter=converter,
-                       metadata={"help": help, "choices": choices, "flag": flag, "cli": cli})
+                       metadata={"help": help, "choices": choices, "flag": flag, "cli": cli,
+                                 "aliases": aliases})
 
 
 @attrs.frozen(kw_only=True)
@@ -244,12 +249,21 @@ class EngineConfig:
         "quantized GGUF quantized (Q4_0/Q4_1 as int4, other types as int8) and does nothing "
         "on CUDA or for a float checkpoint; 'int8'/'int4' quantize any checkpoint at load "
         "(the CPU only); none keeps the exact float weights", choices=QUANTIZATIONS)
-    tp_size: int = _option(1, "tensor parallelism; only 1 is supported (one Engine per GPU)",
-                           validator=_check_tp_size)
+    tp_size: int = _option(
+        1, "tensor parallelism: split the model over this many GPUs (cuda:0..N-1 from the "
+        "engine's device; NCCL) or CPU processes (gloo), one worker process per rank beyond "
+        "the engine's own; the dense Llama family, heads and intermediate size divisible by "
+        "it (KV heads replicated when fewer); no CPU quantization or compile with it. A "
+        "script that opens such an engine must guard its top level with if __name__ == "
+        "'__main__' (the workers are spawned)", validator=_check_tp_size, aliases=("--tp",))
     seed: int = _option(0, "seeds dummy weights and the sampler's shared random generator",
                         validator=_int_at_least(0))
     jump_forward: bool = _option(
         True, "append the tokens a constraint forces in one forward pass",
+        validator=_check_bool)
+    mix_decode: bool = _option(
+        True, "running requests that miss only their next token ride along in an extend pass "
+        "(jump-forward, chunked prefill) instead of waiting for the next decode pass",
         validator=_check_bool)
     aging_limit: int = _option(
         16, "how many scheduling passes a waiting request may be overtaken by better-placed "
@@ -302,6 +316,13 @@ class EngineConfig:
                 f"quantization: {self.quantization!r} is for the CPU only; on CUDA pass "
                 "quantization=None or 'auto'"
             )
+        if self.tp_size > 1 and self.quantization in ("int8", "int4"):
+            raise ValueError(f"quantization: {self.quantization!r} does not combine with "
+                             f"tp_size={self.tp_size}; pass quantization=None or 'auto' (float "
+                             "weights)")
+        if self.tp_size > 1 and self.compile:
+            raise ValueError(f"compile: the compiled CPU decode step runs one process; it does "
+                             f"not combine with tp_size={self.tp_size}")
 
 
 def _document(cls: type) -> None:

@@ -80,7 +80,9 @@ if TYPE_CHECKING:
     from ..constraints.base import Matcher
     from .config import EngineConfig
     from .model_config import ModelConfig
+    from .multimodal import MultimodalInputs
     from .tokenizer import Tokenizer
+    from .tp_workers import TPWorkers
 
 __all__ = ["CommandDone", "EngineCore", "EngineFailed", "EngineStatistics", "IntegrityReport",
            "RequestOutput"]
@@ -95,12 +97,14 @@ class EngineCore(StepProcessing):
     loop thread. :meth:`new_request` validates on the caller's thread; :meth:`add`,
     :meth:`abort`, :meth:`flush_cache` and :meth:`shutdown` only post to the inbox.
     ``failure`` is the error that stopped the loop (``None`` while it runs), set on the
-    loop thread before the :class:`EngineFailed` event is posted.
+    loop thread before the :class:`EngineFailed` event is posted. ``workers``: the
+    tensor-parallel worker processes (rank 0's ``model`` is its shard); the core owns them
+    from here on and stops them when its loop ends (or its construction fails).
     """
 
     def __init__(self, config: EngineConfig, *, model: nn.Module, model_config: ModelConfig,
                  tokenizer: Tokenizer | None, device: torch.device,
-                 post: Callable[[list[Event]], None]) -> None:
+                 post: Callable[[list[Event]], None], workers: TPWorkers | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
         eos = set(model_config.eos_token_ids)
@@ -108,7 +112,17 @@ class EngineCore(StepProcessing):
             eos.update(tokenizer.eos_token_ids)
         self.eos_token_ids = frozenset(eos)
         self.runner = ModelRunner(config, model=model, model_config=model_config, device=device,
-                                  eos_token_ids=sorted(eos))
+                                  eos_token_ids=sorted(eos),
+                                  tp=workers.group if workers is not None else None,
+                                  workers=workers)
+        try:
+            self._setup(config, model_config, device, post)
+        except BaseException:
+            self.runner.close()
+            raise
+
+    def _setup(self, config: EngineConfig, model_config: ModelConfig, device: torch.device,
+               post: Callable[[list[Event]], None]) -> None:
         self.context_len = model_config.context_len
         self.vocab_size = model_config.vocab_size
         self.cache = RadixCache(self.runner.allocator, disabled=not config.enable_radix_cache)
@@ -121,6 +135,7 @@ class EngineCore(StepProcessing):
             max_running_requests=self.runner.max_running_requests,
             max_prefill_tokens=self.runner.chunked_prefill_size,
             aging_limit=config.aging_limit,
+            mix_decode=config.mix_decode,
         )
         self.grammar = GrammarBackend(self.vocab_size, jump_forward=config.jump_forward,
                                       device=device)
@@ -170,30 +185,41 @@ class EngineCore(StepProcessing):
 
     def new_request(self, rid: str, input_ids: Sequence[int], sampling: SamplingParams, *,
                     matcher: Matcher | None = None, return_all_logits: bool = False,
-                    max_prefix_match: int | None = None, prompt_logprobs: bool = False) -> Req:
+                    max_prefix_match: int | None = None, prompt_logprobs: bool = False,
+                    mm: MultimodalInputs | None = None) -> Req:
         """Validate and build a request (runs on the caller's thread; touches no engine state).
 
         ``prompt_logprobs``: the request's first event carries the raw logprob of every
         prompt token given the tokens before it (with ``sampling.top_logprobs``
         alternatives); its prompt is then computed whole, not taken from the prefix cache.
-        Raises ``ValueError`` for an empty prompt, out-of-range token ids or a
-        ``logit_bias`` token outside the vocabulary, :class:`ContextLengthExceeded` /
-        :class:`OutOfMemory` when the model's context / the KV pool could never hold it
-        (:func:`~aiolm.engine.scheduler.check_fits`).
+        ``mm``: the request's images (:func:`~aiolm.engine.multimodal.prepare_multimodal`),
+        whose placeholder runs in ``input_ids`` hold their pad ids; their tokens count
+        against the context like any other.
+        Raises ``ValueError`` for an empty prompt, out-of-range token ids (a pad id outside
+        its item's run) or a ``logit_bias`` token outside the vocabulary,
+        :class:`ContextLengthExceeded` / :class:`OutOfMemory` when the model's context / the
+        KV pool could never hold it (:func:`~aiolm.engine.scheduler.check_fits`).
         """
         ids = list(input_ids)
         if not ids:
             raise ValueError("prompt: empty (give at least one token)")
-        for t in ids:
+        pads = _pad_positions(mm, len(ids))
+        for k, t in enumerate(ids):
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                if k in pads and t == pads[k]:
+                    continue
                 raise ValueError(f"input_ids: token id {t!r} is not in [0, {self.vocab_size})")
+        if prompt_logprobs and mm is not None:
+            raise ValueError("prompt_logprobs: not available for a prompt with images")
         for t, _bias in sampling.logit_bias:
             if t >= self.vocab_size:
                 raise ValueError(f"logit_bias: token id {t} is outside the model's vocabulary "
                                  f"({self.vocab_size} tokens)")
         check_fits(len(ids), sampling.max_tokens, context_len=self.context_len,
                    kv_slots=self.runner.allocator.size)
-        detok = (self.tokenizer.detokenizer(ids, skip_special_tokens=sampling.skip_special_tokens)
+        text_ids = [t for t in ids if t < self.vocab_size] if pads else ids
+        detok = (self.tokenizer.detokenizer(text_ids,
+                                            skip_special_tokens=sampling.skip_special_tokens)
                  if self.tokenizer is not None else None)
         checker = StopChecker(sampling, eos_token_ids=self.eos_token_ids, detokenizer=detok)
         state = _ReqState(checker=checker,
@@ -203,7 +229,7 @@ class EngineCore(StepProcessing):
             return_all_logits, max_prefix_match = True, 0
         return Req(rid=rid, input_ids=ids, sampling=sampling, matcher=matcher,
                    return_all_logits=return_all_logits, max_prefix_match=max_prefix_match,
-                   user_data=state)
+                   user_data=state, mm=mm)
 
     def add(self, req: Req) -> None:
         """Queue ``req`` (from :meth:`new_request`). Never blocks."""
@@ -270,6 +296,8 @@ class EngineCore(StepProcessing):
             _log.error("the engine loop failed; every open request is lost", exc_info=exc)
             self.failure = exc
             self._post([EngineFailed(error=exc)])
+        finally:
+            self.runner.close()
 
     def _run_once(self) -> bool:
         events: list[Event] = []
@@ -346,3 +374,17 @@ class EngineCore(StepProcessing):
             cache.protected_size, self.runner.forward_passes, retractions, cache.hit_tokens,
             cache.miss_tokens, self._totals["finished_requests"],
             self._totals["completion_tokens"])
+
+
+def _pad_positions(mm: MultimodalInputs | None, prompt_len: int) -> dict[int, int]:
+    """Prompt index -> the pad id expected there, for ``mm``'s items; ValueError for an
+    item outside the prompt."""
+    if mm is None:
+        return {}
+    out: dict[int, int] = {}
+    for item in mm.items:
+        if item.offset < 0 or item.end > prompt_len or item.length < 1:
+            raise ValueError(f"mm: a {item.kind} run {item.offset}..{item.end} lies outside "
+                             f"the prompt of {prompt_len} tokens")
+        out.update(dict.fromkeys(range(item.offset, item.end), item.pad_id))
+    return out

@@ -11,6 +11,13 @@ returns the logits of the real rows. Sampling stays outside the graph, on the de
 Every copy into the static buffers is device to device and queued on the stream, so a batch
 whose input ids the overlapped loop took from the previous step's sampled ids (on the
 device, not yet known to the host) replays like any other, after that step.
+
+Tensor parallelism: every rank builds its own runner, which captures the same buckets in
+the same order, so the warm-up passes' collectives pair up and the all-reduces and the
+all-gather of the sharded layers are captured inside the graphs (NCCL supports capture);
+every rank then replays the same bucket for a pass. Capture is then thread-local: NCCL's
+watchdog thread queries events while the engine captures, which a process-wide capture
+would forbid.
 """
 
 from __future__ import annotations
@@ -63,6 +70,9 @@ class CudaGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.batches: dict[int, ForwardBatch] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        tp = runner.tp
+        self.capture_error_mode = ("thread_local" if tp is not None and tp.size > 1
+                                   else "global")
         self.attn.init_cuda_graph_state(n, runner.context_len)
         self._capture_all()
 
@@ -89,7 +99,8 @@ class CudaGraphRunner:
                     self.model(batch)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
+            with torch.cuda.graph(graph, pool=pool, stream=stream,
+                                  capture_error_mode=self.capture_error_mode):
                 out = self.model(batch)
             if pool is None:
                 pool = graph.pool()

@@ -10,8 +10,11 @@ in it) down with an illegal address that says nothing about which index was wron
 - ``req_pool_indices``: rows of ``req_to_token`` in range, distinct, and taken (not free);
 - lengths: ``1 <= seq_len <= max_context_len``; for an extend, ``prefix + extend ==
   seq_len`` and the new tokens add up to ``num_tokens``; a decode has one token each;
-- ``positions``: the new tokens' positions ``prefix .. seq_len - 1``;
-- ``input_ids`` inside the vocabulary;
+- ``positions``: the new tokens' positions ``prefix .. seq_len - 1`` (past the prompt
+  shifted by the request's ``rope_delta`` where ``rope_shifts_cpu`` says so);
+- ``input_ids`` inside the vocabulary, but on the rows ``mm_rows`` of a multimodal pass,
+  which hold an image's pad ids (>= the vocabulary size) and get ``mm_embeds`` rows, one
+  each;
 - ``out_cache_loc``: real slots (``1..size``; 0 is padding), distinct, not free in the
   allocator, and exactly the slots the table holds for the new tokens;
 - the table: every slot of every sequence ``req_to_token[row, :seq_len]`` real and not free
@@ -101,8 +104,18 @@ def check_forward_batch(fb: ForwardBatch, *, allocator: TokenSlotAllocator,
     if len(positions) != num_tokens or len(locs) != num_tokens:
         fail(f"{num_tokens} tokens but {len(positions)} positions and {len(locs)} "
              "out_cache_loc entries")
+    mm_rows = set(_host(fb.mm_rows)) if fb.mm_rows is not None else set()
+    if fb.mm_rows is not None:
+        if fb.mm_embeds is None or fb.mm_embeds.shape[0] != len(fb.mm_rows):
+            fail(f"{len(fb.mm_rows)} mm_rows but mm_embeds of shape "
+                 f"{None if fb.mm_embeds is None else tuple(fb.mm_embeds.shape)}")
+        if len(mm_rows) != len(fb.mm_rows) or not all(0 <= r < num_tokens for r in mm_rows):
+            fail(f"mm_rows are not distinct rows of the pass (0..{num_tokens - 1})")
     for k, t in enumerate(ids):
-        if not 0 <= t < vocab_size:
+        if k in mm_rows:
+            if t < vocab_size:
+                fail(f"input_ids[{k}] = {t} is a token id on an image row (a pad id expected)")
+        elif not 0 <= t < vocab_size:
             fail(f"input_ids[{k}] = {t} is not a token id (0..{vocab_size - 1})")
 
     size = allocator.size
@@ -130,9 +143,13 @@ def check_forward_batch(fb: ForwardBatch, *, allocator: TokenSlotAllocator,
 
     seen_slots: dict[int, int] = {}
     k = 0
+    shifts = fb.rope_shifts_cpu or [(0, 0)] * bs
     for i, (row, p, e, n) in enumerate(zip(rows, prefix, extend, seq_lens, strict=True)):
-        if positions[k:k + e] != list(range(p, n)):
-            fail(f"request {i}: positions {positions[k:k + e][:8]}... are not {p}..{n - 1}")
+        prompt_len, delta = shifts[i]
+        wanted = [t + delta if delta and t >= prompt_len else t for t in range(p, n)]
+        if positions[k:k + e] != wanted:
+            fail(f"request {i}: positions {positions[k:k + e][:8]}... are not "
+                 f"{wanted[:8]}...")
         new = _host(table[row, p:n])
         for j in range(e):
             slot = locs[k + j]

@@ -51,6 +51,18 @@ class ForwardBatch:
     return_logits: str = "last"
     kv_pool: KVPool | None = None
     req_to_token_pool: ReqToTokenPool | None = None
+    # Multimodal inputs (aiolm/engine/multimodal.py), all None for a text-only pass:
+    # ``mm_embeds`` [K, hidden] overwrite the token embeddings of rows ``mm_rows`` [K] int64
+    # (their input ids are pad ids >= vocab_size: clamp/mask them before the lookup);
+    # ``mrope_positions`` [3, num_tokens] int64 for M-RoPE models (None: ``positions`` on
+    # all three sections).
+    mm_embeds: torch.Tensor | None = None
+    mm_rows: torch.Tensor | None = None
+    mrope_positions: torch.Tensor | None = None
+    # Host copy, per request, of ``(prompt_len, rope_delta)`` for requests whose positions
+    # past the prompt are shifted by ``rope_delta`` (empty: no shift anywhere; the debug
+    # checks read it).
+    rope_shifts_cpu: list[tuple[int, int]] = attrs.field(factory=list)
 
     @property
     def num_tokens(self) -> int:

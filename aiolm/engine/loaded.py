@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .model_config import ModelConfig
+    from .parallel import TPGroup
     from .tokenizer import Tokenizer
 
 __all__ = ["LoadedModel"]
@@ -41,11 +42,12 @@ class LoadedModel:
     @classmethod
     def load(cls, model: str | os.PathLike[str] | None = None, *, dtype: str = "auto",
              device: str = "auto", load_format: str = "auto", seed: int = 0,
-             quantization: str | None = "auto") -> LoadedModel:
+             quantization: str | None = "auto", tp: TPGroup | None = None) -> LoadedModel:
         """Load ``model`` (blocking): a HF directory, a ``.gguf`` file, or a named dummy config.
 
         ``None`` is the embedded SmolLM2. ``quantization`` as :func:`load_model` takes it
-        (``"auto"``: a quantized GGUF stays quantized on the CPU). Each stage logs its time
+        (``"auto"``: a quantized GGUF stays quantized on the CPU). ``tp``: load one
+        tensor-parallel rank's shard (:func:`~aiolm.engine.loader.load_model`). Each stage logs its time
         on the ``aiolm.engine`` logger at INFO. Raises ``FileNotFoundError`` for a missing
         model (saying how to install the default one), ``ValueError`` for bad arguments.
         """
@@ -60,7 +62,8 @@ class LoadedModel:
             if load_format != "dummy":  # the tokenizer loads while the weights do
                 tokenizer_future = pool.submit(_load_tokenizer, source)
             module, config = load_model(source, load_format=load_format, dtype=dtype,
-                                        device=dev, seed=seed, quantization=quantization)
+                                        device=dev, seed=seed, quantization=quantization,
+                                        tp=tp)
             tokenizer = tokenizer_future.result() if tokenizer_future is not None else None
         return cls(model=module, model_config=config, tokenizer=tokenizer, device=dev,
                    source=source, load_format=load_format)

@@ -12,6 +12,12 @@ once on the target device, so no time goes into default initialisation.
 ``quantization`` swaps the projections and the LM head for weight-only int8/int4 layers
 after loading (the CPU only; ``layers/quant.py``). Each stage logs its time on the
 ``aiolm.engine`` logger at INFO.
+
+``tp`` (a :class:`~aiolm.engine.parallel.TPGroup`) loads one rank's shard of a
+tensor-parallel model: safetensors are read through lazy slices (only the rank's rows or
+columns leave the file), a GGUF file's tensors are dequantized whole and cut, and dummy
+weights are drawn at full size in the single-device order, then cut, so every ``tp_size``
+gives the same model.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from .parallel import TPGroup
+
 __all__ = ["load_model"]
 
 _DUMMY_STD = 0.02
@@ -45,6 +53,7 @@ def load_model(
     device: Any = "cpu",
     seed: int = 0,
     quantization: str | None = None,
+    tp: TPGroup | None = None,
 ) -> tuple[nn.Module, ModelConfig]:
     """Return ``(model, config)``; ``config.dtype`` is the dtype the weights were loaded in.
 
@@ -54,6 +63,8 @@ def load_model(
     ``"int8"``/``"int4"`` quantize the projections and LM head (the CPU only);
     ``"auto"`` does what a quantized GGUF stores on the CPU (Q4_0/Q4_1 → ``"int4"``, other
     quantized types → ``"int8"``) and nothing on CUDA or for a float checkpoint.
+    ``tp``: load this rank's shard (see the module docstring); quantization is then
+    ``None`` or ``"auto"`` (which keeps the weights float).
     Raises FileNotFoundError naming a missing path, ValueError for an unsupported
     architecture (listing the supported ones) or a bad argument.
     """
@@ -70,19 +81,29 @@ def load_model(
         _log.info("read %s: %.2f s", _shown(model), time.perf_counter() - started)
     target = _resolve_dtype(dtype, config, device)
     config = _with_dtype(config, target)
+    sharded = tp is not None and tp.size > 1
+    if sharded:
+        from .parallel import check_tensor_parallel
+
+        check_tensor_parallel(config, tp.size)
+        if quantization not in (None, "auto"):
+            raise ValueError(f"quantization: {quantization!r} does not combine with tp_size > 1 "
+                             "(the CPU's quantized kernels run one process); pass None or 'auto'")
+        quantization = None
     scheme = resolve_quantization(quantization, source, device)
 
     from .models import model_class
 
     started = time.perf_counter()
+    cls = model_class(config.architecture)
     with torch.device("meta"):
-        module = model_class(config.architecture)(config)
+        module = cls(config, tp=tp) if sharded else cls(config)
     module = module.to(dtype=getattr(torch, target)).to_empty(device=device)
     stored: dict[Any, Any] = {}
     if load_format == "dummy":
-        _fill_dummy(module, seed, device)
+        _fill_dummy(module, seed, device, sharded=sharded)
     elif isinstance(source, Path):
-        module.load_weights(_safetensors_weights(source))
+        module.load_weights(_safetensors_weights(source, lazy=sharded))
     else:
         stored = module.load_weights(source.weights(config, keep_int4=scheme == "int4"))
     module.init_buffers()
@@ -184,20 +205,46 @@ def _with_dtype(config: ModelConfig, dtype: str) -> ModelConfig:
     return attrs.evolve(config, dtype=dtype)
 
 
-def _fill_dummy(module: nn.Module, seed: int, device: torch.device) -> None:
-    """Norm weights 1, everything else N(0, 0.02): finite, bounded activations at any size."""
+def _fill_dummy(module: nn.Module, seed: int, device: torch.device, *,
+                sharded: bool = False) -> None:
+    """Norm weights 1, everything else N(0, 0.02): finite, bounded activations at any size.
+
+    ``sharded``: a sharded parameter is drawn at its full size and cut (its module's
+    ``full_shape`` / ``take_shard``), so the generator runs as for the whole model."""
     import torch
 
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in module.named_parameters():
+            module_name, _, kind = name.rpartition(".")
+            owner = module.get_submodule(module_name)
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
+            elif sharded and hasattr(owner, "take_shard"):
+                full = torch.empty(owner.full_shape(kind), dtype=param.dtype, device=device)
+                param.copy_(owner.take_shard(kind, full.normal_(0.0, _DUMMY_STD,
+                                                                generator=generator)))
             else:
                 param.normal_(0.0, _DUMMY_STD, generator=generator)
 
 
-def _safetensors_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+class _LazySlice:
+    """A checkpoint tensor not yet read: ``.shape``, and ``[...]`` reads that part of it."""
+
+    def __init__(self, handle: Any) -> None:
+        import torch
+
+        self._handle = handle
+        self.shape = torch.Size(handle.get_shape())
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self._handle[index]
+
+
+def _safetensors_weights(directory: Path, *, lazy: bool = False,
+                         ) -> Iterator[tuple[str, torch.Tensor | _LazySlice]]:
+    """Every tensor of the directory's safetensors files; with ``lazy``, as
+    :class:`_LazySlice` (valid until the next one is yielded)."""
     from safetensors import safe_open
 
     index = directory / "model.safetensors.index.json"
@@ -213,4 +260,4 @@ def _safetensors_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise FileNotFoundError(f"model: shard {str(file)!r} listed in the index is missing")
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, _LazySlice(f.get_slice(name)) if lazy else f.get_tensor(name)

@@ -26,6 +26,7 @@ from ..sampling import SamplingParams
 if TYPE_CHECKING:
     from ..cache.radix import TreeNode
     from ..constraints.base import Matcher
+    from .multimodal import MultimodalInputs
 
 __all__ = ["OutputIds", "Req"]
 
@@ -136,6 +137,9 @@ class Req:
     max_prefix_match: int | None = None
     #: A caller's own data (the runtime's stream handle, say); the scheduler never reads it.
     user_data: Any = None
+    #: The images (videos) of a multimodal request, whose placeholder runs in the prompt
+    #: hold pad ids (>= the vocabulary size); None for a text request.
+    mm: MultimodalInputs | None = None
 
     finish_reason: str | None = None
     req_pool_idx: int | None = None
@@ -206,15 +210,20 @@ class Req:
 
     @property
     def needs_extend(self) -> bool:
-        """True when more than one token is missing (prefill, chunk, recompute, jump-forward)."""
-        return len(self.all_ids) - self.kv_len > 1
+        """True when more than one token is missing (prefill, chunk, recompute, jump-forward),
+        or any prompt token of a multimodal request (whose prompt only extends compute: a
+        decode pass never carries image rows or M-RoPE table positions)."""
+        missing = len(self.all_ids) - self.kv_len
+        return missing > 1 or (missing == 1 and self.mm is not None
+                               and self.kv_len < self.prompt_len)
 
     @property
     def needs_decode(self) -> bool:
         """True when exactly the last token is missing and ``max_tokens`` allows another
         (a request whose last allowed token is still in flight will finish with it)."""
         return (len(self.all_ids) - self.kv_len == 1
-                and len(self.all_ids) - self.prompt_len < self.sampling.max_tokens)
+                and len(self.all_ids) - self.prompt_len < self.sampling.max_tokens
+                and (self.mm is None or self.kv_len >= self.prompt_len))
 
     @property
     def finished(self) -> bool:

@@ -18,6 +18,13 @@ through ``aiolm.engine.cuda_graph.CudaGraphRunner(runner)``, which offers
 
 A step's inputs and the unpacking of its results are :mod:`aiolm.engine.step_io`; what a
 step produces is :mod:`aiolm.engine.step_output`.
+
+Tensor parallelism: a runner built with ``tp`` (a :class:`~aiolm.engine.parallel.TPGroup`)
+runs one rank's shard: its attention and KV pool hold the rank's heads, and the KV pool's
+size is the smallest any rank can hold (every rank has the same slots). Rank 0's runner
+also gets the ``workers`` (:class:`~aiolm.engine.tp_workers.TPWorkers`): each pass is sent
+to them before it runs, and :meth:`ModelRunner.close` stops them. A worker's runner is
+driven by :mod:`aiolm.engine.tp_worker`, through :meth:`ModelRunner.forward` only.
 """
 
 from __future__ import annotations
@@ -43,7 +50,9 @@ if TYPE_CHECKING:
 
     from .config import EngineConfig
     from .model_config import ModelConfig
+    from .parallel import TPGroup
     from .scheduler import ScheduleBatch
+    from .tp_workers import TPWorkers
 
 __all__ = [
     "LaunchedStep",
@@ -67,10 +76,12 @@ _CPU_MIN_TOKENS = 4096
 _CPU_RAM_SHARE = 0.10
 
 
-def choose_num_threads(requested: int | None, device: torch.device) -> int | None:
+def choose_num_threads(requested: int | None, device: torch.device, *,
+                       ranks: int = 1) -> int | None:
     """The intra-op thread count the engine gives torch: ``requested`` when set; else, on
-    the CPU, the usable cores minus one (at least 1), which leaves the event loop a core;
-    else (CUDA) None, keeping torch's own setting.
+    the CPU, the usable cores minus one (at least 1), which leaves the event loop a core,
+    shared by the ``ranks`` processes of a tensor-parallel engine; else (CUDA) None,
+    keeping torch's own setting.
 
     Tiny decode operations slow down many times over when one of their threads waits for a
     core another process holds, so the engine never asks for every core by default.
@@ -83,7 +94,7 @@ def choose_num_threads(requested: int | None, device: torch.device) -> int | Non
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    return max(1, (cores - 1) // ranks)
 
 
 #: The dtypes flashinfer's kernels take (the ``flashinfer`` and ``hybrid`` backends).
@@ -128,16 +139,45 @@ class ModelRunner(StepIO):
     ``model`` / ``model_config`` are the loaded weights (see :mod:`aiolm.engine.loader`);
     ``eos_token_ids`` (default: the model config's) are banned before ``min_tokens``.
     Sizes the KV pool from ``config`` and creates the attention backend and the sampler.
-    Raises ``ValueError`` for an unknown attention backend or a pool too small for one
-    request of a single token.
+    ``tp`` / ``workers``: this rank's place in a tensor-parallel engine, and (rank 0) the
+    worker processes, which the runner then owns (see the module docstring; a failed
+    construction closes them). Raises ``ValueError`` for an unknown attention backend or a
+    pool too small for one request of a single token.
     """
 
     def __init__(self, config: EngineConfig, *, model: nn.Module, model_config: ModelConfig,
-                 device: torch.device, eos_token_ids: Sequence[int] | None = None) -> None:
+                 device: torch.device, eos_token_ids: Sequence[int] | None = None,
+                 tp: TPGroup | None = None, workers: TPWorkers | None = None) -> None:
+        self.workers = workers
+        try:
+            self._setup(config, model, model_config, device, eos_token_ids, tp)
+            if workers is not None:
+                workers.wait_for("ready")
+        except BaseException as exc:
+            if workers is not None:
+                failure = workers.startup_failure(exc)
+                workers.close()
+                if failure is not exc:
+                    raise failure from exc
+            raise
+
+    def _setup(self, config: EngineConfig, model: nn.Module, model_config: ModelConfig,
+               device: torch.device, eos_token_ids: Sequence[int] | None,
+               tp: TPGroup | None) -> None:
         self.config = config
         self.model = model
         self.model_config = model_config
         self.device = device
+        self.tp = tp
+        ranks = tp.size if tp is not None else 1
+        if ranks > 1:
+            from .parallel import local_heads
+
+            q_heads, kv_heads = local_heads(model_config.num_heads, model_config.num_kv_heads,
+                                            ranks)
+        else:
+            q_heads, kv_heads = model_config.num_heads, model_config.num_kv_heads
+        self.num_kv_heads = kv_heads
         self.context_len = model_config.context_len
         cuda = device.type == "cuda"
         self.max_running_requests = config.max_running_requests or (256 if cuda else 64)
@@ -153,14 +193,16 @@ class ModelRunner(StepIO):
                              f"(flashinfer has no {dtype_name} kernels); use 'triton' or 'auto'")
         self.attention_backend = backend
         self.attn = create_attention(
-            backend, num_q_heads=model_config.num_heads, num_kv_heads=model_config.num_kv_heads,
+            backend, num_q_heads=q_heads, num_kv_heads=kv_heads,
             head_dim=model_config.head_dim, scale=model_config.head_dim ** -0.5, device=device,
         )
         self.model.set_attention(self.attn)
 
         size = self._kv_size()
+        if tp is not None:
+            size = tp.min_int(size, device)   # every rank holds the same slots
         self.allocator = TokenSlotAllocator(size, device)
-        self.kv_pool = KVPool(model_config.num_layers, model_config.num_kv_heads,
+        self.kv_pool = KVPool(model_config.num_layers, kv_heads,
                               model_config.head_dim, size, model_config.torch_dtype, device)
         self.req_to_token_pool = ReqToTokenPool(self.max_running_requests, self.context_len,
                                                 device)
@@ -168,7 +210,7 @@ class ModelRunner(StepIO):
             vocab_size=model_config.vocab_size, device=device, seed=config.seed,
             eos_token_ids=model_config.eos_token_ids if eos_token_ids is None else eos_token_ids,
         )
-        self.num_threads = choose_num_threads(config.num_threads, device)
+        self.num_threads = choose_num_threads(config.num_threads, device, ranks=ranks)
         if self.num_threads is not None:
             # NOTE: process-wide in effect: threads that start torch work later inherit it.
             torch.set_num_threads(self.num_threads)
@@ -216,15 +258,15 @@ class ModelRunner(StepIO):
         """KV slots: ``max_total_tokens``, or what memory holds, within what the kernels can
         address (raises ``ValueError`` for a ``max_total_tokens`` past that limit)."""
         cfg = self.model_config
-        limit = self.attn.max_kv_slots(cfg.num_kv_heads, cfg.head_dim)
+        limit = self.attn.max_kv_slots(self.num_kv_heads, cfg.head_dim)
         if self.config.max_total_tokens is not None:
             if self.config.max_total_tokens > limit:
                 raise ValueError(
                     f"max_total_tokens: {self.config.max_total_tokens} KV slots are more than "
                     f"{self.attention_backend} attention can address ({limit} for "
-                    f"{cfg.num_kv_heads} KV heads of dimension {cfg.head_dim})")
+                    f"{self.num_kv_heads} KV heads of dimension {cfg.head_dim})")
             return self.config.max_total_tokens
-        per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+        per_token = kv_bytes_per_token(cfg.num_layers, self.num_kv_heads, cfg.head_dim,
                                        cfg.torch_dtype)
         if self.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.device)
@@ -271,12 +313,14 @@ class ModelRunner(StepIO):
             check_forward_batch(fb, allocator=self.allocator,
                                 req_to_token_pool=self.req_to_token_pool,
                                 vocab_size=self.model_config.vocab_size)
-        if fb.is_decode and self.graph_runner is not None and self.graph_runner.can_run(fb):
-            logits = self.graph_runner.replay(fb)
-        elif fb.is_decode and self.compiled_decode is not None:
-            logits = self.compiled_decode(fb)
+        if self.workers is None:
+            logits = self.forward(fb)
         else:
-            logits = self.model(fb)
+            try:
+                self.workers.send_step(fb, self.req_to_token_pool.req_to_token)
+                logits = self.forward(fb)
+            except Exception as exc:
+                raise self.workers.lost(exc) from exc
         self.forward_passes += 1
 
         if fb.return_logits == "all":
@@ -322,14 +366,31 @@ class ModelRunner(StepIO):
                             sample_out=sample_out, score_spans=score_spans,
                             score_top=score_top, failed=failed, host=host, ready=ready)
 
+    def forward(self, fb: ForwardBatch) -> torch.Tensor:
+        """The model's logits for ``fb``: replayed from a CUDA graph, compiled, or eager."""
+        if fb.is_decode and self.graph_runner is not None and self.graph_runner.can_run(fb):
+            return self.graph_runner.replay(fb)
+        if fb.is_decode and self.compiled_decode is not None:
+            return self.compiled_decode(fb)
+        return self.model(fb)
+
     def fetch(self, step: LaunchedStep) -> StepOutput:
-        """Wait for ``step``'s results to reach the host and unpack them."""
-        if step.ready is not None:
+        """Wait for ``step``'s results to reach the host and unpack them (with workers:
+        raises :class:`~aiolm.errors.BackendUnavailable` when one dies meanwhile)."""
+        if step.ready is not None and self.workers is not None:
+            self.workers.wait_event(step.ready)
+        elif step.ready is not None:
             step.ready.synchronize()
         out = self._unpack(step.host, step.sample_rows, step.sample_out, step.score_spans,
                            step.score_top, step.batch)
         out.failed = step.failed
         return out
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers this runner owns (nothing without any);
+        idempotent. The engine loop calls it when it ends."""
+        if self.workers is not None:
+            self.workers.close()
 
     def queues_behind(self, mode: ForwardMode) -> bool:
         """Whether a pass of ``mode`` may be queued while another is in flight.

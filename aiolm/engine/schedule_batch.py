@@ -30,6 +30,9 @@ class ScheduleBatch:
     sample_mask: list[bool]
     #: Set by :meth:`Scheduler.launched`: the batch's K/V already count as computed.
     launched: bool = False
+    #: In an EXTEND batch, the requests from this index on are decode steps riding along
+    #: (see ``Scheduler(mix_decode=True)``): like a decode pass, they are not cached now.
+    decode_start: int | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -84,7 +84,7 @@ class Scheduler(PrefillAdmission):
                  new_token_ratio_decay: float = 0.001,
                  max_new_tokens_estimate: int = 4096,
                  in_batch_prefix_threshold: int = 32,
-                 cache_aware_limit: int = 128) -> None:
+                 cache_aware_limit: int = 128, mix_decode: bool = False) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
         for name, value in (("max_prefill_tokens", max_prefill_tokens),
@@ -115,6 +115,7 @@ class Scheduler(PrefillAdmission):
         self.max_new_tokens_estimate = max_new_tokens_estimate
         self.in_batch_prefix_threshold = in_batch_prefix_threshold
         self.cache_aware_limit = cache_aware_limit
+        self.mix_decode = mix_decode
         self._budget = min(max_prefill_tokens, chunked_prefill_size or max_prefill_tokens)
         self._new_token_ratio = new_token_ratio
         self._arrivals = itertools.count()
@@ -224,11 +225,13 @@ class Scheduler(PrefillAdmission):
         if batch.launched:
             return
         batch.launched = True
-        for req in batch.reqs:
+        extend = batch.mode is ForwardMode.EXTEND
+        cached_until = len(batch.reqs) if batch.decode_start is None else batch.decode_start
+        for i, req in enumerate(batch.reqs):
             if self._reqs.get(req.rid) is not req or req.req_pool_idx is None:
                 continue  # aborted since
             req.kv_len = req.alloc_len
-            if batch.mode is ForwardMode.EXTEND and req.finish_reason is None:
+            if extend and i < cached_until and req.finish_reason is None:
                 self._cache_unfinished(req)
 
     def process_result(self, batch: ScheduleBatch) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .forward_batch import ForwardBatch, ForwardMode
+from .multimodal import pass_embeddings
 from .step_output import SampledToken, ScoredTokens, StepOutput
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class StepIO:
     runner's, set up by ``ModelRunner.__init__``)."""
 
     device: torch.device
+    model: Any
     sampler: Sampler
     kv_pool: KVPool
     req_to_token_pool: ReqToTokenPool
@@ -76,7 +78,11 @@ class StepIO:
             # Row j (position prefix + j) predicts token prefix + j + 1, known while < len(ids).
             n = min(ext, len(ids) - prefix - 1)
             if n > 0:
-                spans.append((i, starts[i], starts[i] + n, ids[prefix + 1: prefix + 1 + n]))
+                targets = ids[prefix + 1: prefix + 1 + n]
+                if req.mm is not None:  # an image's pad ids are no token: score them as 0
+                    vocab = self.sampler.vocab_size
+                    targets = [t if t < vocab else 0 for t in targets]
+                spans.append((i, starts[i], starts[i] + n, targets))
         return spans
 
     def _start_copy(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
@@ -158,11 +164,21 @@ class StepIO:
         positions: list[int] = []
         if batch.mode is ForwardMode.DECODE:
             input_ids = [r.all_ids[p] for r, p in zip(reqs, prefix_lens, strict=True)]
-            positions = prefix_lens
+            positions = list(prefix_lens)
         else:
             for r, p, e in zip(reqs, prefix_lens, extend_lens, strict=True):
                 input_ids.extend(r.all_ids[p:p + e])
                 positions.extend(range(p, p + e))
+        multimodal = any(r.mm is not None for r in reqs)
+        mm_pass = mrope = None
+        shifts: list[tuple[int, int]] = []
+        if multimodal:
+            shifts = [(r.prompt_len, r.mm.rope_delta) if r.mm is not None else (0, 0)
+                      for r in reqs]
+            _shift_positions(positions, shifts, extend_lens)
+            if batch.mode is ForwardMode.EXTEND:
+                mm_pass = pass_embeddings(self.model, reqs, prefix_lens, extend_lens)
+                mrope = _mrope_positions(reqs, prefix_lens, extend_lens, positions)
         dev = self.device
 
         def on_device(values: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -189,4 +205,38 @@ class StepIO:
             return_logits="all" if any(r.return_all_logits for r in reqs) else "last",
             kv_pool=self.kv_pool,
             req_to_token_pool=self.req_to_token_pool,
+            mm_embeds=mm_pass[0] if mm_pass is not None else None,
+            mm_rows=mm_pass[1] if mm_pass is not None else None,
+            mrope_positions=mrope.to(dev, non_blocking=True) if mrope is not None else None,
+            rope_shifts_cpu=shifts if any(d for _, d in shifts) else [],
         )
+
+
+def _shift_positions(positions: list[int], shifts: list[tuple[int, int]],
+                     extend_lens: Sequence[int]) -> None:
+    """Add each request's ``rope_delta`` to its positions past its prompt, in place."""
+    k = 0
+    for (prompt_len, delta), e in zip(shifts, extend_lens, strict=True):
+        if delta:
+            for j in range(k, k + e):
+                if positions[j] >= prompt_len:
+                    positions[j] += delta
+        k += e
+
+
+def _mrope_positions(reqs: Sequence[Req], prefix_lens: Sequence[int],
+                     extend_lens: Sequence[int], positions: list[int]) -> torch.Tensor | None:
+    """The pass's ``[3, num_tokens]`` M-RoPE positions, or None when no request has them:
+    prompt rows from the request's table, every other row its (shifted) position on all
+    three sections."""
+    if not any(r.mm is not None and r.mm.mrope_positions is not None for r in reqs):
+        return None
+    out = torch.tensor(positions, dtype=torch.int64).unsqueeze(0).repeat(3, 1)
+    k = 0
+    for r, p, e in zip(reqs, prefix_lens, extend_lens, strict=True):
+        table = r.mm.mrope_positions if r.mm is not None else None
+        if table is not None and p < r.prompt_len:
+            end = min(p + e, r.prompt_len)
+            out[:, k:k + end - p] = table[:, p:end]
+        k += e
+    return out

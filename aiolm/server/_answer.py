@@ -22,6 +22,7 @@ from ..tools.chat_stream import stream_plan
 from ._asgi import Receive, Send, _read_body, _send_error, _send_json, _until_disconnect
 from ._server import _Server
 from .errors import ApiError, api_error_for
+from .images import resolve_image_urls
 from .protocol import Limits, Parsed, parse_json, parse_score
 from .responses import Choice, Reply, best_of
 
@@ -77,6 +78,7 @@ class _Answer:
             # Parsing takes time in proportion to the body (JSON, chat rendering, schema
             # checks): a worker thread keeps the event loop serving everyone else meanwhile.
             job = await anyio.to_thread.run_sync(self._parse_body, raw)
+            job = await resolve_image_urls(job, server.image_fetch, job.prompt_param)
             server.admit(job.size)
         except ApiError as err:
             await _send_error(send, err)

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..backends.base import Backend
 from .errors import ApiError
+from .images import ImageFetch
 from .metrics import Metrics
 from .protocol import ChatParsers, Limits
 
@@ -29,6 +30,8 @@ class _Server:
     limits: Limits
     tool_parser: str | None = None
     reasoning_parser: str | None = None
+    #: How image URLs are fetched (``--allow-image-urls``); None: refused.
+    image_fetch: ImageFetch | None = None
     created: int = attrs.field(factory=lambda: int(time.time()))
     metrics: Metrics = attrs.field(init=False)
     _parsers: ChatParsers | None = attrs.field(default=None, init=False)

@@ -40,6 +40,7 @@ from ._answer import _Answer, _Parse
 from ._server import _Server
 from .errors import ApiError
 from .guard import RequestGuard
+from .images import ImageFetch
 from .protocol import Limits, Parsed, parse_chat, parse_completion
 
 __all__ = ["DEFAULT_BODY_TIMEOUT", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_PENDING", "create_app"]
@@ -68,6 +69,7 @@ def create_app(
     max_score_continuations: int = _DEFAULT_LIMITS.max_score_continuations,
     tool_parser: str | None = None,
     reasoning_parser: str | None = None,
+    image_fetch: ImageFetch | None = None,
 ) -> Starlette:
     """An ASGI app serving ``backend`` under the OpenAI API.
 
@@ -95,6 +97,10 @@ def create_app(
     reasoning parser, chat answers think (``reasoning_content``) unless a request sends
     ``chat_template_kwargs: {"enable_thinking": false}``. Raises ``ValueError`` naming a bad
     option.
+
+    Chat ``image_url`` parts: data URLs always; http(s) URLs only with ``image_fetch`` (an
+    :class:`~aiolm.server.images.ImageFetch`: its size and time limits), which the server
+    then fetches before the backend sees the request; without it they are a 400.
     """
     if not isinstance(backend, Backend):
         raise TypeError(f"backend: expected an aiolm Backend, got {type(backend).__name__}")
@@ -116,7 +122,7 @@ def create_app(
     server = _Server(backend=backend, model=model_name or backend.model_name, api_key=api_key,
                      max_body_bytes=max_body_bytes, body_timeout=body_timeout,
                      max_pending=max_pending, limits=limits, tool_parser=tool_parser,
-                     reasoning_parser=reasoning_parser)
+                     reasoning_parser=reasoning_parser, image_fetch=image_fetch)
 
     def post(route: str, parse: _Parse | None) -> Route:
         async def endpoint(request: Request) -> _Answer:

@@ -25,6 +25,7 @@ from ..cli import add_engine_arguments, engine_options
 from .app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PENDING
 from .connections import DEFAULT_HEAD_TIMEOUT, default_connection_limit, http_protocol
 from .guard import is_loopback_host
+from .images import ImageFetch
 from .protocol import Limits
 
 if TYPE_CHECKING:
@@ -81,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="accept (and send CORS headers to) web pages of this origin, e.g. "
                         "https://ui.example.com (repeatable; '*' any). Default: none")
+    im = p.add_argument_group("images (/v1/chat/completions image_url parts)")
+    im.add_argument("--allow-image-urls", action="store_true",
+                    help="fetch http(s) image URLs (default: refused; data: URLs are always taken)")
+    im.add_argument("--image-url-max-bytes", type=int, default=ImageFetch().max_bytes,
+                    metavar="N", help="largest image fetched from a URL (default %(default)s)")
+    im.add_argument("--image-url-timeout", type=float, default=ImageFetch().timeout,
+                    metavar="S", help="seconds to fetch one image URL (default %(default)s)")
     lim = p.add_argument_group("limits (per request and per server)")
     lim.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                      help="largest request body (413 above; default %(default)s)")
@@ -111,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request head in bytes (h11; default %(default)s)")
     e = p.add_argument_group("engine (the options of aiolm.Engine; docs/engine.md)")
     add_engine_arguments(e, exclude=("model", "chat_template"))
+    r = p.add_argument_group("replicas on Ray Serve (pip install 'aiolm[ray]'; docs/serving.md)")
+    r.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="run N engine replicas on a local Ray instance behind one endpoint")
+    r.add_argument("--routing", default="cache-aware",
+                   choices=("cache-aware", "round-robin", "power-of-two"),
+                   help="how requests pick a replica (default %(default)s)")
+    r.add_argument("--imbalance", type=int, default=4, metavar="K",
+                   help="cache-aware: spill to the least-loaded replica when the cache's holder "
+                        "runs more than K requests more (default %(default)s)")
     return p
 
 
@@ -124,7 +141,10 @@ def serve_main(argv: Sequence[str]) -> int:
     """
     import sys
 
-    args = build_parser().parse_args(list(argv))
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    if args.replicas is not None:
+        return _serve_replicas(parser, args)
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as exc:
@@ -134,6 +154,47 @@ def serve_main(argv: Sequence[str]) -> int:
         from ..backends.engine import Engine
 
         return run_server(Engine(**engine_options(args)), args, sockets=[sock])
+
+
+def app_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keywords of :func:`~aiolm.server.create_app` that the ``aiolm serve`` options set."""
+    allowed_hosts = list(args.allowed_host)
+    if args.host not in ("0.0.0.0", "::", ""):  # a wildcard bind is no name a client sends
+        allowed_hosts.append(args.host)
+    return dict(
+        model_name=args.served_model_name, api_key=args.api_key,
+        allowed_hosts=allowed_hosts, allowed_origins=args.allowed_origin,
+        max_body_bytes=args.max_body_bytes, body_timeout=args.timeout_body,
+        max_pending=args.max_pending, max_json_depth=args.max_json_depth,
+        max_prompts=args.max_prompts, max_n=args.max_n, max_choices=args.max_choices,
+        max_score_continuations=args.max_score_continuations, tool_parser=args.tool_parser,
+        reasoning_parser=args.reasoning_parser,
+        image_fetch=ImageFetch(max_bytes=args.image_url_max_bytes,
+                               timeout=args.image_url_timeout)
+        if args.allow_image_urls else None)
+
+
+def _serve_replicas(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``aiolm serve --replicas N``: the same app on N engine replicas on a local Ray
+    instance (:func:`aiolm.serve_ray.run_local`); Serve's HTTP proxy listens on
+    ``--host:--port`` (the --timeout-*/--limit-concurrency/--h11-* options are uvicorn's and
+    do not apply there)."""
+    if args.replicas < 1:
+        parser.error(f"--replicas: must be at least 1 (got {args.replicas})")
+    if args.imbalance < 0:
+        parser.error(f"--imbalance: must be at least 0 (got {args.imbalance})")
+    try:
+        from ..serve_ray import run_local
+    except ImportError as exc:
+        parser.error(f"--replicas needs Ray Serve: pip install 'aiolm[ray]' ({exc})")
+    options = engine_options(args)
+    from ..backends.engine import Engine
+
+    Engine(**options)  # validate the options here, before Ray starts
+    logging.basicConfig(level=args.log_level.upper())
+    return run_local(options, replicas=args.replicas, host=args.host, port=args.port,
+                     routing=args.routing, imbalance=args.imbalance,
+                     server_options=app_options(args))
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -175,17 +236,7 @@ def run_server(backend: Backend, args: argparse.Namespace, *,
     from .app import create_app
 
     watch = _Watch(backend)
-    allowed_hosts = list(args.allowed_host)
-    if args.host not in ("0.0.0.0", "::", ""):  # a wildcard bind is no name a client sends
-        allowed_hosts.append(args.host)
-    app = create_app(
-        backend, model_name=args.served_model_name, api_key=args.api_key, lifespan=watch.lifespan,
-        allowed_hosts=allowed_hosts, allowed_origins=args.allowed_origin,
-        max_body_bytes=args.max_body_bytes, body_timeout=args.timeout_body,
-        max_pending=args.max_pending, max_json_depth=args.max_json_depth,
-        max_prompts=args.max_prompts, max_n=args.max_n, max_choices=args.max_choices,
-        max_score_continuations=args.max_score_continuations, tool_parser=args.tool_parser,
-        reasoning_parser=args.reasoning_parser)
+    app = create_app(backend, lifespan=watch.lifespan, **app_options(args))
     limit = args.limit_concurrency or default_connection_limit()
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, log_config=_log_config(args.log_level),

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..model_config import RopeScaling
 
-__all__ = ["RotaryEmbedding", "rope_inv_freq"]
+__all__ = ["MRotaryEmbedding", "RotaryEmbedding", "rope_inv_freq"]
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -120,6 +120,62 @@ class RotaryEmbedding(nn.Module):
             return q, k
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Multimodal RoPE (M-RoPE, Qwen2-VL / Qwen2.5-VL): each token has three positions
+    (temporal, height, width), and the ``head_dim // 2`` rotary frequencies are split into
+    ``mrope_section`` runs, run ``i`` rotated by position row ``i % 3``.
+
+    ``positions`` is ``[3, T]`` for M-RoPE or ``[T]``; a ``[T]`` tensor stands for the same
+    position on all three rows, which is exactly plain RoPE, so it takes
+    :class:`RotaryEmbedding`'s paths unchanged (the fused CUDA kernel and CUDA graphs
+    included). The ``[3, T]`` path gathers each run's cos/sin from the same float32 table,
+    as ``transformers``' ``Qwen2_5_VLRotaryEmbedding`` builds them, then rotates like
+    plain RoPE (not in place, also on CUDA: it runs on prefill passes only).
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float,
+                 mrope_section: tuple[int, ...] | list[int],
+                 scaling: RopeScaling | None = None) -> None:
+        if sum(mrope_section) != head_dim // 2:
+            raise ValueError(f"mrope_section: {list(mrope_section)} must sum to head_dim // 2 "
+                             f"= {head_dim // 2}")
+        self.mrope_section = tuple(int(n) for n in mrope_section)
+        super().__init__(head_dim, max_positions, theta, scaling)
+
+    def _mrope_rows(self, positions: torch.Tensor,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[T, head_dim // 2]`` of ``positions`` ``[3, T]`` in ``dtype``."""
+        cos_runs, sin_runs, start = [], [], 0
+        for i, size in enumerate(self.mrope_section):
+            rows = positions[i % 3]
+            cos_runs.append(self.cos[rows, start:start + size])
+            sin_runs.append(self.sin[rows, start:start + size])
+            start += size
+        return torch.cat(cos_runs, dim=-1).to(dtype), torch.cat(sin_runs, dim=-1).to(dtype)
+
+    def _cpu_tables(self, positions: torch.Tensor,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return super()._cpu_tables(positions, dtype)
+        cached = self._gathered
+        if cached is not None and cached[0] is positions and cached[1] == dtype:
+            return cached[2], cached[3]
+        cos, sin = self._mrope_rows(positions, dtype)
+        cos2 = torch.cat((cos, cos), dim=-1).unsqueeze(1)
+        sin2 = torch.cat((-sin, sin), dim=-1).unsqueeze(1)
+        self._gathered = (positions, dtype, cos2, sin2)
+        return cos2, sin2
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q`` and ``k`` by ``positions`` ``[T]`` (plain RoPE) or ``[3, T]``."""
+        if positions.dim() == 1:
+            return super().forward(positions, q, k)
+        cos, sin = self._mrope_rows(positions, q.dtype)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

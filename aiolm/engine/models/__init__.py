@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..model_config import SUPPORTED_ARCHITECTURES, check_architecture
+from ..model_config import MOE_ARCHITECTURES, SUPPORTED_ARCHITECTURES, check_architecture
 
 if TYPE_CHECKING:
     from torch import nn
@@ -19,6 +19,18 @@ def model_class(architecture: str) -> type[nn.Module]:
     q/k norm, tied embeddings, RoPE scaling) come from the ``ModelConfig``.
     """
     check_architecture(architecture)
+    if architecture == "Qwen2_5_VLForConditionalGeneration":
+        from .qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLForConditionalGeneration
+    if architecture in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"):
+        from . import llava
+
+        return getattr(llava, architecture)
+    if architecture in MOE_ARCHITECTURES:  # Mixtral, Qwen3-MoE
+        from .moe import MoEForCausalLM
+
+        return MoEForCausalLM
     from .llama import LlamaForCausalLM
 
     return LlamaForCausalLM

@@ -4,12 +4,17 @@ embeddings. The options come from ``ModelConfig``.
 
 Parameter names follow the Hugging Face layout except that q/k/v and gate/up are fused
 (``qkv_proj``, ``gate_up_proj``); ``load_weights`` maps checkpoint names onto them.
+
+Built with ``tp=`` a :class:`~aiolm.engine.parallel.TPGroup` of several ranks, the model is
+one rank's shard (:mod:`aiolm.engine.parallel`): its query and KV heads, gate/up rows and
+vocabulary rows; ``load_weights`` takes them out of the full checkpoint tensors.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,8 +22,10 @@ from torch import nn
 from ..attention.base import AttentionBackend
 from ..forward_batch import ForwardBatch
 from ..layers import LMHead, MergedLinear, RMSNorm, RotaryEmbedding, SiluAndMul, VocabEmbedding
+from ..layers.linear import RowParallelLinear
 from ..layers.quant import KERNEL_DTYPE, Int4Codes, Int4Linear, Int8Linear
 from ..model_config import ModelConfig
+from ..parallel import TPGroup, check_tensor_parallel, kv_head_range, local_heads
 
 __all__ = ["LlamaForCausalLM"]
 
@@ -31,19 +38,31 @@ _FUSED_NAME = re.compile(r"^(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(wei
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
-        self.head_dim = config.head_dim
-        q_size = config.num_heads * config.head_dim
-        kv_size = config.num_kv_heads * config.head_dim
+        self.head_dim = d = config.head_dim
+        q_size = config.num_heads * d
+        kv_size = config.num_kv_heads * d
+        rows = None
+        if tp is None:
+            self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        else:
+            self.num_heads, self.num_kv_heads = local_heads(config.num_heads,
+                                                            config.num_kv_heads, tp.size)
+            first_kv, _ = kv_head_range(tp.rank, tp.size, config.num_kv_heads)
+            kv_rows = (first_kv * d, self.num_kv_heads * d)
+            rows = {"q": (tp.rank * self.num_heads * d, self.num_heads * d),
+                    "k": kv_rows, "v": kv_rows}
+        # NOTE: parameters are registered in the checkpoint's order (dummy weights are
+        # drawn in it): qkv before o.
         self.qkv_proj = MergedLinear(
             config.hidden_size, [("q", q_size), ("k", kv_size), ("v", kv_size)],
-            bias=config.qkv_bias,
+            bias=config.qkv_bias, rows=rows,
         )
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
+        self.o_proj: nn.Module = (
+            nn.Linear(q_size, config.hidden_size, bias=config.o_bias) if tp is None
+            else RowParallelLinear(q_size, config.hidden_size, bias=config.o_bias, tp=tp))
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
@@ -75,14 +94,20 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
         size = config.intermediate_size
+        rows = None
+        if tp is not None:
+            local = size // tp.size
+            rows = {"gate": (tp.rank * local, local), "up": (tp.rank * local, local)}
         self.gate_up_proj = MergedLinear(
-            config.hidden_size, [("gate", size), ("up", size)], bias=config.mlp_bias
+            config.hidden_size, [("gate", size), ("up", size)], bias=config.mlp_bias, rows=rows
         )
         self.act = SiluAndMul()
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj: nn.Module = (
+            nn.Linear(size, config.hidden_size, bias=config.mlp_bias) if tp is None
+            else RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias, tp=tp))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, down = self.gate_up_proj, self.down_proj
@@ -96,10 +121,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, layer_id, tp)
+        self.mlp = LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -122,10 +147,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, tp=tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, tp)
+                                    for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta,
@@ -138,16 +164,23 @@ class LlamaForCausalLM(nn.Module):
 
     ``forward(batch)`` returns float32 logits: one row per request (its last new token) when
     ``batch.return_logits == "last"``, one per new token when ``"all"``. Attention goes
-    through the backend given to ``set_attention``.
+    through the backend given to ``set_attention``. ``tp``: build this rank's shard of a
+    tensor-parallel model (ValueError naming ``tp_size`` when the model cannot be split so);
+    every rank must then run the same passes, as its layers' collectives pair up.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        if tp is not None and tp.size == 1:
+            tp = None
+        if tp is not None:
+            check_tensor_parallel(config, tp.size)
+        self.tp = tp
+        self.model = LlamaModel(config, tp)
         self.lm_head = LMHead(
             config.vocab_size, config.hidden_size,
-            tied=self.model.embed_tokens if config.tie_word_embeddings else None,
+            tied=self.model.embed_tokens if config.tie_word_embeddings else None, tp=tp,
         )
         self.attn: AttentionBackend | None = None
 
@@ -160,8 +193,11 @@ class LlamaForCausalLM(nn.Module):
         self.model.rotary_emb.reset_cache()
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Run the batch's new tokens; writes their K/V to the pool; returns logits."""
+    def forward(self, batch: ForwardBatch,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the batch's new tokens; writes their K/V to the pool; returns logits.
+        ``inputs_embeds`` [num_tokens, hidden]: the tokens' embeddings, given by a model
+        that wraps this one (a multimodal model's image rows), else looked up here."""
         attn = self.attn
         if attn is None:
             raise RuntimeError("no attention backend: call model.set_attention(backend) first")
@@ -171,7 +207,7 @@ class LlamaForCausalLM(nn.Module):
         inner = self.model
         if not torch.compiler.is_compiling():
             inner.rotary_emb.new_pass()
-        hidden = inner.embed_tokens(batch.input_ids)
+        hidden = inner.embed_tokens(batch.input_ids) if inputs_embeds is None else inputs_embeds
         residual: torch.Tensor | None = None
         for layer in inner.layers:
             hidden, residual = layer(batch.positions, hidden, residual, inner.rotary_emb,
@@ -184,9 +220,12 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | Int4Codes]],
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | Int4Codes | Any]],
                      ) -> dict[tuple[str, str | None], Int4Codes]:
         """Copy checkpoint tensors (Hugging Face names) into the parameters.
+
+        A tensor may also be a lazy slice (``.shape``, read by ``[...]``): a sharded model
+        reads only its rank's part of it (see :mod:`aiolm.engine.parallel`).
 
         A tensor given as ``Int4Codes`` is returned keyed ``(parameter name, shard or
         None)`` for ``quantize_model`` to pack. NOTE: its float parameter is left unset (no
@@ -228,6 +267,8 @@ class LlamaForCausalLM(nn.Module):
             if name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} does not belong to this model")
             param = params[name]
+            if codes is None:
+                tensor = self._rank_part(name, tensor)
             if param.shape != tensor.shape:
                 raise ValueError(
                     f"{name}: checkpoint shape {tuple(tensor.shape)} does not match "
@@ -243,6 +284,19 @@ class LlamaForCausalLM(nn.Module):
             shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
             raise ValueError(f"checkpoint lacks {len(names)} weight(s): {shown}")
         return stored
+
+    def _rank_part(self, name: str, tensor: Any) -> torch.Tensor:
+        """``tensor`` (the whole checkpoint tensor ``name``) as this rank holds it: a
+        sharded module's part of it, else all of it (a lazy slice read whole)."""
+        module_name, _, kind = name.rpartition(".")
+        module = self.get_submodule(module_name)
+        if self.tp is not None and hasattr(module, "take_shard"):
+            want = module.full_shape(kind)
+            if tuple(tensor.shape) != want:
+                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not "
+                                 f"match {want}")
+            return module.take_shard(kind, tensor)
+        return tensor if isinstance(tensor, torch.Tensor) else tensor[:]
 
 
 def _last_token_indices(batch: ForwardBatch) -> torch.Tensor:

@@ -1,0 +1,138 @@
+"""Decode steps riding along in extend passes (``mix_decode``, issue 11): the same results
+as separate decode passes, in fewer passes.
+
+A running request that misses only its next token joins the extend pass of a
+jump-forward, a chunk of prefill or a newly admitted prompt, instead of waiting for the
+next decode pass (which would read every weight again for it). Tokens, text, stops and
+constrained outputs must not change; the KV accounting must be clean once idle; the riding
+requests are not cached at that pass (as in a decode pass).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from mini_model import PROMPTS, load_tiny
+from test_engine_overlap import assert_same_logprobs, clean, concurrently, summary
+
+from aiolm.backends.engine import Engine, LoadedModel
+from aiolm.cache.pool import ReqToTokenPool, TokenSlotAllocator
+from aiolm.cache.radix import RadixCache
+from aiolm.constraints import JSONSchema, Regex
+from aiolm.engine.forward_batch import ForwardMode
+from aiolm.engine.request import Req
+from aiolm.engine.scheduler import Scheduler
+from aiolm.sampling import SamplingParams
+
+pytestmark = pytest.mark.anyio
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                           "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    return load_tiny()
+
+
+def _scheduler(mix: bool) -> Scheduler:
+    allocator = TokenSlotAllocator(256)
+    pool = ReqToTokenPool(8, 64)
+    return Scheduler(cache=RadixCache(allocator), allocator=allocator, req_to_token_pool=pool,
+                     chunked_prefill_size=32, mix_decode=mix)
+
+
+def _running(sched: Scheduler, rid: str, ids: list[int]) -> Req:
+    """A request prefilled and given one sampled token: it misses exactly that token."""
+    req = Req(rid=rid, input_ids=ids, sampling=SamplingParams(max_tokens=8))
+    sched.add(req)
+    mix, sched.mix_decode = sched.mix_decode, False  # set up one request at a time
+    batch = sched.schedule()
+    sched.mix_decode = mix
+    assert batch is not None and batch.reqs == [req]
+    sched.process_result(batch)
+    req.all_ids.append(7)
+    return req
+
+
+@pytest.mark.parametrize("mix", [True, False])
+def test_a_new_prompt_takes_the_decoding_requests_along_only_when_mixing(mix):
+    sched = _scheduler(mix)
+    a = _running(sched, "a", [1, 2, 3, 4])
+    b = _running(sched, "b", [5, 6, 7])
+    fresh = Req(rid="c", input_ids=[9, 10, 11, 12, 13], sampling=SamplingParams(max_tokens=4))
+    sched.add(fresh)
+    batch = sched.schedule()
+    assert batch.mode is ForwardMode.EXTEND
+    if mix:
+        assert batch.reqs == [fresh, a, b]
+        assert batch.extend_lens == [5, 1, 1] and batch.prefix_lens == [0, 4, 3]
+        assert batch.sample_mask == [True, True, True] and batch.decode_start == 1
+        assert batch.out_cache_loc.numel() == 7
+        # Their slots are recorded where their next token goes.
+        assert sched.req_to_token_pool.read(a.req_pool_idx, 4, 5).tolist() == \
+            batch.out_cache_loc[5:6].tolist()
+    else:
+        assert batch.reqs == [fresh]
+    sched.process_result(batch)
+    if mix:
+        assert a.kv_len == 5 and b.kv_len == 4 and fresh.kv_len == 5
+        # The riders were not cached by this pass (a decode pass would not cache them).
+        assert a.locked_len == 4 and b.locked_len == 3
+    for r in (a, b, fresh):
+        sched.abort(r.rid)
+    assert sched.allocator.available_size() + sched.cache.evictable_size() == 256
+
+
+def test_riders_stay_within_the_pass_budget_and_skip_tokens_in_flight():
+    sched = _scheduler(True)
+    riders = [_running(sched, f"r{i}", [20 + i, 30, 40]) for i in range(4)]
+    riders[0].all_ids[-1] = -1      # a placeholder: its token is still in flight
+    riders[0].pending = 1
+    long = Req(rid="long", input_ids=list(range(100, 130)), sampling=SamplingParams(max_tokens=2))
+    sched.add(long)
+    batch = sched.schedule()
+    # 30 prompt tokens of a 32-token budget: two riders fit, and not the one in flight.
+    assert batch.reqs == [long, riders[1], riders[2]]
+    assert sum(batch.extend_lens) == 32
+
+
+async def _compare(tiny: LoadedModel, requests: list[dict[str, Any]], **options: Any
+                   ) -> tuple[list[Any], list[Any], list[int]]:
+    results, passes = [], []
+    for mix in (False, True):
+        async with Engine(tiny, mix_decode=mix, max_total_tokens=4096, **options) as eng:
+            before = eng._core.runner.forward_passes
+            results.append(await concurrently(eng, requests))
+            passes.append(eng._core.runner.forward_passes - before)
+            await clean(eng)
+    return results[0], results[1], passes
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+async def test_jump_forward_with_riders_gives_the_same_outputs_in_fewer_passes(tiny, overlap):
+    requests = []
+    for i, p in enumerate(PROMPTS):
+        requests.append(dict(input_ids=p, max_tokens=60, constraint=JSONSchema(SCHEMA),
+                             logprobs=i % 2 == 0))
+        requests.append(dict(input_ids=p, max_tokens=30, constraint=Regex(r"[a-z]{2,6} [0-9]{2}")))
+        requests.append(dict(input_ids=p, max_tokens=12 + i, ignore_eos=True, logprobs=True))
+    off, on, passes = await _compare(tiny, requests, overlap=overlap)
+    assert [summary(d) for d in on] == [summary(d) for d in off]
+    for a, b in zip(off, on, strict=True):
+        assert_same_logprobs(a, b)
+    values = [json.loads(d.text) for d in on[0::3] if d.finish_reason == "stop"]
+    assert values and all(set(v) == {"name", "age"} for v in values)
+    assert passes[1] < passes[0]
+
+
+async def test_chunked_prefill_with_riders_gives_the_same_tokens(tiny):
+    long_prompts = [[(7 * i + j) % 300 + 3 for j in range(90)] for i in range(3)]
+    requests = [dict(input_ids=p, max_tokens=10, ignore_eos=True) for p in PROMPTS]
+    requests += [dict(input_ids=p, max_tokens=5, ignore_eos=True) for p in long_prompts]
+    off, on, passes = await _compare(tiny, requests, chunked_prefill_size=32)
+    assert [summary(d) for d in on] == [summary(d) for d in off]
+    assert passes[1] <= passes[0]

@@ -1,0 +1,69 @@
+"""The tiny random LLaVA (1.5 and NeXT) through ``aiolm.Engine`` on CUDA in bfloat16, with
+the triton and the hybrid attention backends, against the same checkpoint on the CPU in
+float32: the greedy tokens of prompts with one and two images agree (the weights are drawn
+large enough that the logits are peaked, so bfloat16 rounding does not flip an argmax), the
+repeated image is served from the radix cache, and the engine ends clean."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from test_multimodal_parity import FAMILIES, IMAGE, _hf_model, as_data, random_image  # noqa: E402
+
+from aiolm.backends.base import GenerateRequest  # noqa: E402
+from aiolm.backends.engine import Engine, LoadedModel  # noqa: E402
+from aiolm.engine.loader import load_model  # noqa: E402
+from aiolm.engine.model_config import NAMED_CONFIGS  # noqa: E402
+from aiolm.sampling import SamplingParams  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.anyio]
+
+PROMPTS = [
+    ([1, 17, 18, IMAGE, 40, 41, 42], [(60, 45)]),
+    ([1, IMAGE, 30, 31, IMAGE, 50, 51], [(40, 100), (90, 50)]),
+]
+TOKENS = 8
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def checkpoint(request, tmp_path_factory):
+    name = request.param
+    directory = tmp_path_factory.mktemp(name)
+    _hf_model(name, seed=99).save_pretrained(directory, safe_serialization=True)
+    cls = type(load_model(name, load_format="dummy")[0])
+    cls._default_image_processor(NAMED_CONFIGS[name]).save_pretrained(directory)
+    return directory
+
+
+async def _greedy(directory, **engine_options) -> list[tuple[list[int], int]]:
+    out = []
+    device = torch.device(engine_options.pop("device"))
+    model, config = load_model(directory, dtype=engine_options.pop("dtype"), device=device)
+    loaded = LoadedModel(model=model, model_config=config, tokenizer=None, device=device,
+                         source=str(directory), load_format="auto")
+    async with Engine(loaded, max_total_tokens=4096, **engine_options) as engine:
+        for ids, sizes in PROMPTS * 2:   # the second round hits the cache
+            images = tuple(as_data(random_image(k, s)) for k, s in enumerate(sizes))
+            done = await engine.generate(GenerateRequest(
+                input_ids=tuple(ids), images=images,
+                sampling=SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)))
+            out.append((list(done.token_ids), done.usage.cached_tokens))
+        assert (await engine.check_integrity()).idle
+    return out
+
+
+@pytest.mark.parametrize("backend", ["triton", "hybrid"])
+async def test_cuda_bfloat16_tokens_match_cpu_float32(checkpoint, backend):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if backend == "hybrid":
+        pytest.importorskip("flashinfer")
+    reference = await _greedy(checkpoint, device="cpu", dtype="float32")
+    got = await _greedy(checkpoint, device="cuda", dtype="bfloat16",
+                        attention_backend=backend)
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in reference]
+    half = len(PROMPTS)
+    assert all(cached > 0 for _, cached in got[half:])

@@ -1,0 +1,191 @@
+"""Images through ``aiolm.Engine`` on the tiny random LLaVA: the radix cache keyed by image
+content, a fork over one image, chunked prefill across an image, the placement rule, and
+bad inputs refused before any token with nothing leaked."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+torch = pytest.importorskip("torch")
+np = pytest.importorskip("numpy")
+
+from PIL import Image  # noqa: E402
+
+from aiolm import UnsupportedFeature, assistant, gen, image, program, user  # noqa: E402
+from aiolm.backends.base import GenerateRequest  # noqa: E402
+from aiolm.backends.engine import Engine, LoadedModel  # noqa: E402
+from aiolm.engine.loader import load_model  # noqa: E402
+from aiolm.engine.model_config import NAMED_CONFIGS  # noqa: E402
+from aiolm.engine.tokenizer import Tokenizer  # noqa: E402
+from aiolm.errors import ContextLengthExceeded  # noqa: E402
+from aiolm.sampling import SamplingParams  # noqa: E402
+from aiolm.values import ImageData  # noqa: E402
+
+pytestmark = pytest.mark.anyio
+
+IMAGE = 3   # "<image>" in the test tokenizer; the model config is told so
+TOKENS_PER_IMAGE = 16
+
+
+def png(seed: int, size: tuple[int, int] = (60, 45)) -> ImageData:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return ImageData(data=buf.getvalue(), mime="image/png")
+
+
+def image_tokenizer() -> Tokenizer:
+    """A small byte-level BPE tokenizer whose special token ``<image>`` is id 3."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = RawTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>", "<image>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["what is in the picture? describe it", "USER: ASSISTANT:"] * 20,
+                           trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", bos_token="<s>",
+                                 additional_special_tokens=["<image>"])
+    return Tokenizer(hf)
+
+
+def tiny_llava(**changes) -> LoadedModel:
+    config = dict(NAMED_CONFIGS["tiny-llava"], image_token_index=IMAGE)
+    config["text_config"] = dict(config["text_config"], **changes)
+    model, model_config = load_model(config, load_format="dummy")
+    return LoadedModel(model=model, model_config=model_config, tokenizer=image_tokenizer(),
+                       device=torch.device("cpu"), source="tiny-llava", load_format="dummy")
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    return tiny_llava()
+
+
+@pytest.fixture
+def vision_calls(loaded):
+    """How many times the vision tower ran (``embed_multimodal`` calls) during the test."""
+    model = loaded.model
+    calls: list[str] = []
+
+    def counting(item):
+        calls.append(item.digest)
+        return type(model).embed_multimodal(model, item)
+
+    model.embed_multimodal = counting
+    yield calls
+    del model.embed_multimodal
+
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+def request(ids, *images, **kw) -> GenerateRequest:
+    return GenerateRequest(input_ids=tuple(ids), images=images, sampling=GREEDY, **kw)
+
+
+async def test_a_repeated_image_hits_the_cache_and_a_different_one_misses(loaded):
+    text = [1, 40, 41, IMAGE, 50, 51, 52]
+    async with Engine(loaded, max_total_tokens=2048) as engine:
+        first = await engine.generate(request(text, png(0)))
+        again = await engine.generate(request(text, png(0)))
+        other = await engine.generate(request(text, png(1)))
+        report = await engine.check_integrity()
+    prompt_len = len(text) - 1 + TOKENS_PER_IMAGE
+    assert first.usage.prompt_tokens == prompt_len
+    assert again.usage.cached_tokens == prompt_len - 1
+    assert again.token_ids == first.token_ids
+    assert other.usage.cached_tokens == 3   # the text before the image, not past it
+    assert report.idle
+
+
+async def test_a_fork_over_one_image_runs_the_vision_tower_once(loaded, vision_calls):
+    @program
+    async def questions(s, picture):
+        s += user(image(picture) + "what is in the picture?")
+        async with s.fork(3) as forks:
+            forks += lambda i: assistant(gen("answer", max_tokens=4, temperature=0))
+
+    async with Engine(loaded, max_total_tokens=2048) as engine:
+        await questions.run(png(2).data, backend=engine)
+        assert (await engine.check_integrity()).idle
+        cached = engine.statistics().cached_tokens
+    assert len(vision_calls) == 1
+    assert cached > TOKENS_PER_IMAGE
+
+
+async def test_a_chunked_prefill_across_an_image_gives_the_same_tokens(loaded):
+    ids = [1, 40, IMAGE, 41, 42, IMAGE, 43]
+    async with Engine(loaded, max_total_tokens=2048) as engine:
+        whole = await engine.generate(request(ids, png(4), png(5)))
+    async with Engine(loaded, max_total_tokens=2048, chunked_prefill_size=7) as engine:
+        chunked = await engine.generate(request(ids, png(4), png(5)))
+        assert (await engine.check_integrity()).idle
+    assert chunked.token_ids == whole.token_ids
+
+
+async def test_images_without_image_tokens_go_first_after_bos(loaded):
+    async with Engine(loaded, max_total_tokens=2048) as engine:
+        implicit = await engine.generate(request([1, 40, 41], png(6)))
+        explicit = await engine.generate(request([1, IMAGE, 40, 41], png(6)))
+    assert implicit.token_ids == explicit.token_ids
+    assert explicit.usage.cached_tokens == explicit.usage.prompt_tokens - 1
+
+
+async def test_a_text_prompt_places_the_image_at_its_token(loaded):
+    async with Engine(loaded, max_total_tokens=2048) as engine:
+        by_text = await engine.generate(GenerateRequest(
+            prompt="USER: <image>what is in the picture?", images=(png(7),), sampling=GREEDY))
+        ids = engine.tokenizer.encode("USER: <image>what is in the picture?")
+        assert ids.count(IMAGE) == 1
+        by_ids = await engine.generate(request(ids, png(7)))
+    assert by_text.token_ids == by_ids.token_ids
+
+
+@pytest.mark.parametrize("images,error,match", [
+    ((ImageData(data=b"not an image at all"),), ValueError, "images\\[0\\]: not a readable"),
+    ((ImageData(url="https://example.com/cat.png"),), ValueError, "does not fetch image URLs"),
+    ((png(0), png(1)), ValueError, "1 image token\\(s\\) .* for 2 image"),
+])
+async def test_bad_images_are_refused_before_any_token(loaded, images, error, match):
+    async with Engine(loaded, max_total_tokens=2048) as engine:
+        with pytest.raises(error, match=match):
+            async with engine.stream(request([1, IMAGE, 40], *images)) as chunks:
+                async for _ in chunks:
+                    pytest.fail("a token came before the error")
+        report = await engine.check_integrity()
+        stats = engine.statistics()
+    assert report.idle and stats.forward_passes == 0
+
+
+async def test_too_many_images_for_the_context_are_refused_before_any_token():
+    small = tiny_llava(max_position_embeddings=64)
+    async with Engine(small, max_total_tokens=1024) as engine:
+        with pytest.raises(ContextLengthExceeded):
+            await engine.generate(request([1, 40], *(png(k) for k in range(4))))
+        assert (await engine.check_integrity()).idle
+        assert engine.statistics().forward_passes == 0
+
+
+async def test_a_text_only_model_refuses_images():
+    text_only = LoadedModel.load("tiny-llama", load_format="dummy", device="cpu")
+    async with Engine(text_only, max_total_tokens=1024) as engine:
+        assert not engine.capabilities.images
+        with pytest.raises(UnsupportedFeature, match="does not take images"):
+            await engine.generate(request([1, 40], png(0)))
+        assert (await engine.check_integrity()).idle
+        assert engine.statistics().forward_passes == 0
+
+
+async def test_prompt_logprobs_with_images_are_refused(loaded):
+    async with Engine(loaded, max_total_tokens=1024) as engine:
+        with pytest.raises(ValueError, match="prompt_logprobs"):
+            await engine.generate(request([1, IMAGE], png(0), prompt_logprobs=True))
+
