@@ -33,5 +33,7 @@ dl=("$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary
 "${dl[@]}" starlette==1.10.0 uvicorn==0.54.0 h11==0.16.0 click==8.5.1 openai==3.57.0 \
     jiter==0.19.0 distro==1.9.0 sniffio==1.3.1 httpx==0.28.1 httpcore==1.0.9 \
     certifi==2026.10.19.post1 idna==3.20 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5
+# Images for the multimodal models (PyAV is not carried: 35 MB, and the GPU tests pass frames).
+"${dl[@]}" pillow==13.0.0
 ls -l .whl
 du -sh .whl

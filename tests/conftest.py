@@ -9,6 +9,8 @@ import pytest
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request):
+    if request.param == "trio":
+        pytest.importorskip("trio")  # the GPU machine's image has no trio
     return request.param
 
 

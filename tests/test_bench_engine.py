@@ -116,7 +116,7 @@ def test_cli_on_a_dummy_model_writes_every_variant(tmp_path):
     few_shot, json_decode = doc["workloads"]
     assert list(few_shot["runs"]) == ["aiolm", "radix-off", "fcfs", "hf"]
     assert set(few_shot["ratios"]) == {"aiolm/radix-off", "aiolm/fcfs", "aiolm/hf"}
-    assert list(json_decode["runs"]) == ["aiolm", "jump-forward-off", "hf"]
+    assert list(json_decode["runs"]) == ["aiolm", "jump-forward-off", "mix-decode-off", "hf"]
     assert few_shot["runs"]["radix-off"]["cache_hit_rate"] == 0.0
     assert few_shot["runs"]["aiolm"]["programs"] == 4
     assert few_shot["runs"]["hf"]["programs"] == 1              # --peer-programs 1

@@ -49,8 +49,9 @@ async def _greedy(directory, **engine_options) -> list[tuple[list[int], int]]:
             images = tuple(as_data(random_image(k, s)) for k, s in enumerate(sizes))
             done = await engine.generate(GenerateRequest(
                 input_ids=tuple(ids), images=images,
-                sampling=SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)))
-            out.append((list(done.token_ids), done.usage.cached_tokens))
+                sampling=SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True,
+                                        logprobs=True, top_logprobs=2)))
+            out.append((list(done.token_ids), done.usage.cached_tokens, done.logprobs))
         assert (await engine.check_integrity()).idle
     return out
 
@@ -61,9 +62,21 @@ async def test_cuda_bfloat16_tokens_match_cpu_float32(checkpoint, backend):
         pytest.skip("no CUDA device")
     if backend == "hybrid":
         pytest.importorskip("flashinfer")
+        from aiolm.engine.runner import FLASHINFER_HEAD_DIMS
+
+        name = checkpoint.name.rstrip("0123456789")
+        if load_model(name, load_format="dummy")[1].head_dim not in FLASHINFER_HEAD_DIMS:
+            pytest.skip("flashinfer has no kernels for this tiny model's head size")
     reference = await _greedy(checkpoint, device="cpu", dtype="float32")
     got = await _greedy(checkpoint, device="cuda", dtype="bfloat16",
                         attention_backend=backend)
-    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in reference]
+    for (tokens, _, logprobs), (want, _, _) in zip(got, reference, strict=True):
+        # bfloat16 may pick the other of two near-equal logits (a random tiny model has
+        # many); up to the first such near tie the tokens must be the same.
+        for i, (a, b) in enumerate(zip(tokens, want, strict=True)):
+            if a != b:
+                top = {t: lp for t, _, lp in logprobs[i].top}
+                assert b in top and abs(top[a] - top[b]) < 0.1, (i, tokens, want)
+                break
     half = len(PROMPTS)
-    assert all(cached > 0 for _, cached in got[half:])
+    assert all(cached > 0 for _, cached, _ in got[half:])

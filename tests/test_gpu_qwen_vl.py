@@ -55,7 +55,7 @@ def _generate(directory: str, device: str, dtype: str):
 
     async def main():
         out = {}
-        async with Engine(directory, device=device, dtype=dtype) as engine:
+        async with Engine(directory, device=device, dtype=dtype, max_total_tokens=8192) as engine:
             for kind, item in _items().items():
                 ids = (*_tokens(3, 1), IMAGE, *_tokens(5, 2))
                 out[kind] = await engine.generate(GenerateRequest(

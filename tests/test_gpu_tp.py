@@ -14,9 +14,9 @@ import signal
 import pytest
 
 torch = pytest.importorskip("torch")
-psutil = pytest.importorskip("psutil")
 
 import anyio  # noqa: E402
+from procs import spawned_children  # noqa: E402
 
 import aiolm  # noqa: E402
 from aiolm.engine.model_config import NAMED_CONFIGS  # noqa: E402
@@ -74,20 +74,9 @@ def reference(model):
     return anyio.run(run)
 
 
-def _children() -> set[int]:
-    found = set()
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "spawn_main" in " ".join(p.cmdline()):   # a spawned worker, not a tracker
-                found.add(p.pid)
-        except psutil.Error:
-            continue
-    return found
-
-
 @pytest.mark.anyio
 async def test_two_gpus_give_the_one_gpu_tokens_and_logprobs(model, reference):
-    before = _children()
+    before = spawned_children()
     async with _engine(model, 2) as engine:
         assert engine._core.runner.graph_runner is not None
         results = await _run(engine)
@@ -96,12 +85,12 @@ async def test_two_gpus_give_the_one_gpu_tokens_and_logprobs(model, reference):
         for a, b in zip(got.logprobs, want.logprobs, strict=True):
             assert [t for t, _, _ in a.top] == [t for t, _, _ in b.top]
             assert [lp for *_, lp in a.top] == pytest.approx([lp for *_, lp in b.top], abs=1e-4)
-    assert not (_children() - before)
+    assert not (spawned_children() - before)
 
 
 @pytest.mark.anyio
 async def test_a_bfloat16_engine_on_two_gpus_serves_and_frees_its_memory():
-    before = _children()
+    before = spawned_children()
     free_before = torch.cuda.mem_get_info(1)[0]
     async with aiolm.Engine("tiny-llama", load_format="dummy", device="cuda", tp_size=2,
                             dtype="bfloat16", max_running_requests=8,
@@ -110,17 +99,17 @@ async def test_a_bfloat16_engine_on_two_gpus_serves_and_frees_its_memory():
         assert len(done.token_ids) == TOKENS
         report = await engine.check_integrity()
         assert report.running_requests == 0
-    assert not (_children() - before)
+    assert not (spawned_children() - before)
     # The worker's GPU is free again (its process is gone).
     assert torch.cuda.mem_get_info(1)[0] >= free_before - (64 << 20)
 
 
 @pytest.mark.anyio
 async def test_a_killed_gpu_worker_fails_requests_and_close_returns():
-    before = _children()
+    before = spawned_children()
     engine = _engine("tiny-llama", 2)
     await engine.start()
-    (worker,) = _children() - before
+    (worker,) = spawned_children() - before
     with pytest.raises(aiolm.BackendUnavailable, match="rank 1"):
         async with engine.stream(input_ids=PROMPTS[0], max_tokens=1900, ignore_eos=True) as s:
             async for chunk in s:
@@ -130,4 +119,4 @@ async def test_a_killed_gpu_worker_fails_requests_and_close_returns():
         await engine.generate(input_ids=PROMPTS[1], max_tokens=2)
     with anyio.fail_after(60):
         await engine.aclose()
-    assert not (_children() - before)
+    assert not (spawned_children() - before)

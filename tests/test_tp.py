@@ -1,8 +1,9 @@
 """Tensor parallelism on the CPU: two gloo processes give the single-process engine's results.
 
 Every engine here is ``tp_size=2`` over tiny random models (a worker process per engine, so
-each test opens as few as it can). The single-process references are computed once per
-model, in this process.
+each test opens as few as it can: one engine checks tokens, logprobs, the prefix cache,
+cancellation and shutdown). The single-process references are computed once per model, in
+this process.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import anyio
-import psutil
 import pytest
 import torch
+from procs import alive, spawned_children
 
 import aiolm
 from aiolm.backends.engine import LoadedModel
@@ -35,8 +39,10 @@ def _gqa_replicated(tmp_path_factory) -> str:
     return str(directory)
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen3", "one-kv-head"])
+@pytest.fixture(scope="module", params=["one-kv-head", "tiny-qwen3", "tiny-qwen2"])
 def model(request, tmp_path_factory) -> str:
+    """A Llama whose one KV head is replicated (and whose vocabulary is padded), Qwen3 (q/k
+    norms), Qwen2 (q/k/v biases, the LM head tied to the embedding)."""
     if request.param == "one-kv-head":
         return _gqa_replicated(tmp_path_factory)
     return request.param
@@ -62,29 +68,15 @@ def reference(model):
     return anyio.run(run)
 
 
-def _children() -> set[int]:
-    """This process's spawned descendants (tensor-parallel workers), but multiprocessing's
-    resource tracker (started with the first of them; it lives as long as this process)."""
-    return {p.pid for p in psutil.Process().children(recursive=True)
-            if "spawn_main" in " ".join(_cmdline(p))}
-
-
-def _cmdline(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except psutil.Error:   # gone meanwhile
-        return []
-
-
 def _top(completion) -> list[list[tuple[int, float]]]:
     return [[(t, lp) for t, _text, lp in entry.top] for entry in completion.logprobs]
 
 
 @pytest.mark.anyio
 async def test_two_ranks_give_the_single_process_tokens_and_logprobs(model, reference):
-    before = _children()
+    before = spawned_children()
     async with _engine(model, 2) as engine:
-        workers = set(_children()) - before
+        workers = spawned_children() - before
         assert len(workers) == 1
         results = [await _greedy(engine, p) for p in PROMPTS]
         for got, want in zip(results, reference, strict=True):
@@ -98,7 +90,8 @@ async def test_two_ranks_give_the_single_process_tokens_and_logprobs(model, refe
         again = await _greedy(engine, PROMPTS[0])
         assert again.token_ids == reference[0].token_ids
         assert again.usage.cached_tokens == len(PROMPTS[0]) - 1
-        # Leaving a stream early aborts the request and frees its slots on every rank.
+        # Leaving a stream early aborts the request and frees its slots (rank 0 keeps the
+        # slot accounting of every rank).
         async with engine.stream(input_ids=PROMPTS[2], max_tokens=500, ignore_eos=True) as s:
             async for chunk in s:
                 if chunk.token_ids:
@@ -106,17 +99,16 @@ async def test_two_ranks_give_the_single_process_tokens_and_logprobs(model, refe
         await engine.flush_cache()
         report = await engine.check_integrity()
         assert report.idle and report.request_slots == 0
-    assert not (_children() - before)
-    assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
-               for pid in workers)
+    assert not (spawned_children() - before)
+    assert not any(alive(pid) for pid in workers)
 
 
 @pytest.mark.anyio
 async def test_a_killed_worker_fails_requests_with_backend_unavailable():
-    before = _children()
+    before = spawned_children()
     engine = _engine("tiny-llama", 2)
     await engine.start()
-    (worker,) = _children() - before
+    (worker,) = spawned_children() - before
     with pytest.raises(aiolm.BackendUnavailable, match="rank 1"):
         async with engine.stream(input_ids=PROMPTS[0], max_tokens=1500, ignore_eos=True) as s:
             async for chunk in s:
@@ -126,7 +118,38 @@ async def test_a_killed_worker_fails_requests_with_backend_unavailable():
         await engine.generate(input_ids=PROMPTS[1], max_tokens=2)
     with anyio.fail_after(30):
         await engine.aclose()
-    assert not (_children() - before)
+    assert not (spawned_children() - before)
+
+
+_ORPHAN_SCRIPT = """
+import anyio, aiolm
+
+async def main():
+    engine = aiolm.Engine("tiny-llama", load_format="dummy", device="cpu", tp_size=2,
+                          max_total_tokens=1024)
+    await engine.start()
+    print(engine._core.runner.workers.pids()[0], flush=True)
+    await anyio.sleep(60)
+
+if __name__ == "__main__":
+    anyio.run(main)
+"""
+
+
+def test_workers_exit_when_the_engine_process_is_killed(tmp_path):
+    script = tmp_path / "engine.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                          text=True) as parent:
+        try:
+            worker = int(parent.stdout.readline())
+            assert alive(worker)
+        finally:
+            parent.kill()
+    deadline = time.monotonic() + 20
+    while alive(worker):
+        assert time.monotonic() < deadline, "the worker outlived its engine's process"
+        time.sleep(0.1)
 
 
 def test_each_rank_loads_its_own_rows_of_the_single_process_weights(tmp_path_factory):

@@ -56,21 +56,23 @@ SUITES: dict[str, dict[str, Any]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import WORKLOADS
+    from . import MULTIMODAL_WORKLOADS, WORKLOADS
 
     parser = argparse.ArgumentParser(
         prog="aiolm bench",
         description="Run the paper's benchmark workloads as aiolm programs, with ablations and "
         "the transformers peer measured in the same run.",
-        epilog="workloads: " + ", ".join(WORKLOADS) + ". Latency under Poisson arrivals "
+        epilog="workloads: " + ", ".join(WORKLOADS) + "; with a multimodal model (e.g. --dummy "
+        "llava-1.5-7b, qwen2.5-vl-7b): " + ", ".join(MULTIMODAL_WORKLOADS) + ". Latency under Poisson arrivals "
         "(TTFT, ITL, E2E): aiolm bench serving --help.",
     )
     parser.add_argument("workloads", nargs="*", metavar="WORKLOAD", help="workloads to run (see below)")
     parser.add_argument("--suite", choices=tuple(SUITES), help="every workload with the suite's defaults")
     parser.add_argument("--list", action="store_true", help="list the workloads and exit")
-    parser.add_argument("--backend", choices=("engine", "openai", "scripted"), default="engine",
+    parser.add_argument("--backend", choices=("engine", "openai", "scripted", "ray"), default="engine",
                         help="engine: in-process; openai: aiolm's server over the engine, through "
-                        "aiolm.OpenAI; scripted: the deterministic stand-in (no model)")
+                        "aiolm.OpenAI; scripted: the deterministic stand-in (no model); ray: "
+                        "engine replicas on a local Ray Serve, compared by routing (options below)")
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--model", help="a Hugging Face directory or .gguf file (default: embedded SmolLM2)")
     model.add_argument("--dummy", metavar="NAME", help="random weights of a named config, e.g. llama-3-8b")
@@ -84,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and dummy weights")
     parser.add_argument("--out", metavar="FILE.json", help="write the results here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ray = parser.add_argument_group("--backend ray (pip install 'aiolm[ray]'; aiolm/bench/ray_bench.py)")
+    ray.add_argument("--replicas", type=int, metavar="N", help="engine replicas (default 2)")
+    ray.add_argument("--routing", action="append", choices=("cache-aware", "round-robin", "power-of-two"),
+                     help="a routing to measure (repeatable; default: all three)")
+    ray.add_argument("--compare-routing", action="store_true",
+                     help="measure cache-aware, round-robin and power-of-two in one Ray instance")
+    ray.add_argument("--no-single", action="store_true", help="skip the single-engine comparison run")
+    ray.add_argument("--rounds", type=int, default=1, metavar="K",
+                     help="run every configuration K times, the order rotated each round")
+    ray.add_argument("--subjects", type=int, metavar="N", help="few-shot: N subjects interleaved")
+    ray.add_argument("--imbalance", type=int, default=4, metavar="N",
+                     help="the cache-aware router's spill threshold (requests)")
+    ray.add_argument("--concurrency", type=int, metavar="N",
+                     help="programs in flight (default: the workload's)")
     # Hidden: how a run goes on in fresh processes after a CUDA fault (module docstring).
     parser.add_argument("--resume-state", metavar="FILE.json", help=argparse.SUPPRESS)
     parser.add_argument("--resume-step", type=int, metavar="K", help=argparse.SUPPRESS)
@@ -122,7 +138,7 @@ def bench_main(argv: list[str]) -> int:
     CUDA fault (module docstring); a process that lost its CUDA context never returns from
     here: it execs itself, or reports and ends with ``os._exit``.
     """
-    from . import WORKLOADS
+    from . import ALL_WORKLOADS, WORKLOADS
 
     if argv[:1] == ["serving"]:  # latency under load: its own options (bench/serving.py)
         from .serving import serving_main
@@ -131,7 +147,7 @@ def bench_main(argv: list[str]) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.list:
-        for w in WORKLOADS.values():
+        for w in ALL_WORKLOADS.values():
             print(f"{w.name:<16} {w.summary}")
         return 0
     if args.suite == "gpu":
@@ -140,18 +156,22 @@ def bench_main(argv: list[str]) -> int:
             return subprocess.call([sys.executable, str(script), *_without(argv, "--suite")])
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.backend == "ray":  # replicas on Ray Serve, routings compared (bench/ray_bench.py)
+        from .ray_bench import ray_bench_main
+
+        return ray_bench_main(parser, args, argv)
     if args.peer_programs is not None and args.peer_programs < 1:
         parser.error(f"--peer-programs: must be >= 1, got {args.peer_programs}")
     if args.suite and args.workloads:
         parser.error("give either workloads or --suite, not both")
-    unknown = [w for w in args.workloads if w not in WORKLOADS]
+    unknown = [w for w in args.workloads if w not in ALL_WORKLOADS]
     if unknown:
-        parser.error(f"unknown workload {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+        parser.error(f"unknown workload {', '.join(unknown)}; choose from {', '.join(ALL_WORKLOADS)}")
     if not args.suite and not args.workloads:
         parser.error("name a workload or a --suite (aiolm bench --list shows the workloads)")
 
     defaults = SUITES.get(args.suite or "", {})
-    names = list(args.workloads) or list(WORKLOADS)
+    names = list(args.workloads) or list(WORKLOADS)  # a suite: the text workloads
     size = args.size or defaults.get("size", "small")
     ablate = args.ablate if args.ablate is not None else defaults.get("ablate", [])
     ablations = list(ABLATIONS) if "all" in ablate else list(dict.fromkeys(ablate))
@@ -282,7 +302,7 @@ async def _run(args: argparse.Namespace, names: list[str], size: str, ablations:
                peer_name: str | None, dummy: str | None) -> _Run:
     """Run the plan's steps from ``--resume-step`` (default 0), then the rooflines; close the
     targets, unless a CUDA fault stopped the plan (then the run holds them)."""
-    from . import WORKLOADS
+    from . import ALL_WORKLOADS
     from .harness import ContextLost, plan, run_plan
     from .results import device_info
     from .targets import EngineTarget, HFTarget
@@ -293,7 +313,7 @@ async def _run(args: argparse.Namespace, names: list[str], size: str, ablations:
         if not isinstance(target, EngineTarget):
             raise SystemExit("aiolm bench: --peer hf needs a model (not --backend scripted)")
         peer = HFTarget(target)
-    steps = plan([WORKLOADS[n] for n in names], target, size=size, ablations=ablations, peer=peer,
+    steps = plan([ALL_WORKLOADS[n] for n in names], target, size=size, ablations=ablations, peer=peer,
                  by_workload=_on_cpu(args), via_openai=args.backend == "openai",
                  peer_programs=args.peer_programs)
     start = args.resume_step or 0
@@ -409,7 +429,7 @@ def _run_in_child(argv: list[str], run: _Run) -> dict[str, Any]:
     and ``--resume-out``); wait for it and return its hand-off document (``{"workloads",
     "limits", "context_lost"}``). If it ends without one, a document whose records say that
     those steps were not run."""
-    from . import WORKLOADS
+    from . import ALL_WORKLOADS
     from .harness import new_record
 
     start = run.next_step
@@ -423,7 +443,7 @@ def _run_in_child(argv: list[str], run: _Run) -> dict[str, Any]:
             reason = f"the fresh process for steps {start}.. exited with code {code} without results"
     records: dict[str, dict[str, Any]] = {}
     for workload, variant in run.steps[start:]:
-        record = records.setdefault(workload, new_record(WORKLOADS[workload], run.config["size"]))
+        record = records.setdefault(workload, new_record(ALL_WORKLOADS[workload], run.config["size"]))
         record["errors"][variant] = f"not run: {reason}"
     return {"workloads": list(records.values()), "limits": {}, "context_lost": []}
 

@@ -61,9 +61,14 @@ def _question(rng: random.Random, shape: Shape, answer: str | None) -> str:
     return "\n".join(lines)
 
 
-def make_inputs(size: Size, seed: int) -> list[dict[str, Any]]:
-    """Questions of every subject, interleaved (question 0 of each subject, then 1 …)."""
+def make_inputs(size: Size, seed: int, *, subjects: int | None = None) -> list[dict[str, Any]]:
+    """Questions of every subject, interleaved (question 0 of each subject, then 1 …).
+    ``subjects`` overrides the shape's number of subjects (``aiolm bench --subjects``)."""
     shape = SHAPES[check_size(size)]
+    if subjects is not None:
+        if isinstance(subjects, bool) or not isinstance(subjects, int) or subjects < 1:
+            raise ValueError(f"subjects: must be a positive integer (got {subjects!r})")
+        shape = attrs.evolve(shape, subjects=subjects)
     rng = random.Random(seed)
     prefixes = []
     for _ in range(shape.subjects):

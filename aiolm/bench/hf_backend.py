@@ -70,6 +70,7 @@ class HFBackend(Backend):
                  seed: int = 0, device: str = "auto", dtype: str = "auto",
                  cache_implementation: str | None = None) -> None:
         from ..backends.engine import LoadedModel
+        from ..engine.multimodal import is_multimodal
         from .models import load_for_bench, to_transformers
 
         loaded = model if isinstance(model, LoadedModel) else load_for_bench(
@@ -85,8 +86,6 @@ class HFBackend(Backend):
         self._cache_implementation = cache_implementation
         self._lock = anyio.Lock()  # one call at a time, as a plain generate loop runs
         self._visual: _VisualInputs | None = None
-        from ..engine.multimodal import is_multimodal
-
         if is_multimodal(loaded.model):
             self._visual = _VisualInputs(loaded, self.model)
             self.capabilities = (self._VIDEO_CAPABILITIES if self._visual.takes_video

@@ -27,6 +27,7 @@ ABLATION_ENGINE_KWARGS: dict[str, dict[str, Any]] = {
     "schedule": {"schedule_policy": "fcfs"},
     "jump-forward": {"jump_forward": False},
     "overlap": {"overlap": False},
+    "mix-decode": {"mix_decode": False},
 }
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
-    from .workload import RunOptions, Runner
+    from .workload import Runner, RunOptions
 
 __all__ = ["VisionTimer", "vision_runner"]
 

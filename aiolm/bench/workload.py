@@ -26,6 +26,7 @@ ABLATIONS: dict[str, str] = {
     "jump-forward": "jump-forward-off",
     "spec": "spec-off",
     "overlap": "overlap-off",
+    "mix-decode": "mix-decode-off",
 }
 
 #: A custom way to run a workload's inputs on a backend (for figures ``run_batch`` cannot

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
     from .parallel import TPGroup
 
-__all__ = ["load_model"]
+__all__ = ["load_model", "read_model_config"]
 
 _DUMMY_STD = 0.02
 _log = logging.getLogger("aiolm.engine")
@@ -120,6 +120,13 @@ def load_model(
                   "from the file's 4-bit codes): %.2f s", scheme, counts["int4"],
                   counts["int8"], from_codes - len(stored), time.perf_counter() - started)
     return module, config
+
+
+def read_model_config(model: str | os.PathLike[str], load_format: str = "auto") -> ModelConfig:
+    """The :class:`ModelConfig` of ``model`` (a HF directory's ``config.json``, a GGUF file's
+    metadata, or a named config with ``load_format="dummy"``), without loading weights.
+    Raises as :func:`load_model` does for a missing or unsupported model."""
+    return _resolve_source(model, load_format)[1]
 
 
 def resolve_quantization(quantization: str | None, source: Any,

@@ -37,9 +37,6 @@ __all__ = ["TP_ARCHITECTURES", "TPGroup", "check_tensor_parallel", "kv_head_rang
 TP_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                               "Qwen3ForCausalLM"})
 
-# torch renamed all_gather_into_tensor (deprecated from 2.12 on); either takes (out, in).
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
 
 @attrs.frozen(kw_only=True)
 class TPGroup:
@@ -69,7 +66,9 @@ class TPGroup:
         x = x.contiguous()
         out = torch.empty((self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype,
                           device=x.device)
-        _all_gather_flat(out, x)
+        # torch renamed all_gather_into_tensor (deprecated from 2.12 on); both take (out, in).
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out, x)
         out = out.view(self.size, *x.shape).movedim(0, -2)
         return out.reshape(*x.shape[:-1], self.size * x.shape[-1])
 

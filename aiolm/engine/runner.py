@@ -97,20 +97,26 @@ def choose_num_threads(requested: int | None, device: torch.device, *,
     return max(1, (cores - 1) // ranks)
 
 
-#: The dtypes flashinfer's kernels take (the ``flashinfer`` and ``hybrid`` backends).
+#: The dtypes and head dimensions flashinfer's kernels take (``flashinfer``, ``hybrid``).
 FLASHINFER_DTYPES = ("float16", "bfloat16")
+FLASHINFER_HEAD_DIMS = (64, 128, 256)
 
 
-def choose_attention_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The attention backend ``"auto"`` means on ``device`` for a model of ``dtype``.
+def choose_attention_backend(device: torch.device, dtype: torch.dtype | None = None,
+                             head_dim: int | None = None) -> str:
+    """The attention backend ``"auto"`` means on ``device`` for a model of ``dtype`` and
+    ``head_dim``.
 
     The CPU uses the exact torch backend. CUDA uses ``"hybrid"`` (flashinfer's prefill for
     extend passes, our triton decode) when flashinfer imports and the model is float16 or
-    bfloat16 (flashinfer has no float32 kernels), else our triton kernels.
+    bfloat16 with heads of 64, 128 or 256 (flashinfer has no float32 kernels, and its
+    Hopper prefill no other head size), else our triton kernels.
     """
     if device.type != "cuda":
         return "torch"
     if dtype is not None and str(dtype).removeprefix("torch.") not in FLASHINFER_DTYPES:
+        return "triton"
+    if head_dim is not None and head_dim not in FLASHINFER_HEAD_DIMS:
         return "triton"
     from .attention.flashinfer import flashinfer_available
 
@@ -186,11 +192,16 @@ class ModelRunner(StepIO):
         backend = config.attention_backend
         dtype_name = str(model_config.torch_dtype).removeprefix("torch.")
         if backend == "auto":
-            backend = choose_attention_backend(device, model_config.torch_dtype)
+            backend = choose_attention_backend(device, model_config.torch_dtype,
+                                               model_config.head_dim)
         elif (backend in ("flashinfer", "hybrid") and device.type == "cuda"
               and dtype_name not in FLASHINFER_DTYPES):
             raise ValueError(f"attention_backend: {backend!r} runs float16 or bfloat16 models "
                              f"(flashinfer has no {dtype_name} kernels); use 'triton' or 'auto'")
+        elif (backend in ("flashinfer", "hybrid") and device.type == "cuda"
+              and model_config.head_dim not in FLASHINFER_HEAD_DIMS):
+            raise ValueError(f"attention_backend: {backend!r} runs heads of 64, 128 or 256 "
+                             f"(this model's are {model_config.head_dim}); use 'triton' or 'auto'")
         self.attention_backend = backend
         self.attn = create_attention(
             backend, num_q_heads=q_heads, num_kv_heads=kv_heads,

@@ -56,10 +56,15 @@ def start_tensor_parallel(config: EngineConfig) -> tuple[LoadedModel, TPWorkers]
     import torch.distributed as dist
 
     from .config import resolve_device
+    from .default_model import default_model_path
     from .loaded import LoadedModel
+    from .loader import read_model_config
+    from .parallel import check_tensor_parallel
 
     device = resolve_device(config.device)
     size = config.tp_size
+    source = config.model if config.model is not None else default_model_path()
+    check_tensor_parallel(read_model_config(source, config.load_format), size)
     if device.type == "cuda":
         first = device.index if device.index is not None else torch.cuda.current_device()
         if first + size > torch.cuda.device_count():
@@ -81,10 +86,7 @@ def start_tensor_parallel(config: EngineConfig) -> tuple[LoadedModel, TPWorkers]
     workers = TPWorkers(config, devices, store.port)
     try:
         workers.wait_for("hello")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
-                                rank=0, world_size=size, timeout=COLLECTIVE_TIMEOUT,
-                                device_id=device if device.type == "cuda" else None)
-        workers.joined = True
+        workers.join_group(store, device)
         loaded = LoadedModel.load(config.model, dtype=config.dtype, device=str(device),
                                   load_format=config.load_format, seed=config.seed,
                                   quantization=None, tp=workers.group)
@@ -106,18 +108,34 @@ class TPWorkers:
     def __init__(self, config: EngineConfig, devices: list[str], port: int) -> None:
         ctx = torch.multiprocessing.get_context("spawn")
         self.group = TPGroup(rank=0, size=len(devices))
-        self.joined = False
+        self._joined = False
         self._procs: list[Any] = []
         self._conns: list[multiprocessing.connection.Connection] = []
         self._closed = False
-        for rank in range(1, len(devices)):
-            mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, name=f"aiolm-tp-rank{rank}", daemon=True,
-                               args=(rank, len(devices), port, config, devices[rank], theirs))
-            proc.start()
-            theirs.close()  # the worker's end lives in the worker only: EOF when it dies
-            self._procs.append(proc)
-            self._conns.append(mine)
+        try:
+            for rank in range(1, len(devices)):
+                mine, theirs = ctx.Pipe()
+                proc = ctx.Process(target=worker_main, name=f"aiolm-tp-rank{rank}",
+                                   daemon=True, args=(rank, len(devices), port, config,
+                                                      devices[rank], theirs))
+                proc.start()
+                theirs.close()  # the worker's end lives in the worker only: EOF when it dies
+                self._procs.append(proc)
+                self._conns.append(mine)
+        except BaseException:
+            self.close()
+            raise
+
+    def join_group(self, store: Any, device: torch.device) -> None:
+        """Join the workers in the default process group as rank 0 (NCCL on CUDA, gloo on
+        the CPU), through ``store``; waits for every worker to join."""
+        import torch.distributed as dist
+
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=0,
+                                world_size=self.group.size, timeout=COLLECTIVE_TIMEOUT,
+                                device_id=device if cuda else None)
+        self._joined = True
 
     # ---------------------------------------------------------------- startup
     def wait_for(self, stage: str) -> None:
@@ -166,6 +184,10 @@ class TPWorkers:
                     raise BackendUnavailable(self._death_text(dead))
                 checked = now
             time.sleep(0)  # let the event loop's thread have the GIL
+
+    def pids(self) -> list[int]:
+        """The workers' process ids, rank 1 first."""
+        return [proc.pid for proc in self._procs]
 
     def dead(self) -> list[int]:
         """The ranks whose process has ended."""
@@ -230,8 +252,8 @@ class TPWorkers:
                 proc.join()
         for conn in self._conns:
             conn.close()
-        if self.joined:
-            self.joined = False
+        if self._joined:
+            self._joined = False
             _leave_group(died=any(p.exitcode not in (0, None) for p in self._procs))
 
 

@@ -62,11 +62,13 @@ def _check(replicas: int, routing: str, imbalance: int) -> None:
 def build_app(engine_options: dict[str, Any] | None = None, *, replicas: int = 1,
               routing: str = "cache-aware", imbalance: int = 4,
               server_options: dict[str, Any] | None = None, model_factory: str | None = None,
+              model_factory_kwargs: dict[str, Any] | None = None,
               num_gpus: float | None = None, num_cpus: float | None = None,
               max_ongoing_requests: int = 256, block_size: int = DEFAULT_BLOCK_SIZE) -> Any:
     """The Serve application: ``replicas`` engine replicas (``engine_options``: the keywords
     of :class:`aiolm.Engine`, ``model`` among them; or ``model_factory``,
-    ``"module:function"`` returning the model) behind an ingress serving the OpenAI routes
+    ``"module:function"`` returning the model, called with ``model_factory_kwargs``) behind
+    an ingress serving the OpenAI routes
     (``server_options``: the keywords of :func:`aiolm.server.create_app`).
 
     Each replica takes ``num_gpus`` GPUs (default: 1 when this machine has CUDA, else 0) and
@@ -97,7 +99,8 @@ def build_app(engine_options: dict[str, Any] | None = None, *, replicas: int = 1
         EngineReplica, name=ENGINE_DEPLOYMENT, num_replicas=replicas,
         max_ongoing_requests=max_ongoing_requests, health_check_period_s=2,
         ray_actor_options={"num_gpus": num_gpus, "num_cpus": num_cpus}, **extra,
-    ).bind(dict(engine_options or {}), model_factory=model_factory, block_size=block_size)
+    ).bind(dict(engine_options or {}), model_factory=model_factory,
+           model_factory_kwargs=dict(model_factory_kwargs or {}), block_size=block_size)
     ingress = serve.deployment(
         serve.ingress()(_Ingress), name=INGRESS_DEPLOYMENT, num_replicas=1,
         max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0},

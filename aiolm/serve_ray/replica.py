@@ -44,16 +44,18 @@ def load_factory(path: str) -> Any:
 class EngineReplica:
     """One engine per replica. ``engine_options`` are :class:`aiolm.Engine`'s keywords
     (``model`` among them); ``model_factory`` (``"module:function"``) builds the model
-    instead of ``model`` (tests use it for a tiny model with its own tokenizer)."""
+    instead of ``model`` (tests use it for a tiny model with its own tokenizer), called with
+    ``model_factory_kwargs``."""
 
     async def __init__(self, engine_options: dict[str, Any], *, model_factory: str | None = None,
+                       model_factory_kwargs: dict[str, Any] | None = None,
                        block_size: int = DEFAULT_BLOCK_SIZE, flush_interval: float = 0.05) -> None:
         from ray import serve
 
         options = dict(engine_options)
         model = options.pop("model", None)
         if model_factory is not None:
-            model = load_factory(model_factory)()
+            model = load_factory(model_factory)(**(model_factory_kwargs or {}))
         self._engine = Engine(model, **options)
         await self._engine.start()
         self._log = CacheEventLog()

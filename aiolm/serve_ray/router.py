@@ -95,6 +95,13 @@ class CacheAwareRouter(RequestRouter):
         self._policy = RoutingPolicy(imbalance=imbalance)
         self._index: Any = None
         self._inflight: collections.Counter[str] = collections.Counter()
+        # The prompts of the requests in flight, per replica: their blocks will be in its
+        # cache before its events say so (a burst of requests sharing a prefix follows the
+        # first one). A request's entry goes when it completes: its replica has reported
+        # its blocks by then (before its last chunk).
+        self._sent = BlockIndex()
+        self._sent_count: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._sent_by_request: dict[str, tuple[str, tuple[int, ...]]] = {}
         #: (reason, matched blocks, replica) of the latest decisions, for tests and the bench.
         self.decisions: collections.deque[tuple[str, int, str]] = collections.deque(maxlen=1024)
 
@@ -123,6 +130,9 @@ class CacheAwareRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         routed = _routed(pending_request)
         matched = await self._match(routed.block_hashes) if routed and routed.block_hashes else {}
+        if routed and routed.block_hashes:
+            for rid, blocks in self._sent.match(routed.block_hashes).items():
+                matched[rid] = max(blocks, matched.get(rid, 0))
         load = {rid: self._load(r) for rid, r in by_id.items()}
         decision = self._policy.decide(list(by_id), matched=matched, load=load,
                                        session=routed.session if routed else None)
@@ -136,11 +146,38 @@ class CacheAwareRouter(RequestRouter):
         routed = _routed(pending_request)
         if routed is not None:
             self._policy.routed(routed.session, rid)
+            if routed.block_hashes:
+                self._remember(pending_request.metadata.internal_request_id, rid, routed.block_hashes)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         rid = replica_id.unique_id
         if self._inflight[rid] > 0:
             self._inflight[rid] -= 1
+        self._release(internal_request_id)
+
+    def _remember(self, request_id: str, rid: str, hashes: tuple[int, ...]) -> None:
+        """Count ``hashes`` as held by ``rid`` while request ``request_id`` is in flight."""
+        self._release(request_id)  # a retried request: its former replica no longer counts
+        self._sent_by_request[request_id] = (rid, hashes)
+        new = []
+        for h in hashes:
+            self._sent_count[rid, h] += 1
+            if self._sent_count[rid, h] == 1:
+                new.append(h)
+        self._sent.apply(rid, [CacheEvent(kind="stored", hashes=tuple(new))])
+
+    def _release(self, request_id: str) -> None:
+        entry = self._sent_by_request.pop(request_id, None)
+        if entry is None:
+            return
+        rid, hashes = entry
+        gone = []
+        for h in hashes:
+            self._sent_count[rid, h] -= 1
+            if self._sent_count[rid, h] <= 0:
+                del self._sent_count[rid, h]
+                gone.append(h)
+        self._sent.apply(rid, [CacheEvent(kind="removed", hashes=tuple(gone))])
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
@@ -155,6 +192,9 @@ class CacheAwareRouter(RequestRouter):
     def _forget(self, rid: str) -> None:
         self._policy.forget_replica(rid)
         self._inflight.pop(rid, None)
+        for request_id in [q for q, (r, _) in self._sent_by_request.items() if r == rid]:
+            self._release(request_id)
+        self._sent.drop(rid)
         if self._index is not None:  # a replica that died cannot say so itself
             self._index.drop.remote(rid)
 
