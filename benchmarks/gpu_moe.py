@@ -26,17 +26,15 @@ fused kernels under Triton's interpreter).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
 import random
-import signal
 import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,22 +43,9 @@ for _path in (str(ROOT), str(ROOT / "benchmarks")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+from gpu_workloads import time_limit  # noqa: E402
+
 GOALS = {"decode_bs1_of_roofline": 0.75, "throughput_x_peer": 3.0}
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise TimeoutError in the main thread after ``seconds`` (synchronous parts only)."""
-    def expire(_signum: int, _frame: Any) -> None:
-        raise TimeoutError(f"over its {seconds:.0f} s budget")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1.0))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 class Plan:

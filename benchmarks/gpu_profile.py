@@ -32,24 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_workloads as wl  # noqa: E402
 
 
-def _time_cuda(fn: Any, repeats: int = 50) -> float:
-    """Median seconds of ``fn`` on the device (events around each call)."""
-    import torch
-
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
-
-
 def linear_figures(loaded: Any, bandwidth: float) -> list[dict[str, Any]]:
     """Each projection of layer 0 (and the LM head) at one token, alone on the device."""
     import torch
@@ -64,7 +46,8 @@ def linear_figures(loaded: Any, bandwidth: float) -> list[dict[str, Any]]:
     for name, module in parts.items():
         weight = module.weight
         x = torch.randn(1, weight.shape[1], device=weight.device, dtype=weight.dtype)
-        seconds = _time_cuda(lambda w=weight, x=x: F.linear(x, w))
+        seconds = wl._median_time(lambda w=weight, x=x: F.linear(x, w), weight.device,
+                                  warmup=5, repeats=50)
         nbytes = weight.numel() * weight.element_size()
         out.append({"name": name, "shape": list(weight.shape), "us": seconds * 1e6,
                     "GBps": nbytes / seconds / 1e9, "of_bandwidth": nbytes / seconds / bandwidth})

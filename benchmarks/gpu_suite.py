@@ -36,7 +36,6 @@ import importlib.util
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import threading
@@ -52,6 +51,7 @@ for _path in (str(ROOT), str(ROOT / "benchmarks")):
         sys.path.insert(0, _path)
 
 import gpu_workloads as wl  # noqa: E402
+from gpu_workloads import time_limit  # noqa: E402
 
 RESULTS_FILE = "gpu_results.json"
 LOG_FILE = "gpu_suite.log"
@@ -78,21 +78,6 @@ class Tee:
 
     def isatty(self) -> bool:
         return False
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    """Raise TimeoutError in the main thread after ``seconds`` (synchronous sections only)."""
-    def expire(_signum: int, _frame: Any) -> None:
-        raise TimeoutError(f"over its {seconds:.0f} s budget")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1.0))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 class Suite:

@@ -7,11 +7,13 @@ sampling; a request counts only if it produced the tokens it asked for.
 
 from __future__ import annotations
 
+import contextlib
 import random
+import signal
 import statistics
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +211,21 @@ def forward_flops(numbers: dict[str, Any], tokens: int, logits_rows: int) -> flo
     """2·params·tokens for the layers, the LM head only for the rows that need logits."""
     body = numbers["params"] - numbers["embedding_params"] - numbers["lm_head_params"]
     return 2.0 * body * tokens + 2.0 * numbers["lm_head_params"] * logits_rows
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in the main thread after ``seconds`` (synchronous parts only)."""
+    def expire(_signum: int, _frame: Any) -> None:
+        raise TimeoutError(f"over its {seconds:.0f} s budget")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1.0))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # ------------------------------------------------------------------------ the limits

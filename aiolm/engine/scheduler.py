@@ -253,6 +253,29 @@ class Scheduler(PrefillAdmission):
                 self._running.remove(req)
             del self._reqs[req.rid]
 
+    def without_finished_riders(self, batch: ScheduleBatch) -> ScheduleBatch:
+        """``batch`` less the decode riders (see ``mix_decode``) that finished or were
+        aborted since it was scheduled: the overlapped loop processes the step in flight
+        before it launches an extend that may not queue behind it, and that step may end a
+        rider (its slots, its rider slot included, and its row are already released)."""
+        start = batch.decode_start
+        if start is None or start == len(batch.reqs):
+            return batch
+        keep = [i for i, r in enumerate(batch.reqs)
+                if i < start or (self._reqs.get(r.rid) is r and r.finish_reason is None
+                                 and r.req_pool_idx is not None)]
+        if len(keep) == len(batch.reqs):
+            return batch
+        first = sum(batch.extend_lens[:start])
+        riders_kept = [first + i - start for i in keep[start:]]
+        loc = batch.out_cache_loc
+        out_cache_loc = torch.cat([loc[:first], loc[riders_kept]]) if riders_kept else loc[:first]
+        return ScheduleBatch(
+            mode=batch.mode, reqs=[batch.reqs[i] for i in keep],
+            prefix_lens=[batch.prefix_lens[i] for i in keep],
+            extend_lens=[batch.extend_lens[i] for i in keep], out_cache_loc=out_cache_loc,
+            sample_mask=[batch.sample_mask[i] for i in keep], decode_start=start)
+
     def drop_in_flight(self, req: Req, tokens: int) -> None:
         """``req`` finished before the last ``tokens`` of its placeholders were known: the
         caller removed them from ``all_ids``; the K/V that the passes in flight compute for

@@ -89,10 +89,13 @@ class StepProcessing:
         ``batch`` stays in flight unless it is :meth:`_serialized`. A pass that may not be
         queued behind another (``ModelRunner.queues_behind``: an extend planned by
         flashinfer) waits for the step in flight to be processed first; it holds no
-        placeholder, and processing that step touches none of its requests.
+        placeholder, and processing that step touches none of its requests but its decode
+        riders (``mix_decode``): their placeholders are filled then, and those it finished
+        leave the batch.
         """
         if not self.runner.queues_behind(batch.mode):
             self._settle(events)
+            batch = self.scheduler.without_finished_riders(batch)
         previous, self._in_flight = self._in_flight, None
         launched = self.runner.launch(batch, self._bitmask,
                                       previous=previous.step if previous is not None else None)

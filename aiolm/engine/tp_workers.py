@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import multiprocessing.connection
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -239,6 +240,16 @@ class TPWorkers:
                 conn.send_bytes(stop)
             except OSError:
                 pass
+        # Leave the group while the workers leave it: an NCCL worker's
+        # destroy_process_group may wait for rank 0's (it did on nvidia-h200-x2, until the
+        # worker was terminated and the group left initialized in this process).
+        leaving = None
+        died = any(p.exitcode not in (0, None) for p in self._procs)
+        if self._joined and not died:
+            self._joined = False
+            leaving = threading.Thread(target=_leave_quietly, name="aiolm-tp-leave",
+                                       daemon=True)
+            leaving.start()
         deadline = time.monotonic() + _STOP_TIMEOUT
         for proc in self._procs:
             proc.join(max(0.0, deadline - time.monotonic()))
@@ -252,9 +263,28 @@ class TPWorkers:
                 proc.join()
         for conn in self._conns:
             conn.close()
-        if self._joined:
+        if leaving is not None:
+            leaving.join(_STOP_TIMEOUT)
+            if leaving.is_alive() or _group_joined():
+                # Not left cleanly (a worker hung in a collective): abort it, so that this
+                # process can open another tensor-parallel engine.
+                _leave_group(died=True)
+        elif self._joined:  # a worker had died: only an abort ends rank 0's collectives
             self._joined = False
-            _leave_group(died=any(p.exitcode not in (0, None) for p in self._procs))
+            _leave_group(died=True)
+
+
+def _group_joined() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_initialized()
+
+
+def _leave_quietly() -> None:
+    try:
+        _leave_group(died=False)
+    except Exception:  # noqa: BLE001 - the caller aborts the group if it is still there
+        _log.warning("leaving the tensor-parallel group failed", exc_info=True)
 
 
 def _leave_group(*, died: bool) -> None:
@@ -268,6 +298,12 @@ def _leave_group(*, died: bool) -> None:
     abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
     if died and abort is not None and dist.get_backend() == "nccl":
         abort()
+        if dist.is_initialized():  # an abort that left the default group registered
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - best effort after an abort
+                _log.warning("destroying the aborted tensor-parallel group failed",
+                             exc_info=True)
     else:
         dist.destroy_process_group()
 

@@ -193,11 +193,13 @@ class LlamaForCausalLM(nn.Module):
         self.model.rotary_emb.reset_cache()
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, inputs_embeds: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Run the batch's new tokens; writes their K/V to the pool; returns logits.
         ``inputs_embeds`` [num_tokens, hidden]: the tokens' embeddings, given by a model
-        that wraps this one (a multimodal model's image rows), else looked up here."""
+        that wraps this one (a multimodal model's image rows), else looked up here;
+        ``positions``: what the rotary embedding takes in place of ``batch.positions``
+        (M-RoPE's ``[3, num_tokens]``)."""
         attn = self.attn
         if attn is None:
             raise RuntimeError("no attention backend: call model.set_attention(backend) first")
@@ -208,16 +210,27 @@ class LlamaForCausalLM(nn.Module):
         if not torch.compiler.is_compiling():
             inner.rotary_emb.new_pass()
         hidden = inner.embed_tokens(batch.input_ids) if inputs_embeds is None else inputs_embeds
+        if positions is None:
+            positions = batch.positions
         residual: torch.Tensor | None = None
         for layer in inner.layers:
-            hidden, residual = layer(batch.positions, hidden, residual, inner.rotary_emb,
-                                     attn, batch)
+            hidden, residual = layer(positions, hidden, residual, inner.rotary_emb, attn, batch)
         if batch.return_logits == "last" and not batch.is_decode:
             last = _last_token_indices(batch)
             hidden = hidden[last]
             residual = residual[last]
         hidden, _ = inner.norm(hidden, residual)  # every model has at least one layer
         return self.lm_head(hidden)
+
+    def multimodal_embeddings(self, batch: ForwardBatch) -> torch.Tensor | None:
+        """The pass's token embeddings with rows ``batch.mm_rows`` taken from
+        ``batch.mm_embeds`` (their ids are pad ids, never looked up), or None for a pass
+        without images."""
+        if batch.mm_embeds is None:
+            return None
+        ids = batch.input_ids.clamp(max=self.config.vocab_size - 1)
+        hidden = self.model.embed_tokens(ids)
+        return hidden.index_copy(0, batch.mm_rows, batch.mm_embeds.to(hidden.dtype))
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | Int4Codes | Any]],

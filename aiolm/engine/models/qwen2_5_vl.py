@@ -37,7 +37,7 @@ from ..forward_batch import ForwardBatch
 from ..layers import MergedLinear, RMSNorm, SiluAndMul
 from ..layers.rotary import MRotaryEmbedding
 from ..model_config import ModelConfig
-from .llama import LlamaForCausalLM, _last_token_indices
+from .llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -410,33 +410,8 @@ class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
         """:meth:`LlamaForCausalLM.forward` with the multimodal inputs: rows
         ``batch.mm_rows`` take ``batch.mm_embeds`` instead of their (pad) token's
         embedding, and ``batch.mrope_positions`` ``[3, N]`` rotate q and k when given."""
-        attn = self.attn
-        if attn is None:
-            raise RuntimeError("no attention backend: call model.set_attention(backend) first")
-        if batch.return_logits not in ("last", "all"):
-            raise ValueError(f"return_logits: expected 'last' or 'all', got {batch.return_logits!r}")
-        attn.init_forward(batch)
-        inner = self.model
-        if not torch.compiler.is_compiling():
-            inner.rotary_emb.new_pass()
-        embeds = batch.mm_embeds
-        if embeds is None:
-            hidden = inner.embed_tokens(batch.input_ids)
-        else:
-            # Pad ids (>= vocab_size) stand for the image; their rows are overwritten.
-            ids = batch.input_ids.clamp(max=self.config.vocab_size - 1)
-            hidden = inner.embed_tokens(ids)
-            hidden[batch.mm_rows] = embeds.to(hidden.dtype)
-        positions = batch.mrope_positions if batch.mrope_positions is not None else batch.positions
-        residual: torch.Tensor | None = None
-        for layer in inner.layers:
-            hidden, residual = layer(positions, hidden, residual, inner.rotary_emb, attn, batch)
-        if batch.return_logits == "last" and not batch.is_decode:
-            last = _last_token_indices(batch)
-            hidden = hidden[last]
-            residual = residual[last]
-        hidden, _ = inner.norm(hidden, residual)
-        return self.lm_head(hidden)
+        return super().forward(batch, inputs_embeds=self.multimodal_embeddings(batch),
+                               positions=batch.mrope_positions)
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | Int4Codes]],
