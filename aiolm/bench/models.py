@@ -116,13 +116,15 @@ def _unfused_parameters(model: Any) -> dict[str, Any]:
 
 def _checkpoint_names(model: Any) -> Callable[[str], str]:
     """How ``model``'s loader maps a checkpoint (transformers) parameter name to ours."""
-    from ..engine.models import llava, qwen2_5_vl
+    from ..engine.models import llava, llava_video, qwen2_5_vl
 
     # The loaders' own mappings: one rule for the checkpoint's names and the peer's.
     by_class = {
         "LlavaForConditionalGeneration": llava._our_name,
         "LlavaNextForConditionalGeneration": llava._our_name,
         "Qwen2_5_VLForConditionalGeneration": qwen2_5_vl._our_name,
+        "LlavaNextVideoForConditionalGeneration":
+            lambda n: llava._our_name(llava_video._our_name(n)),
     }
     name = type(model).__name__
     if name not in by_class:

@@ -39,6 +39,9 @@ MULTIMODAL_ARCHITECTURES: frozenset[str] = frozenset(
 # Qwen2.5-VL (aiolm/engine/models/qwen2_5_vl.py): a Qwen2 language model with M-RoPE.
 _ARCH_DEFAULTS["Qwen2_5_VLForConditionalGeneration"] = {"qkv_bias": True, "qk_norm": False}
 MULTIMODAL_ARCHITECTURES |= {"Qwen2_5_VLForConditionalGeneration"}
+# LLaVA-NeXT-Video (aiolm/engine/models/llava_video.py): LLaVA-NeXT and pooled video frames.
+_ARCH_DEFAULTS["LlavaNextVideoForConditionalGeneration"] = {"qkv_bias": None, "qk_norm": False}
+MULTIMODAL_ARCHITECTURES |= {"LlavaNextVideoForConditionalGeneration"}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCH_DEFAULTS)
 
 _DTYPE_NAMES = {
@@ -548,3 +551,32 @@ NAMED_CONFIGS["llava-1.5-7b"] = _llava(
     {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
      "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768},
     image_token_index=32000)
+
+
+def _llava_next_video(text: dict[str, Any], vision: dict[str, Any],
+                      **extra: Any) -> dict[str, Any]:
+    """A LLaVA-NeXT-Video config as transformers 5 saves it (a LLaVA config, the video
+    token and the frames' spatial pooling at the top level)."""
+    return {**_llava("LlavaNextVideoForConditionalGeneration", text, vision, **extra),
+            "model_type": "llava_next_video"}
+
+
+# LLaVA-NeXT-Video (aiolm/engine/models/llava_video.py): a tiny random one for tests (4
+# video tokens per frame: its 4 x 4 patches pooled 2 x 2), and LLaVA-NeXT-Video-7B's
+# geometry (CLIP ViT-L/14-336, Vicuna-7B; 144 tokens per frame) for benchmarks.
+NAMED_CONFIGS["tiny-llava-next-video"] = _llava_next_video(
+    _TINY_LLAVA_TEXT, _TINY_CLIP, image_token_index=500, video_token_index=501,
+    image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+    spatial_pool_mode="average", spatial_pool_stride=2)
+NAMED_CONFIGS["llava-next-video-7b"] = _llava_next_video(
+    {"vocab_size": 32064, "hidden_size": 4096, "intermediate_size": 11008,
+     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+     "head_dim": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+     "rope_scaling": {"rope_type": "linear", "factor": 2.5},
+     "max_position_embeddings": 4096, "tie_word_embeddings": False, "eos_token_id": 2,
+     "bos_token_id": 1, "dtype": "bfloat16"},
+    {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+     "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768},
+    image_token_index=32001, video_token_index=32000,
+    image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    spatial_pool_mode="average", spatial_pool_stride=2)

@@ -27,6 +27,10 @@ def model_class(architecture: str) -> type[nn.Module]:
         from . import llava
 
         return getattr(llava, architecture)
+    if architecture == "LlavaNextVideoForConditionalGeneration":
+        from .llava_video import LlavaNextVideoForConditionalGeneration
+
+        return LlavaNextVideoForConditionalGeneration
     if architecture in MOE_ARCHITECTURES:  # Mixtral, Qwen3-MoE
         from .moe import MoEForCausalLM
 

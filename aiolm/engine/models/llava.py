@@ -110,14 +110,14 @@ class LlavaProcessor:
                  hf_config: Mapping[str, Any]) -> None:
         self.image_processor = image_processor
         self._model_cls = model_cls
-        self._hf_config = hf_config
+        self.hf_config = hf_config
 
     def process_image(self, image: PILImage.Image) -> tuple[dict[str, torch.Tensor], int]:
         """``(inputs, tokens)``: the processor's tensors for ``image`` (CPU) and the number
         of placeholder tokens (embedding rows) it takes."""
         out = self.image_processor(images=image, return_tensors="pt")
         data = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
-        return data, self._model_cls.image_tokens(self._hf_config, data)
+        return data, self._model_cls.image_tokens(self.hf_config, data)
 
 
 class LlavaForConditionalGeneration(nn.Module):
@@ -128,6 +128,8 @@ class LlavaForConditionalGeneration(nn.Module):
     forward pass overwrites ``batch.mm_rows`` with ``batch.mm_embeds``."""
 
     multimodal = True
+    #: The parameters outside the language model (loaded here, not by the language model).
+    vision_prefixes: tuple[str, ...] = _VISION_PREFIXES
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -251,13 +253,13 @@ class LlavaForConditionalGeneration(nn.Module):
         """Copy checkpoint tensors into the parameters (the language model's through
         :meth:`LlamaForCausalLM.load_weights`). Raises ValueError naming a tensor that
         belongs nowhere, a shape mismatch, or the weights the checkpoint lacks."""
-        own = {n: p for n, p in self.named_parameters() if n.startswith(_VISION_PREFIXES)}
+        own = {n: p for n, p in self.named_parameters() if n.startswith(self.vision_prefixes)}
         missing = set(own)
 
         def language(items: Iterable[tuple[str, Any]]) -> Iterable[tuple[str, Any]]:
             for name, tensor in items:
                 ours = _our_name(name)
-                if not ours.startswith(_VISION_PREFIXES):
+                if not ours.startswith(self.vision_prefixes):
                     yield ours.removeprefix("language_model."), tensor
                     continue
                 param = own.get(ours)

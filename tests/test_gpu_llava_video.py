@@ -1,0 +1,80 @@
+"""The tiny random LLaVA-NeXT-Video through ``aiolm.Engine`` on CUDA in bfloat16, with the
+triton and the hybrid attention backends, against the same checkpoint on the CPU in
+float32: the greedy tokens of prompts with a video, and with an image and a video, agree
+(up to the first near tie: the weights are drawn large enough that the logits are peaked,
+but bfloat16 may still pick the other of two near-equal logits), the repeated prompts are
+served from the radix cache, and the engine ends clean."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from test_llava_video import IMAGE, NAME, _hf_model, _save, as_data, clip, random_image  # noqa: E402
+
+from aiolm.backends.base import GenerateRequest  # noqa: E402
+from aiolm.backends.engine import Engine, LoadedModel  # noqa: E402
+from aiolm.engine.loader import load_model  # noqa: E402
+from aiolm.engine.model_config import ModelConfig  # noqa: E402
+from aiolm.sampling import SamplingParams  # noqa: E402
+from aiolm.values import VideoData  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.anyio]
+
+PROMPTS = [
+    ([1, 17, 18, IMAGE, 40, 41, 42], lambda: [clip(1, frames=6)]),
+    ([1, IMAGE, 30, 31, IMAGE, 50, 51], lambda: [random_image(2, (90, 50)), clip(3)]),
+]
+TOKENS = 8
+MARGIN = 0.1
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llava_next_video_gpu")
+    _save(_hf_model(seed=99), directory)
+    return directory
+
+
+async def _greedy(directory, **engine_options) -> list[tuple[list[int], int, int, list]]:
+    out = []
+    device = torch.device(engine_options.pop("device"))
+    model, config = load_model(directory, dtype=engine_options.pop("dtype"), device=device)
+    loaded = LoadedModel(model=model, model_config=config, tokenizer=None, device=device,
+                         source=str(directory), load_format="auto")
+    async with Engine(loaded, max_total_tokens=4096, **engine_options) as engine:
+        for ids, items in PROMPTS * 2:   # the second round hits the cache
+            images = tuple(it if isinstance(it, VideoData) else as_data(it) for it in items())
+            done = await engine.generate(GenerateRequest(
+                input_ids=tuple(ids), images=images,
+                sampling=SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True,
+                                        logprobs=True, top_logprobs=2)))
+            out.append((list(done.token_ids), done.usage.prompt_tokens,
+                        done.usage.cached_tokens, done.logprobs))
+        assert (await engine.check_integrity()).idle
+    return out
+
+
+@pytest.mark.parametrize("backend", ["triton", "hybrid"])
+async def test_cuda_bfloat16_tokens_match_cpu_float32(checkpoint, backend):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if backend == "hybrid":
+        pytest.importorskip("flashinfer")
+        from aiolm.engine.runner import FLASHINFER_HEAD_DIMS
+
+        if ModelConfig.named(NAME).head_dim not in FLASHINFER_HEAD_DIMS:
+            pytest.skip("flashinfer has no kernels for this tiny model's head size")
+    reference = await _greedy(checkpoint, device="cpu", dtype="float32")
+    got = await _greedy(checkpoint, device="cuda", dtype="bfloat16", attention_backend=backend)
+    for (tokens, _, _, logprobs), (want, *_) in zip(got, reference, strict=True):
+        for i, (a, b) in enumerate(zip(tokens, want, strict=True)):
+            if a != b:
+                top = {t: lp for t, _, lp in logprobs[i].top}
+                assert b in top and abs(top[a] - top[b]) < MARGIN, (i, tokens, want)
+                break
+    # The second round's prompts are the first's: all but their last token cached.
+    half = len(PROMPTS)
+    assert all(cached == prompt - 1 for _, prompt, cached, _ in got[half:])
