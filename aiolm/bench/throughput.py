@@ -53,6 +53,6 @@ WORKLOAD = Workload(
     make_inputs=make_inputs,
     shape=SHAPES.__getitem__,
     headline="output_tok_per_s",
-    ablations=("overlap",),
+    ablations=("overlap", "mix-decode"),
     max_concurrency=4096,
 )
