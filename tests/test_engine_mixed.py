@@ -87,7 +87,7 @@ def test_a_new_prompt_takes_the_decoding_requests_along_only_when_mixing(mix):
     assert sched.allocator.available_size() + sched.cache.evictable_size() == 256
 
 
-def test_riders_ride_outside_the_prefill_budget_tokens_in_flight_included():
+def test_riders_stay_within_the_pass_budget_and_skip_tokens_in_flight():
     sched = _scheduler(True)
     riders = [_running(sched, f"r{i}", [20 + i, 30, 40]) for i in range(4)]
     riders[0].all_ids[-1] = -1      # a placeholder: its token is still in flight
@@ -95,9 +95,9 @@ def test_riders_ride_outside_the_prefill_budget_tokens_in_flight_included():
     long = Req(rid="long", input_ids=list(range(100, 130)), sampling=SamplingParams(max_tokens=2))
     sched.add(long)
     batch = sched.schedule()
-    # 30 prompt tokens of a 32-token budget, and every rider a token beside them.
-    assert batch.reqs == [long, *riders]
-    assert batch.extend_lens == [30, 1, 1, 1, 1] and batch.decode_start == 1
+    # 30 prompt tokens of a 32-token budget: two riders fit, and not the one in flight.
+    assert batch.reqs == [long, riders[1], riders[2]]
+    assert sum(batch.extend_lens) == 32 and batch.decode_start == 1
 
 
 def test_riders_that_finished_before_launch_leave_the_batch():
