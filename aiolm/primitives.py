@@ -412,7 +412,7 @@ class Video(Expr):
 
 def video(source: str | os.PathLike | bytes | Sequence[Any], *,
           num_frames: int | None = None) -> Video:
-    """A video part of a (user) turn, for video models (Qwen2.5-VL on :class:`aiolm.Engine`).
+    """A video part of a (user) turn, for video models (Qwen2.5-VL or LLaVA-NeXT-Video on :class:`aiolm.Engine`).
 
     ``source``: a path or a file's bytes (any format FFmpeg reads, through PyAV), whose
     frames are sampled when the program runs: ``num_frames`` of them, evenly spread from the

@@ -351,6 +351,6 @@ async def run_video(state: ProgramState, vid: Video) -> None:
     if not ctx.caps.video:
         raise UnsupportedFeature(
             f"{ctx.backend.model_name} does not take video; use a video model "
-            "(Qwen2.5-VL on aiolm.Engine)"
+            "(Qwen2.5-VL or LLaVA-NeXT-Video on aiolm.Engine)"
         )
     state._append_image(await load_video(vid.source, vid.num_frames))

@@ -139,7 +139,7 @@ class EngineRequests:
         if (any(isinstance(x, VideoData) for x in request.images)
                 and not hasattr(loaded.model, "video_token_id")):   # H-QVL's addition
             raise UnsupportedFeature(f"{self.model_name} does not take video; use a video "
-                                     "model (Qwen2.5-VL)")
+                                     "model (Qwen2.5-VL, LLaVA-NeXT-Video)")
 
     async def _with_images(self, ids: list[int], request: GenerateRequest,
                            ) -> tuple[list[int], MultimodalInputs | None]:

@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the cache-aware router's spill threshold (requests)")
     ray.add_argument("--concurrency", type=int, metavar="N",
                      help="programs in flight (default: the workload's)")
+    ray.add_argument("--replica-max-total-tokens", type=int, metavar="N",
+                     help="each replica's KV pool in tokens (default: the workload's); the "
+                     "single-engine runs get the same pool, and the replicas' pools together")
+    ray.add_argument("--shuffle", action="store_true",
+                     help="send the programs in a seeded random order (not the workload's cycle)")
     # Hidden: how a run goes on in fresh processes after a CUDA fault (module docstring).
     parser.add_argument("--resume-state", metavar="FILE.json", help=argparse.SUPPRESS)
     parser.add_argument("--resume-step", type=int, metavar="K", help=argparse.SUPPRESS)

@@ -1,4 +1,5 @@
-"""Video QA: several questions about each short clip, for Qwen2.5-VL (``aiolm.video``).
+"""Video QA: several questions about each short clip, for the video models (``aiolm.video``:
+Qwen2.5-VL, LLaVA-NeXT-Video).
 
 Each clip is a seeded synthetic sequence of frames (PIL images: a coloured ball crossing a
 gradient, drawn with PIL; nothing is downloaded), of which ``video(frames, num_frames=)``
@@ -106,7 +107,7 @@ async def answer_question(s, frames: list[Any], question: str, num_frames: int,
 
 WORKLOAD = Workload(
     name="video-qa",
-    summary="Several questions per synthetic clip, frames sampled by aiolm.video (Qwen2.5-VL)",
+    summary="Several questions per synthetic clip, frames sampled by aiolm.video (Qwen2.5-VL or LLaVA-NeXT-Video)",
     program=answer_question,
     make_inputs=make_inputs,
     shape=SHAPES.__getitem__,
