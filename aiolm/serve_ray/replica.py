@@ -67,6 +67,9 @@ class EngineReplica:
         self._index = cache_index(context.app_name)
         self._flush_lock = asyncio.Lock()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_every(flush_interval))
+        # Known to the index from the start: a replica that serves nothing still shows in
+        # replica_statistics (with no requests) instead of being missing.
+        await self._flush(statistics=True)
 
     # ------------------------------------------------------------------ requests
     async def stream(self, routed: RoutedRequest) -> AsyncIterator[Chunk]:
