@@ -239,13 +239,8 @@ class LlavaForConditionalGeneration(nn.Module):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """The language model over the batch, rows ``batch.mm_rows`` embedded as
         ``batch.mm_embeds`` (their input ids are pad ids, never looked up)."""
-        if batch.mm_embeds is None:
-            return self.language_model(batch)
         lm = self.language_model
-        ids = batch.input_ids.clamp(max=self.config.vocab_size - 1)
-        hidden = lm.model.embed_tokens(ids)
-        hidden = hidden.index_copy(0, batch.mm_rows, batch.mm_embeds.to(hidden.dtype))
-        return lm(batch, inputs_embeds=hidden)
+        return lm(batch, inputs_embeds=lm.multimodal_embeddings(batch))
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | Int4Codes]],
