@@ -111,3 +111,30 @@ class ModelDriver:
             logits = self.decode([(rows[i], outputs[i][-1]) for i in active])
             next_tokens = logits.argmax(-1).tolist()
         return outputs
+
+
+#: The names of normalization weights across the families the parity tests load.
+NORM_SUFFIXES = ("norm.weight", "norm1.weight", "norm2.weight", "layrnorm.weight", "ln_q.weight")
+
+
+@torch.no_grad()
+def randomize_weights(model, *, normal: dict[str, float] | None = None):
+    """Give a transformers ``model`` random weights under which a mis-mapped tensor shows:
+    norm weights in U[0.5, 1.5], biases N(0, 0.1), the rest N(0, 0.15) — or N(0, std) for
+    a name ending in a key of ``normal`` (MoE routers: clear choices); and generation that
+    never stops at EOS. Returns ``model``."""
+    special = tuple((normal or {}).items())
+    for name, param in model.named_parameters():
+        if name.endswith(NORM_SUFFIXES):
+            param.uniform_(0.5, 1.5)
+            continue
+        std = next((s for suffix, s in special if name.endswith(suffix)), None)
+        if std is not None:
+            param.normal_(0.0, std)
+        elif name.endswith("bias"):
+            param.normal_(0.0, 0.1)
+        else:
+            param.normal_(0.0, 0.15)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from model_driver import ModelDriver  # noqa: E402
+from model_driver import ModelDriver, randomize_weights  # noqa: E402
 
 from aiolm.engine.loader import load_model  # noqa: E402
 from aiolm.engine.model_config import NAMED_CONFIGS  # noqa: E402
@@ -41,17 +41,7 @@ def _hf_model(hf_config: dict, seed: int):
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.1)
-            else:
-                param.normal_(0.0, 0.15)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return randomize_weights(model)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

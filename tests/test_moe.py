@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from model_driver import ModelDriver  # noqa: E402
+from model_driver import ModelDriver, randomize_weights  # noqa: E402
 from test_models_parity import _reference, _tokens, assert_logits_close  # noqa: E402
 
 from aiolm.engine.layers.fused_moe import FusedMoE, torch_experts, torch_route  # noqa: E402
@@ -46,17 +46,7 @@ def _hf_model(hf_config: dict, seed: int):
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-            elif name.endswith("gate.weight"):
-                param.normal_(0.0, 0.5)  # routers: clear choices, no near-ties
-            else:
-                param.normal_(0.0, 0.15)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return randomize_weights(model, normal={"gate.weight": 0.5})
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

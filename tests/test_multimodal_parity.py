@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 np = pytest.importorskip("numpy")
 
-from model_driver import ModelDriver  # noqa: E402
+from model_driver import ModelDriver, randomize_weights  # noqa: E402
 from PIL import Image  # noqa: E402
 from test_models_parity import assert_logits_close  # noqa: E402
 
@@ -57,17 +57,7 @@ def _hf_model(name: str, seed: int):
     config.vision_config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = cls(config).eval()
-    with torch.no_grad():
-        for pname, param in model.named_parameters():
-            if pname.endswith(("norm.weight", "norm1.weight", "norm2.weight", "layrnorm.weight")):
-                param.uniform_(0.5, 1.5)
-            elif pname.endswith("bias"):
-                param.normal_(0.0, 0.1)
-            else:
-                param.normal_(0.0, 0.15)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return randomize_weights(model)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 PIL = pytest.importorskip("PIL.Image")
 
-from model_driver import ModelDriver  # noqa: E402
+from model_driver import ModelDriver, randomize_weights  # noqa: E402
 
 from aiolm.engine.loader import load_model  # noqa: E402
 from aiolm.engine.model_config import NAMED_CONFIGS, ModelConfig  # noqa: E402
@@ -32,17 +32,7 @@ def _hf_model(seed: int):
     torch.manual_seed(seed)
     model = transformers.Qwen2_5_VLForConditionalGeneration._from_config(
         config, attn_implementation="eager", dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")):
-                param.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.1)
-            else:
-                param.normal_(0.0, 0.15)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return randomize_weights(model)
 
 
 @pytest.fixture(scope="module")

@@ -114,13 +114,22 @@ def choose_attention_backend(device: torch.device, dtype: torch.dtype | None = N
     """
     if device.type != "cuda":
         return "torch"
-    if dtype is not None and str(dtype).removeprefix("torch.") not in FLASHINFER_DTYPES:
-        return "triton"
-    if head_dim is not None and head_dim not in FLASHINFER_HEAD_DIMS:
+    if flashinfer_refusal(dtype, head_dim) is not None:
         return "triton"
     from .attention.flashinfer import flashinfer_available
 
     return "hybrid" if flashinfer_available() else "triton"
+
+
+def flashinfer_refusal(dtype: torch.dtype | None, head_dim: int | None) -> str | None:
+    """Why flashinfer's kernels cannot run a model of ``dtype`` and ``head_dim`` (None:
+    they can; an unknown dtype or head size is not held against it)."""
+    name = str(dtype).removeprefix("torch.")
+    if dtype is not None and name not in FLASHINFER_DTYPES:
+        return f"runs float16 or bfloat16 models (flashinfer has no {name} kernels)"
+    if head_dim is not None and head_dim not in FLASHINFER_HEAD_DIMS:
+        return f"runs heads of 64, 128 or 256 (this model's are {head_dim})"
+    return None
 
 
 def _available_ram() -> int:
@@ -190,18 +199,14 @@ class ModelRunner(StepIO):
         self.chunked_prefill_size = config.chunked_prefill_size or (8192 if cuda else 2048)
 
         backend = config.attention_backend
-        dtype_name = str(model_config.torch_dtype).removeprefix("torch.")
         if backend == "auto":
             backend = choose_attention_backend(device, model_config.torch_dtype,
                                                model_config.head_dim)
-        elif (backend in ("flashinfer", "hybrid") and device.type == "cuda"
-              and dtype_name not in FLASHINFER_DTYPES):
-            raise ValueError(f"attention_backend: {backend!r} runs float16 or bfloat16 models "
-                             f"(flashinfer has no {dtype_name} kernels); use 'triton' or 'auto'")
-        elif (backend in ("flashinfer", "hybrid") and device.type == "cuda"
-              and model_config.head_dim not in FLASHINFER_HEAD_DIMS):
-            raise ValueError(f"attention_backend: {backend!r} runs heads of 64, 128 or 256 "
-                             f"(this model's are {model_config.head_dim}); use 'triton' or 'auto'")
+        elif backend in ("flashinfer", "hybrid") and device.type == "cuda":
+            refusal = flashinfer_refusal(model_config.torch_dtype, model_config.head_dim)
+            if refusal is not None:
+                raise ValueError(f"attention_backend: {backend!r} {refusal}; use 'triton' or "
+                                 "'auto'")
         self.attention_backend = backend
         self.attn = create_attention(
             backend, num_q_heads=q_heads, num_kv_heads=kv_heads,

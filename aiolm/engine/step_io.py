@@ -164,7 +164,7 @@ class StepIO:
         positions: list[int] = []
         if batch.mode is ForwardMode.DECODE:
             input_ids = [r.all_ids[p] for r, p in zip(reqs, prefix_lens, strict=True)]
-            positions = list(prefix_lens)
+            positions = prefix_lens
         else:
             for r, p, e in zip(reqs, prefix_lens, extend_lens, strict=True):
                 input_ids.extend(r.all_ids[p:p + e])
@@ -175,6 +175,7 @@ class StepIO:
         if multimodal:
             shifts = [(r.prompt_len, r.mm.rope_delta) if r.mm is not None else (0, 0)
                       for r in reqs]
+            positions = list(positions)   # a decode pass's are its prefix_lens
             _shift_positions(positions, shifts, extend_lens)
             if batch.mode is ForwardMode.EXTEND:
                 mm_pass = pass_embeddings(self.model, reqs, prefix_lens, extend_lens)
