@@ -96,13 +96,12 @@ class Mailbox:
 
 
 class ChunkStream:
-    """The async iterator ``Engine.stream`` yields: one :class:`Chunk` per engine step, or
-    per run of steps when the reader falls behind the engine (their tokens, text and
-    logprobs joined in order)."""
+    """The async iterator ``Engine.stream`` yields: one :class:`Chunk` per engine step
+    (events the mailbox held together are handed out one at a time)."""
 
     def __init__(self, mailbox: Mailbox) -> None:
         self._mailbox = mailbox
-        self._held: list[RequestOutput] = []
+        self._pending: collections.deque[RequestOutput] = collections.deque()
         self.done = False
 
     def __aiter__(self) -> ChunkStream:
@@ -111,23 +110,32 @@ class ChunkStream:
     async def __anext__(self) -> Chunk:
         if self.done:
             raise StopAsyncIteration
-        items = self._held or await self._mailbox.take()
-        self._held = []
-        for i, out in enumerate(items):
+        if not self._pending:
+            self._pending.extend(await self._mailbox.take())
+        out = self._pending.popleft()
+        if out.error is not None:
+            self.done = True
+            raise translate_error(out.error)
+        if out.finish_reason is not None:
+            self.done = True
+        return Chunk(text=out.text, token_ids=out.token_ids, logprobs=out.logprobs,
+                     finish_reason=out.finish_reason, usage=out.usage,
+                     matched_stop=out.matched_stop, prompt_logprobs=out.prompt_logprobs)
+
+    async def whole(self) -> Chunk:
+        """The request's every event joined into one chunk (tokens, text and logprobs in
+        order; the last event's finish and usage), for a ``final_only`` mailbox's reader:
+        one wake-up for the whole completion. Raises the request's error, or
+        :class:`BackendUnavailable` when the engine closed before it finished."""
+        items = [*self._pending, *await self._mailbox.take()]
+        self._pending.clear()
+        self.done = True
+        for out in items:
             if out.error is not None:
-                if i:  # what came before the error first; the error on the next call
-                    self._held = [out]
-                    items = items[:i]
-                    break
-                self.done = True
                 raise translate_error(out.error)
         last = items[-1]
-        if last.finish_reason is not None:
-            self.done = True
-        if len(items) == 1:
-            return Chunk(text=last.text, token_ids=last.token_ids, logprobs=last.logprobs,
-                         finish_reason=last.finish_reason, usage=last.usage,
-                         matched_stop=last.matched_stop, prompt_logprobs=last.prompt_logprobs)
+        if last.finish_reason is None:
+            raise BackendUnavailable("the engine closed before the request finished")
         return Chunk(text="".join(o.text for o in items),
                      token_ids=tuple(t for o in items for t in o.token_ids),
                      logprobs=tuple(lp for o in items for lp in o.logprobs),

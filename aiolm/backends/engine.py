@@ -381,9 +381,7 @@ class Engine(EngineRequests, Backend):
         # One wake-up for the whole completion, not one per engine step: the event loop's
         # work per token is what limits a busy engine's throughput.
         async with self._open(req, final_only=True) as chunks:
-            whole = await chunks.__anext__()
-            if whole.finish_reason is None:
-                await chunks.__anext__()  # the request failed after these tokens: raises
+            whole = await chunks.whole()
         return Completion(text=whole.text, token_ids=whole.token_ids, logprobs=whole.logprobs,
                           finish_reason=whole.finish_reason, usage=whole.usage or Usage(),
                           matched_stop=whole.matched_stop,
