@@ -62,13 +62,13 @@ class Plan:
         self.prompt_range = (8, 32) if dry_run else (256, 1024)
         self.output_range = (4, 8) if dry_run else (64, 256)
         self.max_total_tokens = 4096 if dry_run else 131072
-        self.hf_batch = 2 if dry_run else 32
+        self.hf_batch = 2 if dry_run else 16
         self.kernel_tokens = (1, 8) if dry_run else (1, 8, 64, 512, 4096)
         self.budgets = ({"load": 60, "limits": 30, "engine_start": 60, "warm_up": 60,
                          "decode_bs1": 60, "throughput": 60, "peer": 60, "kernels": 60}
                         if dry_run else
-                        {"load": 60, "limits": 20, "engine_start": 90, "warm_up": 45,
-                         "decode_bs1": 30, "throughput": 75, "peer": 90, "kernels": 30})
+                        {"load": 60, "limits": 20, "engine_start": 90, "warm_up": 120,
+                         "decode_bs1": 30, "throughput": 75, "peer": 150, "kernels": 30})
 
 
 class Run:
@@ -264,21 +264,42 @@ def peer(loaded: Any, plan: Plan, data: Workload) -> dict[str, Any]:
         getattr(model.config, "_experts_implementation", "?"))}
     with time_limit(max(deadline - time.monotonic(), 1.0)):  # warm-up, not timed
         hf_peer.static_batch(model, [p[:16] for p in data.prompts[:2]], [2, 2], batch_size=2)
+    # A probe first: the first batch's prompts decoding 8 and then 24 tokens gives the
+    # seconds of its prefill and of one decode step, so a run whose whole batches do not
+    # fit the budget still has a figure (marked as an estimate).
+    batch = plan.hf_batch
+    probe = {}
+    for new in (8, 24):
+        with time_limit(max(deadline - time.monotonic(), 1.0)):
+            probe[new] = hf_peer.static_batch(model, data.prompts[:batch], [new] * batch,
+                                              batch_size=batch)["seconds"]
+    step = (probe[24] - probe[8]) / 16
+    prefill = max(probe[8] - 8 * step, 0.0)
+    total_s = sum(prefill + step * max(data.outputs[i:i + batch])
+                  for i in range(0, len(data.prompts), batch))
+    out["probe"] = {"batch_size": batch, "seconds": probe, "decode_step_s": step,
+                    "prefill_s": prefill,
+                    "estimated_out_tok_s": sum(data.outputs) / total_s}
     batches = []
-    for start in range(0, len(data.prompts), plan.hf_batch):
+    for start in range(0, len(data.prompts), batch):
         left = deadline - time.monotonic()
-        if batches and left < 2 * batches[-1]["seconds"]:
+        expected = prefill + step * max(data.outputs[start:start + batch])
+        if left < 1.3 * expected:
             break
-        stop = start + plan.hf_batch
         with time_limit(max(left, 1.0)):
-            batches.append(hf_peer.static_batch(model, data.prompts[start:stop],
-                                                data.outputs[start:stop],
-                                                batch_size=plan.hf_batch))
-    seconds = sum(b["seconds"] for b in batches)
-    useful = sum(b["out_tok_s"] * b["seconds"] for b in batches)
-    out["static_batch"] = {"out_tok_s": useful / seconds, "seconds": seconds,
-                           "requests": sum(b["requests"] for b in batches),
-                           "batch_size": plan.hf_batch}
+            batches.append(hf_peer.static_batch(model, data.prompts[start:start + batch],
+                                                data.outputs[start:start + batch],
+                                                batch_size=batch))
+    if batches:
+        seconds = sum(b["seconds"] for b in batches)
+        useful = sum(b["out_tok_s"] * b["seconds"] for b in batches)
+        out["static_batch"] = {"out_tok_s": useful / seconds, "seconds": seconds,
+                               "requests": sum(b["requests"] for b in batches),
+                               "batch_size": batch, "measured": True}
+    else:
+        out["static_batch"] = {"out_tok_s": out["probe"]["estimated_out_tok_s"],
+                               "batch_size": batch, "measured": False,
+                               "note": "no whole batch fitted the budget: the probe's estimate"}
     left = deadline - time.monotonic()
     if left > 10 or plan.dry_run:
         with time_limit(max(left, 5.0)):

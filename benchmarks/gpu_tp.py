@@ -21,6 +21,7 @@ plumbing on the CPU (gloo, two processes) with tiny configs and counts.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -274,8 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         run_part(name, results, budget,
                  lambda model=model, tp=tp: engine_part(model, tp, plan))
         save(args.out, results)
+        gc.collect()  # the closed engine's cycles hold its weights and KV pool
         if plan["device"] == "cuda":
             torch.cuda.empty_cache()
+            results["parts"][name]["gpu_memory_after_close"] = [
+                torch.cuda.memory_allocated(i) for i in range(gpus)]
     save(args.out, results)
     print(json.dumps(results["figures"], indent=2))
     return 0

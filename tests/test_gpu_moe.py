@@ -113,22 +113,23 @@ def test_alignment_covers_every_assignment_once(block_m):
         assert len(rows) and (flat[rows] == int(expert_ids[block])).all()
 
 
-def test_fused_experts_replay_in_a_cuda_graph_with_new_routing():
+@pytest.mark.parametrize("tokens", [1, 4])  # 1: the one-token layout (decode at batch 1)
+def test_fused_experts_replay_in_a_cuda_graph_with_new_routing(tokens):
     from aiolm.engine.layers.fused_moe import fused_experts, torch_experts
 
     w13, w2 = experts(8, 512, 384, torch.bfloat16, seed=0)
-    x = torch.randn(4, 512, device=DEVICE, dtype=torch.bfloat16)
-    weights, ids = routing(4, 8, 2, "all", seed=1)
+    x = torch.randn(tokens, 512, device=DEVICE, dtype=torch.bfloat16)
+    weights, ids = routing(tokens, 8, 2, "all", seed=1)
     fused_experts(x, w13, w2, weights, ids)  # compile the kernels outside the capture
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
     with torch.cuda.graph(graph):
         out = fused_experts(x, w13, w2, weights, ids)
     for seed in (5, 6):
-        new_weights, new_ids = routing(4, 8, 2, "few", seed=seed)
+        new_weights, new_ids = routing(tokens, 8, 2, "few", seed=seed)
         weights.copy_(new_weights)
         ids.copy_(new_ids)
-        x.copy_(torch.randn(4, 512, device=DEVICE, dtype=torch.bfloat16))
+        x.copy_(torch.randn(tokens, 512, device=DEVICE, dtype=torch.bfloat16))
         graph.replay()
         ref = torch_experts(x, w13, w2, weights, ids)
         torch.cuda.synchronize()

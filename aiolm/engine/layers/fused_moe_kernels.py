@@ -116,6 +116,16 @@ def align_capacity(num_assign: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(bound, block_m) * block_m
 
 
+@triton.jit
+def _one_token_layout_kernel(SortedIds, NumPadded, num_assign, BLOCK_M: tl.constexpr,
+                             BLOCK: tl.constexpr):
+    slot = tl.arange(0, BLOCK)
+    rank = slot // BLOCK_M
+    tl.store(SortedIds + slot, tl.where(slot % BLOCK_M == 0, rank, num_assign),
+             mask=slot < num_assign * BLOCK_M)
+    tl.store(NumPadded, num_assign * BLOCK_M)
+
+
 def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See :func:`aiolm.engine.layers.fused_moe.align_by_expert`."""
@@ -124,6 +134,14 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int,
     device = ids.device
     capacity = align_capacity(num_assign, num_experts, block_m)
     sorted_ids = torch.empty(capacity, dtype=torch.int32, device=device)
+    if ids.shape[0] == 1 and num_assign <= num_experts:
+        # One token (decode at batch 1): its top_k experts are distinct, so each
+        # assignment is its own expert's whole block, in k order. One launch instead of
+        # the sort, the search and the alignment kernel.
+        num_padded = torch.empty(1, dtype=torch.int32, device=device)
+        _one_token_layout_kernel[(1,)](sorted_ids, num_padded, num_assign, BLOCK_M=block_m,
+                                       BLOCK=triton.next_power_of_2(capacity), num_warps=1)
+        return sorted_ids, flat.to(torch.int32), num_padded
     expert_ids = torch.empty(capacity // block_m, dtype=torch.int32, device=device)
     num_padded = torch.zeros(1, dtype=torch.int32, device=device)
     if num_assign == 0:
