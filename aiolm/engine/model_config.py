@@ -552,6 +552,13 @@ NAMED_CONFIGS["llava-1.5-7b"] = _llava(
      "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768},
     image_token_index=32000)
 
+# LLaVA-NeXT (v1.6) -Vicuna-7B's geometry: the same tower and language model, images tiled
+# at any resolution (a 672 x 504 picture: the base view and 2 x 2 tiles, ~2,300 tokens).
+NAMED_CONFIGS["llava-next-7b"] = _llava(
+    "LlavaNextForConditionalGeneration", NAMED_CONFIGS["llava-1.5-7b"]["text_config"],
+    NAMED_CONFIGS["llava-1.5-7b"]["vision_config"], image_token_index=32000,
+    image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+
 
 def _llava_next_video(text: dict[str, Any], vision: dict[str, Any],
                       **extra: Any) -> dict[str, Any]:

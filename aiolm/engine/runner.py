@@ -29,6 +29,7 @@ driven by :mod:`aiolm.engine.tp_worker`, through :meth:`ModelRunner.forward` onl
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
@@ -406,7 +407,23 @@ class ModelRunner(StepIO):
         """Stop the tensor-parallel workers this runner owns (nothing without any);
         idempotent. The engine loop calls it when it ends."""
         if self.workers is not None:
+            self.release_graphs()
             self.workers.close()
+
+    def release_graphs(self) -> None:
+        """Destroy the captured CUDA graphs (no pass runs after this). A tensor-parallel
+        rank does it before it leaves its NCCL group: the collectives captured in a graph
+        hold the communicator's resources until the graph is destroyed, and NCCL's abort
+        and destroy waited for them forever (nvidia-h200-x2)."""
+        if self.graph_runner is None:
+            return
+        graphs, self.graph_runner = self.graph_runner.graphs, None
+        for graph in graphs.values():
+            graph.reset()
+        graphs.clear()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def queues_behind(self, mode: ForwardMode) -> bool:
         """Whether a pass of ``mode`` may be queued while another is in flight.

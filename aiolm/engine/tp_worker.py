@@ -25,9 +25,11 @@ on the parent's sentinel), so no worker outlives the engine.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import multiprocessing.connection
 import os
+import signal
 import threading
 import traceback
 from datetime import timedelta
@@ -42,7 +44,8 @@ if TYPE_CHECKING:
     from .config import EngineConfig
     from .runner import ModelRunner
 
-__all__ = ["COLLECTIVE_TIMEOUT", "STEP", "STOP", "decode_step", "encode_step", "worker_main"]
+__all__ = ["COLLECTIVE_TIMEOUT", "STEP", "STOP", "decode_step", "encode_step", "leave_group",
+           "worker_main"]
 
 _log = logging.getLogger("aiolm.engine")
 
@@ -120,6 +123,8 @@ def worker_main(rank: int, size: int, port: int, config: EngineConfig, device: s
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    # A worker that does not stop is terminated (SIGTERM) by rank 0: say where it was.
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     try:
         conn.send(("hello", None))
         store = dist.TCPStore("127.0.0.1", port, size, is_master=False,
@@ -139,8 +144,8 @@ def worker_main(rank: int, size: int, port: int, config: EngineConfig, device: s
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass   # rank 0 closed the pipe: the engine is gone
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        runner.release_graphs()
+        leave_group(died=False, device=dev)
 
 
 def _build(rank: int, size: int, config: EngineConfig, dev: torch.device,
@@ -165,6 +170,7 @@ def _serve(conn: multiprocessing.connection.Connection, runner: ModelRunner) -> 
     while True:
         header = np.frombuffer(conn.recv_bytes(), dtype=np.int64)
         if header[0] == STOP:
+            _log.debug("tensor-parallel rank %d: stop received", runner.tp.rank)
             return
         runner.forward(decode_step(header, runner))
 
@@ -186,3 +192,36 @@ def _send_quietly(conn: multiprocessing.connection.Connection, message: Any) -> 
         conn.send(message)
     except OSError:
         pass
+
+
+def leave_group(*, died: bool, device: torch.device | None = None) -> None:
+    """Leave the default process group (rank 0's and the workers' way out).
+
+    A gloo group is destroyed. An NCCL group is aborted, never destroyed: NCCL's destroy
+    first flushes and then tears down the communicator collectively, and on
+    nvidia-h200-x2 it hung (rank 0 and a worker both inside it, the group left
+    registered). An abort ends the communicator without waiting; so that it cuts no pass
+    short, a healthy rank first waits for its ``device`` to finish its queued work (the
+    collectives in it complete because every rank queued the same passes). After a
+    worker died, rank 0 aborts at once: its stream may wait in a collective the dead rank
+    never joined.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort is None or dist.get_backend() != "nccl":
+        dist.destroy_process_group()
+        return
+    if not died and device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        _log.debug("leaving the tensor-parallel group: %s is idle", device)
+    abort()
+    _log.debug("left the tensor-parallel group (aborted)")
+    if dist.is_initialized():  # an abort that left the default group registered
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort after an abort
+            _log.warning("destroying the aborted tensor-parallel group failed",
+                         exc_info=True)

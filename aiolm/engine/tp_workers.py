@@ -29,7 +29,7 @@ import torch
 
 from ..errors import BackendUnavailable
 from .parallel import TPGroup
-from .tp_worker import COLLECTIVE_TIMEOUT, STOP, encode_step, worker_main
+from .tp_worker import COLLECTIVE_TIMEOUT, STOP, encode_step, leave_group, worker_main
 
 if TYPE_CHECKING:
     from .config import EngineConfig
@@ -110,6 +110,7 @@ class TPWorkers:
         ctx = torch.multiprocessing.get_context("spawn")
         self.group = TPGroup(rank=0, size=len(devices))
         self._joined = False
+        self._device: torch.device | None = None
         self._procs: list[Any] = []
         self._conns: list[multiprocessing.connection.Connection] = []
         self._closed = False
@@ -136,6 +137,7 @@ class TPWorkers:
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=0,
                                 world_size=self.group.size, timeout=COLLECTIVE_TIMEOUT,
                                 device_id=device if cuda else None)
+        self._device = device
         self._joined = True
 
     # ---------------------------------------------------------------- startup
@@ -240,19 +242,20 @@ class TPWorkers:
                 conn.send_bytes(stop)
             except OSError:
                 pass
-        # Leave the group while the workers leave it: an NCCL worker's
-        # destroy_process_group may wait for rank 0's (it did on nvidia-h200-x2, until the
-        # worker was terminated and the group left initialized in this process).
+        _log.debug("tensor-parallel close: stop sent to %d workers", len(self._conns))
+        # Leave the group while the workers leave it (each rank, once its device has run
+        # every pass: NCCL's teardown waits for the other ranks' — see leave_group).
         leaving = None
         died = any(p.exitcode not in (0, None) for p in self._procs)
         if self._joined and not died:
             self._joined = False
-            leaving = threading.Thread(target=_leave_quietly, name="aiolm-tp-leave",
-                                       daemon=True)
+            leaving = threading.Thread(target=_leave_quietly, args=(self._device,),
+                                       name="aiolm-tp-leave", daemon=True)
             leaving.start()
         deadline = time.monotonic() + _STOP_TIMEOUT
         for proc in self._procs:
             proc.join(max(0.0, deadline - time.monotonic()))
+        _log.debug("tensor-parallel close: workers %s", [_exit_text(p.exitcode) for p in self._procs])
         for proc in self._procs:
             if proc.is_alive():
                 _log.warning("tensor-parallel worker %s did not stop; terminating it", proc.name)
@@ -265,13 +268,15 @@ class TPWorkers:
             conn.close()
         if leaving is not None:
             leaving.join(_STOP_TIMEOUT)
+            _log.debug("tensor-parallel close: leaving thread alive=%s, group joined=%s",
+                       leaving.is_alive(), _group_joined())
             if leaving.is_alive() or _group_joined():
                 # Not left cleanly (a worker hung in a collective): abort it, so that this
                 # process can open another tensor-parallel engine.
-                _leave_group(died=True)
+                leave_group(died=True)
         elif self._joined:  # a worker had died: only an abort ends rank 0's collectives
             self._joined = False
-            _leave_group(died=True)
+            leave_group(died=True)
 
 
 def _group_joined() -> bool:
@@ -280,32 +285,11 @@ def _group_joined() -> bool:
     return dist.is_initialized()
 
 
-def _leave_quietly() -> None:
+def _leave_quietly(device: torch.device | None) -> None:
     try:
-        _leave_group(died=False)
+        leave_group(died=False, device=device)
     except Exception:  # noqa: BLE001 - the caller aborts the group if it is still there
         _log.warning("leaving the tensor-parallel group failed", exc_info=True)
-
-
-def _leave_group(*, died: bool) -> None:
-    """Leave the default process group. After a worker died, an NCCL group is aborted
-    rather than destroyed: rank 0's stream may still wait in a collective the dead rank
-    never joined, and only an abort ends it."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return
-    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-    if died and abort is not None and dist.get_backend() == "nccl":
-        abort()
-        if dist.is_initialized():  # an abort that left the default group registered
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 - best effort after an abort
-                _log.warning("destroying the aborted tensor-parallel group failed",
-                             exc_info=True)
-    else:
-        dist.destroy_process_group()
 
 
 def _exit_text(code: int | None) -> str:
