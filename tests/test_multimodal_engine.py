@@ -37,8 +37,8 @@ def png(seed: int, size: tuple[int, int] = (60, 45)) -> ImageData:
     return ImageData(data=buf.getvalue(), mime="image/png")
 
 
-def image_tokenizer() -> Tokenizer:
-    """A small byte-level BPE tokenizer whose special token ``<image>`` is id 3."""
+def image_tokenizer(image_token: str = "<image>") -> Tokenizer:
+    """A small byte-level BPE tokenizer whose special token ``image_token`` is id 3."""
     from tokenizers import Tokenizer as RawTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -47,20 +47,21 @@ def image_tokenizer() -> Tokenizer:
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False,
-                                  special_tokens=["<unk>", "<s>", "</s>", "<image>"],
+                                  special_tokens=["<unk>", "<s>", "</s>", image_token],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(["what is in the picture? describe it", "USER: ASSISTANT:"] * 20,
                            trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", bos_token="<s>",
-                                 additional_special_tokens=["<image>"])
+                                 additional_special_tokens=[image_token])
     return Tokenizer(hf)
 
 
-def tiny_llava(**changes) -> LoadedModel:
+def tiny_llava(image_token: str = "<image>", **changes) -> LoadedModel:
     config = dict(NAMED_CONFIGS["tiny-llava"], image_token_index=IMAGE)
     config["text_config"] = dict(config["text_config"], **changes)
     model, model_config = load_model(config, load_format="dummy")
-    return LoadedModel(model=model, model_config=model_config, tokenizer=image_tokenizer(),
+    return LoadedModel(model=model, model_config=model_config,
+                       tokenizer=image_tokenizer(image_token),
                        device=torch.device("cpu"), source="tiny-llava", load_format="dummy")
 
 
@@ -147,6 +148,31 @@ async def test_a_text_prompt_places_the_image_at_its_token(loaded):
         assert ids.count(IMAGE) == 1
         by_ids = await engine.generate(request(ids, png(7)))
     assert by_text.token_ids == by_ids.token_ids
+
+
+async def test_chats_write_images_as_the_models_own_image_token():
+    # Qwen2.5-VL's tokenizer has <|image_pad|>, not <image>: a chat's image must encode to
+    # the model's image token id where the user put it, not fall back to "images first".
+    import aiolm
+    from aiolm._chat_messages import ImagePart, Message, TextPart
+
+    @aiolm.program
+    async def ask(s, picture):
+        s += aiolm.user("what is in" + aiolm.image(picture) + " the picture?")
+        s += aiolm.assistant(aiolm.gen("answer", max_tokens=2, temperature=0))
+
+    loaded = tiny_llava("<|image_pad|>")
+    async with Engine(loaded, max_total_tokens=2048) as engine:
+        assert engine.chat_template.image_token == "<|image_pad|>"
+        picture = png(3)
+        turn = Message(role="user", parts=(TextPart(text="what is in"), ImagePart(image=picture),
+                                           TextPart(text=" the picture?")))
+        ids = engine.tokenizer.encode(engine.chat_template.render([turn], open_role="assistant"))
+        assert ids.count(IMAGE) == 1 and ids.index(IMAGE) > 2
+        await ask.run(picture.data, backend=engine)
+        # The program's prompt put the image where the text did: the same ids hit it whole.
+        again = await engine.generate(request(ids, picture))
+    assert again.usage.cached_tokens == again.usage.prompt_tokens - 1
 
 
 @pytest.mark.parametrize("images,error,match", [

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import attrs
 
 from ..chat import SIMPLE_TEMPLATE, ChatTemplate, JinjaChatTemplate, chat_template_for
 from ..constraints.limits import ConstraintLimits
@@ -178,6 +179,7 @@ class Engine(EngineRequests, Backend):
                 raise RuntimeError("model: this LoadedModel is used by another open Engine")
             template = chat_template_for(loaded.tokenizer, self._chat_template_source,
                                          model_name=self.model_name)
+            template = _with_model_image_token(template, loaded)
         except BaseException:
             if workers is not None:
                 workers.close()
@@ -479,3 +481,17 @@ class Engine(EngineRequests, Backend):
             return await anyio.to_thread.run_sync(self._prompt_ids, request)
         return self._prompt_ids(request)
 
+
+def _with_model_image_token(template: Any, loaded: LoadedModel) -> Any:
+    """``template`` writing images as the model's own image token, where the tokenizer has
+    that token as a control token (Qwen2.5-VL's ``<|image_pad|>``; LLaVA's ``<image>``): a
+    chat's image then encodes to the model's image token id, which
+    :func:`~aiolm.engine.multimodal.prepare_multimodal` replaces in place. Otherwise (a
+    text model, no tokenizer, or an id the tokenizer holds as ordinary text) unchanged."""
+    token_id = getattr(loaded.model, "image_token_id", None)
+    if token_id is None or loaded.tokenizer is None or not is_multimodal(loaded.model):
+        return template
+    text = loaded.tokenizer.special_token_text(int(token_id))
+    if text is None or text == template.image_token:
+        return template
+    return attrs.evolve(template, image_token=text)

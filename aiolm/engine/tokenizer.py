@@ -241,6 +241,11 @@ class Tokenizer:
                               if t.special}
         return self._specials
 
+    def special_token_text(self, token_id: int) -> str | None:
+        """The text of control token ``token_id`` (an added token marked special), or None
+        when the id is no such token."""
+        return self._special_tokens().get(token_id)
+
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """The text of ``ids`` (special tokens left out unless asked)."""
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens,
