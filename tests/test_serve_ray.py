@@ -164,6 +164,66 @@ def test_policy_keeps_a_session_home_while_it_has_room():
     assert policy.decide(["r0", "r1"], matched={}, load={"r0": 1}, session="a").reason != "session"
 
 
+def _place(policy, n: int, load: dict[str, int], candidates=("r0", "r1")) -> list[str]:
+    """Where ``n`` new prefixes (no replica holds a block of them) go, decided in a row."""
+    return [policy.decide(list(candidates), matched={}, load=load).ranks[0][0] for _ in range(n)]
+
+
+def test_policy_splits_new_prefixes_evenly_whatever_the_instant_load():
+    from aiolm.serve_ray.policy import RoutingPolicy
+
+    policy = RoutingPolicy()
+    placed = _place(policy, 8, {"r0": 1, "r1": 1})
+    assert placed.count("r0") == placed.count("r1") == 4
+    assert policy.placements() == {"r0": 4, "r1": 4}
+    # r0 always one request less busy: least-in-flight would send all 8 there.
+    placed = _place(RoutingPolicy(), 8, {"r0": 0, "r1": 1})
+    assert placed.count("r0") == placed.count("r1") == 4
+    d = RoutingPolicy().decide(["r0", "r1"], matched={}, load={})
+    assert (d.reason, d.placed, d.matched_blocks) == ("least-loaded", True, 0)
+
+
+def test_policy_places_a_new_prefix_away_from_the_replica_that_took_more():
+    from aiolm.serve_ray.policy import RoutingPolicy
+
+    policy = RoutingPolicy(imbalance=2)
+    for replica in ("r0", "r0", "r1"):
+        policy.place(replica)
+    assert _place(policy, 1, {"r0": 0, "r1": 2}) == ["r1"]           # busier, but has room
+    assert _place(policy, 1, {"r0": 0, "r1": 3}) == ["r0"]           # no room: r0 after all
+    assert policy.placements() == {"r0": 3, "r1": 2}
+
+
+def test_policy_counts_only_the_last_window_of_placements():
+    from aiolm.serve_ray.policy import RoutingPolicy
+
+    policy = RoutingPolicy(window=3)
+    for replica in ("r0", "r0", "r0", "r1", "r1"):
+        policy.place(replica)
+    assert policy.placements() == {"r0": 1, "r1": 2}
+    assert _place(policy, 1, {}) == ["r0"]
+    policy.withdraw("r0")                                            # its request went elsewhere
+    assert policy.placements() == {"r1": 2}
+    policy.withdraw("r0")                                            # none left: no-op
+    policy.forget_replica("r1")
+    assert policy.placements() == {}
+    with pytest.raises(ValueError, match="window"):
+        RoutingPolicy(window=0)
+
+
+def test_policy_places_among_replicas_holding_the_same_longest_prefix():
+    from aiolm.serve_ray.policy import RoutingPolicy
+
+    policy = RoutingPolicy()
+    policy.place("r0")
+    shared = {"r0": 2, "r1": 2, "r2": 1}                              # e.g. a system prompt
+    d = policy.decide(["r0", "r1", "r2"], matched=shared, load={})
+    assert (d.ranks[0], d.reason, d.placed, d.matched_blocks) == (("r1",), "prefix", True, 2)
+    d = policy.decide(["r0", "r1", "r2"], matched={"r0": 3, "r1": 2}, load={})
+    assert (d.ranks[0], d.reason, d.placed) == (("r0",), "prefix", False)   # one holder: no placement
+    assert policy.placements() == {"r0": 1, "r1": 1}
+
+
 # ---------------------------------------------------------------- the session header
 
 class _Headers:
@@ -212,6 +272,42 @@ _ray_warnings = pytest.mark.filterwarnings("ignore::DeprecationWarning",
                                            "ignore::PendingDeprecationWarning")
 
 APP = "aiolm"
+
+
+class _Replica:
+    """What the router reads of Serve's RunningReplica."""
+
+    def __init__(self, rid: str):
+        from ray.serve._private.common import DeploymentID
+        from ray.serve.request_router import ReplicaID
+
+        self.replica_id = ReplicaID(unique_id=rid, deployment_id=DeploymentID(name="AiolmEngine"))
+
+
+def _pending(request_id: str):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(args=[], metadata=SimpleNamespace(internal_request_id=request_id))
+
+
+@_ray_warnings
+@pytest.mark.anyio
+async def test_router_counts_a_burst_s_placements_before_serve_routes_them():
+    from aiolm.serve_ray.router import CacheAwareRouter
+
+    router = CacheAwareRouter.__new__(CacheAwareRouter)   # its state only: no Serve here
+    router.initialize_state()
+    router._replica_queue_len_cache = {}                    # what Serve reports: nothing yet
+    replicas = [_Replica("r0"), _Replica("r1")]
+    firsts = [(await router.choose_replicas(replicas, _pending(f"q{k}")))[0][0].replica_id.unique_id
+              for k in range(4)]
+    assert sorted(firsts) == ["r0", "r0", "r1", "r1"]        # decided before any was routed
+    router.on_request_routed(_pending("q0"), _Replica("r1").replica_id, None)  # a later rank
+    assert router._policy.placements() == {"r0": 1, "r1": 3}
+    await router.choose_replicas(replicas, _pending("q1"))   # decided again: counted once
+    assert sum(router._policy.placements().values()) == 4
+    with pytest.raises(TypeError, match="unknown options"):
+        router.initialize_state(bogus=1)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,8 @@ _log = logging.getLogger("aiolm.serve_ray")
 
 #: The Ray namespace of the index actors (one per Serve application).
 INDEX_NAMESPACE = "aiolm"
+#: The most requests whose routing decision a router remembers until Serve routes them.
+_MAX_DECIDING = 4096
 
 
 def index_name(app_name: str) -> str:
@@ -85,14 +87,19 @@ def _routed(pending: PendingRequest | None) -> RoutedRequest | None:
 
 class CacheAwareRouter(RequestRouter):
     """Routes to the replica holding the longest prefix of the request's token blocks,
-    keeps a program's session on its replica while it has room, spills to the least-loaded
-    replica when loads diverge by more than ``imbalance`` requests (``request_router_kwargs``
-    of the deployment's ``RequestRouterConfig``)."""
+    keeps a program's session on its replica while it has room, places new prefixes where
+    the fewest of the last ``window`` went, spills to the least-loaded replica when loads
+    diverge by more than ``imbalance`` requests (``request_router_kwargs`` of the
+    deployment's ``RequestRouterConfig``; see :mod:`aiolm.serve_ray.policy`)."""
 
-    def initialize_state(self, imbalance: int = 4, **kwargs: Any) -> None:
+    def initialize_state(self, imbalance: int = 4, window: int = 64, **kwargs: Any) -> None:
         if kwargs:
             raise TypeError(f"CacheAwareRouter: unknown options {sorted(kwargs)}")
-        self._policy = RoutingPolicy(imbalance=imbalance)
+        self._policy = RoutingPolicy(imbalance=imbalance, window=window)
+        # The replica each request being routed was placed on (the policy counted it), until
+        # Serve says where it went. A request cancelled before that leaves its entry: the
+        # oldest go beyond _MAX_DECIDING.
+        self._deciding: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._index: Any = None
         self._inflight: collections.Counter[str] = collections.Counter()
         # The prompts of the requests in flight, per replica: their blocks will be in its
@@ -134,15 +141,27 @@ class CacheAwareRouter(RequestRouter):
             for rid, blocks in self._sent.match(routed.block_hashes).items():
                 matched[rid] = max(blocks, matched.get(rid, 0))
         load = {rid: self._load(r) for rid, r in by_id.items()}
+        request_id = pending_request.metadata.internal_request_id if pending_request else None
+        earlier = self._deciding.pop(request_id, None)
+        if earlier is not None:  # decided again (its replica was full): that one does not count
+            self._policy.withdraw(earlier)
         decision = self._policy.decide(list(by_id), matched=matched, load=load,
                                        session=routed.session if routed else None)
         self.decisions.append((decision.reason, decision.matched_blocks, decision.ranks[0][0]))
+        if decision.placed and request_id is not None:
+            self._deciding[request_id] = decision.ranks[0][0]
+            while len(self._deciding) > _MAX_DECIDING:
+                self._deciding.popitem(last=False)
         return [[by_id[rid] for rid in rank] for rank in decision.ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:
         rid = replica_id.unique_id
         self._inflight[rid] += 1
+        placed = self._deciding.pop(pending_request.metadata.internal_request_id, None)
+        if placed is not None and placed != rid:  # Serve took a later rank
+            self._policy.withdraw(placed)
+            self._policy.place(rid)
         routed = _routed(pending_request)
         if routed is not None:
             self._policy.routed(routed.session, rid)
