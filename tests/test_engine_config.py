@@ -97,7 +97,7 @@ def test_engine_passes_every_option_to_its_config():
                "chunked_prefill_size": 64, "max_running_requests": 3, "max_total_tokens": 999,
                "mem_fraction": 0.5, "cuda_graphs": False, "load_format": "dummy",
                "quantization": None, "tp_size": 1, "seed": 7, "jump_forward": False,
-               "mix_decode": False,
+               "mix_decode": False, "shared_prefix_min_tokens": 64,
                "aging_limit": 2, "request_step_timeout": 1.5, "close_timeout": 2.5,
                "num_threads": 1, "overlap": True, "compile": True,
                "escape_special_tokens": False,

@@ -237,3 +237,45 @@ def test_captured_decode_replays_with_new_lengths(backend):
         torch.cuda.synchronize()
         assert torch.isfinite(static_out).all(), f"case {case}"
         assert rel_err(static_out, ref) < TOLERANCE[torch.bfloat16], f"case {case}"
+
+
+SHARED_CASES = [pytest.param(b, dtype, g, id=f"{b}-{str(dtype)[6:]}-{'x'.join(map(str, g))}")
+                for b in ("triton",) for dtype in DTYPES
+                for g in (*GEOMETRIES, (32, 32, 128))]   # + LLaVA-1.5's MHA
+SHARED_CASES.append(pytest.param("hybrid", torch.bfloat16, GEOMETRIES[0], marks=_NO_FLASHINFER,
+                                 id="hybrid-bfloat16-32x8x128"))
+
+
+@pytest.mark.parametrize(("backend", "dtype", "geometry"), SHARED_CASES)
+def test_shared_prefix_decode_matches_torch(backend, dtype, geometry):
+    """Decode with ``prefix_groups`` (cascade attention): groups of 2, 5 and 16 requests
+    sharing 2,340, 700 and 64 tokens of the same slots, and requests in no group."""
+    from aiolm.engine.shared_prefix import max_members, prefix_groups
+
+    rnd = random.Random(sum(geometry))
+    plan = [(2340, 2), (700, 5), (64, max_members(geometry[0], geometry[1]))]
+    lens, groups = [], []
+    for shared, members in plan:
+        first = len(lens)
+        lens += [shared + rnd.randrange(1, 300) for _ in range(members)]
+        groups.append((shared, list(range(first, first + members))))
+    lens += [rnd.randrange(1, 3000) for _ in range(5)]          # in no group
+    order = list(range(len(lens)))
+    rnd.shuffle(order)                                           # members spread over the batch
+    where = {old: new for new, old in enumerate(order)}
+    lens = [lens[old] for old in order]
+    groups = [(shared, sorted(where[m] for m in members)) for shared, members in groups]
+    batch, q, k, v = make_batch(prefix_lens=[n - 1 for n in lens], extend_lens=[1] * len(lens),
+                                geometry=geometry, dtype=dtype, seed=7, decode=True)
+    table = batch.req_to_token_pool.req_to_token
+    rows = batch.req_pool_indices
+    for shared, members in groups:
+        for b in members[1:]:
+            table[rows[b], :shared] = table[rows[members[0]], :shared]
+    ref, _ = run_backend("torch", batch, q, k, v, geometry)
+    batch.prefix_groups = prefix_groups(groups, lens, torch.device(DEVICE))
+    out, (k_written, v_written) = run_backend(backend, batch, q, k, v, geometry)
+    assert torch.isfinite(out).all()
+    err = rel_err(out, ref)
+    assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
+    assert torch.equal(k_written, k) and torch.equal(v_written, v)

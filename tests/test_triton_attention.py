@@ -147,6 +147,62 @@ def test_decode_split_k_matches_reference(tk, dtype, num_splits):
     assert rel_err(out, expected) < TOLERANCE[dtype]
 
 
+def shared_prefix_batch(*, heads, dtype, seed):
+    """A decode batch of six requests where three share a 40-token prefix (the same slots
+    in their rows), two share 23 and one shares nothing; the groups as the kernel takes
+    them (members padded with -1)."""
+    hq, hkv, d = heads
+    batch, q, k, v = make_batch(prefix_lens=[41, 50, 63, 30, 24, 17], extend_lens=[1] * 6,
+                                num_q_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype,
+                                seed=seed, decode=True)
+    table = batch.req_to_token_pool.req_to_token
+    rows = batch.req_pool_indices
+    for lead, others, shared in ((0, (1, 2), 40), (3, (4,), 23)):
+        for b in others:
+            table[rows[b], :shared] = table[rows[lead], :shared]
+    prefix_lens = torch.tensor([40, 40, 40, 23, 23, 0], dtype=torch.int32)
+    group_rows = torch.tensor([[2, 0, 1, -1], [4, 3, -1, -1]], dtype=torch.int32)
+    group_lens = torch.tensor([40, 23], dtype=torch.int32)
+    return batch, q, k, v, (prefix_lens, group_rows, group_lens)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", [(8, 2, 16), (4, 4, 16), (6, 2, 24)],
+                         ids=lambda g: "x".join(map(str, g)))
+@pytest.mark.parametrize(("num_splits", "num_shared"), [(1, 1), (3, 4)])
+def test_shared_prefix_decode_reads_each_prefix_once_and_matches_reference(
+        tk, dtype, heads, num_splits, num_shared):
+    hq, hkv, d = heads
+    batch, q, k, v, groups = shared_prefix_batch(heads=heads, dtype=dtype,
+                                                  seed=num_splits * 10 + num_shared + hq)
+    geometry = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=0.3, device="cpu")
+    expected = reference(batch, q, k, v, geometry)
+    cfg = tk.kernel_config(torch.device("cpu"), d)
+    k_buf, v_buf = batch.kv_pool.get_kv(0)
+    tk.store_kv(k, v, k_buf, v_buf, batch.out_cache_loc)
+    out = torch.full_like(q, float("nan"))
+    entries = num_splits + num_shared
+    mid_o = torch.full((6, hq, entries, d), float("nan"))
+    mid_lse = torch.full((6, hq, entries), float("nan"))
+    tk.decode_attention_shared(q, out, k_buf, v_buf, batch.req_to_token_pool.req_to_token,
+                               batch.req_pool_indices, batch.seq_lens, *groups, mid_o,
+                               mid_lse, num_splits, num_shared, 0.3, cfg)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expected) < TOLERANCE[dtype]
+
+
+def test_shared_prefix_decode_refuses_too_small_a_scratch(tk):
+    batch, q, k, v, groups = shared_prefix_batch(heads=(4, 2, 16), dtype=torch.float32, seed=1)
+    k_buf, v_buf = batch.kv_pool.get_kv(0)
+    cfg = tk.kernel_config(torch.device("cpu"), 16)
+    with pytest.raises(ValueError, match="exceeds the scratch's 4"):
+        tk.decode_attention_shared(q, torch.empty_like(q), k_buf, v_buf,
+                                   batch.req_to_token_pool.req_to_token,
+                                   batch.req_pool_indices, batch.seq_lens, *groups,
+                                   torch.empty(6, 4, 4, 16), torch.empty(6, 4, 4), 3, 2, 0.3,
+                                   cfg)
+
+
 def test_decode_backend_plans_splits_and_matches_reference(backend_cls):
     hq, hkv, d = 4, 1, 16
     batch, q, k, v = make_batch(prefix_lens=[100, 3], extend_lens=[1, 1], num_q_heads=hq,

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..cache.pool import KVPool, ReqToTokenPool
+    from .shared_prefix import PrefixGroups
 
 __all__ = ["ForwardBatch", "ForwardMode"]
 
@@ -63,6 +64,9 @@ class ForwardBatch:
     # past the prompt are shifted by ``rope_delta`` (empty: no shift anywhere; the debug
     # checks read it).
     rope_shifts_cpu: list[tuple[int, int]] = attrs.field(factory=list)
+    # DECODE only: the requests sharing a cached prefix (:mod:`aiolm.engine.shared_prefix`),
+    # whose K/V the attention reads once per group; None: every request reads its own.
+    prefix_groups: PrefixGroups | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -43,6 +43,7 @@ from .attention import create as create_attention
 from .debug_checks import check_forward_batch, debug_checks_enabled
 from .forward_batch import ForwardBatch, ForwardMode
 from .sampler import Sampler, token_logprobs, top_token_logprobs
+from .shared_prefix import max_members
 from .step_io import StepIO
 from .step_output import LaunchedStep, SampledToken, ScoredTokens, StepOutput
 
@@ -241,11 +242,47 @@ class ModelRunner(StepIO):
             self.attn.compiled = True
             self.compiled_decode = torch.compile(self.model.forward, dynamic=True)
             self._warm_compiled_decode()
+        # Shared-prefix decode (aiolm/engine/shared_prefix.py): not with tensor parallelism
+        # (the workers rebuild each pass from rank 0's header, which does not carry groups).
+        self.shared_prefix_min_tokens = (config.shared_prefix_min_tokens
+                                         if self.attn.supports_shared_prefix and tp is None
+                                         else 0)
+        self.shared_prefix_members = max_members(q_heads, kv_heads)
         self.graph_runner: Any = None
         if config.cuda_graphs and cuda and self.attn.supports_cuda_graph:
             from .cuda_graph import CudaGraphRunner
 
             self.graph_runner = CudaGraphRunner(self)
+        if self.shared_prefix_min_tokens and cuda:
+            self._warm_shared_prefix_decode()
+
+    @torch.inference_mode()
+    def _warm_shared_prefix_decode(self) -> None:
+        """Compile the shared-prefix decode kernels now, not in the first pass that groups
+        requests (seconds of Triton compiling in the middle of serving): one decode pass of
+        two requests sharing one token, over row 0 of the request table (the padding slot
+        0, whose K/V are zeroed again after)."""
+        from .shared_prefix import prefix_groups
+
+        table = self.req_to_token_pool.req_to_token
+        if table[0, :2].any():
+            raise RuntimeError("the request table must be unused while the engine warms up")
+        dev = self.device
+        batch = ForwardBatch(
+            mode=ForwardMode.DECODE, batch_size=2,
+            input_ids=torch.zeros(2, dtype=torch.int64, device=dev),
+            positions=torch.ones(2, dtype=torch.int64, device=dev),
+            out_cache_loc=torch.zeros(2, dtype=torch.int64, device=dev),
+            req_pool_indices=torch.zeros(2, dtype=torch.int64, device=dev),
+            seq_lens=torch.full((2,), 2, dtype=torch.int32, device=dev), seq_lens_cpu=[2, 2],
+            kv_pool=self.kv_pool, req_to_token_pool=self.req_to_token_pool,
+            prefix_groups=prefix_groups([(1, [0, 1])], [2, 2], dev,
+                                        width=self.shared_prefix_members),
+        )
+        self.model(batch)
+        torch.cuda.synchronize(dev)
+        for buf in (*self.kv_pool.k_buffers, *self.kv_pool.v_buffers):
+            buf[0].zero_()
 
     @torch.inference_mode()
     def _warm_compiled_decode(self) -> None:
@@ -385,6 +422,8 @@ class ModelRunner(StepIO):
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         """The model's logits for ``fb``: replayed from a CUDA graph, compiled, or eager."""
+        if fb.prefix_groups is not None:
+            return self.model(fb)   # the groups change every step: outside the graphs
         if fb.is_decode and self.graph_runner is not None and self.graph_runner.can_run(fb):
             return self.graph_runner.replay(fb)
         if fb.is_decode and self.compiled_decode is not None:

@@ -16,6 +16,7 @@ import torch
 
 from .forward_batch import ForwardBatch, ForwardMode
 from .multimodal import pass_embeddings
+from .shared_prefix import find_groups, prefix_groups
 from .step_output import SampledToken, ScoredTokens, StepOutput
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ class StepIO:
     sampler: Sampler
     kv_pool: KVPool
     req_to_token_pool: ReqToTokenPool
+    shared_prefix_min_tokens: int
+    shared_prefix_members: int
 
     def _prepare_sampling(self, reqs: Sequence[Req],
                           rows: list[int]) -> tuple[Any, dict[int, Exception]]:
@@ -190,6 +193,11 @@ class StepIO:
             raise RuntimeError("a request of the batch has a token in flight, but no pass "
                                "is in flight to take it from")
         extend = batch.mode is ForwardMode.EXTEND
+        groups = None
+        if not extend and self.shared_prefix_min_tokens:
+            found = find_groups(reqs, min_tokens=self.shared_prefix_min_tokens,
+                                max_members=self.shared_prefix_members)
+            groups = prefix_groups(found, seq_lens, dev, width=self.shared_prefix_members)
         return ForwardBatch(
             mode=batch.mode,
             batch_size=len(reqs),
@@ -210,6 +218,7 @@ class StepIO:
             mm_rows=mm_pass[1] if mm_pass is not None else None,
             mrope_positions=mrope.to(dev, non_blocking=True) if mrope is not None else None,
             rope_shifts_cpu=shifts if any(d for _, d in shifts) else [],
+            prefix_groups=groups,
         )
 
 

@@ -29,6 +29,8 @@ class AttentionBackend(abc.ABC):
 
     name: str = ""
     supports_cuda_graph: bool = False
+    #: Whether decode reads a shared prefix once per group (``ForwardBatch.prefix_groups``).
+    supports_shared_prefix: bool = False
 
     def __init__(self, *, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  device: torch.device | str) -> None:

@@ -33,6 +33,7 @@ class HybridAttention(AttentionBackend):
 
     name = "hybrid"
     supports_cuda_graph = True
+    supports_shared_prefix = True   # decode is Triton's
 
     def __init__(self, *, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  device: torch.device | str) -> None:

@@ -16,6 +16,7 @@ import attrs
 import torch
 
 from ..forward_batch import ForwardBatch
+from ..shared_prefix import PrefixGroups
 from . import triton_kernels as tk
 from .base import AttentionBackend
 
@@ -36,6 +37,10 @@ class _DecodeMeta:
     num_splits: int
     mid_o: torch.Tensor         # [>=bs, Hq, MAX_DECODE_SPLITS, D] float32
     mid_lse: torch.Tensor       # [>=bs, Hq, MAX_DECODE_SPLITS] float32
+    # Shared-prefix decode: the batch's groups and the splits of their prefixes (the
+    # scratch then holds num_splits + num_shared entries a request).
+    groups: PrefixGroups | None = None
+    num_shared: int = 0
 
 
 class TritonAttention(AttentionBackend):
@@ -43,6 +48,7 @@ class TritonAttention(AttentionBackend):
 
     name = "triton"
     supports_cuda_graph = True
+    supports_shared_prefix = True
 
     def __init__(self, *, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  device: torch.device | str) -> None:
@@ -89,6 +95,21 @@ class TritonAttention(AttentionBackend):
 
     def _eager_decode_meta(self, batch: ForwardBatch) -> _DecodeMeta:
         bs = batch.batch_size
+        groups = batch.prefix_groups
+        if groups is not None:
+            # Each request's own part (past its shared prefix), and each group's prefix.
+            splits = tk.plan_decode_splits(bs, self.num_kv_heads, groups.max_suffix,
+                                           self._num_sms, MAX_DECODE_SPLITS,
+                                           self.cfg.decode_min_chunk)
+            shared = tk.plan_decode_splits(groups.count, self.num_kv_heads, groups.max_len,
+                                           self._num_sms, MAX_DECODE_SPLITS,
+                                           self.cfg.decode_min_chunk)
+            mid_o = torch.empty((bs, self.num_q_heads, splits + shared, self.head_dim),
+                                dtype=torch.float32, device=self._device)
+            mid_lse = torch.empty((bs, self.num_q_heads, splits + shared), dtype=torch.float32,
+                                  device=self._device)
+            return _DecodeMeta(num_splits=splits, mid_o=mid_o, mid_lse=mid_lse, groups=groups,
+                               num_shared=shared)
         max_len = max(batch.seq_lens_cpu) if batch.seq_lens_cpu else None
         splits = tk.plan_decode_splits(max(bs, 1), self.num_kv_heads, max_len, self._num_sms,
                                        MAX_DECODE_SPLITS, self.cfg.decode_min_chunk)
@@ -113,9 +134,16 @@ class TritonAttention(AttentionBackend):
         if batch.is_decode:
             if not isinstance(meta, _DecodeMeta):
                 raise RuntimeError("TritonAttention.init_forward was not called for this batch")
-            tk.decode_attention(q, out, k_buf, v_buf, req_to_token, batch.req_pool_indices,
-                                batch.seq_lens, meta.mid_o, meta.mid_lse, meta.num_splits,
-                                self.scale, cfg)
+            if meta.groups is not None:
+                g = meta.groups
+                tk.decode_attention_shared(
+                    q, out, k_buf, v_buf, req_to_token, batch.req_pool_indices,
+                    batch.seq_lens, g.prefix_lens, g.rows, g.lens, meta.mid_o, meta.mid_lse,
+                    meta.num_splits, meta.num_shared, self.scale, cfg)
+            else:
+                tk.decode_attention(q, out, k_buf, v_buf, req_to_token,
+                                    batch.req_pool_indices, batch.seq_lens, meta.mid_o,
+                                    meta.mid_lse, meta.num_splits, self.scale, cfg)
         else:
             if not isinstance(meta, _ExtendMeta):
                 raise RuntimeError("TritonAttention.init_forward was not called for this batch")

@@ -30,6 +30,7 @@ from triton.runtime.errors import OutOfResources
 __all__ = [
     "KernelConfig",
     "decode_attention",
+    "decode_attention_shared",
     "decode_chunk_size",
     "extend_attention",
     "fill_kv_indices",
@@ -39,6 +40,9 @@ __all__ = [
 ]
 
 LOG2E = 1.4426950408889634
+#: The entries of a request's scratch the shared-prefix decode's merge tile covers (its own
+#: splits and its group's): one compiled merge kernel for any split counts up to it.
+SHARED_ENTRIES = 64
 
 
 class KernelConfig:
@@ -282,21 +286,31 @@ def decode_chunk_size(seq_len: int, num_splits: int, min_chunk: int, block_n: in
     return -(-chunk // block_n) * block_n
 
 
-@triton.jit
-def _decode_stage1_kernel(Q, KBuf, VBuf, ReqToToken, ReqPoolIdx, SeqLens, MidO, MidLse,
+# The split counts and group widths change from pass to pass: one compiled kernel for all
+# (Triton would otherwise compile a variant for a count of 1 and for multiples of 16).
+@triton.jit(do_not_specialize=["num_splits"])
+def _decode_stage1_kernel(Q, KBuf, VBuf, ReqToToken, ReqPoolIdx, SeqLens, PrefixLens, MidO,
+                          MidLse,
                           stride_qb, stride_qh, stride_kbs, stride_kbh, stride_vbs,
                           stride_vbh, stride_r2t, stride_mob, stride_moh, stride_mos,
                           stride_mlb, stride_mlh,
                           qk_scale, num_splits,
                           KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                          MIN_CHUNK: tl.constexpr, DOT_F32: tl.constexpr):
+                          MIN_CHUNK: tl.constexpr, DOT_F32: tl.constexpr,
+                          HAS_PREFIX: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(SeqLens + b)
-    chunk = _chunk_len(seq_len, num_splits, MIN_CHUNK, BLOCK_N)
-    start = split * chunk
+    if HAS_PREFIX:
+        # The shared prefix [0, PrefixLens[b]) is _decode_shared_kernel's: split the rest.
+        first = tl.load(PrefixLens + b)
+        chunk = _chunk_len(seq_len - first, num_splits, MIN_CHUNK, BLOCK_N)
+        start = first + split * chunk
+    else:
+        chunk = _chunk_len(seq_len, num_splits, MIN_CHUNK, BLOCK_N)
+        start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
     if start >= end:
         return
@@ -340,21 +354,31 @@ def _decode_stage1_kernel(Q, KBuf, VBuf, ReqToToken, ReqPoolIdx, SeqLens, MidO, 
              mask=g_mask)
 
 
-@triton.jit
-def _decode_stage2_kernel(MidO, MidLse, Out, SeqLens,
+@triton.jit(do_not_specialize=["num_splits", "num_shared"])
+def _decode_stage2_kernel(MidO, MidLse, Out, SeqLens, PrefixLens,
                           stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
-                          stride_ob, stride_oh, num_splits,
+                          stride_ob, stride_oh, num_splits, num_shared,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
-                          MIN_CHUNK: tl.constexpr):
+                          MIN_CHUNK: tl.constexpr, HAS_PREFIX: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(SeqLens + b)
-    chunk = _chunk_len(seq_len, num_splits, MIN_CHUNK, BLOCK_N)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    # A split holds data only if it starts inside the sequence; the others were never written.
-    s_mask = (offs_s < num_splits) & (offs_s * chunk < seq_len)
+    # A split holds data only if it starts inside its range; the others were never written.
+    if HAS_PREFIX:
+        # Entries [0, num_splits) cover [first, seq_len); the next num_shared entries the
+        # shared prefix [0, first) (written by _decode_shared_kernel; none when first is 0).
+        first = tl.load(PrefixLens + b)
+        chunk = _chunk_len(seq_len - first, num_splits, MIN_CHUNK, BLOCK_N)
+        shared_chunk = _chunk_len(first, num_shared, MIN_CHUNK, BLOCK_N)
+        j = offs_s - num_splits
+        s_mask = ((offs_s < num_splits) & (offs_s * chunk < seq_len - first)) | (
+            (offs_s >= num_splits) & (j < num_shared) & (j * shared_chunk < first))
+    else:
+        chunk = _chunk_len(seq_len, num_splits, MIN_CHUNK, BLOCK_N)
+        s_mask = (offs_s < num_splits) & (offs_s * chunk < seq_len)
     d_mask = offs_d < HEAD_DIM
     lse = tl.load(MidLse + b * stride_mlb + h * stride_mlh + offs_s, mask=s_mask,
                   other=float("-inf"))
@@ -379,27 +403,14 @@ def decode_attention(q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tensor,
     [>=bs, Hq, S] scratch with ``S >= num_splits``. Reads only device tensors, so the two
     launches can be captured in a CUDA graph and replayed with new lengths.
     """
-    bs, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_buf.shape[1]
-    group = num_q_heads // num_kv_heads
-    if bs == 0:
+    if q.shape[0] == 0:
         return
     if num_splits > mid_o.shape[2]:
         raise ValueError(f"num_splits: {num_splits} exceeds the scratch's {mid_o.shape[2]}")
-    block_d = _pow2(head_dim)
     while True:
         try:
-            _decode_stage1_kernel[(bs, num_kv_heads, num_splits)](
-                q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
-                q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0),
-                v_buf.stride(1), req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1),
-                mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-                scale * LOG2E, num_splits,
-                KV_GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=_pow2(group),
-                BLOCK_N=cfg.decode_block_n, MIN_CHUNK=cfg.decode_min_chunk,
-                DOT_F32=_dot_f32(cfg, k_buf),
-                num_warps=cfg.decode_warps, num_stages=cfg.decode_stages,
-            )
+            _stage1(q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, None, mid_o,
+                    mid_lse, num_splits, scale, cfg)
             break
         except OutOfResources:
             # Both stages read the tile size (the chunk boundaries): shrink before stage 2.
@@ -409,14 +420,176 @@ def decode_attention(q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tensor,
                 cfg.decode_block_n //= 2
             else:
                 raise
-    _decode_stage2_kernel[(bs, num_q_heads)](
-        mid_o, mid_lse, o, seq_lens,
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
-        mid_lse.stride(1), o.stride(0), o.stride(1), num_splits,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(mid_o.shape[2]),
+    _stage2(mid_o, mid_lse, o, seq_lens, None, num_splits, 0, cfg)
+
+
+def _stage1(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+            req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+            prefix_lens: torch.Tensor | None, mid_o: torch.Tensor, mid_lse: torch.Tensor,
+            num_splits: int, scale: float, cfg: KernelConfig) -> None:
+    bs, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_buf.shape[1]
+    group = num_q_heads // num_kv_heads
+    _decode_stage1_kernel[(bs, num_kv_heads, num_splits)](
+        q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens,
+        prefix_lens if prefix_lens is not None else seq_lens, mid_o, mid_lse,
+        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0),
+        v_buf.stride(1), req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1),
+        mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        scale * LOG2E, num_splits,
+        KV_GROUP=group, HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim), BLOCK_H=_pow2(group),
         BLOCK_N=cfg.decode_block_n, MIN_CHUNK=cfg.decode_min_chunk,
-        num_warps=4 if q.is_cuda else 1,
+        DOT_F32=_dot_f32(cfg, k_buf), HAS_PREFIX=prefix_lens is not None,
+        num_warps=cfg.decode_warps, num_stages=cfg.decode_stages,
     )
+
+
+def _stage2(mid_o: torch.Tensor, mid_lse: torch.Tensor, o: torch.Tensor,
+            seq_lens: torch.Tensor, prefix_lens: torch.Tensor | None, num_splits: int,
+            num_shared: int, cfg: KernelConfig, block_s: int | None = None) -> None:
+    bs, num_q_heads, head_dim = o.shape
+    _decode_stage2_kernel[(bs, num_q_heads)](
+        mid_o, mid_lse, o, seq_lens, prefix_lens if prefix_lens is not None else seq_lens,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
+        mid_lse.stride(1), o.stride(0), o.stride(1), num_splits, num_shared,
+        HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim),
+        BLOCK_S=block_s or triton.next_power_of_2(mid_o.shape[2]),
+        BLOCK_N=cfg.decode_block_n, MIN_CHUNK=cfg.decode_min_chunk,
+        HAS_PREFIX=prefix_lens is not None, num_warps=4 if o.is_cuda else 1,
+    )
+
+
+# ----------------------------------------------------------- shared-prefix decode
+
+
+@triton.jit(do_not_specialize=["num_splits", "num_shared", "members"])
+def _decode_shared_kernel(Q, KBuf, VBuf, ReqToToken, ReqPoolIdx, GroupRows, GroupLens, MidO,
+                          MidLse,
+                          stride_qb, stride_qh, stride_kbs, stride_kbh, stride_vbs,
+                          stride_vbh, stride_r2t, stride_gr, stride_mob, stride_moh,
+                          stride_mos, stride_mlb, stride_mlh,
+                          qk_scale, num_splits, num_shared, members,
+                          KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr,
+                          DOT_F32: tl.constexpr):
+    # One program: one group of requests sharing a prefix, one KV head, one chunk of the
+    # prefix. Each K/V tile is read once for every member's queries (rows: member-major,
+    # then the KV head's query heads); the partial results go to each member's entry
+    # num_splits + split, merged by stage 2 with the member's own suffix.
+    g = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    shared_len = tl.load(GroupLens + g)
+    chunk = _chunk_len(shared_len, num_shared, MIN_CHUNK, BLOCK_N)
+    start = split * chunk
+    end = tl.minimum(start + chunk, shared_len)
+    if start >= end:
+        return
+    offs_r = tl.arange(0, BLOCK_M * BLOCK_H)
+    member = offs_r // BLOCK_H
+    hg = offs_r % BLOCK_H
+    b = tl.load(GroupRows + g * stride_gr + member, mask=member < members, other=-1)
+    r_mask = (b >= 0) & (hg < KV_GROUP)
+    b = tl.where(r_mask, b, 0).to(tl.int64)
+    heads = kvh * KV_GROUP + hg
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(Q + b[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+    # The prefix's slots are the same in every member's row: read the first member's.
+    lead = tl.load(GroupRows + g * stride_gr).to(tl.int64)
+    slot_row = ReqToToken + tl.load(ReqPoolIdx + lead).to(tl.int64) * stride_r2t
+
+    m_i = tl.full([BLOCK_M * BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M * BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_M * BLOCK_H, BLOCK_D], tl.float32)
+    for s in range(start, end, BLOCK_N):
+        cols = s + offs_n
+        n_mask = cols < end
+        slots = tl.load(slot_row + cols, mask=n_mask, other=0).to(tl.int64)
+        k = tl.load(KBuf + slots[None, :] * stride_kbs + kvh * stride_kbh + offs_d[:, None],
+                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        qk = _dot(q, k, DOT_F32) * qk_scale
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VBuf + slots[:, None] * stride_vbs + kvh * stride_vbh + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    entry = num_splits + split
+    tl.store(MidO + b[:, None] * stride_mob + heads[:, None] * stride_moh + entry * stride_mos
+             + offs_d[None, :], out, mask=r_mask[:, None] & d_mask[None, :])
+    tl.store(MidLse + b * stride_mlb + heads * stride_mlh + entry, m_i + tl.log2(l_i),
+             mask=r_mask)
+
+
+def decode_attention_shared(q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tensor,
+                            v_buf: torch.Tensor, req_to_token: torch.Tensor,
+                            req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                            prefix_lens: torch.Tensor, group_rows: torch.Tensor,
+                            group_lens: torch.Tensor, mid_o: torch.Tensor,
+                            mid_lse: torch.Tensor, num_splits: int, num_shared: int,
+                            scale: float, cfg: KernelConfig) -> None:
+    """:func:`decode_attention` for a batch whose requests share prefixes (cascade
+    attention): each group's shared prefix is read once for all its members.
+
+    ``prefix_lens`` int32 [bs]: the shared prefix of request ``b`` (0: none), whose slots
+    ``req_to_token[req_pool_indices[b], :prefix_lens[b]]`` are the same as every other
+    member's of its group; ``group_rows`` int32 [G, M]: each group's members (batch
+    indices, the first one real, -1 padding); ``group_lens`` int32 [G]: each group's shared
+    length (its members' ``prefix_lens``). ``mid_o`` / ``mid_lse``: float32 scratch
+    [bs, Hq, >= num_splits + num_shared(, D)]: ``num_splits`` entries for each request's
+    own part, ``num_shared`` for its group's prefix. Gives ``decode_attention``'s result
+    up to the summation order.
+    """
+    bs, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_buf.shape[1]
+    group = num_q_heads // num_kv_heads
+    if bs == 0:
+        return
+    if num_splits + num_shared > mid_o.shape[2]:
+        raise ValueError(f"num_splits + num_shared: {num_splits + num_shared} exceeds the "
+                         f"scratch's {mid_o.shape[2]}")
+    groups, members = group_rows.shape
+    block_h = _pow2(group, floor=1)
+    block_m = max(triton.next_power_of_2(members), -(-16 // block_h))
+    while True:
+        try:
+            _stage1(q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, prefix_lens,
+                    mid_o, mid_lse, num_splits, scale, cfg)
+            if groups:
+                _decode_shared_kernel[(groups, num_kv_heads, num_shared)](
+                    q, k_buf, v_buf, req_to_token, req_pool_indices, group_rows, group_lens,
+                    mid_o, mid_lse,
+                    q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1),
+                    v_buf.stride(0), v_buf.stride(1), req_to_token.stride(0),
+                    group_rows.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+                    mid_lse.stride(0), mid_lse.stride(1),
+                    scale * LOG2E, num_splits, num_shared, members,
+                    KV_GROUP=group, HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim),
+                    BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=cfg.decode_block_n,
+                    MIN_CHUNK=cfg.decode_min_chunk, DOT_F32=_dot_f32(cfg, k_buf),
+                    num_warps=cfg.decode_warps, num_stages=cfg.decode_stages,
+                )
+            break
+        except OutOfResources:
+            # Every launch reads the tile size (the chunk boundaries): shrink, run all again.
+            if cfg.decode_stages > 1:
+                cfg.decode_stages = 1
+            elif cfg.decode_block_n > 16:
+                cfg.decode_block_n //= 2
+            else:
+                raise
+    # One tile size for any split counts (up to 64 entries): one compiled kernel.
+    _stage2(mid_o, mid_lse, o, seq_lens, prefix_lens, num_splits, num_shared, cfg,
+            block_s=triton.next_power_of_2(max(mid_o.shape[2], SHARED_ENTRIES)))
 
 
 def plan_decode_splits(batch_size: int, num_kv_heads: int, max_seq_len: int | None,
