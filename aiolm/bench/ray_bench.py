@@ -1,7 +1,7 @@
 """``aiolm bench --backend ray``: program workloads through aiolm replicas on Ray Serve.
 
     aiolm bench few-shot --backend ray --replicas 2 --compare-routing --subjects 8 --rounds 5 \
-        --replica-max-total-tokens 1600 --shuffle --concurrency 4
+        --replica-max-total-tokens 2000 --shuffle --concurrency 4
 
 One local Ray instance; for each routing (``cache-aware``, ``round-robin``,
 ``power-of-two``) an application of ``--replicas`` engine replicas
