@@ -88,6 +88,11 @@ def vision_calls(loaded):
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
 
+async def clean(engine) -> None:
+    report = await engine.check_integrity()
+    assert report.idle and report.request_slots == report.locked_tokens == 0
+
+
 def request(ids, *images, **kw) -> GenerateRequest:
     return GenerateRequest(input_ids=tuple(ids), images=images, sampling=GREEDY, **kw)
 
@@ -175,6 +180,54 @@ async def test_chats_write_images_as_the_models_own_image_token():
     assert again.usage.cached_tokens == again.usage.prompt_tokens - 1
 
 
+async def test_select_after_an_image_scores_the_choices_with_that_image(loaded, vision_calls):
+    choices = [" it", " the picture", " describe"]
+    prefix = GenerateRequest(prompt="USER: <image>what is in", images=(png(7),),
+                             sampling=GREEDY)
+    async with Engine(loaded, max_total_tokens=2048) as engine:
+        first = await engine.score(prefix, choices)
+        assert vision_calls == [prefix.images[0].digest]   # once, for every choice
+        again = await engine.score(prefix, choices)
+        other = await engine.score(GenerateRequest(prompt=prefix.prompt, images=(png(8),),
+                                                   sampling=GREEDY), choices)
+        await clean(engine)
+    assert len(first.token_logprobs) == 3 and all(first.token_logprobs)
+    assert again.normalized_logprobs == pytest.approx(first.normalized_logprobs, abs=1e-5)
+    assert again.index == first.index
+    # The picture is in the context: another one changes what the choices score.
+    assert other.normalized_logprobs != pytest.approx(first.normalized_logprobs, abs=1e-4)
+
+
+async def test_select_after_an_image_on_qwen2_5_vl():
+    # M-RoPE positions: the cut prefix and each choice's prompt take their part of the table.
+    config = dict(NAMED_CONFIGS["tiny-qwen2.5-vl"], image_token_id=IMAGE)
+    model, model_config = load_model(config, load_format="dummy")
+    qwen = LoadedModel(model=model, model_config=model_config,
+                       tokenizer=image_tokenizer("<|image_pad|>"), device=torch.device("cpu"),
+                       source="tiny-qwen2.5-vl", load_format="dummy")
+    prefix = GenerateRequest(prompt="USER: <|image_pad|>what is in", images=(png(1),),
+                             sampling=GREEDY)
+    async with Engine(qwen, max_total_tokens=4096) as engine:
+        first = await engine.score(prefix, [" it", " the picture"])
+        again = await engine.score(prefix, [" it", " the picture"])
+        await clean(engine)
+    assert again.normalized_logprobs == pytest.approx(first.normalized_logprobs, abs=1e-5)
+
+
+async def test_a_program_selects_after_an_image_on_the_engine(loaded):
+    import aiolm
+
+    @aiolm.program
+    async def ask(s, picture):
+        s += aiolm.user(aiolm.image(picture) + "what is in the picture?")
+        s += aiolm.assistant(aiolm.select("answer", choices=["it", "the picture"]))
+
+    async with Engine(loaded, max_total_tokens=2048) as engine:
+        state = await ask.run(png(3).data, backend=engine)
+        await clean(engine)
+    assert state["answer"] in ("it", "the picture")
+
+
 @pytest.mark.parametrize("images,error,match", [
     ((ImageData(data=b"not an image at all"),), ValueError, "images\\[0\\]: not a readable"),
     ((ImageData(url="https://example.com/cat.png"),), ValueError, "does not fetch image URLs"),
@@ -206,6 +259,8 @@ async def test_a_text_only_model_refuses_images():
         assert not engine.capabilities.images
         with pytest.raises(UnsupportedFeature, match="does not take images"):
             await engine.generate(request([1, 40], png(0)))
+        with pytest.raises(UnsupportedFeature, match="does not take images"):
+            await engine.score(request([1, 40], png(0)), ["a", "b"])
         assert (await engine.check_integrity()).idle
         assert engine.statistics().forward_passes == 0
 

@@ -410,9 +410,7 @@ class Engine(EngineRequests, Backend):
             raise ValueError(f"method: expected one of {', '.join(SELECT_METHODS)}, got {method!r}")
         if not continuations:
             raise ValueError("continuations: need at least one choice")
-        if prefix.images:
-            raise UnsupportedFeature(f"{self.model_name}: select (scoring) after an image is "
-                                     "not available in the engine; use gen with choices")
+        self._refuse_images(prefix)
         core = self._require_core()
         tok = self._require_tokenizer("select")
 
@@ -427,16 +425,25 @@ class Engine(EngineRequests, Backend):
         self._refuse_overlong(chars + max(len(c) for c in continuations))
         prefix_ids, fulls = (encode() if chars + sum(map(len, continuations)) <= _INLINE_ENCODE_CHARS
                              else await anyio.to_thread.run_sync(encode))
+        mms: list[Any] = [None] * len(fulls)
+        if prefix.images:
+            # Each choice's prompt gets the prefix's images in place (the same pad ids: the
+            # radix cache shares them); only the choices' own tokens are scored.
+            prefix_ids, _ = await self._with_images(prefix_ids, prefix)
+            expanded = [await self._with_images(f, prefix) for f in fulls]
+            fulls, mms = [ids for ids, _ in expanded], [mm for _, mm in expanded]
         shared = min(common_prefix_length(prefix_ids, f) for f in fulls)
         if shared == 0:  # nothing to condition on: start from a context token
             ctx = [self._context_token()]
             fulls, shared = [ctx + f for f in fulls], 1
         conts = [f[shared:] for f in fulls]
         await self._run_to_end(core.new_request(new_request_id(), fulls[0][:shared],
-                                                SamplingParams(max_tokens=0)))
+                                                SamplingParams(max_tokens=0),
+                                                mm=_items_before(mms[0], shared)))
         scoring = [core.new_request(new_request_id(), f, SamplingParams(max_tokens=0),
-                                    return_all_logits=True, max_prefix_match=shared - 1)
-                   for f, c in zip(fulls, conts, strict=True) if c]
+                                    return_all_logits=True, max_prefix_match=shared - 1,
+                                    mm=mm)
+                   for f, c, mm in zip(fulls, conts, mms, strict=True) if c]
         unconditional = []
         if method == "unconditional_normalized":
             ctx = [self._context_token()]
@@ -496,3 +503,15 @@ def _with_model_image_token(template: Any, loaded: LoadedModel) -> Any:
     if text is None or text == template.image_token:
         return template
     return attrs.evolve(template, image_token=text)
+
+
+def _items_before(mm: Any, end: int) -> Any:
+    """``mm`` (a request's :class:`~aiolm.engine.multimodal.MultimodalInputs`, or None)
+    for a prompt cut at ``end``: the items whose placeholders lie before it (None for none).
+    Raises ``ValueError`` for an item the cut splits."""
+    if mm is None:
+        return None
+    items = [item for item in mm.items if item.offset < end]
+    if any(item.offset + item.length > end for item in items):
+        raise ValueError("select: the choices diverge inside an image's placeholders")
+    return attrs.evolve(mm, items=items) if items else None
