@@ -265,8 +265,22 @@ async def test_a_text_only_model_refuses_images():
         assert engine.statistics().forward_passes == 0
 
 
-async def test_prompt_logprobs_with_images_are_refused(loaded):
+async def test_prompt_logprobs_skip_an_images_placeholders(loaded):
+    # The tokens after the picture are scored with it in context (as select scores them);
+    # its placeholders are no tokens: None.
     async with Engine(loaded, max_total_tokens=1024) as engine:
-        with pytest.raises(ValueError, match="prompt_logprobs"):
-            await engine.generate(request([1, IMAGE], png(0), prompt_logprobs=True))
+        done = await engine.generate(request([1, IMAGE, 40, 41, 42], png(0),
+                                             prompt_logprobs=True))
+        entries = done.prompt_logprobs
+        image_tokens = done.usage.prompt_tokens - 4
+        assert len(entries) == done.usage.prompt_tokens
+        assert entries[:1 + image_tokens] == (None,) * (1 + image_tokens)
+        assert [e.token_id for e in entries[1 + image_tokens:]] == [40, 41, 42]
+        scored = await engine.score(request([1, IMAGE, 40], png(0)),
+                                    [engine.tokenizer.decode([41, 42])])
+        await clean(engine)
+    # "FG" encodes back to [41, 42]: the choice's tokens are the prompt's last two.
+    assert engine.tokenizer.encode(engine.tokenizer.decode([41, 42])) == [41, 42]
+    assert list(scored.token_logprobs[0]) == pytest.approx(
+        [e.logprob for e in entries[-2:]], abs=1e-4)
 

@@ -126,16 +126,13 @@ class EngineRequests:
 
     def _refuse_images(self, request: GenerateRequest) -> None:
         """Raise before anything is encoded when ``request`` has images the engine cannot
-        take: ``UnsupportedFeature`` for a text-only model, ``ValueError`` for
-        ``prompt_logprobs`` with images."""
+        take: ``UnsupportedFeature`` for a text-only model (or video to an image model)."""
         if not request.images:
             return
         loaded = self._loaded
         if loaded is None or not is_multimodal(loaded.model):
             raise UnsupportedFeature(f"{self.model_name} does not take images; use a "
                                      "multimodal model (LLaVA, Qwen2.5-VL)")
-        if request.prompt_logprobs:
-            raise ValueError("prompt_logprobs: not available for a prompt with images")
         if (any(isinstance(x, VideoData) for x in request.images)
                 and not hasattr(loaded.model, "video_token_id")):   # H-QVL's addition
             raise UnsupportedFeature(f"{self.model_name} does not take video; use a video "

@@ -191,7 +191,8 @@ class EngineCore(StepProcessing):
 
         ``prompt_logprobs``: the request's first event carries the raw logprob of every
         prompt token given the tokens before it (with ``sampling.top_logprobs``
-        alternatives); its prompt is then computed whole, not taken from the prefix cache.
+        alternatives; ``None`` for an image's placeholders); its prompt is then computed
+        whole, not taken from the prefix cache.
         ``mm``: the request's images (:func:`~aiolm.engine.multimodal.prepare_multimodal`),
         whose placeholder runs in ``input_ids`` hold their pad ids; their tokens count
         against the context like any other.
@@ -209,8 +210,6 @@ class EngineCore(StepProcessing):
                 if k in pads and t == pads[k]:
                     continue
                 raise ValueError(f"input_ids: token id {t!r} is not in [0, {self.vocab_size})")
-        if prompt_logprobs and mm is not None:
-            raise ValueError("prompt_logprobs: not available for a prompt with images")
         for t, _bias in sampling.logit_bias:
             if t >= self.vocab_size:
                 raise ValueError(f"logit_bias: token id {t} is outside the model's vocabulary "

@@ -26,7 +26,7 @@ class RequestOutput:
     ``error`` set: the request failed (it is finished). ``scores`` (scoring requests only):
     ``(position, logprob, is_greedy)`` of every known token whose logits were computed.
     ``prompt_logprobs`` (the request's first event, when it asked): one entry per prompt
-    token, ``None`` for the first.
+    token, ``None`` for the first and for an image's placeholders.
     """
 
     rid: str

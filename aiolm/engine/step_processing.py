@@ -71,6 +71,7 @@ class StepProcessing:
     tokenizer: Tokenizer | None
     eos_token_ids: frozenset[int]
     context_len: int
+    vocab_size: int
     _live: dict[str, Req]
     _mask_failures: dict[str, Exception]
     _budget: float
@@ -256,10 +257,13 @@ class StepProcessing:
         # (``max_prefix_match == 0``), so each has its score.
         scores = [state.scores[p] for p in range(1, len(prompt))]
         state.scores.clear()
-        texts = self._token_texts([*prompt, *(t for *_, top in scores for t, _ in top)])
+        # An image's placeholders (pad ids, past the vocabulary) are no tokens: None there.
+        vocab = self.vocab_size
+        texts = self._token_texts([*(t for t in prompt if t < vocab),
+                                   *(t for *_, top in scores for t, _ in top)])
         entries: list[TokenLogprob | None] = [None]
         for token, (lp, _, top) in zip(prompt[1:], scores, strict=True):
-            entries.append(TokenLogprob(
+            entries.append(None if token >= vocab else TokenLogprob(
                 token_id=token, token=texts[token], logprob=lp,
                 top=tuple((t, texts[t], alt) for t, alt in top)))
         return tuple(entries)
