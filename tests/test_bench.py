@@ -216,3 +216,30 @@ async def test_programs_run_through_the_openai_server_when_asked():
     assert streamed["requests"] == turns.programs * turns.turns
     for figure in ("ttft_first_turn_ms", "ttft_later_turns_ms"):
         assert 0 < streamed[figure] < 1000 * streamed["wall_s"], figure
+
+
+def test_the_shared_prefix_ablation_runs_only_where_the_run_turned_it_on():
+    from aiolm.bench.harness import variants
+    from aiolm.bench.image_qa import WORKLOAD as IMAGE_QA
+    from aiolm.bench.targets import EngineTarget
+
+    def names(target):
+        return [v.name for v in variants(IMAGE_QA, target, ["radix", "shared-prefix"], None)]
+
+    assert names(EngineTarget("tiny-llava", load_format="dummy", device="cpu")) == [
+        "aiolm", "radix-off"]
+    on = EngineTarget("tiny-llava", load_format="dummy", device="cpu",
+                      shared_prefix_min_tokens=256)
+    assert names(on) == ["aiolm", "radix-off", "shared-prefix-off"]
+    off = [v for v in variants(IMAGE_QA, on, ["shared-prefix"], None) if v.name != "aiolm"]
+    assert off[0].engine_kwargs == {"shared_prefix_min_tokens": 0}
+    assert on.describe()["shared_prefix_min_tokens"] == 256
+
+
+def test_the_bench_takes_the_shared_prefix_option():
+    from aiolm.bench.cli import build_parser
+
+    args = build_parser().parse_args(["image-qa", "--shared-prefix-min-tokens", "256"])
+    assert args.shared_prefix_min_tokens == 256
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["image-qa", "--shared-prefix-min-tokens", "-1"])

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--model", help="a Hugging Face directory or .gguf file (default: embedded SmolLM2)")
     model.add_argument("--dummy", metavar="NAME", help="random weights of a named config, e.g. llama-3-8b")
-    add_engine_arguments(parser, ["device"])
+    add_engine_arguments(parser, ["device", "shared_prefix_min_tokens"])
     parser.add_argument("--peer", choices=("hf",), help="also run the programs on transformers generate")
     parser.add_argument("--peer-programs", type=int, metavar="N",
                         help="the peer runs only each workload's first N programs (its rate is per call)")
@@ -225,8 +225,11 @@ def _make_target(args: argparse.Namespace, dummy: str | None):
 
     if args.backend == "scripted":
         return ScriptedTarget()
+    extra = ({"shared_prefix_min_tokens": args.shared_prefix_min_tokens}
+             if args.shared_prefix_min_tokens else {})
     return EngineTarget(
         dummy or args.model, load_format="dummy" if dummy else "auto", seed=args.seed, device=args.device,
+        **extra,
     )
 
 

@@ -95,7 +95,7 @@ WORKLOAD = Workload(
     program=answer_question,
     make_inputs=make_inputs,
     shape=SHAPES.__getitem__,
-    ablations=("radix", "schedule"),
+    ablations=("radix", "schedule", "shared-prefix"),
     max_concurrency=1024,
     engine_kwargs=_engine_kwargs,
 )

@@ -152,7 +152,7 @@ WORKLOAD = Workload(
     program=answer_question,
     make_inputs=make_inputs,
     shape=SHAPES.__getitem__,
-    ablations=("radix",),
+    ablations=("radix", "shared-prefix"),
     runner=vision_runner(answer_question),
 )
 
@@ -162,6 +162,6 @@ FORK_WORKLOAD = Workload(
     program=answer_all,
     make_inputs=make_fork_inputs,
     shape=SHAPES.__getitem__,
-    ablations=("radix",),
+    ablations=("radix", "shared-prefix"),
     runner=vision_runner(answer_all),
 )

@@ -28,6 +28,8 @@ ABLATION_ENGINE_KWARGS: dict[str, dict[str, Any]] = {
     "jump-forward": {"jump_forward": False},
     "overlap": {"overlap": False},
     "mix-decode": {"mix_decode": False},
+    # Meaningful only where the engine reads shared prefixes once (--shared-prefix-min-tokens).
+    "shared-prefix": {"shared_prefix_min_tokens": 0},
 }
 
 
@@ -164,6 +166,8 @@ class EngineTarget(Target):
 
             return self.device.startswith("cuda") or (self.device == "auto"
                                                       and torch.cuda.is_available())
+        if ablation == "shared-prefix":  # off already unless the run turned it on
+            return self.base_kwargs.get("shared_prefix_min_tokens", 0) > 0
         return ablation in ABLATION_ENGINE_KWARGS
 
     async def loaded(self) -> Any:

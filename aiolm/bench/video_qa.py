@@ -111,6 +111,6 @@ WORKLOAD = Workload(
     program=answer_question,
     make_inputs=make_inputs,
     shape=SHAPES.__getitem__,
-    ablations=("radix",),
+    ablations=("radix", "shared-prefix"),
     runner=vision_runner(answer_question),
 )

@@ -27,6 +27,7 @@ ABLATIONS: dict[str, str] = {
     "spec": "spec-off",
     "overlap": "overlap-off",
     "mix-decode": "mix-decode-off",
+    "shared-prefix": "shared-prefix-off",
 }
 
 #: A custom way to run a workload's inputs on a backend (for figures ``run_batch`` cannot
