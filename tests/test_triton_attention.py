@@ -132,19 +132,26 @@ def test_decode_split_k_matches_reference(tk, dtype, num_splits):
     batch, q, k, v = make_batch(prefix_lens=[0, 16, 49, 70], extend_lens=[1, 1, 1, 1],
                                 num_q_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype,
                                 seed=num_splits, decode=True)
-    geometry = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=0.3, device="cpu")
-    expected = reference(batch, q, k, v, geometry)
-    cfg = tk.kernel_config(torch.device("cpu"), d)
-    k_buf, v_buf = batch.kv_pool.get_kv(0)
-    tk.store_kv(k, v, k_buf, v_buf, batch.out_cache_loc)
-    out = torch.full_like(q, float("nan"))
-    mid_o = torch.full((4, hq, 8, d), float("nan"))
-    mid_lse = torch.full((4, hq, 8), float("nan"))
+    expected, out, scratch, cfg, (k_buf, v_buf) = decode_setup(tk, batch, q, k, v, 8)
     tk.decode_attention(q, out, k_buf, v_buf, batch.req_to_token_pool.req_to_token,
-                        batch.req_pool_indices, batch.seq_lens, mid_o, mid_lse, num_splits,
-                        0.3, cfg)
+                        batch.req_pool_indices, batch.seq_lens, *scratch, num_splits, 0.3, cfg)
     assert torch.isfinite(out).all()
     assert rel_err(out, expected) < TOLERANCE[dtype]
+
+
+def decode_setup(tk, batch, q, k, v, entries):
+    """The torch backend's output (scale 0.3), the new K/V stored, a NaN output and NaN
+    scratch of ``entries`` splits a request, the interpreter's config and the pool."""
+    bs, hq, d = q.shape
+    geometry = dict(num_q_heads=hq, num_kv_heads=k.shape[1], head_dim=d, scale=0.3,
+                    device="cpu")
+    expected = reference(batch, q, k, v, geometry)
+    k_buf, v_buf = batch.kv_pool.get_kv(0)
+    tk.store_kv(k, v, k_buf, v_buf, batch.out_cache_loc)
+    scratch = (torch.full((bs, hq, entries, d), float("nan")),
+               torch.full((bs, hq, entries), float("nan")))
+    return (expected, torch.full_like(q, float("nan")), scratch,
+            tk.kernel_config(torch.device("cpu"), d), (k_buf, v_buf))
 
 
 def shared_prefix_batch(*, heads, dtype, seed):
@@ -172,21 +179,13 @@ def shared_prefix_batch(*, heads, dtype, seed):
 @pytest.mark.parametrize(("num_splits", "num_shared"), [(1, 1), (3, 4)])
 def test_shared_prefix_decode_reads_each_prefix_once_and_matches_reference(
         tk, dtype, heads, num_splits, num_shared):
-    hq, hkv, d = heads
     batch, q, k, v, groups = shared_prefix_batch(heads=heads, dtype=dtype,
-                                                  seed=num_splits * 10 + num_shared + hq)
-    geometry = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=0.3, device="cpu")
-    expected = reference(batch, q, k, v, geometry)
-    cfg = tk.kernel_config(torch.device("cpu"), d)
-    k_buf, v_buf = batch.kv_pool.get_kv(0)
-    tk.store_kv(k, v, k_buf, v_buf, batch.out_cache_loc)
-    out = torch.full_like(q, float("nan"))
-    entries = num_splits + num_shared
-    mid_o = torch.full((6, hq, entries, d), float("nan"))
-    mid_lse = torch.full((6, hq, entries), float("nan"))
+                                                  seed=num_splits * 10 + num_shared + heads[0])
+    expected, out, scratch, cfg, (k_buf, v_buf) = decode_setup(tk, batch, q, k, v,
+                                                               num_splits + num_shared)
     tk.decode_attention_shared(q, out, k_buf, v_buf, batch.req_to_token_pool.req_to_token,
-                               batch.req_pool_indices, batch.seq_lens, *groups, mid_o,
-                               mid_lse, num_splits, num_shared, 0.3, cfg)
+                               batch.req_pool_indices, batch.seq_lens, *groups, *scratch,
+                               num_splits, num_shared, 0.3, cfg)
     assert torch.isfinite(out).all()
     assert rel_err(out, expected) < TOLERANCE[dtype]
 
