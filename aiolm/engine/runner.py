@@ -260,51 +260,38 @@ class ModelRunner(StepIO):
     def _warm_shared_prefix_decode(self) -> None:
         """Compile the shared-prefix decode kernels now, not in the first pass that groups
         requests (seconds of Triton compiling in the middle of serving): one decode pass of
-        two requests sharing one token, over row 0 of the request table (the padding slot
-        0, whose K/V are zeroed again after)."""
+        two requests sharing one token (see :meth:`_padding_decode_batch`)."""
         from .shared_prefix import prefix_groups
 
-        table = self.req_to_token_pool.req_to_token
-        if table[0, :2].any():
-            raise RuntimeError("the request table must be unused while the engine warms up")
-        dev = self.device
-        batch = ForwardBatch(
-            mode=ForwardMode.DECODE, batch_size=2,
-            input_ids=torch.zeros(2, dtype=torch.int64, device=dev),
-            positions=torch.ones(2, dtype=torch.int64, device=dev),
-            out_cache_loc=torch.zeros(2, dtype=torch.int64, device=dev),
-            req_pool_indices=torch.zeros(2, dtype=torch.int64, device=dev),
-            seq_lens=torch.full((2,), 2, dtype=torch.int32, device=dev), seq_lens_cpu=[2, 2],
-            kv_pool=self.kv_pool, req_to_token_pool=self.req_to_token_pool,
-            prefix_groups=prefix_groups([(1, [0, 1])], [2, 2], dev,
-                                        width=self.shared_prefix_members),
-        )
-        self.model(batch)
-        torch.cuda.synchronize(dev)
-        for buf in (*self.kv_pool.k_buffers, *self.kv_pool.v_buffers):
-            buf[0].zero_()
+        self.model(self._padding_decode_batch(2, prefix_groups=prefix_groups(
+            [(1, [0, 1])], [2, 2], self.device, width=self.shared_prefix_members)))
+        torch.cuda.synchronize(self.device)
+        self._zero_padding_slot()
 
     @torch.inference_mode()
     def _warm_compiled_decode(self) -> None:
         """Compile the CPU decode step now (inductor caches it on disk for the next start):
-        decode batches of 1 and 3 requests of 2 tokens (torch specializes sizes of 1) over
-        row 0 of the request table, whose slots are the padding slot 0; its K/V are zeroed
-        again after."""
-        table = self.req_to_token_pool.req_to_token
+        decode batches of 1 and 3 requests (torch specializes sizes of 1)."""
         for bs in (1, 3):
-            lens = [2] * bs
-            batch = ForwardBatch(
-                mode=ForwardMode.DECODE, batch_size=bs,
-                input_ids=torch.zeros(bs, dtype=torch.int64),
-                positions=torch.zeros(bs, dtype=torch.int64),
-                out_cache_loc=torch.zeros(bs, dtype=torch.int64),
-                req_pool_indices=torch.zeros(bs, dtype=torch.int64),
-                seq_lens=torch.full((bs,), 2, dtype=torch.int32), seq_lens_cpu=lens,
-                kv_pool=self.kv_pool, req_to_token_pool=self.req_to_token_pool,
-            )
-            if table[0, :2].any():
-                raise RuntimeError("the request table must be unused while the engine warms up")
-            self.compiled_decode(batch)
+            self.compiled_decode(self._padding_decode_batch(bs))
+        self._zero_padding_slot()
+
+    def _padding_decode_batch(self, bs: int, **fields: Any) -> ForwardBatch:
+        """A warm-up decode pass of ``bs`` requests of 2 tokens over row 0 of the request
+        table, whose slots are the padding slot 0 (:meth:`_zero_padding_slot` after)."""
+        if self.req_to_token_pool.req_to_token[0, :2].any():
+            raise RuntimeError("the request table must be unused while the engine warms up")
+        dev = self.device
+        return ForwardBatch(
+            mode=ForwardMode.DECODE, batch_size=bs,
+            input_ids=torch.zeros(bs, dtype=torch.int64, device=dev),
+            positions=torch.ones(bs, dtype=torch.int64, device=dev),
+            out_cache_loc=torch.zeros(bs, dtype=torch.int64, device=dev),
+            req_pool_indices=torch.zeros(bs, dtype=torch.int64, device=dev),
+            seq_lens=torch.full((bs,), 2, dtype=torch.int32, device=dev), seq_lens_cpu=[2] * bs,
+            kv_pool=self.kv_pool, req_to_token_pool=self.req_to_token_pool, **fields)
+
+    def _zero_padding_slot(self) -> None:
         for buf in (*self.kv_pool.k_buffers, *self.kv_pool.v_buffers):
             buf[0].zero_()
 

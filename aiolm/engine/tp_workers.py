@@ -268,21 +268,18 @@ class TPWorkers:
             conn.close()
         if leaving is not None:
             leaving.join(_STOP_TIMEOUT)
+            import torch.distributed as dist
+
+            joined = dist.is_initialized()
             _log.debug("tensor-parallel close: leaving thread alive=%s, group joined=%s",
-                       leaving.is_alive(), _group_joined())
-            if leaving.is_alive() or _group_joined():
+                       leaving.is_alive(), joined)
+            if leaving.is_alive() or joined:
                 # Not left cleanly (a worker hung in a collective): abort it, so that this
                 # process can open another tensor-parallel engine.
                 leave_group(died=True)
         elif self._joined:  # a worker had died: only an abort ends rank 0's collectives
             self._joined = False
             leave_group(died=True)
-
-
-def _group_joined() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_initialized()
 
 
 def _leave_quietly(device: torch.device | None) -> None:

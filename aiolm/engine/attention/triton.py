@@ -95,29 +95,25 @@ class TritonAttention(AttentionBackend):
 
     def _eager_decode_meta(self, batch: ForwardBatch) -> _DecodeMeta:
         bs = batch.batch_size
+
+        def plan(n: int, max_len: int | None) -> int:
+            return tk.plan_decode_splits(max(n, 1), self.num_kv_heads, max_len, self._num_sms,
+                                         MAX_DECODE_SPLITS, self.cfg.decode_min_chunk)
+
         groups = batch.prefix_groups
-        if groups is not None:
+        if groups is None:
+            splits, shared = plan(bs, max(batch.seq_lens_cpu, default=None)), 0
+            entries = MAX_DECODE_SPLITS   # one scratch width: one compiled merge kernel
+        else:
             # Each request's own part (past its shared prefix), and each group's prefix.
-            splits = tk.plan_decode_splits(bs, self.num_kv_heads, groups.max_suffix,
-                                           self._num_sms, MAX_DECODE_SPLITS,
-                                           self.cfg.decode_min_chunk)
-            shared = tk.plan_decode_splits(groups.count, self.num_kv_heads, groups.max_len,
-                                           self._num_sms, MAX_DECODE_SPLITS,
-                                           self.cfg.decode_min_chunk)
-            mid_o = torch.empty((bs, self.num_q_heads, splits + shared, self.head_dim),
-                                dtype=torch.float32, device=self._device)
-            mid_lse = torch.empty((bs, self.num_q_heads, splits + shared), dtype=torch.float32,
-                                  device=self._device)
-            return _DecodeMeta(num_splits=splits, mid_o=mid_o, mid_lse=mid_lse, groups=groups,
-                               num_shared=shared)
-        max_len = max(batch.seq_lens_cpu) if batch.seq_lens_cpu else None
-        splits = tk.plan_decode_splits(max(bs, 1), self.num_kv_heads, max_len, self._num_sms,
-                                       MAX_DECODE_SPLITS, self.cfg.decode_min_chunk)
-        mid_o = torch.empty((bs, self.num_q_heads, MAX_DECODE_SPLITS, self.head_dim),
+            splits, shared = plan(bs, groups.max_suffix), plan(groups.count, groups.max_len)
+            entries = splits + shared
+        mid_o = torch.empty((bs, self.num_q_heads, entries, self.head_dim),
                             dtype=torch.float32, device=self._device)
-        mid_lse = torch.empty((bs, self.num_q_heads, MAX_DECODE_SPLITS), dtype=torch.float32,
+        mid_lse = torch.empty((bs, self.num_q_heads, entries), dtype=torch.float32,
                               device=self._device)
-        return _DecodeMeta(num_splits=splits, mid_o=mid_o, mid_lse=mid_lse)
+        return _DecodeMeta(num_splits=splits, mid_o=mid_o, mid_lse=mid_lse, groups=groups,
+                           num_shared=shared)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch) -> torch.Tensor:
