@@ -7,7 +7,7 @@ import json
 import pytest
 
 from aiolm.backends import ScriptedBackend
-from aiolm.bench import WORKLOADS
+from aiolm.bench import ALL_WORKLOADS, WORKLOADS
 from aiolm.bench.cli import bench_main
 from aiolm.bench.harness import measure, ratios, run_workload, variants
 from aiolm.bench.judge import DIMENSIONS
@@ -20,9 +20,9 @@ from aiolm.constraints import JSONSchema
 SCRIPTED = list(WORKLOADS)
 
 
-@pytest.mark.parametrize("name", list(WORKLOADS))
+@pytest.mark.parametrize("name", list(ALL_WORKLOADS))
 def test_inputs_are_seeded_and_sized(name):
-    w = WORKLOADS[name]
+    w = ALL_WORKLOADS[name]
     tiny = w.make_inputs("tiny", 0)
     assert tiny == w.make_inputs("tiny", 0)
     assert tiny != w.make_inputs("tiny", 1)

@@ -12,14 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from test_gpu_multimodal import assert_same_until_a_near_tie  # noqa: E402
+from test_gpu_multimodal import assert_same_until_a_near_tie, greedy_completions  # noqa: E402
 from test_llava_video import IMAGE, NAME, _hf_model, _save, as_data, clip, random_image  # noqa: E402
 
-from aiolm.backends.base import GenerateRequest  # noqa: E402
-from aiolm.backends.engine import Engine, LoadedModel  # noqa: E402
-from aiolm.engine.loader import load_model  # noqa: E402
 from aiolm.engine.model_config import ModelConfig  # noqa: E402
-from aiolm.sampling import SamplingParams  # noqa: E402
 from aiolm.values import VideoData  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.anyio]
@@ -40,22 +36,12 @@ def checkpoint(tmp_path_factory):
 
 
 async def _greedy(directory, **engine_options) -> list[tuple[list[int], int, int, list]]:
-    out = []
-    device = torch.device(engine_options.pop("device"))
-    model, config = load_model(directory, dtype=engine_options.pop("dtype"), device=device)
-    loaded = LoadedModel(model=model, model_config=config, tokenizer=None, device=device,
-                         source=str(directory), load_format="auto")
-    async with Engine(loaded, max_total_tokens=4096, **engine_options) as engine:
-        for ids, items in PROMPTS * 2:   # the second round hits the cache
-            images = tuple(it if isinstance(it, VideoData) else as_data(it) for it in items())
-            done = await engine.generate(GenerateRequest(
-                input_ids=tuple(ids), images=images,
-                sampling=SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True,
-                                        logprobs=True, top_logprobs=2)))
-            out.append((list(done.token_ids), done.usage.prompt_tokens,
-                        done.usage.cached_tokens, done.logprobs))
-        assert (await engine.check_integrity()).idle
-    return out
+    prompts = [(ids, lambda items=items: tuple(it if isinstance(it, VideoData) else as_data(it)
+                                               for it in items()))
+               for ids, items in PROMPTS]
+    return [(list(done.token_ids), done.usage.prompt_tokens, done.usage.cached_tokens,
+             done.logprobs)
+            for done in await greedy_completions(directory, prompts, TOKENS, **engine_options)]
 
 
 @pytest.mark.parametrize("backend", ["triton", "hybrid"])

@@ -38,22 +38,32 @@ def checkpoint(request, tmp_path_factory):
     return directory
 
 
-async def _greedy(directory, **engine_options) -> list[tuple[list[int], int]]:
+async def greedy_completions(directory, prompts, tokens, **engine_options) -> list:
+    """The checkpoint in ``directory`` (no tokenizer) on ``engine_options``' device and
+    dtype through an Engine: each of ``prompts`` (token ids, a function giving its images)
+    greedy for ``tokens`` tokens, twice over (the second round hits the cache); the completions, the engine clean
+    at the end."""
     out = []
     device = torch.device(engine_options.pop("device"))
     model, config = load_model(directory, dtype=engine_options.pop("dtype"), device=device)
     loaded = LoadedModel(model=model, model_config=config, tokenizer=None, device=device,
                          source=str(directory), load_format="auto")
     async with Engine(loaded, max_total_tokens=4096, **engine_options) as engine:
-        for ids, sizes in PROMPTS * 2:   # the second round hits the cache
-            images = tuple(as_data(random_image(k, s)) for k, s in enumerate(sizes))
-            done = await engine.generate(GenerateRequest(
-                input_ids=tuple(ids), images=images,
-                sampling=SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True,
-                                        logprobs=True, top_logprobs=2)))
-            out.append((list(done.token_ids), done.usage.cached_tokens, done.logprobs))
+        for ids, images in prompts * 2:
+            out.append(await engine.generate(GenerateRequest(
+                input_ids=tuple(ids), images=images(),
+                sampling=SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True,
+                                        logprobs=True, top_logprobs=2))))
         assert (await engine.check_integrity()).idle
     return out
+
+
+async def _greedy(directory, **engine_options) -> list[tuple[list[int], int, list]]:
+    prompts = [(ids, lambda sizes=sizes: tuple(as_data(random_image(k, s))
+                                               for k, s in enumerate(sizes)))
+               for ids, sizes in PROMPTS]
+    return [(list(done.token_ids), done.usage.cached_tokens, done.logprobs)
+            for done in await greedy_completions(directory, prompts, TOKENS, **engine_options)]
 
 
 def assert_same_until_a_near_tie(tokens, want, logprobs, margin: float = 0.1) -> None:
