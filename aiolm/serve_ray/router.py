@@ -96,10 +96,14 @@ class CacheAwareRouter(RequestRouter):
         if kwargs:
             raise TypeError(f"CacheAwareRouter: unknown options {sorted(kwargs)}")
         self._policy = RoutingPolicy(imbalance=imbalance, window=window)
-        # The replica each request being routed was placed on (the policy counted it), until
-        # Serve says where it went. A request cancelled before that leaves its entry: the
-        # oldest go beyond _MAX_DECIDING.
-        self._deciding: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # The replica each request being routed was sent to first, and whether that was a
+        # placement (the policy counted it), until Serve says where it went: meanwhile it
+        # counts as in flight there, so that requests decided at the same time see each
+        # other. A request cancelled before that leaves its entry: the oldest go beyond
+        # _MAX_DECIDING.
+        self._deciding: collections.OrderedDict[str, tuple[str, bool]] = (
+            collections.OrderedDict())
+        self._undecided_load: collections.Counter[str] = collections.Counter()
         self._index: Any = None
         self._inflight: collections.Counter[str] = collections.Counter()
         # The prompts of the requests in flight, per replica: their blocks will be in its
@@ -117,7 +121,7 @@ class CacheAwareRouter(RequestRouter):
         (other routers, in other ingress replicas, send to it too)."""
         rid = replica.replica_id.unique_id
         reported = self.replica_queue_len_cache.get(replica.replica_id)
-        return max(self._inflight[rid], reported or 0)
+        return max(self._inflight[rid] + self._undecided_load[rid], reported or 0)
 
     async def _match(self, hashes: tuple[int, ...]) -> dict[str, int]:
         if self._index is None:
@@ -142,25 +146,40 @@ class CacheAwareRouter(RequestRouter):
                 matched[rid] = max(blocks, matched.get(rid, 0))
         load = {rid: self._load(r) for rid, r in by_id.items()}
         request_id = pending_request.metadata.internal_request_id if pending_request else None
-        earlier = self._deciding.pop(request_id, None)
-        if earlier is not None:  # decided again (its replica was full): that one does not count
-            self._policy.withdraw(earlier)
+        self._undecide(request_id)  # decided again (its replica was full): that one is void
         decision = self._policy.decide(list(by_id), matched=matched, load=load,
                                        session=routed.session if routed else None)
-        self.decisions.append((decision.reason, decision.matched_blocks, decision.ranks[0][0]))
-        if decision.placed and request_id is not None:
-            self._deciding[request_id] = decision.ranks[0][0]
+        first = decision.ranks[0][0]
+        self.decisions.append((decision.reason, decision.matched_blocks, first))
+        if request_id is not None:
+            self._deciding[request_id] = (first, decision.placed)
+            self._undecided_load[first] += 1
             while len(self._deciding) > _MAX_DECIDING:
-                self._deciding.popitem(last=False)
+                self._undecide(next(iter(self._deciding)), withdraw=False)
         return [[by_id[rid] for rid in rank] for rank in decision.ranks]
+
+    def _undecide(self, request_id: str | None, *, withdraw: bool = True) -> str | None:
+        """Drop ``request_id``'s pending decision (its load; its placement too, unless not
+        ``withdraw``); returns the replica it had been sent to first, or None."""
+        entry = self._deciding.pop(request_id, None) if request_id is not None else None
+        if entry is None:
+            return None
+        rid, placed = entry
+        if self._undecided_load[rid] > 0:
+            self._undecided_load[rid] -= 1
+        if placed and withdraw:
+            self._policy.withdraw(rid)
+        return rid
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:
         rid = replica_id.unique_id
         self._inflight[rid] += 1
-        placed = self._deciding.pop(pending_request.metadata.internal_request_id, None)
-        if placed is not None and placed != rid:  # Serve took a later rank
-            self._policy.withdraw(placed)
+        request_id = pending_request.metadata.internal_request_id
+        placed = self._deciding.get(request_id, (None, False))[1]
+        first = self._undecide(request_id, withdraw=False)
+        if placed and first != rid:  # Serve took a later rank: the placement moves with it
+            self._policy.withdraw(first)
             self._policy.place(rid)
         routed = _routed(pending_request)
         if routed is not None:
@@ -211,6 +230,7 @@ class CacheAwareRouter(RequestRouter):
     def _forget(self, rid: str) -> None:
         self._policy.forget_replica(rid)
         self._inflight.pop(rid, None)
+        self._undecided_load.pop(rid, None)
         for request_id in [q for q, (r, _) in self._sent_by_request.items() if r == rid]:
             self._release(request_id)
         self._sent.drop(rid)
