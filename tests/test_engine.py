@@ -285,6 +285,23 @@ async def test_engine_refuses_work_before_start_and_after_close(tiny):
         assert await greedy(again, PROMPTS[0], 2)
 
 
+async def test_closing_frees_the_kv_pool_for_the_next_engine(tiny):
+    """Nothing holds the KV pool once aclose returns (on CUDA the next engine sizes its
+    pool from the free memory: tests/test_gpu_bench_sequence.py checks the sizes)."""
+    import gc
+    import weakref
+
+    eng = engine(tiny)
+    async with eng:
+        assert await greedy(eng, PROMPTS[0], 2)
+        pool = weakref.ref(eng._core.runner.kv_pool.k_buffers[0])
+    gc.disable()   # the pool must not wait for the collector's next turn
+    try:
+        assert pool() is None
+    finally:
+        gc.enable()
+
+
 async def test_closing_fails_open_streams_with_backend_unavailable(tiny):
     eng = engine(tiny)
     await eng.start()

@@ -48,3 +48,26 @@ def test_select_then_tree_of_thought_with_the_radix_cache_off_in_one_engine():
         assert record["runs"]["radix-off"]["cache_hit_rate"] == 0.0
     assert report.idle and report.request_slots == 0 and report.locked_tokens == 0
     torch.cuda.synchronize()  # the context is sound
+
+
+def test_engines_one_after_another_get_the_same_kv_pool():
+    """A closed engine gives its memory back: ``aiolm bench``'s variants run one engine
+    after another in one process, and each sized its KV pool from the free memory, which
+    still counted the last engine's cached blocks (nvidia-h200, llava-next-7b: the variants'
+    pools differed, and with them the passes a workload took, 137 against 336)."""
+    from aiolm.backends.engine import Engine
+    from aiolm.bench.models import load_for_bench
+
+    loaded = load_for_bench("llama-3-8b", load_format="dummy", seed=0, device="cuda",
+                            dtype="auto")
+
+    async def pool_size(**options):
+        async with Engine(loaded, **options) as engine:
+            await engine.generate(input_ids=[1, 2, 3], max_tokens=4, ignore_eos=True)
+            return engine.statistics().total_kv_slots
+
+    async def main():
+        return [await pool_size(enable_radix_cache=flag) for flag in (True, False, True)]
+
+    sizes = anyio.run(main)
+    assert max(sizes) - min(sizes) <= 0.02 * max(sizes), sizes

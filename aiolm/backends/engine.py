@@ -234,6 +234,9 @@ class Engine(EngineRequests, Backend):
             self._failed = self._failed or BackendUnavailable(
                 f"the engine loop did not stop within {timeout:g} s of aclose()")
             return
+        device = core.runner.device
+        del core   # the loop has ended: its KV pool and graphs go with the last reference
+        await anyio.to_thread.run_sync(_release_device_memory, device)
         if self._loaded is not None:
             self._loaded.in_use = False
 
@@ -515,3 +518,17 @@ def _items_before(mm: Any, end: int) -> Any:
     if any(item.offset + item.length > end for item in items):
         raise ValueError("select: the choices diverge inside an image's placeholders")
     return attrs.evolve(mm, items=items) if items else None
+
+
+def _release_device_memory(device: Any) -> None:
+    """Give a closed engine's memory back: collect its reference cycles (the KV pool and
+    the CUDA graphs' pool die with them) and, on CUDA, empty torch's block cache, so the
+    next engine in this process sizes its KV pool from the memory really free (it read a
+    pool several times smaller when the last one's blocks were still cached)."""
+    import gc
+
+    gc.collect()
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()

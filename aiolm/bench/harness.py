@@ -145,12 +145,15 @@ async def measure(
         "cache_hit_rate": usage.cache_hit_rate,
     }
     if before is not None and after is not None:
+        names_counted = ("prompt_tokens", "cached_tokens", "forward_passes")
         # The engine's own totals also count what usage cannot show (prefills of fork
         # prefixes and of select prompts): the hit rate over everything it computed.
-        delta = {k: after[k] - before[k] for k in after}
+        delta = {k: after[k] - before[k] for k in names_counted}
         figures["cache_hit_rate"] = (
             delta["cached_tokens"] / delta["prompt_tokens"] if delta["prompt_tokens"] else 0.0)
         figures["forward_passes"] = delta["forward_passes"]
+        # The KV pool it ran with: variants compare fairly only with pools alike.
+        figures["kv_pool_tokens"] = after["total_kv_slots"]
     if workload.vs_optimal:
         from ..cache.dfs_optimal import dfs_optimal_hit_rate
 
@@ -171,7 +174,7 @@ def _engine_counters(backend: Backend) -> dict[str, int] | None:
     names = ("prompt_tokens", "cached_tokens", "forward_passes")
     if not all(hasattr(snapshot, n) for n in names):
         return None
-    return {n: getattr(snapshot, n) for n in names}
+    return {n: getattr(snapshot, n) for n in (*names, "total_kv_slots")}
 
 
 def ratios(headline: str, runs: dict[str, dict[str, float]]) -> dict[str, float]:

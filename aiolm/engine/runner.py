@@ -430,10 +430,10 @@ class ModelRunner(StepIO):
         return out
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers this runner owns (nothing without any);
+        """Destroy the CUDA graphs and stop the tensor-parallel workers this runner owns;
         idempotent. The engine loop calls it when it ends."""
+        self.release_graphs()
         if self.workers is not None:
-            self.release_graphs()
             self.workers.close()
 
     def release_graphs(self) -> None:
