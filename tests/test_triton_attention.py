@@ -274,6 +274,18 @@ def test_decode_split_plan(tk, bs, kv_heads, max_len, expected):
     assert got == expected
 
 
+@pytest.mark.parametrize(("groups", "kv_heads", "max_len", "expected"), [
+    (12, 32, 2340, 6),     # LLaVA's MHA, 12 images' groups: 16 * 132 / 384 programs a split
+    (12, 32, 300, 5),      # ... but no chunk under 64 tokens
+    (12, 8, 2340, 16),     # grouped-query heads: ceil(2112 / 96) = 22, capped at 16
+    (3, 8, None, 16),      # a capture: any prefix may follow, the most splits
+])
+def test_shared_prefix_split_plan(tk, groups, kv_heads, max_len, expected):
+    got = tk.plan_shared_splits(groups, kv_heads, max_len, num_sms=132, max_splits=16,
+                                min_chunk=64)
+    assert got == expected
+
+
 def test_decode_split_plan_rejects_empty_batches(tk):
     with pytest.raises(ValueError, match="batch_size"):
         tk.plan_decode_splits(0, 8, None, num_sms=132, max_splits=32, min_chunk=64)

@@ -12,6 +12,13 @@ Every copy into the static buffers is device to device and queued on the stream,
 whose input ids the overlapped loop took from the previous step's sampled ids (on the
 device, not yet known to the host) replays like any other, after that step.
 
+Shared-prefix decode (``shared_prefix_min_tokens``, :mod:`aiolm.engine.shared_prefix`):
+every bucket of two or more requests is captured a second time with static group buffers
+(each request's shared length, each group's members and length; at most one group for two
+requests). A batch with groups replays that graph: its groups are copied in, the unused
+groups are emptied (length 0: their programs return at once) and the requests in no group
+get a shared length of 0.
+
 Tensor parallelism: every rank builds its own runner, which captures the same buckets in
 the same order, so the warm-up passes' collectives pair up and the all-reduces and the
 all-gather of the sharded layers are captured inside the graphs (NCCL supports capture);
@@ -28,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .forward_batch import ForwardBatch, ForwardMode
+from .shared_prefix import PrefixGroups
 
 if TYPE_CHECKING:
     from .runner import ModelRunner
@@ -67,30 +75,54 @@ class CudaGraphRunner:
         self.out_cache_loc = torch.zeros(n, dtype=torch.int64, device=dev)
         self.req_pool_indices = torch.zeros(n, dtype=torch.int64, device=dev)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.batches: dict[int, ForwardBatch] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        # Shared-prefix decode: each request's shared length, each group's members and
+        # length (a group has two members at least: n // 2 groups at most).
+        self.members = runner.shared_prefix_members if runner.shared_prefix_min_tokens else 0
+        self.prefix_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.group_rows = torch.full((max(1, n // 2), max(1, self.members)), -1,
+                                     dtype=torch.int32, device=dev)
+        self.group_lens = torch.zeros(max(1, n // 2), dtype=torch.int32, device=dev)
+        # Keyed by (bucket, grouped).
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.batches: dict[tuple[int, bool], ForwardBatch] = {}
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
         tp = runner.tp
         self.capture_error_mode = ("thread_local" if tp is not None and tp.size > 1
                                    else "global")
         self.attn.init_cuda_graph_state(n, runner.context_len)
         self._capture_all()
 
-    def _static_batch(self, bs: int) -> ForwardBatch:
+    def _static_batch(self, bs: int, grouped: bool) -> ForwardBatch:
+        groups = None
+        if grouped:
+            g = bs // 2
+            groups = PrefixGroups(prefix_lens=self.prefix_lens[:bs], rows=self.group_rows[:g],
+                                  lens=self.group_lens[:g], count=g, max_len=0,
+                                  max_suffix=0)
         return ForwardBatch(
             mode=ForwardMode.DECODE, batch_size=bs,
             input_ids=self.input_ids[:bs], positions=self.positions[:bs],
             out_cache_loc=self.out_cache_loc[:bs], req_pool_indices=self.req_pool_indices[:bs],
             seq_lens=self.seq_lens[:bs], seq_lens_cpu=[1] * bs,
             kv_pool=self.kv_pool, req_to_token_pool=self.req_to_token_pool,
+            prefix_groups=groups,
         )
+
+    def _variants(self) -> list[tuple[int, bool]]:
+        """What is captured, largest first (the pool fits all later ones)."""
+        out = []
+        for bs in reversed(self.batch_sizes):
+            out.append((bs, False))
+            if self.members and bs >= 2:
+                out.append((bs, True))
+        return out
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
         pool: Any = None
         stream = torch.cuda.Stream(self.device)
-        for bs in reversed(self.batch_sizes):  # largest first: the pool fits all later ones
-            batch = self._static_batch(bs)
+        for key in self._variants():
+            batch = self._static_batch(*key)
             self.attn.init_forward_for_capture(batch)
             # Warm up on the capture stream: Triton/flashinfer compile, cuBLAS picks kernels.
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -104,13 +136,17 @@ class CudaGraphRunner:
                 out = self.model(batch)
             if pool is None:
                 pool = graph.pool()
-            self.graphs[bs] = graph
-            self.batches[bs] = batch
-            self.outputs[bs] = out
+            self.graphs[key] = graph
+            self.batches[key] = batch
+            self.outputs[key] = out
         torch.cuda.synchronize(self.device)
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        """Whether ``batch`` is a decode batch no larger than the largest bucket."""
+        """Whether ``batch`` is a decode batch no larger than the largest bucket (with
+        shared-prefix groups: only if they were captured, at the captured width)."""
+        groups = batch.prefix_groups
+        if groups is not None and (not self.members or groups.rows.shape[1] != self.members):
+            return False
         return (batch.is_decode and 0 < batch.batch_size <= self.max_batch_size
                 and batch.return_logits == "last")
 
@@ -134,8 +170,18 @@ class CudaGraphRunner:
             self.out_cache_loc[bs:padded].zero_()
             self.req_pool_indices[bs:padded].zero_()
             self.seq_lens[bs:padded].fill_(1)
-        static = self.batches[padded]
+        groups = batch.prefix_groups
+        if groups is not None:
+            g, cap = groups.count, padded // 2
+            self.prefix_lens[:bs].copy_(groups.prefix_lens)
+            self.prefix_lens[bs:padded].zero_()
+            self.group_rows[:g].copy_(groups.rows)
+            self.group_rows[g:cap].fill_(-1)
+            self.group_lens[:g].copy_(groups.lens)
+            self.group_lens[g:cap].zero_()
+        key = (padded, groups is not None)
+        static = self.batches[key]
         static.seq_lens_cpu = [*batch.seq_lens_cpu, *([1] * (padded - bs))]
         self.attn.init_forward_for_replay(static)
-        self.graphs[padded].replay()
-        return self.outputs[padded][:bs]
+        self.graphs[key].replay()
+        return self.outputs[key][:bs]

@@ -409,10 +409,10 @@ class ModelRunner(StepIO):
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         """The model's logits for ``fb``: replayed from a CUDA graph, compiled, or eager."""
-        if fb.prefix_groups is not None:
-            return self.model(fb)   # the groups change every step: outside the graphs
         if fb.is_decode and self.graph_runner is not None and self.graph_runner.can_run(fb):
             return self.graph_runner.replay(fb)
+        if fb.prefix_groups is not None:
+            return self.model(fb)   # eager: the compiled CPU step does not take groups
         if fb.is_decode and self.compiled_decode is not None:
             return self.compiled_decode(fb)
         return self.model(fb)

@@ -24,6 +24,10 @@ __all__ = ["TritonAttention"]
 
 # Most chunks a decode sequence is split into (the scratch buffers' third dimension).
 MAX_DECODE_SPLITS = 32
+#: The most chunks a shared prefix is split into (shared-prefix decode); a captured graph
+#: takes this many and leaves the rest of the MAX_DECODE_SPLITS scratch entries to the
+#: requests' own parts.
+SHARED_SPLITS = 16
 
 
 @attrs.frozen(kw_only=True)
@@ -106,7 +110,10 @@ class TritonAttention(AttentionBackend):
             entries = MAX_DECODE_SPLITS   # one scratch width: one compiled merge kernel
         else:
             # Each request's own part (past its shared prefix), and each group's prefix.
-            splits, shared = plan(bs, groups.max_suffix), plan(groups.count, groups.max_len)
+            splits = plan(bs, groups.max_suffix)
+            shared = tk.plan_shared_splits(groups.count, self.num_kv_heads, groups.max_len,
+                                           self._num_sms, SHARED_SPLITS,
+                                           self.cfg.decode_min_chunk)
             entries = splits + shared
         mid_o = torch.empty((bs, self.num_q_heads, entries, self.head_dim),
                             dtype=torch.float32, device=self._device)
@@ -168,8 +175,17 @@ class TritonAttention(AttentionBackend):
         splits = tk.plan_decode_splits(batch.batch_size, self.num_kv_heads, None,
                                        self._num_sms, MAX_DECODE_SPLITS,
                                        self.cfg.decode_min_chunk)
+        groups, shared = batch.prefix_groups, 0
+        if groups is not None:
+            # Any prefixes may follow at replay: the most splits for them (chunks past a
+            # shorter prefix return at once); the requests' own parts share the scratch.
+            shared = tk.plan_shared_splits(groups.count, self.num_kv_heads, None,
+                                           self._num_sms, SHARED_SPLITS,
+                                           self.cfg.decode_min_chunk)
+            splits = min(splits, MAX_DECODE_SPLITS - shared)
         self._graph_meta[batch] = _DecodeMeta(num_splits=splits, mid_o=self._graph_mid_o,
-                                              mid_lse=self._graph_mid_lse)
+                                              mid_lse=self._graph_mid_lse, groups=groups,
+                                              num_shared=shared)
 
     def init_forward_for_replay(self, batch: ForwardBatch) -> None:
         """Nothing to update: the captured kernels read lengths from the static buffers."""
