@@ -54,22 +54,27 @@ def run(loaded, **options):
                     grouped.append(("eager", fb.prefix_groups.count))
                 return forward(fb)
 
-            runner.model.forward = spy_forward
-            for trunk in trunks:
-                await eng.generate(input_ids=trunk, max_tokens=1, temperature=0.0)
-            results = [None] * len(prompts)
+            runner.model.forward = spy_forward   # the instance's: removed below
+            try:
+                return await serve(eng, results=[None] * len(prompts)), grouped
+            finally:
+                del runner.model.forward
 
-            async def one(i):
-                results[i] = await eng.generate(
-                    input_ids=prompts[i], max_tokens=NEW_TOKENS, ignore_eos=True,
-                    temperature=0.0, logprobs=True, top_logprobs=5)
+    async def serve(eng, results):
+        for trunk in trunks:   # cached first: every step of the batch groups them
+            await eng.generate(input_ids=trunk, max_tokens=1, temperature=0.0)
 
-            async with anyio.create_task_group() as tg:
-                for i in range(len(prompts)):
-                    tg.start_soon(one, i)
-            report = await eng.check_integrity()
-            assert report.idle and report.request_slots == 0 and report.locked_tokens == 0
-        return results, grouped
+        async def one(i):
+            results[i] = await eng.generate(
+                input_ids=prompts[i], max_tokens=NEW_TOKENS, ignore_eos=True,
+                temperature=0.0, logprobs=True, top_logprobs=5)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(prompts)):
+                tg.start_soon(one, i)
+        report = await eng.check_integrity()
+        assert report.idle and report.request_slots == 0 and report.locked_tokens == 0
+        return results
 
     return anyio.run(main)
 

@@ -80,7 +80,10 @@ def kernel_config(device: torch.device, head_dim: int,
         extend_warps=8 if head_dim >= 128 else 4,
         extend_stages=2,
         decode_block_n=32 if wide else 64,
-        decode_warps=4,
+        # Two warps: faster than four at every decode shape swept on nvidia-h200
+        # (benchmarks/gpu_decode_tune.py: batch 1 -3%, batch 64 -10%, LLaVA's 32 KV heads
+        # -11%, shared-prefix -21%; docs/benchmarks/gpu-h200-decode-tune.json).
+        decode_warps=4 if wide else 2,
         decode_stages=2,
         decode_min_chunk=64,
         dot_f32=False,

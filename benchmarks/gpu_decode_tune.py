@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Sweep the Triton decode kernels' tile sizes on one GPU (the ``KernelConfig`` decode fields).
+
+``python benchmarks/gpu_decode_tune.py --out tune.json`` (a minute or two on an H200): for
+each shape, decode attention of one layer timed with CUDA events at every combination of
+``decode_block_n`` (32, 64, 128), ``decode_warps`` (2, 4, 8) and ``decode_stages`` (1, 2),
+as the engine plans its splits (a CUDA graph's plan for the batch-1 shapes):
+
+- ``gqa-bs1-ctx1k``: Llama-3-8B heads (32 x 8 of 128), one request, 1,024 tokens (decode-bs1);
+- ``gqa-bs64-ctx1k``: the same heads, 64 requests of 300–1,300 tokens (throughput);
+- ``mha-bs64-image``: LLaVA's 32 x 32 heads, 64 requests in 12 groups of 5 sharing 2,340
+  tokens (image-qa), plain and shared-prefix decode.
+
+Reports each configuration's time and the best per shape beside the current defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+
+def plain_case(*, geometry: tuple[int, int, int], lens: list[int], device: Any,
+               dtype: Any) -> dict[str, Any]:
+    import torch
+
+    hq, hkv, d = geometry
+    total = sum(lens)
+    slots = torch.randperm(total + 1, device=device)[1:].to(torch.int32)
+    table = torch.zeros((len(lens), max(lens)), dtype=torch.int32, device=device)
+    at = 0
+    for b, n in enumerate(lens):
+        table[b, :n] = slots[at:at + n]
+        at += n
+    gen = torch.Generator(device=device).manual_seed(0)
+    return {"q": torch.randn((len(lens), hq, d), generator=gen, device=device).to(dtype),
+            "k_buf": torch.randn((total + 1, hkv, d), generator=gen, device=device).to(dtype),
+            "v_buf": torch.randn((total + 1, hkv, d), generator=gen, device=device).to(dtype),
+            "table": table, "rows": torch.arange(len(lens), dtype=torch.int32, device=device),
+            "seq_lens": torch.tensor(lens, dtype=torch.int32, device=device), "lens": lens,
+            "groups": None}
+
+
+def sweep(case: dict[str, Any], *, device: Any, graph_plan: bool, repeat: int,
+          configs: list[tuple[int, int, int]]) -> dict[str, Any]:
+    import torch
+    from gpu_shared_prefix import time_ms
+
+    from aiolm.engine.attention import triton_kernels as tk
+    from aiolm.engine.attention.triton import MAX_DECODE_SPLITS, SHARED_SPLITS
+
+    q, k_buf, v_buf = case["q"], case["k_buf"], case["v_buf"]
+    bs, hq, d = q.shape
+    hkv = k_buf.shape[1]
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    scale = d ** -0.5
+    out = torch.empty_like(q)
+    mid_o = torch.empty((bs, hq, 64, d), dtype=torch.float32, device=device)
+    mid_lse = torch.empty(mid_o.shape[:3], dtype=torch.float32, device=device)
+    g = case["groups"]
+    results: dict[str, Any] = {}
+    for block_n, warps, stages in configs:
+        cfg = tk.kernel_config(device, d)
+        cfg.decode_block_n, cfg.decode_warps, cfg.decode_stages = block_n, warps, stages
+        name = f"n{block_n}-w{warps}-s{stages}"
+        splits = tk.plan_decode_splits(bs, hkv, None if graph_plan else max(case["lens"]),
+                                       sms, MAX_DECODE_SPLITS, cfg.decode_min_chunk)
+
+        def plain(cfg=cfg, splits=splits) -> None:
+            tk.decode_attention(q, out, k_buf, v_buf, case["table"], case["rows"],
+                                case["seq_lens"], mid_o, mid_lse, splits, scale, cfg)
+
+        try:
+            row = {"plain_ms": time_ms(plain, device=device, repeat=repeat)}
+            if g is not None:
+                own = tk.plan_decode_splits(bs, hkv, g.max_suffix, sms, MAX_DECODE_SPLITS,
+                                            cfg.decode_min_chunk)
+                shared = tk.plan_shared_splits(g.count, hkv, g.max_len, sms, SHARED_SPLITS,
+                                               cfg.decode_min_chunk)
+
+                def grouped(cfg=cfg, own=own, shared=shared) -> None:
+                    tk.decode_attention_shared(
+                        q, out, k_buf, v_buf, case["table"], case["rows"], case["seq_lens"],
+                        g.prefix_lens, g.rows, g.lens, mid_o, mid_lse, own, shared, scale, cfg)
+
+                row["shared_ms"] = time_ms(grouped, device=device, repeat=repeat)
+            # The kernels shrink a tile that does not fit: say what actually ran.
+            row["ran"] = f"n{cfg.decode_block_n}-w{cfg.decode_warps}-s{cfg.decode_stages}"
+        except Exception as exc:   # a configuration the compiler refuses: recorded, skipped
+            row = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+        results[name] = row
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    import torch
+    from gpu_shared_prefix import make_case
+
+    from aiolm.bench.results import device_info, versions
+    from aiolm.engine.attention import triton_kernels as tk
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    default = tk.kernel_config(device, 128)
+    configs = list(itertools.product((32, 64, 128), (2, 4, 8), (1, 2)))
+    rnd = random.Random(0)
+    shapes = {
+        "gqa-bs1-ctx1k": (plain_case(geometry=(32, 8, 128), lens=[1024], device=device,
+                                     dtype=dtype), True),
+        "gqa-bs64-ctx1k": (plain_case(geometry=(32, 8, 128),
+                                      lens=[rnd.randrange(300, 1300) for _ in range(64)],
+                                      device=device, dtype=dtype), True),
+        "mha-bs64-image": (make_case(geometry=(32, 32, 128), shared=2340, groups=12, members=5,
+                                     alone=4, device=device, dtype=dtype), False),
+    }
+    results: dict[str, Any] = {
+        "device": device_info("cuda"), "versions": versions(),
+        "default": f"n{default.decode_block_n}-w{default.decode_warps}-s{default.decode_stages}",
+    }
+    for name, (case, graph_plan) in shapes.items():
+        rows = sweep(case, device=device, graph_plan=graph_plan, repeat=30, configs=configs)
+        timed = {k: v for k, v in rows.items() if "plain_ms" in v}
+        best = min(timed, key=lambda k: timed[k]["plain_ms"])
+        summary = {"rows": rows, "best_plain": best, "best_plain_ms": timed[best]["plain_ms"],
+                   "default_plain_ms": rows[results["default"]].get("plain_ms")}
+        if any("shared_ms" in v for v in timed.values()):
+            best_s = min(timed, key=lambda k: timed[k]["shared_ms"])
+            summary.update(best_shared=best_s, best_shared_ms=timed[best_s]["shared_ms"],
+                           default_shared_ms=rows[results["default"]].get("shared_ms"))
+        results[name] = summary
+        print(name, json.dumps({k: v for k, v in summary.items() if k != "rows"}), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
