@@ -269,8 +269,9 @@ class EngineConfig:
         0, "decode reads a cached prefix of at least this many tokens (e.g. 256) that "
         "several running requests share (an image, few-shot examples, a fork's trunk) once "
         "for all of them, not once per request (cascade attention; the triton and hybrid "
-        "backends, one device; such steps run outside the CUDA graphs). 0 (the default): "
-        "off — see docs/engine.md for what was measured", validator=_int_at_least(0))
+        "backends, one device; CUDA graphs are captured a second time for the grouped steps). "
+        "Pays for many requests on long prefixes with many KV heads; 0 (the default): off — "
+        "see docs/engine.md for what was measured", validator=_int_at_least(0))
     aging_limit: int = _option(
         16, "how many scheduling passes a waiting request may be overtaken by better-placed "
         "ones before it goes first (the starvation bound)", validator=_int_at_least(0))
