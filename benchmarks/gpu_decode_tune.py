@@ -3,7 +3,8 @@
 
 ``python benchmarks/gpu_decode_tune.py --out tune.json`` (a minute or two on an H200): for
 each shape, decode attention of one layer timed with CUDA events at every combination of
-``decode_block_n`` (32, 64, 128), ``decode_warps`` (2, 4, 8) and ``decode_stages`` (1, 2),
+``decode_block_n`` (32, 64, 128), ``decode_warps`` (2, 4), ``decode_stages`` (1, 2) and
+``decode_heads`` (the KV heads one program reads: 1, 2, 4),
 as the engine plans its splits (a CUDA graph's plan for the batch-1 shapes):
 
 - ``gqa-bs1-ctx1k``: Llama-3-8B heads (32 x 8 of 128), one request, 1,024 tokens (decode-bs1);
@@ -52,7 +53,7 @@ def plain_case(*, geometry: tuple[int, int, int], lens: list[int], device: Any,
 
 
 def sweep(case: dict[str, Any], *, device: Any, graph_plan: bool, repeat: int,
-          configs: list[tuple[int, int, int]]) -> dict[str, Any]:
+          configs: list[tuple[int, int, int, int]]) -> dict[str, Any]:
     import torch
     from gpu_shared_prefix import time_ms
 
@@ -69,11 +70,13 @@ def sweep(case: dict[str, Any], *, device: Any, graph_plan: bool, repeat: int,
     mid_lse = torch.empty(mid_o.shape[:3], dtype=torch.float32, device=device)
     g = case["groups"]
     results: dict[str, Any] = {}
-    for block_n, warps, stages in configs:
+    for block_n, warps, stages, heads in configs:
         cfg = tk.kernel_config(device, d)
         cfg.decode_block_n, cfg.decode_warps, cfg.decode_stages = block_n, warps, stages
-        name = f"n{block_n}-w{warps}-s{stages}"
-        splits = tk.plan_decode_splits(bs, hkv, None if graph_plan else max(case["lens"]),
+        cfg.decode_heads = heads
+        name = f"n{block_n}-w{warps}-s{stages}-h{heads}"
+        programs = hkv // tk.decode_heads(cfg, hkv)   # a request's programs per chunk
+        splits = tk.plan_decode_splits(bs, programs, None if graph_plan else max(case["lens"]),
                                        sms, MAX_DECODE_SPLITS, cfg.decode_min_chunk)
 
         def plain(cfg=cfg, splits=splits) -> None:
@@ -83,7 +86,7 @@ def sweep(case: dict[str, Any], *, device: Any, graph_plan: bool, repeat: int,
         try:
             row = {"plain_ms": time_ms(plain, device=device, repeat=repeat)}
             if g is not None:
-                own = tk.plan_decode_splits(bs, hkv, g.max_suffix, sms, MAX_DECODE_SPLITS,
+                own = tk.plan_decode_splits(bs, programs, g.max_suffix, sms, MAX_DECODE_SPLITS,
                                             cfg.decode_min_chunk)
                 shared = tk.plan_shared_splits(g.count, hkv, g.max_len, sms, SHARED_SPLITS,
                                                cfg.decode_min_chunk)
@@ -95,7 +98,8 @@ def sweep(case: dict[str, Any], *, device: Any, graph_plan: bool, repeat: int,
 
                 row["shared_ms"] = time_ms(grouped, device=device, repeat=repeat)
             # The kernels shrink a tile that does not fit: say what actually ran.
-            row["ran"] = f"n{cfg.decode_block_n}-w{cfg.decode_warps}-s{cfg.decode_stages}"
+            row["ran"] = (f"n{cfg.decode_block_n}-w{cfg.decode_warps}-s{cfg.decode_stages}"
+                          f"-h{cfg.decode_heads}")
         except Exception as exc:   # a configuration the compiler refuses: recorded, skipped
             row = {"error": f"{type(exc).__name__}: {exc}"[:200]}
         results[name] = row
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     default = tk.kernel_config(device, 128)
-    configs = list(itertools.product((32, 64, 128), (2, 4, 8), (1, 2)))
+    configs = list(itertools.product((32, 64, 128), (2, 4), (1, 2), (1, 2, 4)))
     rnd = random.Random(0)
     shapes = {
         "gqa-bs1-ctx1k": (plain_case(geometry=(32, 8, 128), lens=[1024], device=device,
@@ -128,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     results: dict[str, Any] = {
         "device": device_info("cuda"), "versions": versions(),
-        "default": f"n{default.decode_block_n}-w{default.decode_warps}-s{default.decode_stages}",
+        "default": (f"n{default.decode_block_n}-w{default.decode_warps}"
+                    f"-s{default.decode_stages}-h{default.decode_heads}"),
     }
     for name, (case, graph_plan) in shapes.items():
         rows = sweep(case, device=device, graph_plan=graph_plan, repeat=30, configs=configs)
@@ -136,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         best = min(timed, key=lambda k: timed[k]["plain_ms"])
         summary = {"rows": rows, "best_plain": best, "best_plain_ms": timed[best]["plain_ms"],
                    "default_plain_ms": rows[results["default"]].get("plain_ms")}
+        for heads in (1, 2, 4):   # the best tiles at each head count
+            mine = {k: v for k, v in timed.items() if k.endswith(f"-h{heads}")}
+            if mine:
+                top = min(mine, key=lambda k: mine[k]["plain_ms"])
+                summary[f"best_plain_h{heads}"] = [top, mine[top]["plain_ms"]]
+                if "shared_ms" in mine[top]:
+                    top_s = min(mine, key=lambda k: mine[k]["shared_ms"])
+                    summary[f"best_shared_h{heads}"] = [top_s, mine[top_s]["shared_ms"]]
         if any("shared_ms" in v for v in timed.values()):
             best_s = min(timed, key=lambda k: timed[k]["shared_ms"])
             summary.update(best_shared=best_s, best_shared_ms=timed[best_s]["shared_ms"],

@@ -84,6 +84,44 @@ def geometry_kwargs(geometry):
     return dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5, device=DEVICE)
 
 
+@pytest.mark.parametrize("per_program", [2, 4])
+@pytest.mark.parametrize("geometry", [(32, 32, 128), (32, 8, 128), (28, 4, 128)],
+                         ids=lambda g: "x".join(map(str, g)))
+def test_triton_decode_reading_several_kv_heads_a_program_matches_torch(geometry, per_program):
+    """``decode_heads``: one program reads 2 or 4 KV heads' K/V of each token at once;
+    plain decode over mixed lengths, and shared-prefix decode over a 2,340-token prefix."""
+    from aiolm.engine.attention import triton_kernels as tk
+    from aiolm.engine.shared_prefix import prefix_groups
+
+    hq, hkv, d = geometry
+    lens = [1, 100, 1000, 3000, 513, 2400, 2390, 2345]
+    batch, q, k, v = make_batch(prefix_lens=[n - 1 for n in lens], extend_lens=[1] * len(lens),
+                                geometry=geometry, dtype=torch.bfloat16, seed=per_program,
+                                decode=True)
+    table, rows = batch.req_to_token_pool.req_to_token, batch.req_pool_indices
+    for b in (6, 7):   # the last three share 2,340 tokens
+        table[rows[b], :2340] = table[rows[5], :2340]
+    ref, _ = run_backend("torch", batch, q, k, v, geometry)
+    k_buf, v_buf = batch.kv_pool.get_kv(0)
+    tk.store_kv(k, v, k_buf, v_buf, batch.out_cache_loc)
+    cfg = tk.kernel_config(torch.device(DEVICE), d)
+    cfg.decode_heads = per_program
+    groups = prefix_groups([(2340, [5, 6, 7])], lens, torch.device(DEVICE), width=4)
+    for shared in (False, True):
+        out = torch.full_like(q, float("nan"))
+        mid_o = torch.full((len(lens), hq, 48, d), float("nan"), device=DEVICE)
+        mid_lse = torch.full((len(lens), hq, 48), float("nan"), device=DEVICE)
+        if shared:
+            tk.decode_attention_shared(q, out, k_buf, v_buf, table, rows, batch.seq_lens,
+                                       groups.prefix_lens, groups.rows, groups.lens, mid_o,
+                                       mid_lse, 5, 8, d ** -0.5, cfg)
+        else:
+            tk.decode_attention(q, out, k_buf, v_buf, table, rows, batch.seq_lens, mid_o,
+                                mid_lse, 7, d ** -0.5, cfg)
+        assert torch.isfinite(out).all(), f"shared={shared}"
+        assert rel_err(out, ref) < TOLERANCE[torch.bfloat16], f"shared={shared}"
+
+
 def run_backend(name, batch, q, k, v, geometry):
     """Output of backend ``name`` on a private copy of the pool's K/V buffers."""
     from aiolm.engine.attention import create

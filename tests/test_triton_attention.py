@@ -139,6 +139,44 @@ def test_decode_split_k_matches_reference(tk, dtype, num_splits):
     assert rel_err(out, expected) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("heads", "per_program"), [
+    ((4, 4, 16), 2), ((4, 4, 16), 4),      # multi-head: 2 and 4 KV heads a program
+    ((8, 2, 16), 2),                       # grouped queries: both KV heads in one program
+    ((12, 4, 24), 4),                      # a group of 3 (not a power of two), a 24 dim
+    ((6, 6, 16), 4),                       # 4 does not divide 6 KV heads: 2 a program
+], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_decode_reading_several_kv_heads_a_program_matches_reference(tk, dtype, heads,
+                                                                      per_program):
+    """``decode_heads``: a program reads several KV heads' K/V for each token at once (each
+    query row zero outside its own head's columns); plain and shared-prefix decode."""
+    hq, hkv, d = heads
+    batch, q, k, v = make_batch(prefix_lens=[0, 16, 49, 70], extend_lens=[1, 1, 1, 1],
+                                num_q_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype,
+                                seed=hq + per_program, decode=True)
+    expected, out, scratch, cfg, (k_buf, v_buf) = decode_setup(tk, batch, q, k, v, 8)
+    cfg.decode_heads = per_program
+    tk.decode_attention(q, out, k_buf, v_buf, batch.req_to_token_pool.req_to_token,
+                        batch.req_pool_indices, batch.seq_lens, *scratch, 3, 0.3, cfg)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expected) < TOLERANCE[dtype]
+
+    batch, q, k, v, groups = shared_prefix_batch(heads=heads, dtype=dtype, seed=hkv)
+    expected, out, scratch, cfg, (k_buf, v_buf) = decode_setup(tk, batch, q, k, v, 6)
+    cfg.decode_heads = per_program
+    tk.decode_attention_shared(q, out, k_buf, v_buf, batch.req_to_token_pool.req_to_token,
+                               batch.req_pool_indices, batch.seq_lens, *groups, *scratch,
+                               3, 3, 0.3, cfg)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expected) < TOLERANCE[dtype]
+
+
+def test_decode_heads_divide_the_kv_heads(tk):
+    cfg = tk.kernel_config(torch.device("cpu"), 16)
+    cfg.decode_heads = 4
+    assert [tk.decode_heads(cfg, n) for n in (32, 8, 6, 5, 1)] == [4, 4, 2, 1, 1]
+
+
 def decode_setup(tk, batch, q, k, v, entries):
     """The torch backend's output (scale 0.3), the new K/V stored, a NaN output and NaN
     scratch of ``entries`` splits a request, the interpreter's config and the pool."""

@@ -65,6 +65,8 @@ class TritonAttention(AttentionBackend):
         self._device = torch.device(device)
         self.cfg = tk.kernel_config(self._device, head_dim)
         self._fp32_cfg = tk.kernel_config(self._device, head_dim, torch.float32)
+        # Decode programs a request gets per chunk (one per group of KV heads it reads).
+        self._kv_programs = num_kv_heads // tk.decode_heads(self.cfg, num_kv_heads)
         if self._device.type == "cuda":
             props = torch.cuda.get_device_properties(self._device)
             self._num_sms = props.multi_processor_count
@@ -101,7 +103,7 @@ class TritonAttention(AttentionBackend):
         bs = batch.batch_size
 
         def plan(n: int, max_len: int | None) -> int:
-            return tk.plan_decode_splits(max(n, 1), self.num_kv_heads, max_len, self._num_sms,
+            return tk.plan_decode_splits(max(n, 1), self._kv_programs, max_len, self._num_sms,
                                          MAX_DECODE_SPLITS, self.cfg.decode_min_chunk)
 
         groups = batch.prefix_groups
@@ -172,7 +174,7 @@ class TritonAttention(AttentionBackend):
             raise RuntimeError("call init_cuda_graph_state before capturing")
         if not batch.is_decode:
             raise ValueError("batch: only decode batches are captured")
-        splits = tk.plan_decode_splits(batch.batch_size, self.num_kv_heads, None,
+        splits = tk.plan_decode_splits(batch.batch_size, self._kv_programs, None,
                                        self._num_sms, MAX_DECODE_SPLITS,
                                        self.cfg.decode_min_chunk)
         groups, shared = batch.prefix_groups, 0

@@ -21,6 +21,7 @@ Nothing here uses Triton APIs newer than 3.0, and every kernel runs under the in
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -32,6 +33,7 @@ __all__ = [
     "decode_attention",
     "decode_attention_shared",
     "decode_chunk_size",
+    "decode_heads",
     "extend_attention",
     "fill_kv_indices",
     "kernel_config",
@@ -51,7 +53,8 @@ class KernelConfig:
 
     def __init__(self, *, extend_block_m: int, extend_block_n: int, extend_warps: int,
                  extend_stages: int, decode_block_n: int, decode_warps: int,
-                 decode_stages: int, decode_min_chunk: int, dot_f32: bool) -> None:
+                 decode_stages: int, decode_min_chunk: int, dot_f32: bool,
+                 decode_heads: int = 1) -> None:
         self.extend_block_m = extend_block_m
         self.extend_block_n = extend_block_n
         self.extend_warps = extend_warps
@@ -60,6 +63,8 @@ class KernelConfig:
         self.decode_warps = decode_warps
         self.decode_stages = decode_stages
         self.decode_min_chunk = decode_min_chunk
+        # KV heads one decode program reads (each token's K/V of all of them in one row).
+        self.decode_heads = decode_heads
         # NOTE: the CPU interpreter multiplies bf16 tiles wrongly (triton 3.9, seen 2026-11):
         # there, tiles are upcast to float32 before ``tl.dot``. GPUs multiply the inputs as is.
         self.dot_f32 = dot_f32
@@ -74,6 +79,11 @@ def kernel_config(device: torch.device, head_dim: int,
                             decode_stages=1, decode_min_chunk=16, dot_f32=True)
     # float32 tiles take twice the registers and shared memory: halve them.
     wide = head_dim > 128 or dtype == torch.float32
+    # AIOLM_DECODE_HEADS=N: decode programs read N KV heads each (an experiment's override;
+    # benchmarks/gpu_decode_tune.py measures it).
+    heads = os.environ.get("AIOLM_DECODE_HEADS", "").strip()
+    if heads and (not heads.isdigit() or int(heads) < 1):
+        raise ValueError(f"AIOLM_DECODE_HEADS: expected a positive integer, got {heads!r}")
     return KernelConfig(
         extend_block_m=64 if wide else 128,
         extend_block_n=32 if wide else 64,
@@ -87,6 +97,7 @@ def kernel_config(device: torch.device, head_dim: int,
         decode_stages=2,
         decode_min_chunk=64,
         dot_f32=False,
+        decode_heads=int(heads) if heads else 1,
     )
 
 
@@ -290,6 +301,37 @@ def decode_chunk_size(seq_len: int, num_splits: int, min_chunk: int, block_n: in
     return -(-chunk // block_n) * block_n
 
 
+@triton.jit
+def _decode_tile_loop(q, KBuf, VBuf, slot_row, k_off, v_off, c_mask, start, end, stride_kbs,
+                      stride_vbs, qk_scale, ROWS: tl.constexpr, COLS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+    # Online softmax (base 2) of the query rows q [ROWS, COLS] over tokens [start, end),
+    # whose slots are at slot_row; column c of a token's K (V) is at k_off[c] (v_off[c]) from
+    # its slot's row: a KV head and a dimension. Returns the unnormalized output [ROWS,
+    # COLS], each row's running max and its sum of exponentials.
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, COLS], tl.float32)
+    for s in range(start, end, BLOCK_N):
+        cols = s + offs_n
+        n_mask = cols < end
+        slots = tl.load(slot_row + cols, mask=n_mask, other=0).to(tl.int64)
+        k = tl.load(KBuf + slots[None, :] * stride_kbs + k_off[:, None],
+                    mask=n_mask[None, :] & c_mask[:, None], other=0.0)
+        qk = _dot(q, k, DOT_F32) * qk_scale
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VBuf + slots[:, None] * stride_vbs + v_off[None, :],
+                    mask=n_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
 # The split counts and group widths change from pass to pass: one compiled kernel for all
 # (Triton would otherwise compile a variant for a count of 1 and for multiples of 16).
 @triton.jit(do_not_specialize=["num_splits"])
@@ -300,11 +342,16 @@ def _decode_stage1_kernel(Q, KBuf, VBuf, ReqToToken, ReqPoolIdx, SeqLens, Prefix
                           stride_mlb, stride_mlh,
                           qk_scale, num_splits,
                           KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                          MIN_CHUNK: tl.constexpr, DOT_F32: tl.constexpr,
-                          HAS_PREFIX: tl.constexpr):
+                          BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, HEADS: tl.constexpr,
+                          BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr,
+                          DOT_F32: tl.constexpr, HAS_PREFIX: tl.constexpr):
+    # One program: one request, HEADS KV heads (their query heads as BLOCK_H rows), one
+    # chunk. With several KV heads a program reads each token's K/V of all of them in one
+    # contiguous row; each query row holds its query in its own KV head's columns and zeros
+    # elsewhere, so one product gives every row the scores of its own head, and each row
+    # keeps only its head's columns of the output.
     b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    hb = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(SeqLens + b)
     if HAS_PREFIX:
@@ -320,42 +367,29 @@ def _decode_stage1_kernel(Q, KBuf, VBuf, ReqToToken, ReqPoolIdx, SeqLens, Prefix
         return
     row = tl.load(ReqPoolIdx + b).to(tl.int64)
 
-    offs_g = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    heads = kvh * KV_GROUP + offs_g
-    g_mask = offs_g < KV_GROUP
-    d_mask = offs_d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    slot_row = ReqToToken + row * stride_r2t
-    for s in range(start, end, BLOCK_N):
-        cols = s + offs_n
-        n_mask = cols < end
-        slots = tl.load(slot_row + cols, mask=n_mask, other=0).to(tl.int64)
-        k = tl.load(KBuf + slots[None, :] * stride_kbs + kvh * stride_kbh + offs_d[:, None],
-                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        qk = _dot(q, k, DOT_F32) * qk_scale
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VBuf + slots[:, None] * stride_vbs + kvh * stride_vbh + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
-        m_i = m_new
+    offs_r = tl.arange(0, BLOCK_H)
+    r_kv = offs_r // KV_GROUP                 # which of the program's KV heads
+    r_mask = r_kv < HEADS
+    heads = (hb * HEADS + r_kv) * KV_GROUP + offs_r % KV_GROUP
+    offs_c = tl.arange(0, HEADS * BLOCK_D)
+    c_kv = offs_c // BLOCK_D
+    d = offs_c % BLOCK_D
+    c_mask = d < HEAD_DIM
+    kv = hb * HEADS + c_kv
+    diag = r_mask[:, None] & (r_kv[:, None] == c_kv[None, :]) & c_mask[None, :]
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=diag,
+                other=0.0)
+    acc, m_i, l_i = _decode_tile_loop(
+        q, KBuf, VBuf, ReqToToken + row * stride_r2t, kv * stride_kbh + d,
+        kv * stride_vbh + d, c_mask, start, end, stride_kbs, stride_vbs, qk_scale,
+        ROWS=BLOCK_H, COLS=HEADS * BLOCK_D, BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
 
     out = acc / l_i[:, None]
     tl.store(MidO + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos
-             + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
+             + d[None, :], out, mask=diag)
     # log2-sum-exp2 of this chunk's scores (base 2, like the scores themselves).
     tl.store(MidLse + b * stride_mlb + heads * stride_mlh + split, m_i + tl.log2(l_i),
-             mask=g_mask)
+             mask=r_mask)
 
 
 @triton.jit(do_not_specialize=["num_splits", "num_shared"])
@@ -427,6 +461,15 @@ def decode_attention(q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tensor,
     _stage2(mid_o, mid_lse, o, seq_lens, None, num_splits, 0, cfg)
 
 
+def decode_heads(cfg: KernelConfig, num_kv_heads: int) -> int:
+    """The KV heads one decode program reads for a model of ``num_kv_heads``: the config's
+    ``decode_heads``, halved until it divides them."""
+    heads = max(1, cfg.decode_heads)
+    while heads > 1 and num_kv_heads % heads:
+        heads //= 2
+    return heads
+
+
 def _stage1(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
             req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
             prefix_lens: torch.Tensor | None, mid_o: torch.Tensor, mid_lse: torch.Tensor,
@@ -434,14 +477,16 @@ def _stage1(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
     bs, num_q_heads, head_dim = q.shape
     num_kv_heads = k_buf.shape[1]
     group = num_q_heads // num_kv_heads
-    _decode_stage1_kernel[(bs, num_kv_heads, num_splits)](
+    heads = decode_heads(cfg, num_kv_heads)
+    _decode_stage1_kernel[(bs, num_kv_heads // heads, num_splits)](
         q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens,
         prefix_lens if prefix_lens is not None else seq_lens, mid_o, mid_lse,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0),
         v_buf.stride(1), req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1),
         mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         scale * LOG2E, num_splits,
-        KV_GROUP=group, HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim), BLOCK_H=_pow2(group),
+        KV_GROUP=group, HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim),
+        BLOCK_H=_pow2(group * heads), HEADS=heads,
         BLOCK_N=cfg.decode_block_n, MIN_CHUNK=cfg.decode_min_chunk,
         DOT_F32=_dot_f32(cfg, k_buf), HAS_PREFIX=prefix_lens is not None,
         num_warps=cfg.decode_warps, num_stages=cfg.decode_stages,
@@ -498,33 +543,16 @@ def _decode_shared_kernel(Q, KBuf, VBuf, ReqToToken, ReqPoolIdx, GroupRows, Grou
     b = tl.where(r_mask, b, 0).to(tl.int64)
     heads = kvh * KV_GROUP + hg
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     d_mask = offs_d < HEAD_DIM
     q = tl.load(Q + b[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=r_mask[:, None] & d_mask[None, :], other=0.0)
     # The prefix's slots are the same in every member's row: read the first member's.
     lead = tl.load(GroupRows + g * stride_gr).to(tl.int64)
     slot_row = ReqToToken + tl.load(ReqPoolIdx + lead).to(tl.int64) * stride_r2t
-
-    m_i = tl.full([BLOCK_M * BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M * BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_M * BLOCK_H, BLOCK_D], tl.float32)
-    for s in range(start, end, BLOCK_N):
-        cols = s + offs_n
-        n_mask = cols < end
-        slots = tl.load(slot_row + cols, mask=n_mask, other=0).to(tl.int64)
-        k = tl.load(KBuf + slots[None, :] * stride_kbs + kvh * stride_kbh + offs_d[:, None],
-                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        qk = _dot(q, k, DOT_F32) * qk_scale
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VBuf + slots[:, None] * stride_vbs + kvh * stride_vbh + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
-        m_i = m_new
+    acc, m_i, l_i = _decode_tile_loop(
+        q, KBuf, VBuf, slot_row, kvh * stride_kbh + offs_d, kvh * stride_vbh + offs_d, d_mask,
+        start, end, stride_kbs, stride_vbs, qk_scale, ROWS=BLOCK_M * BLOCK_H, COLS=BLOCK_D,
+        BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
 
     out = acc / l_i[:, None]
     entry = num_splits + split
