@@ -109,6 +109,8 @@ def sweep(case: dict[str, Any], *, device: Any, graph_plan: bool, repeat: int,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--quick", action="store_true",
+                        help="only the default tiles and four warps (seconds)")
     args = parser.parse_args(argv)
 
     import torch
@@ -120,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = torch.device("cuda"), torch.bfloat16
     default = tk.kernel_config(device, 128)
     configs = list(itertools.product((32, 64, 128), (2, 4), (1, 2), (1, 2, 4)))
+    if args.quick:
+        configs = [(default.decode_block_n, warps, default.decode_stages, 1)
+                   for warps in (2, 4)]
     rnd = random.Random(0)
     shapes = {
         "gqa-bs1-ctx1k": (plain_case(geometry=(32, 8, 128), lens=[1024], device=device,

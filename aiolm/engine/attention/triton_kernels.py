@@ -368,21 +368,33 @@ def _decode_stage1_kernel(Q, KBuf, VBuf, ReqToToken, ReqPoolIdx, SeqLens, Prefix
     row = tl.load(ReqPoolIdx + b).to(tl.int64)
 
     offs_r = tl.arange(0, BLOCK_H)
-    r_kv = offs_r // KV_GROUP                 # which of the program's KV heads
-    r_mask = r_kv < HEADS
-    heads = (hb * HEADS + r_kv) * KV_GROUP + offs_r % KV_GROUP
-    offs_c = tl.arange(0, HEADS * BLOCK_D)
-    c_kv = offs_c // BLOCK_D
-    d = offs_c % BLOCK_D
-    c_mask = d < HEAD_DIM
-    kv = hb * HEADS + c_kv
-    diag = r_mask[:, None] & (r_kv[:, None] == c_kv[None, :]) & c_mask[None, :]
+    if HEADS == 1:
+        # One KV head: plain ranges (the compiler sees the head's dimensions contiguous).
+        r_mask = offs_r < KV_GROUP
+        heads = hb * KV_GROUP + offs_r
+        d = tl.arange(0, BLOCK_D)
+        c_mask = d < HEAD_DIM
+        k_off = hb * stride_kbh + d
+        v_off = hb * stride_vbh + d
+        diag = r_mask[:, None] & c_mask[None, :]
+    else:
+        r_kv = offs_r // KV_GROUP                 # which of the program's KV heads
+        r_mask = r_kv < HEADS
+        heads = (hb * HEADS + r_kv) * KV_GROUP + offs_r % KV_GROUP
+        offs_c = tl.arange(0, HEADS * BLOCK_D)
+        c_kv = offs_c // BLOCK_D
+        d = offs_c % BLOCK_D
+        c_mask = d < HEAD_DIM
+        kv = hb * HEADS + c_kv
+        k_off = kv * stride_kbh + d
+        v_off = kv * stride_vbh + d
+        diag = r_mask[:, None] & (r_kv[:, None] == c_kv[None, :]) & c_mask[None, :]
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=diag,
                 other=0.0)
     acc, m_i, l_i = _decode_tile_loop(
-        q, KBuf, VBuf, ReqToToken + row * stride_r2t, kv * stride_kbh + d,
-        kv * stride_vbh + d, c_mask, start, end, stride_kbs, stride_vbs, qk_scale,
-        ROWS=BLOCK_H, COLS=HEADS * BLOCK_D, BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
+        q, KBuf, VBuf, ReqToToken + row * stride_r2t, k_off, v_off, c_mask, start, end,
+        stride_kbs, stride_vbs, qk_scale, ROWS=BLOCK_H, COLS=HEADS * BLOCK_D,
+        BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
 
     out = acc / l_i[:, None]
     tl.store(MidO + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos
