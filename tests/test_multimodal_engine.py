@@ -180,6 +180,63 @@ async def test_chats_write_images_as_the_models_own_image_token():
     assert again.usage.cached_tokens == again.usage.prompt_tokens - 1
 
 
+@pytest.fixture
+def processor_calls(loaded):
+    """The images the engine's processor decoded and resized during the test."""
+    calls: list[tuple[int, int]] = []
+
+    def spy(engine):
+        from aiolm.engine.multimodal import ProcessedCache, build_processor
+
+        processor = build_processor(loaded)
+        process = processor.process_image
+
+        def counting(picture):
+            calls.append(picture.size)
+            return process(picture)
+
+        processor.process_image = counting
+        engine._processor = processor
+        engine._processed = ProcessedCache()
+        return calls
+
+    return spy
+
+
+async def test_a_picture_asked_about_again_is_processed_once(loaded, processor_calls):
+    """The processor's outputs are kept by content: five questions about one picture and a
+    select's three choices after it decode and resize it once; another picture once more."""
+    text = [1, 40, IMAGE, 50, 51]
+    async with Engine(loaded, max_total_tokens=2048) as engine:
+        calls = processor_calls(engine)
+        for q in range(5):
+            await engine.generate(request([*text, 60 + q], png(0)))
+        await engine.score(GenerateRequest(prompt="USER: <image>what is in", images=(png(0),),
+                                           sampling=GREEDY), [" it", " a", " the picture"])
+        assert len(calls) == 1
+        await engine.generate(request(text, png(1)))
+        assert len(calls) == 2
+        assert engine._processed.hits == 8   # 4 questions, the select's prompt and 3 choices
+        await clean(engine)
+
+
+def test_the_processed_cache_drops_the_least_recently_used():
+    from aiolm.engine.multimodal import ProcessedCache
+
+    cache = ProcessedCache(max_items=2, max_bytes=1000)
+    tensor = torch.zeros(50)   # 200 bytes
+    cache.put(("image", "a", None), {"pixel_values": tensor}, 3)
+    cache.put(("image", "b", None), {"pixel_values": tensor}, 3)
+    assert cache.get(("image", "a", None))[1] == 3      # a is now the most recent
+    cache.put(("image", "c", None), {"pixel_values": tensor}, 3)
+    assert cache.get(("image", "b", None)) is None       # b went first
+    assert len(cache) == 2
+    cache.put(("image", "big", None), {"pixel_values": torch.zeros(300)}, 3)   # 1,200 bytes
+    assert cache.get(("image", "big", None)) is None     # over the byte bound: not kept
+    cache.put(("image", "d", None), {"pixel_values": torch.zeros(225)}, 3)     # 900 bytes
+    assert len(cache) == 1 and cache.get(("image", "d", None)) is not None   # a, c dropped
+
+
 async def test_select_after_an_image_scores_the_choices_with_that_image(loaded, vision_calls):
     choices = [" it", " the picture", " describe"]
     prefix = GenerateRequest(prompt="USER: <image>what is in", images=(png(7),),

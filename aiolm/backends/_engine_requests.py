@@ -57,6 +57,7 @@ class EngineRequests:
     _closed: bool
     _loaded: LoadedModel | None
     _processor: Any
+    _processed: Any
     model_name: str
 
     async def _command(self, post: Callable[[int], None]) -> Any:
@@ -154,14 +155,17 @@ class EngineRequests:
 
     def _prepare_images(self, loaded: LoadedModel, ids: list[int],
                         images: Sequence[Any]) -> tuple[list[int], MultimodalInputs]:
-        from ..engine.multimodal import build_processor, prepare_multimodal
+        from ..engine.multimodal import ProcessedCache, build_processor, prepare_multimodal
 
         if self._processor is None:
-            self._processor = build_processor(loaded)
+            processor = build_processor(loaded)
+            self._processed = ProcessedCache()   # first: a thread seeing the processor
+            self._processor = processor          # finds the cache too
         tok = self._tokenizer
         bos = tok.bos_token_id if tok is not None else loaded.model_config.bos_token_id
         return prepare_multimodal(loaded.model, self._processor, ids, images,
-                                  vocab_size=loaded.model_config.vocab_size, bos_token_id=bos)
+                                  vocab_size=loaded.model_config.vocab_size, bos_token_id=bos,
+                                  cache=self._processed)
 
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:
         if request.input_ids is not None:

@@ -150,6 +150,7 @@ class Engine(EngineRequests, Backend):
         self._closed = False
         self._finalizer: weakref.finalize | None = None
         self._processor: Any = None
+        self._processed: Any = None   # the processor's outputs of recent images, by content
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MultimodalInputs",
     "MultimodalItem",
+    "ProcessedCache",
     "build_processor",
     "decode_image",
     "is_multimodal",
@@ -145,9 +146,62 @@ def decode_image(image: ImageData, index: int = 0) -> PILImage.Image:
                          f"{image.mime}): {exc}") from None
 
 
+class ProcessedCache:
+    """The processor's outputs of recent images, by content: the same picture asked about
+    again (five questions about one image, each choice of a ``select`` after it) is decoded
+    and resized once. Thread-safe (requests prepare their images on worker threads); holds
+    at most ``max_items`` items and ``max_bytes`` of tensors, dropping the least recently
+    used first. The tensors are shared by every request that hits them: read, never written.
+    """
+
+    def __init__(self, *, max_items: int = 32, max_bytes: int = 256 << 20) -> None:
+        import collections
+        import threading
+
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self._items: collections.OrderedDict[tuple[Any, ...], tuple[Any, int, int]] = (
+            collections.OrderedDict())
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[Any, ...]) -> tuple[Any, int] | None:
+        with self._lock:
+            entry = self._items.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return entry[0], entry[1]
+
+    def put(self, key: tuple[Any, ...], data: Mapping[str, Any], n: int) -> None:
+        import torch
+
+        size = sum(v.numel() * v.element_size() for v in data.values()
+                   if isinstance(v, torch.Tensor))
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[2]
+            self._items[key] = (data, n, size)
+            self._bytes += size
+            while len(self._items) > self.max_items or self._bytes > self.max_bytes:
+                _, (_, _, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 def prepare_multimodal(model: Any, processor: Any, ids: Sequence[int],
                        images: Sequence[ImageData], *, vocab_size: int,
                        bos_token_id: int | None = None,
+                       cache: ProcessedCache | None = None,
                        ) -> tuple[list[int], MultimodalInputs]:
     """The prompt ids with each image's placeholder run (pad ids) in place, and the request's
     :class:`MultimodalInputs`.
@@ -155,7 +209,8 @@ def prepare_multimodal(model: Any, processor: Any, ids: Sequence[int],
     ``ids``: the encoded prompt, where each ``model.image_token_id`` stands for the next
     image (none at all: the images go first, after a leading ``bos_token_id``); each image
     is decoded and run through ``processor.process_image``; ``model.placeholder_ids`` gives
-    its run. Blocking CPU work (decode and resize): call it off the event loop. Raises
+    its run; ``cache`` keeps the processor's outputs by content for the next request.
+    Blocking CPU work (decode and resize): call it off the event loop. Raises
     ``ValueError`` for an unreadable image or a count of image tokens that is not the
     number of images.
     """
@@ -180,9 +235,17 @@ def prepare_multimodal(model: Any, processor: Any, ids: Sequence[int],
         kind, run_token = "image", token
         if isinstance(image, VideoData):  # a video's frames (aiolm.video; H-QVL's addition)
             kind, run_token = "video", int(model.video_token_id)
-            data, n = processor.process_video(decode_video(image), fps=image.fps)
+        key = (kind, image.digest, getattr(image, "fps", None))
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None:
+            data, n = hit
         else:
-            data, n = processor.process_image(decode_image(image, index))
+            if kind == "video":
+                data, n = processor.process_video(decode_video(image), fps=image.fps)
+            else:
+                data, n = processor.process_image(decode_image(image, index))
+            if cache is not None:
+                cache.put(key, data, n)
         run = list(model.placeholder_ids(kind, n))
         where = [k for k, t in enumerate(run) if t == run_token]
         if len(where) != n or (n and where[-1] - where[0] != n - 1):
