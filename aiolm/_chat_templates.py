@@ -182,6 +182,10 @@ SIMPLE_TEMPLATE = ChatTemplate(
 
 #: Where an open turn's text starts, while a template that cannot be split renders it.
 _OPEN_MARK = "\ue000aiolm-open\ue001"
+#: An image part while a whole template renders the chat: the template writes it inside
+#: the message's content (marked literal), so afterwards it becomes the image token as
+#: markup, which encodes to the model's image token where the image stood.
+_IMAGE_MARK = "\ue000aiolm-image\ue001"
 
 
 @attrs.frozen(kw_only=True)
@@ -232,6 +236,7 @@ class JinjaChatTemplate:
             body = self.render_chat(chat, True)
         else:
             body = self._opened(chat, open_role)
+        body = self._images_as_markup(body)
         out = _Marker(self)
         if open_role is not None:
             out.parts([TextPart(text=open_text)] if isinstance(open_text, str) else open_text)
@@ -239,9 +244,33 @@ class JinjaChatTemplate:
 
     def _as_dict(self, message: Message) -> dict[str, str]:
         message = as_text_turn(message)
-        text = "".join(p.text if isinstance(p, TextPart) else self.image_token
+        text = "".join(p.text if isinstance(p, TextPart) else _IMAGE_MARK
                        for p in message.parts)
         return {"role": message.role, "content": text}
+
+    def _images_as_markup(self, text: MarkedText) -> MarkedText:
+        """``text`` with every image mark replaced by the image token, outside the literal
+        spans (the spans cut around it and moved by the difference in length)."""
+        raw = str(text)
+        if _IMAGE_MARK not in raw:
+            return text
+        size, grow = len(_IMAGE_MARK), len(self.image_token) - len(_IMAGE_MARK)
+        marks, at = [], raw.find(_IMAGE_MARK)
+        while at >= 0:
+            marks.append(at)
+            at = raw.find(_IMAGE_MARK, at + size)
+
+        def moved(i: int) -> int:   # i is never inside a mark
+            return i + grow * sum(1 for m in marks if m + size <= i)
+
+        spans = []
+        for start, end in text.literal_spans:
+            for m in (m for m in marks if start <= m < end):
+                spans.append((moved(start), moved(m)))
+                start = m + size
+            if start < end:
+                spans.append((moved(start), moved(end)))
+        return MarkedText(raw.replace(_IMAGE_MARK, self.image_token), spans)
 
     def _opened(self, chat: list[dict[str, str]], role: str) -> MarkedText:
         """``chat`` followed by the start of a ``role`` turn, up to where its text goes."""

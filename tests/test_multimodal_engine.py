@@ -180,6 +180,39 @@ async def test_chats_write_images_as_the_models_own_image_token():
     assert again.usage.cached_tokens == again.usage.prompt_tokens - 1
 
 
+async def test_a_whole_chat_template_puts_an_image_where_the_user_put_it():
+    """A template used whole (rendered by its Jinja, here Mistral's, which folds a system
+    prompt into the first user turn) writes message content as literal text: the image is
+    still the model's image token where it stood, and a user's own "<image>" text is not."""
+    import warnings
+
+    from chat_templates import MISTRAL_TEMPLATE
+
+    from aiolm._chat_messages import ImagePart, Message, TextPart
+    from aiolm._chat_templates import JinjaChatTemplate
+
+    loaded = tiny_llava()
+    loaded.tokenizer.hf.chat_template = MISTRAL_TEMPLATE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # "used whole" is warned once: not this test's topic
+        async with Engine(loaded, max_total_tokens=2048) as engine:
+            template = engine.chat_template
+            assert isinstance(template, JinjaChatTemplate)
+            picture = png(3)
+            chat = [Message(role="system", parts=(TextPart(text="Be brief."),)),
+                    Message(role="user", parts=(TextPart(text="what is <image> in"),
+                                                ImagePart(image=picture),
+                                                TextPart(text=" the picture?")))]
+            text = template.render(chat, open_role="assistant")
+            ids = engine.tokenizer.encode(text)
+            assert ids.count(IMAGE) == 1                     # the image, not the user's text
+            before = engine.tokenizer.hf.decode(ids[:ids.index(IMAGE)])
+            assert before.endswith("Be brief.\n\nwhat is <image> in")   # where it stood
+            done = await engine.generate(request(ids, picture))
+            assert done.usage.prompt_tokens == len(ids) - 1 + TOKENS_PER_IMAGE
+            await clean(engine)
+
+
 @pytest.fixture
 def processor_calls(loaded):
     """The images the engine's processor decoded and resized during the test."""
