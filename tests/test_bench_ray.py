@@ -142,7 +142,8 @@ def test_two_tiny_replicas_report_per_replica_hit_rates():
     assert len(run["replicas"]) == 2
     assert run["max_total_tokens"] == 3000
     assert set(run["warmup_requests"]) == set(run["replicas"])             # each one warmed up
-    assert all(n > 0 for n in run["warmup_requests"].values())
+    assert all(n > 0 for n in run["warmup_requests"].values()), (run["warmup_requests"],
+                                                                 run.get("routing_decisions"))
     assert all(r["kv_slots"] == 3000 for r in run["replicas"].values())    # the pool reached them
     assert len(record["prompts"]["prefix_tokens"]) == 2 and min(record["prompts"]["prefix_tokens"]) > 0
     assert run["requests"] == sum(r["requests"] for r in run["replicas"].values()) == programs

@@ -263,18 +263,25 @@ def _prompt_lengths(inputs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "question_tokens_mean": statistics.fmean(questions)}
 
 
-def _warm_up(url: str, workload: Any, warmup: Sequence[dict[str, Any]], concurrency: int,
-             replicas: int) -> dict[str, int]:
-    """Run the ``warmup`` programs until each of the ``replicas`` replicas has served one of
-    them (power-of-two may send a whole batch to one replica; a replica's first forward
-    passes and the ingress's first calls are slower), at most ``_WARMUP_ATTEMPTS`` times;
-    return each replica's warm-up requests."""
+def _warm_up(url: str, workload: Any, warmups: Sequence[Sequence[dict[str, Any]]],
+             concurrency: int, replicas: int) -> dict[str, int]:
+    """Run warm-up programs until each of the ``replicas`` replicas has served one of them
+    (power-of-two may send a whole batch to one replica; a replica's first forward passes
+    and the ingress's first calls are slower): ``warmups[k]`` at attempt ``k``, each with
+    prefixes of its own — were the same ones sent again, cache-aware routing would send them
+    back to the replica that cached them, and a replica the router learnt of late (its
+    replica set is updated in the background) would never get one. Returns each replica's
+    warm-up requests."""
     import anyio
 
     served: dict[str, int] = {}
-    for attempt in range(1, _WARMUP_ATTEMPTS + 1):
-        anyio.run(_run_programs, url, workload, warmup, concurrency)
-        snap = _wait_for_statistics(attempt * len(warmup))
+    sent = 0
+    for attempt, warmup in enumerate(warmups):
+        if attempt:
+            time.sleep(0.5)   # let the router's replica set catch up
+        anyio.run(_run_programs, url, workload, list(warmup), concurrency)
+        sent += len(warmup)
+        snap = _wait_for_statistics(sent)
         served = {rid: s["finished_requests"] for rid, s in snap.items()}
         if len(served) >= replicas and all(served.values()):
             break
@@ -283,7 +290,7 @@ def _warm_up(url: str, workload: Any, warmup: Sequence[dict[str, Any]], concurre
 
 def _measure_configuration(spec: RayBenchSpec, routing: str, replicas: int, url: str,
                            workload: Any, inputs: list[dict[str, Any]],
-                           warmup: list[dict[str, Any]], *,
+                           warmups: list[list[dict[str, Any]]], *,
                            describe: bool = False) -> dict[str, Any]:
     """Deploy ``replicas`` replicas with ``routing`` (cold caches), warm each of them up
     (:func:`_warm_up`; the warm-up's prefixes share none of the measured ones), run
@@ -310,7 +317,7 @@ def _measure_configuration(spec: RayBenchSpec, routing: str, replicas: int, url:
         if describe and inputs and "examples" in inputs[0]:
             extra["prompts"] = _prompt_lengths(inputs)
         concurrency = spec.max_concurrency or workload.max_concurrency
-        warmed = _warm_up(url, workload, warmup, concurrency, replicas)
+        warmed = _warm_up(url, workload, warmups, concurrency, replicas)
         before = _wait_for_statistics(0)
         wall = anyio.run(_run_programs, url, workload, inputs, concurrency)
         requests = sum(s["finished_requests"] for s in before.values()) + len(inputs)
@@ -391,13 +398,14 @@ def run_ray_bench(spec: RayBenchSpec, *, log: Any = None) -> dict[str, Any]:
             # Another seed: the warm-up shares no prefix with the measured programs. Tiny:
             # it runs the same code, and what it leaves in the KV pools is small (few-shot's
             # own shape left there cut one replica's later hit rate from 54% to 49%).
-            warmup = _inputs(spec, name, "tiny", spec.seed + 1)[: 2 * spec.replicas]
+            warmups = [_inputs(spec, name, "tiny", spec.seed + 1 + k)[: 2 * spec.replicas]
+                       for k in range(_WARMUP_ATTEMPTS)]
             runs = []
             prompts = None
             for round_index in range(spec.rounds):
                 for configuration, replicas in spec.configurations(round_index):
                     run = _measure_configuration(spec, configuration, replicas, url, workload,
-                                                 inputs, warmup, describe=not runs)
+                                                 inputs, warmups, describe=not runs)
                     prompts = run.pop("prompts", prompts)
                     run["round"] = round_index
                     runs.append(run)
