@@ -369,7 +369,7 @@ def test_a_long_waiting_queue_is_admitted_first_come_first_served(policy, monkey
     sched = _queue(policy, 1000)
     looked = []
     match_length = sched.cache.match_length
-    monkeypatch.setattr(sched.cache, "match_length", lambda key: looked.append(1) or match_length(key))
+    monkeypatch.setattr(sched.cache, "match_length", lambda key, limit=None: looked.append(1) or match_length(key, limit))
     batch = sched.schedule()
     assert not looked                          # no request of the queue was ordered
     assert [r.rid for r in batch.reqs] == [f"r{i}" for i in range(len(batch.reqs))]
@@ -380,7 +380,7 @@ def test_a_short_waiting_queue_keeps_the_cache_aware_order(monkeypatch):
     sched = _queue("lpm", 40, cache_aware_limit=128)
     looked = []
     match_length = sched.cache.match_length
-    monkeypatch.setattr(sched.cache, "match_length", lambda key: looked.append(1) or match_length(key))
+    monkeypatch.setattr(sched.cache, "match_length", lambda key, limit=None: looked.append(1) or match_length(key, limit))
     sched.schedule()
     assert len(looked) == 40
 

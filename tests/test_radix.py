@@ -279,9 +279,10 @@ class RadixMachine(RuleBasedStateMachine):
         for j in range(cached, len(key)):
             self.model[tuple(key[:j + 1])] = int(slots[j])
 
-    @rule(key=keys)
-    def match(self, key):
+    @rule(key=keys, limit=st.integers(-1, 12))
+    def match(self, key, limit):
         assert self.cache.match_length(key) == self.model_match(key)
+        assert self.cache.match_length(key, limit) == self.model_match(key[:max(limit, 0)])
         res = self.cache.match_prefix(key)
         assert res.length == self.model_match(key)
         assert res.slots.tolist() == [self.model[tuple(key[:j + 1])] for j in range(res.length)]

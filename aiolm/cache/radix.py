@@ -221,16 +221,17 @@ class RadixCache:
             slots = self._empty
         return MatchResult(slots=slots, node=node, length=length)
 
-    def match_length(self, key: list[int]) -> int:
-        """Length of the longest cached prefix of ``key``, for ordering: touches the LRU time
-        of the matched nodes like :meth:`match_prefix` but never splits a node, gathers no
-        slots and records nothing."""
+    def match_length(self, key: list[int], limit: int | None = None) -> int:
+        """Length of the longest cached prefix of ``key`` (of its first ``limit`` tokens
+        when given: no copy of ``key`` is made), for ordering: touches the LRU time of the
+        matched nodes like :meth:`match_prefix` but never splits a node, gathers no slots
+        and records nothing."""
         if self._disabled:
             return 0
         now = next(self._clock)
         children = self._root.children
         length = 0
-        n = len(key)
+        n = len(key) if limit is None else max(0, min(len(key), limit))
         while length < n:
             child = children.get(key[length])
             if child is None:
@@ -238,8 +239,8 @@ class RadixCache:
             child.last_access = now
             ck = child.key
             size = len(ck)
-            if key[length:length + size] != ck:
-                return length + common_prefix_length(ck, key, length)
+            if length + size > n or key[length:length + size] != ck:
+                return min(n, length + common_prefix_length(ck, key, length))
             length += size
             children = child.children
         return length

@@ -29,7 +29,7 @@ def order_by_policy(policy: str, reqs: list[Req], cache: RadixCache) -> list[Req
         return sorted(reqs, key=lambda r: r.arrival)
     if policy == "lpm":
         match_length = cache.match_length
-        keyed = [(-match_length(r.all_ids[:r.seq_len - 1]), r.arrival, r) for r in reqs]
+        keyed = [(-match_length(r.all_ids, r.seq_len - 1), r.arrival, r) for r in reqs]
         keyed.sort(key=lambda t: (t[0], t[1]))
         return [t[2] for t in keyed]
     if policy == "dfs-weight":
