@@ -56,6 +56,7 @@ from .base import (
 )
 
 if TYPE_CHECKING:
+    import torch
 
     from ..constraints.base import Constraint
     from ..engine.core import EngineCore, EngineStatistics, IntegrityReport
@@ -433,8 +434,12 @@ class Engine(EngineRequests, Backend):
         if prefix.images:
             # Each choice's prompt gets the prefix's images in place (the same pad ids: the
             # radix cache shares them); only the choices' own tokens are scored.
-            prefix_ids, _ = await self._with_images(prefix_ids, prefix)
-            expanded = [await self._with_images(f, prefix) for f in fulls]
+            loaded = self._loaded
+            assert loaded is not None   # _refuse_images let a multimodal model's prefix in
+            prefix_ids, *expanded = await anyio.to_thread.run_sync(lambda: [
+                self._prepare_images(loaded, ids, prefix.images)
+                for ids in (prefix_ids, *fulls)])
+            prefix_ids = prefix_ids[0]
             fulls, mms = [ids for ids, _ in expanded], [mm for _, mm in expanded]
         shared = min(common_prefix_length(prefix_ids, f) for f in fulls)
         if shared == 0:  # nothing to condition on: start from a context token
@@ -521,14 +526,14 @@ def _items_before(mm: Any, end: int) -> Any:
     return attrs.evolve(mm, items=items) if items else None
 
 
-def _release_device_memory(device: Any) -> None:
+def _release_device_memory(device: torch.device) -> None:
     """Give a closed CUDA engine's memory back: collect its reference cycles (the KV pool
     and the CUDA graphs' pool die with them) and empty torch's block cache, so the next
     engine in this process sizes its KV pool from the memory really free (it read a pool
     several times smaller when the last one's blocks were still cached). Nothing on the
     CPU: the pool goes with its last reference, and a full collection there costs a tenth
     of a second or more per close (the test suite closes engines by the thousand)."""
-    if getattr(device, "type", None) != "cuda":
+    if device.type != "cuda":
         return
     import gc
 

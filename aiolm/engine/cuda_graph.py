@@ -97,8 +97,7 @@ class CudaGraphRunner:
         if grouped:
             g = bs // 2
             groups = PrefixGroups(prefix_lens=self.prefix_lens[:bs], rows=self.group_rows[:g],
-                                  lens=self.group_lens[:g], count=g, max_len=0,
-                                  max_suffix=0)
+                                  lens=self.group_lens[:g], max_len=0, max_suffix=0)
         return ForwardBatch(
             mode=ForwardMode.DECODE, batch_size=bs,
             input_ids=self.input_ids[:bs], positions=self.positions[:bs],

@@ -51,9 +51,13 @@ class PrefixGroups:
     prefix_lens: torch.Tensor
     rows: torch.Tensor
     lens: torch.Tensor
-    count: int
     max_len: int
     max_suffix: int
+
+    @property
+    def count(self) -> int:
+        """How many groups."""
+        return self.rows.shape[0]
 
 
 def _path(node: Any) -> list[Any]:
@@ -116,16 +120,25 @@ def prefix_groups(groups: Sequence[tuple[int, Sequence[int]]], seq_lens: Sequenc
         return None
     width = width or max(len(m) for _, m in groups)
     prefix = [0] * len(seq_lens)
-    rows = []
+    rows: list[int] = []
     for shared, members in groups:
         for i in members:
             prefix[i] = shared
-        rows.append(list(members) + [-1] * (width - len(members)))
-
-    def on_device(values: Any) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
-
-    return PrefixGroups(prefix_lens=on_device(prefix), rows=on_device(rows),
-                        lens=on_device([shared for shared, _ in groups]), count=len(groups),
-                        max_len=max(shared for shared, _ in groups),
+        rows += [*members, *([-1] * (width - len(members)))]
+    # One copy to the device for the three. Each starts on 16 bytes, as a tensor of its own
+    # would: Triton compiles a kernel variant per pointer alignment.
+    bs, cells = len(seq_lens), len(rows)
+    at_rows, at_lens = _aligned(bs), _aligned(bs) + _aligned(cells)
+    flat = [0] * (at_lens + len(groups))
+    flat[:bs], flat[at_rows:at_rows + cells] = prefix, rows
+    flat[at_lens:] = [shared for shared, _ in groups]
+    on_device = torch.tensor(flat, dtype=torch.int32).to(device, non_blocking=True)
+    return PrefixGroups(prefix_lens=on_device[:bs],
+                        rows=on_device[at_rows:at_rows + cells].view(-1, width),
+                        lens=on_device[at_lens:], max_len=max(shared for shared, _ in groups),
                         max_suffix=max(s - p for s, p in zip(seq_lens, prefix, strict=True)))
+
+
+def _aligned(n: int) -> int:
+    """``n`` int32 values rounded up to whole 16 bytes."""
+    return -(-n // 4) * 4

@@ -146,7 +146,9 @@ class CacheAwareRouter(RequestRouter):
                 matched[rid] = max(blocks, matched.get(rid, 0))
         load = {rid: self._load(r) for rid, r in by_id.items()}
         request_id = pending_request.metadata.internal_request_id if pending_request else None
-        self._undecide(request_id)  # decided again (its replica was full): that one is void
+        earlier = self._undecide(request_id)
+        if earlier is not None and earlier[1]:  # decided again (its replica was full)
+            self._policy.withdraw(earlier[0])   # that placement is void
         decision = self._policy.decide(list(by_id), matched=matched, load=load,
                                        session=routed.session if routed else None)
         first = decision.ranks[0][0]
@@ -155,37 +157,31 @@ class CacheAwareRouter(RequestRouter):
             self._deciding[request_id] = (first, decision.placed)
             self._undecided_load[first] += 1
             while len(self._deciding) > _MAX_DECIDING:
-                self._undecide(next(iter(self._deciding)), withdraw=False)
+                self._undecide(next(iter(self._deciding)))
         return [[by_id[rid] for rid in rank] for rank in decision.ranks]
 
-    def _undecide(self, request_id: str | None, *, withdraw: bool = True) -> str | None:
-        """Drop ``request_id``'s pending decision (its load; its placement too, unless not
-        ``withdraw``); returns the replica it had been sent to first, or None."""
+    def _undecide(self, request_id: str | None) -> tuple[str, bool] | None:
+        """Drop ``request_id``'s pending decision and the load it counted; returns (the
+        replica it was sent to first, whether that was a placement), or None."""
         entry = self._deciding.pop(request_id, None) if request_id is not None else None
-        if entry is None:
-            return None
-        rid, placed = entry
-        if self._undecided_load[rid] > 0:
-            self._undecided_load[rid] -= 1
-        if placed and withdraw:
-            self._policy.withdraw(rid)
-        return rid
+        if entry is not None:
+            self._undecided_load[entry[0]] -= 1
+        return entry
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:
         rid = replica_id.unique_id
         self._inflight[rid] += 1
         request_id = pending_request.metadata.internal_request_id
-        placed = self._deciding.get(request_id, (None, False))[1]
-        first = self._undecide(request_id, withdraw=False)
-        if placed and first != rid:  # Serve took a later rank: the placement moves with it
-            self._policy.withdraw(first)
-            self._policy.place(rid)
+        entry = self._undecide(request_id)
+        if entry is not None and entry[1] and entry[0] != rid:
+            self._policy.withdraw(entry[0])   # Serve took a later rank: the placement
+            self._policy.place(rid)           # moves with it
         routed = _routed(pending_request)
         if routed is not None:
             self._policy.routed(routed.session, rid)
             if routed.block_hashes:
-                self._remember(pending_request.metadata.internal_request_id, rid, routed.block_hashes)
+                self._remember(request_id, rid, routed.block_hashes)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         rid = replica_id.unique_id

@@ -118,6 +118,38 @@ def _dot(a, b, F32: tl.constexpr):
         return tl.dot(a, b)
 
 
+@triton.jit
+def _attend_tiles(q, KBuf, VBuf, slot_row, k_off, v_off, c_mask, start, end, stride_kbs,
+                  stride_vbs, qk_scale, ROWS: tl.constexpr, COLS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+    # Online softmax (base 2) of the query rows q [ROWS, COLS] over tokens [start, end), each
+    # visible to every row (extend's keys before its query block, decode's chunks), whose
+    # slots are at slot_row; column c of a token's K (V) is at k_off[c] (v_off[c]) from its
+    # slot's row: a KV head and a dimension. Returns the unnormalized output [ROWS, COLS],
+    # each row's running max and its sum of exponentials.
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, COLS], tl.float32)
+    for s in range(start, end, BLOCK_N):
+        cols = s + offs_n
+        n_mask = cols < end
+        slots = tl.load(slot_row + cols, mask=n_mask, other=0).to(tl.int64)
+        k = tl.load(KBuf + slots[None, :] * stride_kbs + k_off[:, None],
+                    mask=n_mask[None, :] & c_mask[:, None], other=0.0)
+        qk = _dot(q, k, DOT_F32) * qk_scale
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VBuf + slots[:, None] * stride_vbs + v_off[None, :],
+                    mask=n_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
 # --------------------------------------------------------------------------- store
 
 
@@ -187,31 +219,15 @@ def _extend_kernel(Q, Out, KBuf, VBuf, ReqToToken, ReqPoolIdx, PrefixLens, Exten
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
     q_pos = prefix + offs_m  # position of each query in its sequence
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     slot_row = ReqToToken + row * stride_r2t
     kv_end = tl.minimum(prefix + (m_block + 1) * BLOCK_M, prefix + ext_len)
     # Keys before the block's first query are visible to every query in the block: no
     # causal mask there, only the bound at the end.
     full_end = prefix + m_block * BLOCK_M
-
-    for start in range(0, full_end, BLOCK_N):
-        cols = start + offs_n
-        n_mask = cols < full_end
-        slots = tl.load(slot_row + cols, mask=n_mask, other=0).to(tl.int64)
-        k = tl.load(KBuf + slots[None, :] * stride_kbs + kvh * stride_kbh + offs_d[:, None],
-                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        qk = _dot(q, k, DOT_F32) * qk_scale
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VBuf + slots[:, None] * stride_vbs + kvh * stride_vbh + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
-        m_i = m_new
+    acc, m_i, l_i = _attend_tiles(
+        q, KBuf, VBuf, slot_row, kvh * stride_kbh + offs_d, kvh * stride_vbh + offs_d, d_mask,
+        0, full_end, stride_kbs, stride_vbs, qk_scale, ROWS=BLOCK_M, COLS=BLOCK_D,
+        BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
 
     for start in range(full_end, kv_end, BLOCK_N):
         cols = start + offs_n
@@ -301,37 +317,6 @@ def decode_chunk_size(seq_len: int, num_splits: int, min_chunk: int, block_n: in
     return -(-chunk // block_n) * block_n
 
 
-@triton.jit
-def _decode_tile_loop(q, KBuf, VBuf, slot_row, k_off, v_off, c_mask, start, end, stride_kbs,
-                      stride_vbs, qk_scale, ROWS: tl.constexpr, COLS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
-    # Online softmax (base 2) of the query rows q [ROWS, COLS] over tokens [start, end),
-    # whose slots are at slot_row; column c of a token's K (V) is at k_off[c] (v_off[c]) from
-    # its slot's row: a KV head and a dimension. Returns the unnormalized output [ROWS,
-    # COLS], each row's running max and its sum of exponentials.
-    offs_n = tl.arange(0, BLOCK_N)
-    m_i = tl.full([ROWS], float("-inf"), tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, COLS], tl.float32)
-    for s in range(start, end, BLOCK_N):
-        cols = s + offs_n
-        n_mask = cols < end
-        slots = tl.load(slot_row + cols, mask=n_mask, other=0).to(tl.int64)
-        k = tl.load(KBuf + slots[None, :] * stride_kbs + k_off[:, None],
-                    mask=n_mask[None, :] & c_mask[:, None], other=0.0)
-        qk = _dot(q, k, DOT_F32) * qk_scale
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VBuf + slots[:, None] * stride_vbs + v_off[None, :],
-                    mask=n_mask[:, None] & c_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
-        m_i = m_new
-    return acc, m_i, l_i
-
-
 # The split counts and group widths change from pass to pass: one compiled kernel for all
 # (Triton would otherwise compile a variant for a count of 1 and for multiples of 16).
 @triton.jit(do_not_specialize=["num_splits"])
@@ -391,7 +376,7 @@ def _decode_stage1_kernel(Q, KBuf, VBuf, ReqToToken, ReqPoolIdx, SeqLens, Prefix
         diag = r_mask[:, None] & (r_kv[:, None] == c_kv[None, :]) & c_mask[None, :]
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=diag,
                 other=0.0)
-    acc, m_i, l_i = _decode_tile_loop(
+    acc, m_i, l_i = _attend_tiles(
         q, KBuf, VBuf, ReqToToken + row * stride_r2t, k_off, v_off, c_mask, start, end,
         stride_kbs, stride_vbs, qk_scale, ROWS=BLOCK_H, COLS=HEADS * BLOCK_D,
         BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
@@ -561,7 +546,7 @@ def _decode_shared_kernel(Q, KBuf, VBuf, ReqToToken, ReqPoolIdx, GroupRows, Grou
     # The prefix's slots are the same in every member's row: read the first member's.
     lead = tl.load(GroupRows + g * stride_gr).to(tl.int64)
     slot_row = ReqToToken + tl.load(ReqPoolIdx + lead).to(tl.int64) * stride_r2t
-    acc, m_i, l_i = _decode_tile_loop(
+    acc, m_i, l_i = _attend_tiles(
         q, KBuf, VBuf, slot_row, kvh * stride_kbh + offs_d, kvh * stride_vbh + offs_d, d_mask,
         start, end, stride_kbs, stride_vbs, qk_scale, ROWS=BLOCK_M * BLOCK_H, COLS=BLOCK_D,
         BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
@@ -637,17 +622,18 @@ def decode_attention_shared(q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tenso
 
 
 def plan_decode_splits(batch_size: int, num_kv_heads: int, max_seq_len: int | None,
-                       num_sms: int, max_splits: int, min_chunk: int) -> int:
+                       num_sms: int, max_splits: int, min_chunk: int, *,
+                       programs_per_sm: int = 2) -> int:
     """How many chunks to split each sequence into for a decode batch.
 
-    Enough programs to cover the GPU about twice (``2 * num_sms`` over ``batch_size *
-    num_kv_heads``), no more than ``max_splits``, and (when ``max_seq_len`` is known) no
-    more than the longest sequence has ``min_chunk``-token chunks. A CUDA-graph capture
-    passes ``max_seq_len=None``: the lengths change at every replay.
+    Enough programs to cover the GPU about twice (``programs_per_sm * num_sms`` over
+    ``batch_size * num_kv_heads``), no more than ``max_splits``, and (when ``max_seq_len``
+    is known) no more than the longest sequence has ``min_chunk``-token chunks. A
+    CUDA-graph capture passes ``max_seq_len=None``: the lengths change at every replay.
     """
     if batch_size < 1 or num_kv_heads < 1:
         raise ValueError("batch_size and num_kv_heads must be positive")
-    want = math.ceil(2 * num_sms / (batch_size * num_kv_heads))
+    want = math.ceil(programs_per_sm * num_sms / (batch_size * num_kv_heads))
     if max_seq_len is not None:
         want = min(want, math.ceil(max_seq_len / min_chunk))
     return max(1, min(want, max_splits))
@@ -668,9 +654,8 @@ def plan_shared_splits(num_groups: int, num_kv_heads: int, max_shared_len: int |
         raise ValueError("num_groups and num_kv_heads must be positive")
     if max_shared_len is None:
         return max_splits
-    want = math.ceil(16 * num_sms / (num_groups * num_kv_heads))
-    want = min(want, math.ceil(max_shared_len / min_chunk))
-    return max(1, min(want, max_splits))
+    return plan_decode_splits(num_groups, num_kv_heads, max_shared_len, num_sms, max_splits,
+                              min_chunk, programs_per_sm=16)
 
 
 # --------------------------------------------------------------------------- indices
