@@ -11,6 +11,11 @@ dummy bf16 weights (``--dry-run``: tiny-llama on the CPU) and writes ``DIR/profi
    idle time between kernels, the kernel count and the kernels ranked by time;
 3. ``host``: the engine thread's own Python time per step (``cProfile`` around each
    iteration of the loop), ranked by function.
+
+``--json-decode`` profiles ``aiolm bench json-decode`` instead (its full shape: 256 programs;
+``--dry-run``: the tiny shape), once with jump-forward on and once off: the wall time and
+passes, the GPU's busy and idle time over the run, the engine thread's host time per pass
+by function, and the event loop's (the programs, the frontend) by function.
 """
 
 from __future__ import annotations
@@ -151,6 +156,106 @@ async def _decode_profile(engine: Any, prompts: list[list[int]], new: int,
     return record
 
 
+def _ranked(profiler: cProfile.Profile, passes: int, top: int = 25) -> dict[str, Any]:
+    stats = pstats.Stats(profiler)
+    rows = []
+    for (file, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append({"function": f"{Path(file).name}:{line}:{func}", "calls_per_pass": nc / passes,
+                     "own_us_per_pass": tt / passes * 1e6, "cum_us_per_pass": ct / passes * 1e6})
+    total = sum(r["own_us_per_pass"] for r in rows)
+    rows.sort(key=lambda r: -r["own_us_per_pass"])
+    return {"own_us_per_pass_total": total, "by_own_time": rows[:top],
+            "by_cumulative": sorted(rows, key=lambda r: -r["cum_us_per_pass"])[:top]}
+
+
+async def _json_decode_profile(loaded: Any, plan: Any, jump_forward: bool,
+                               backend: str) -> dict[str, Any]:
+    """One variant of the json-decode workload: timed, then under each profiler in turn."""
+    import aiolm
+    from aiolm.bench import json_decode
+
+    size = "tiny" if plan.dry_run else "full"
+    inputs = json_decode.make_inputs(size, 0)
+    warm = json_decode.make_inputs("tiny", 1)
+    program = json_decode.extract_record
+    async with aiolm.Engine(loaded, jump_forward=jump_forward,
+                            **wl.engine_options(plan, backend)) as engine:
+        core = engine._core  # noqa: SLF001 - profiling only
+
+        async def run() -> tuple[float, int]:
+            await engine.flush_cache()
+            passes0 = core.runner.forward_passes
+            t0 = time.perf_counter()
+            states = await program.run_batch(list(inputs), backend=engine)
+            wall = time.perf_counter() - t0
+            errors = [st.error for st in states if st.error is not None]
+            if errors:
+                raise errors[0]
+            return wall, core.runner.forward_passes - passes0
+
+        await program.run_batch(warm, backend=engine)
+        await run()  # warm: graphs, kernels, the schemas' grammars
+        wall, passes = await run()
+        record: dict[str, Any] = {"jump_forward": jump_forward, "programs": len(inputs),
+                                  "wall_s": wall, "passes": passes,
+                                  "programs_per_s": len(inputs) / wall,
+                                  "wall_ms_per_pass": wall / passes * 1e3}
+        if plan.device == "cuda":
+            import torch
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                _, prof_passes = await run()
+                torch.cuda.synchronize()
+            table = _kernel_table(prof, prof_passes)
+            record["gpu"] = {k: v for k, v in table.items() if k != "kernels"}
+            record["gpu"]["kernels"] = table["kernels"][:15]
+
+        engine_prof = cProfile.Profile()
+        original = core._run_once  # noqa: SLF001
+
+        def profiled() -> bool:
+            engine_prof.enable()
+            try:
+                return original()
+            finally:
+                engine_prof.disable()
+
+        core._run_once = profiled  # noqa: SLF001
+        try:
+            _, prof_passes = await run()
+        finally:
+            core._run_once = original  # noqa: SLF001
+        record["engine_thread"] = _ranked(engine_prof, prof_passes)
+        loop_prof = cProfile.Profile()
+        loop_prof.enable()
+        try:
+            _, prof_passes = await run()
+        finally:
+            loop_prof.disable()
+        record["event_loop"] = _ranked(loop_prof, prof_passes)
+    return record
+
+
+async def json_decode_main(args: argparse.Namespace) -> dict[str, Any]:
+    from aiolm.bench.models import load_for_bench
+
+    plan = wl.Plan.make(dry_run=args.dry_run, backends=args.backend)
+    out: dict[str, Any] = {"plan": {"model": plan.model, "dtype": plan.dtype,
+                                    "backend": plan.backends[0], "workload": "json-decode"}}
+    if not plan.dry_run:
+        import torch
+
+        out["device"] = torch.cuda.get_device_name()
+        out["kind"] = args.kind or wl.kind_from_device(out["device"])
+    loaded = load_for_bench(None if plan.dry_run else "llama-3-8b",
+                            load_format="auto" if plan.dry_run else "dummy")
+    for jump_forward in (True, False):
+        key = "jump_forward_on" if jump_forward else "jump_forward_off"
+        out[key] = await _json_decode_profile(loaded, plan, jump_forward, plan.backends[0])
+    return out
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     import aiolm
 
@@ -185,10 +290,29 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--backend", default=None)
     parser.add_argument("--kind", default=None)
+    parser.add_argument("--json-decode", action="store_true",
+                        help="profile the json-decode workload, jump-forward on and off")
     args = parser.parse_args()
-    result = asyncio.run(main_async(args))
     path = Path(args.out)
     path.mkdir(parents=True, exist_ok=True)
+    if args.json_decode:
+        result = asyncio.run(json_decode_main(args))
+        (path / "profile-json-decode.json").write_text(json.dumps(result, indent=1))
+        for key in ("jump_forward_on", "jump_forward_off"):
+            rec = result[key]
+            gpu = rec.get("gpu", {})
+            print(f"{key}: {rec['programs_per_s']:.1f} programs/s, {rec['passes']} passes, "
+                  f"{rec['wall_ms_per_pass']:.1f} ms/pass, gpu busy "
+                  f"{gpu.get('gpu_busy_us_per_step', 0) / 1e3:.1f} ms/pass, idle "
+                  f"{gpu.get('gpu_idle_us_per_step', 0) / 1e3:.1f} ms/pass, engine host own "
+                  f"{rec['engine_thread']['own_us_per_pass_total'] / 1e3:.1f} ms/pass, event loop "
+                  f"{rec['event_loop']['own_us_per_pass_total'] / 1e3:.1f} ms/pass")
+            for part in ("engine_thread", "event_loop"):
+                for row in rec[part]["by_own_time"][:10]:
+                    print(f"   {part} {row['own_us_per_pass']:9.0f} us {row['calls_per_pass']:8.1f}x "
+                          f"{row['function'][:80]}")
+        return
+    result = asyncio.run(main_async(args))
     (path / "profile.json").write_text(json.dumps(result, indent=1))
     for key in ("decode_bs1", "decode_bs64"):
         rec = result[key]

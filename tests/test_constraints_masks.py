@@ -76,6 +76,30 @@ def test_model_vocabulary_wider_than_the_tokenizer(tok):
     assert len(allowed) > 0 and allowed.max() < len(tok)
 
 
+@pytest.mark.parametrize("threads", [1, 2], ids=["in-turn", "thread-pool"])
+def test_rows_narrower_than_the_logits_are_computed_together(tok, threads):
+    # A model whose logits outnumber its tokenizer's tokens (Qwen's, the bench's dummy
+    # tokenizer): llguidance writes only the tokenizer's words, batched all the same.
+    gb = GrammarBackend(len(tok) + 200, num_threads=threads)
+    matchers = [
+        Regex(r"[0-9]{2,5}").compile(tok),
+        JSONSchema({"type": "object", "properties": {"age": {"type": "integer"}}}).compile(tok),
+        Regex("[a-c]+").compile(tok),
+        EvenTokens(),
+    ]
+    for t in tok.encode("1"):
+        assert matchers[0].advance(t)
+    _ll, width = matchers[1].llguidance_mask(gb.words)  # (a regex copies masks kept by state)
+    assert width == (len(tok) + 31) // 32 < gb.words
+    rows = [4, 0, 2, 3]
+    mask = gb.fill_bitmask(list(zip(rows, matchers, strict=True)), batch_size=5)
+    for row, matcher in zip(rows, matchers, strict=True):
+        assert torch.equal(mask[row], single_fill(matcher.fork(), gb.words))
+    for row in rows[:3]:
+        assert mask[row, width:].eq(0).all() and mask[row, :width].ne(0).any()
+    assert mask[1].eq(-1).all()  # an unconstrained row allows every logit
+
+
 def test_bitmask_for_requests_without_matchers_is_none(tok):
     class R:
         matcher = None

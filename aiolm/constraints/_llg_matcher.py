@@ -95,11 +95,12 @@ class LLGMatcher(Matcher):
         return self._refused
 
     def llguidance_mask(self, words: int) -> Any | None:
-        if words != self.mask_words or self.only_token() is not None:
+        need = self.mask_words
+        if words < need or self.only_token() is not None:
             return None
         if self._states[-1] is not None:  # kept per state: fill_next_token_mask copies it
             return None
-        return self._ll
+        return self._ll if words == need else (self._ll, need)
 
     # -- the Matcher protocol ---------------------------------------------------------------
 

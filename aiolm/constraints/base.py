@@ -107,7 +107,11 @@ class Matcher(abc.ABC):
         """An ``llguidance.LLMatcher`` whose next mask, in rows of ``words`` int32 words, is
         exactly this matcher's, so the engine computes it with the batch's other llguidance
         rows in llguidance's thread pool; None (the default) to be asked for
-        :meth:`fill_next_token_mask` instead. The engine only reads the returned matcher."""
+        :meth:`fill_next_token_mask` instead. The engine only reads the returned matcher.
+
+        When llguidance's tokenizer has fewer tokens than the model has logits (its mask is
+        ``width < words`` words), return ``(matcher, width)``: the engine computes the
+        ``width`` words and disallows the tokens past them."""
         return None
 
     def accepts_eos(self) -> bool:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import numpy as np
 import torch
 
 from ..constraints._llg_matcher import set_single_token
@@ -110,31 +111,48 @@ class GrammarBackend:
         # torch row costs a microsecond per constrained request per step.
         rows = bitmask.numpy()
         rows.fill(-1)
-        parallel: list[tuple[Any, int]] = []
-        pooled: list[Matcher] = []
+        parallel: list[tuple[Any, int]] = []  # full-width rows, written in place
+        narrow: dict[int, list[tuple[Any, int]]] = {}  # by llguidance's narrower width
+        pooled: list[tuple[Any, Matcher]] = []
         for row, matcher in entries:
             token = matcher.only_token()
             if token is not None:
                 set_single_token(rows[row], token)
                 continue
             ll = matcher.llguidance_mask(self.words)
-            if ll is not None:
-                parallel.append((ll, row))
-                pooled.append(matcher)
-            else:
+            if ll is None:
                 matcher.fill_next_token_mask(bitmask[row])
-        if len(parallel) > 1 and self._parallel:
-            self._executor_().unsafe_compute_mask_ptr(
-                parallel, bitmask.data_ptr(), self.words * 4, batch_size
-            )
-        else:
-            base, row_bytes = bitmask.data_ptr(), self.words * 4
-            for ll, row in parallel:  # each call releases the GIL while it computes
-                ll.unsafe_compute_mask_ptr(base + row * row_bytes, row_bytes)
-        for (ll, _), matcher in zip(parallel, pooled, strict=True):
+                continue
+            if isinstance(ll, tuple):
+                ll, width = ll
+                narrow.setdefault(width, []).append((ll, row))
+            else:
+                parallel.append((ll, row))
+            pooled.append((ll, matcher))
+        self._compute(parallel, bitmask.data_ptr(), self.words, batch_size)
+        for width, group in narrow.items():
+            # llguidance writes exactly its tokenizer's width: compute the group's rows
+            # packed, then place them; the tokens past the tokenizer's are never allowed.
+            packed = np.empty((len(group), width), dtype=np.int32)
+            self._compute([(ll, i) for i, (ll, _) in enumerate(group)], packed.ctypes.data,
+                          width, len(group))
+            index = [row for _, row in group]
+            rows[index, :width] = packed
+            rows[index, width:] = 0
+        for ll, matcher in pooled:
             if ll.is_error():  # its row is not a mask: the request must end
                 raise ConstraintError(f"the constraint failed: {matcher.error()}")
         return bitmask
+
+    def _compute(self, pairs: Sequence[tuple[Any, int]], base: int, words: int,
+                 batch_size: int) -> None:
+        """llguidance's masks of ``pairs`` (matcher, row) into rows of ``words`` words at
+        address ``base``: in its thread pool when there are several and the cores for it."""
+        if len(pairs) > 1 and self._parallel:
+            self._executor_().unsafe_compute_mask_ptr(list(pairs), base, words * 4, batch_size)
+            return
+        for ll, row in pairs:  # each call releases the GIL while it computes
+            ll.unsafe_compute_mask_ptr(base + row * words * 4, words * 4)
 
     def _executor_(self) -> Any:
         if self._executor is None:
