@@ -151,6 +151,10 @@ def extend_cases(seed):
         ([0, 0], [1000, 37]),                                   # plain prefill, two lengths
         ([1500, 3, 0, 200], [1, 300, 129, 64]),                 # prefixes + mixed extends
         ([rnd.randrange(0, 600) for _ in range(12)], [rnd.randrange(1, 200) for _ in range(12)]),
+        # At most 64 new tokens a request: the grouped kernel (a KV head's query heads
+        # together); jump-forward's shape: long cached prefixes, a few forced tokens each.
+        ([1500, 3, 0, 700, 64], [1, 17, 64, 5, 33]),
+        ([rnd.randrange(500, 900) for _ in range(48)], [rnd.randrange(1, 21) for _ in range(48)]),
     ]
 
 

@@ -34,6 +34,51 @@ def test_graph_buckets_reject_an_empty_maximum():
         graph_batch_sizes(0)
 
 
+def test_extend_buckets_double_up_to_the_limit():
+    from aiolm.engine.cuda_graph import extend_token_buckets
+
+    assert extend_token_buckets(512) == [32, 64, 128, 256, 512]
+    assert extend_token_buckets(300) == [32, 64, 128, 256, 300]
+    assert extend_token_buckets(32) == [32]
+    assert extend_token_buckets(31) == extend_token_buckets(0) == []
+
+
+def _extend_batch(lens, *, mode="extend", logits="last", images=False):
+    import torch
+
+    from aiolm.engine.forward_batch import ForwardBatch, ForwardMode
+
+    n = sum(lens)
+    return ForwardBatch(
+        mode=ForwardMode(mode), batch_size=len(lens), input_ids=torch.zeros(n, dtype=torch.int64),
+        positions=torch.zeros(n, dtype=torch.int64), out_cache_loc=torch.zeros(n, dtype=torch.int64),
+        req_pool_indices=torch.zeros(len(lens), dtype=torch.int64),
+        seq_lens=torch.ones(len(lens), dtype=torch.int32),
+        extend_prefix_lens=torch.zeros(len(lens), dtype=torch.int32),
+        extend_seq_lens=torch.tensor(lens, dtype=torch.int32), extend_seq_lens_cpu=list(lens),
+        return_logits=logits, mm_embeds=torch.zeros(1, 4) if images else None,
+        mm_rows=torch.zeros(1, dtype=torch.int64) if images else None,
+    )
+
+
+def test_which_extend_passes_replay_a_captured_graph():
+    """Text only, the last logits, at most 64 new tokens a request, within the largest
+    bucket: replayed; anything else runs eagerly (the runner's own check, no GPU)."""
+    from aiolm.engine.cuda_graph import EXTEND_GRAPH_MAX_NEW, CudaGraphRunner, extend_token_buckets
+
+    runner = types.SimpleNamespace(extend_buckets=extend_token_buckets(512), max_batch_size=256)
+    takes = lambda batch: CudaGraphRunner.can_run_extend(runner, batch)  # noqa: E731
+    assert takes(_extend_batch([1] * 200 + [12, 30]))            # riders and forced tokens
+    assert takes(_extend_batch([EXTEND_GRAPH_MAX_NEW] * 8))       # exactly 512 tokens
+    assert not takes(_extend_batch([EXTEND_GRAPH_MAX_NEW + 1]))   # a request over the bound
+    assert not takes(_extend_batch([60] * 9))                     # over the largest bucket
+    assert not takes(_extend_batch([1] * 300))                    # more requests than captured
+    assert not takes(_extend_batch([5, 5], logits="all"))         # scoring: every row's logits
+    assert not takes(_extend_batch([5, 5], images=True))          # an image's embeddings
+    off = types.SimpleNamespace(extend_buckets=[], max_batch_size=256)
+    assert not CudaGraphRunner.can_run_extend(off, _extend_batch([5]))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("flashinfer") is not None,
                     reason="flashinfer is installed here")
 def test_flashinfer_backend_without_flashinfer_says_how_to_get_it():

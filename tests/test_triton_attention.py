@@ -105,12 +105,20 @@ def rel_err(out, ref):
 GEOMETRIES = [(4, 2, 16), (6, 2, 24)]  # (q heads, kv heads, head dim): GQA 2, GQA 3 at 24
 
 
+# Mixed lengths: no prefix, a prefix shorter than a tile, one token, several tiles. At most
+# 64 new tokens a request go to the grouped kernel (a KV head's query heads together);
+# the longer set to the per-head kernel.
+EXTEND_LENS = {"short": [5, 1, 17, 40], "long": [5, 1, 17, 70]}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("heads", GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
-def test_extend_attends_to_cached_prefix_and_causally_to_new_tokens(backend_cls, dtype, heads):
+@pytest.mark.parametrize("heads", [*GEOMETRIES, (8, 2, 16), (4, 4, 16)],
+                         ids=lambda g: "x".join(map(str, g)))
+@pytest.mark.parametrize("lens", list(EXTEND_LENS))
+def test_extend_attends_to_cached_prefix_and_causally_to_new_tokens(backend_cls, dtype, heads,
+                                                                    lens):
     hq, hkv, d = heads
-    # Mixed lengths: no prefix, a prefix shorter than a tile, one token, several tiles.
-    batch, q, k, v = make_batch(prefix_lens=[0, 7, 20, 33], extend_lens=[5, 1, 17, 40],
+    batch, q, k, v = make_batch(prefix_lens=[0, 7, 20, 33], extend_lens=EXTEND_LENS[lens],
                                 num_q_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype,
                                 seed=100 * hq + d + DTYPES.index(dtype))
     geometry = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5, device="cpu")

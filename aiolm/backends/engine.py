@@ -112,6 +112,7 @@ class Engine(EngineRequests, Backend):
                  max_total_tokens: int | None = _DEFAULT.max_total_tokens,
                  mem_fraction: float = _DEFAULT.mem_fraction,
                  cuda_graphs: bool = _DEFAULT.cuda_graphs,
+                 extend_graph_tokens: int = _DEFAULT.extend_graph_tokens,
                  load_format: str = _DEFAULT.load_format,
                  quantization: str | None = _DEFAULT.quantization,
                  tp_size: int = _DEFAULT.tp_size, seed: int = _DEFAULT.seed,

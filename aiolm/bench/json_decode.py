@@ -92,5 +92,5 @@ WORKLOAD = Workload(
     program=extract_record,
     make_inputs=make_inputs,
     shape=SHAPES.__getitem__,
-    ablations=("jump-forward", "overlap", "mix-decode"),
+    ablations=("jump-forward", "overlap", "mix-decode", "extend-graphs"),
 )

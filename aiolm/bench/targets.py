@@ -28,6 +28,7 @@ ABLATION_ENGINE_KWARGS: dict[str, dict[str, Any]] = {
     "jump-forward": {"jump_forward": False},
     "overlap": {"overlap": False},
     "mix-decode": {"mix_decode": False},
+    "extend-graphs": {"extend_graph_tokens": 0},
     # Meaningful only where the engine reads shared prefixes once (--shared-prefix-min-tokens).
     "shared-prefix": {"shared_prefix_min_tokens": 0},
 }
@@ -161,7 +162,7 @@ class EngineTarget(Target):
         }
 
     def supports(self, ablation: str) -> bool:
-        if ablation == "overlap":  # the loop overlaps only with CUDA: on the CPU it is moot
+        if ablation in ("overlap", "extend-graphs"):  # CUDA only: moot on the CPU
             import torch
 
             return self.device.startswith("cuda") or (self.device == "auto"

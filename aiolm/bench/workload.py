@@ -27,6 +27,7 @@ ABLATIONS: dict[str, str] = {
     "spec": "spec-off",
     "overlap": "overlap-off",
     "mix-decode": "mix-decode-off",
+    "extend-graphs": "extend-graphs-off",
     "shared-prefix": "shared-prefix-off",
 }
 

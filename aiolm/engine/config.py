@@ -240,6 +240,12 @@ class EngineConfig:
     cuda_graphs: bool = _option(
         True, "replay decode steps from CUDA graphs captured at bucketed batch sizes (CUDA "
         "only)", validator=_check_bool)
+    extend_graph_tokens: int = _option(
+        512, "small extend passes (jump-forward's forced tokens and the decode steps riding "
+        "with them, short appends) of at most this many tokens, none over 64 a request, "
+        "replay from CUDA graphs captured at 32, 64, 128, ... tokens up to it (with "
+        "cuda_graphs, the triton and hybrid backends, one device); 0: they run eagerly",
+        validator=_int_at_least(0))
     load_format: str = _option(
         "auto", "'auto' (a Hugging Face directory or a .gguf file, by what the path is) or "
         "'dummy' (random weights of a named config, for tests and benchmarks)",

@@ -19,6 +19,18 @@ requests). A batch with groups replays that graph: its groups are copied in, the
 groups are emptied (length 0: their programs return at once) and the requests in no group
 get a shared length of 0.
 
+Small extend passes (``extend_graph_tokens``, default 512): an extend pass is captured once
+per token bucket (32, 64, 128, ... up to the limit), for as many requests as the bucket has
+tokens (at most ``max_running_requests``). The passes jump-forward makes — a few forced
+tokens for some requests, one token for each decode request riding along — launch as many
+kernels as a decode step and, eager, cost the host several times the device's time. A
+batch replays the smallest bucket its tokens fit when it has no images and wants the last
+logits only, and no request brings more than :data:`EXTEND_GRAPH_MAX_NEW` tokens (the
+captured grid's bound). Padding tokens write their K/V to slot 0 and belong to no request;
+padding requests have no new tokens (their attention programs return at once) and their
+logits rows are dropped. Attention is Triton's extend kernel (the hybrid backend's
+flashinfer plans on the host, which a graph cannot replay). Not under tensor parallelism.
+
 Tensor parallelism: every rank builds its own runner, which captures the same buckets in
 the same order, so the warm-up passes' collectives pair up and the all-reduces and the
 all-gather of the sharded layers are captured inside the graphs (NCCL supports capture);
@@ -40,7 +52,23 @@ from .shared_prefix import PrefixGroups
 if TYPE_CHECKING:
     from .runner import ModelRunner
 
-__all__ = ["CudaGraphRunner", "graph_batch_sizes"]
+__all__ = ["EXTEND_GRAPH_MAX_NEW", "CudaGraphRunner", "extend_token_buckets", "graph_batch_sizes"]
+
+#: The most new tokens one request may bring to an extend pass replayed from a graph.
+EXTEND_GRAPH_MAX_NEW = 64
+
+
+def extend_token_buckets(max_tokens: int) -> list[int]:
+    """The token counts extend passes are captured at: 32, 64, 128, ... (doubling) up to
+    and including ``max_tokens`` (none when it is below 32)."""
+    sizes = []
+    size = 32
+    while size < max_tokens:
+        sizes.append(size)
+        size *= 2
+    if max_tokens >= 32:
+        sizes.append(max_tokens)
+    return sizes
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -89,6 +117,24 @@ class CudaGraphRunner:
         tp = runner.tp
         self.capture_error_mode = ("thread_local" if tp is not None and tp.size > 1
                                    else "global")
+        # Small extend passes, keyed by their token bucket (its batch: as many requests).
+        single = tp is None or tp.size == 1
+        wanted = runner.config.extend_graph_tokens if single else 0
+        self.extend_buckets = (extend_token_buckets(wanted)
+                               if self.attn.supports_extend_graph else [])
+        tokens = self.extend_buckets[-1] if self.extend_buckets else 1
+        reqs = min(tokens, n)
+        self.ext_input_ids = torch.zeros(tokens, dtype=torch.int64, device=dev)
+        self.ext_positions = torch.zeros(tokens, dtype=torch.int64, device=dev)
+        self.ext_out_cache_loc = torch.zeros(tokens, dtype=torch.int64, device=dev)
+        self.ext_req_pool_indices = torch.zeros(reqs, dtype=torch.int64, device=dev)
+        self.ext_seq_lens = torch.ones(reqs, dtype=torch.int32, device=dev)
+        self.ext_prefix_lens = torch.zeros(reqs, dtype=torch.int32, device=dev)
+        self.ext_lens = torch.zeros(reqs, dtype=torch.int32, device=dev)
+        self.extend_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.extend_batches: dict[int, ForwardBatch] = {}
+        self.extend_outputs: dict[int, torch.Tensor] = {}
+        self.extend_replays = 0
         self.attn.init_cuda_graph_state(n, runner.context_len)
         self._capture_all()
 
@@ -107,6 +153,28 @@ class CudaGraphRunner:
             prefix_groups=groups,
         )
 
+    def _extend_batch(self, tokens: int) -> ForwardBatch:
+        """The static batch of the ``tokens`` bucket: as many requests (fewer when
+        ``max_running_requests`` is lower). For the warm-up and the capture, request 0
+        brings :data:`EXTEND_GRAPH_MAX_NEW` tokens (or all of them) at position 0 of row 0
+        and the others none; the host lengths size the grid for the bound."""
+        bs = min(tokens, self.max_batch_size)
+        first = min(tokens, EXTEND_GRAPH_MAX_NEW)
+        self.ext_lens[:bs].zero_()
+        self.ext_lens[0] = first
+        self.ext_seq_lens[:bs].fill_(1)
+        self.ext_seq_lens[0] = first
+        return ForwardBatch(
+            mode=ForwardMode.EXTEND, batch_size=bs,
+            input_ids=self.ext_input_ids[:tokens], positions=self.ext_positions[:tokens],
+            out_cache_loc=self.ext_out_cache_loc[:tokens],
+            req_pool_indices=self.ext_req_pool_indices[:bs], seq_lens=self.ext_seq_lens[:bs],
+            extend_prefix_lens=self.ext_prefix_lens[:bs], extend_seq_lens=self.ext_lens[:bs],
+            seq_lens_cpu=[first] + [1] * (bs - 1), extend_prefix_lens_cpu=[0] * bs,
+            extend_seq_lens_cpu=[EXTEND_GRAPH_MAX_NEW] + [0] * (bs - 1),
+            kv_pool=self.kv_pool, req_to_token_pool=self.req_to_token_pool,
+        )
+
     def _variants(self) -> list[tuple[int, bool]]:
         """What is captured, largest first (the pool fits all later ones)."""
         out = []
@@ -120,8 +188,12 @@ class CudaGraphRunner:
     def _capture_all(self) -> None:
         pool: Any = None
         stream = torch.cuda.Stream(self.device)
-        for key in self._variants():
-            batch = self._static_batch(*key)
+        # The largest extend first: its activations are the largest, the pool fits the rest.
+        captures: list[tuple[str, Any, ForwardBatch]] = [
+            ("extend", tokens, self._extend_batch(tokens))
+            for tokens in reversed(self.extend_buckets)]
+        captures += [("decode", key, self._static_batch(*key)) for key in self._variants()]
+        for kind, key, batch in captures:
             self.attn.init_forward_for_capture(batch)
             # Warm up on the capture stream: Triton/flashinfer compile, cuBLAS picks kernels.
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -135,10 +207,19 @@ class CudaGraphRunner:
                 out = self.model(batch)
             if pool is None:
                 pool = graph.pool()
-            self.graphs[key] = graph
-            self.batches[key] = batch
-            self.outputs[key] = out
+            if kind == "extend":
+                self.extend_graphs[key] = graph
+                self.extend_batches[key] = batch
+                self.extend_outputs[key] = out
+            else:
+                self.graphs[key] = graph
+                self.batches[key] = batch
+                self.outputs[key] = out
         torch.cuda.synchronize(self.device)
+
+    def all_graphs(self) -> list[torch.cuda.CUDAGraph]:
+        """Every captured graph (decode and extend)."""
+        return [*self.graphs.values(), *self.extend_graphs.values()]
 
     def can_run(self, batch: ForwardBatch) -> bool:
         """Whether ``batch`` is a decode batch no larger than the largest bucket (with
@@ -148,6 +229,52 @@ class CudaGraphRunner:
             return False
         return (batch.is_decode and 0 < batch.batch_size <= self.max_batch_size
                 and batch.return_logits == "last")
+
+    def can_run_extend(self, batch: ForwardBatch) -> bool:
+        """Whether ``batch`` is an extend pass a captured bucket takes: text only, the last
+        logits, its tokens within the largest bucket, no request over
+        :data:`EXTEND_GRAPH_MAX_NEW` new tokens."""
+        if not self.extend_buckets or batch.is_decode or batch.return_logits != "last":
+            return False
+        if (batch.mm_embeds is not None or batch.mrope_positions is not None
+                or batch.prefix_groups is not None):
+            return False
+        tokens = batch.num_tokens
+        return (0 < tokens <= self.extend_buckets[-1]
+                and batch.batch_size <= min(tokens, self.max_batch_size)
+                and max(batch.extend_seq_lens_cpu) <= EXTEND_GRAPH_MAX_NEW)
+
+    def replay_extend(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run the extend ``batch`` through its token bucket's graph; returns the logits of
+        its requests' last tokens ``[bs, vocab]``."""
+        tokens, bs = batch.num_tokens, batch.batch_size
+        padded = self.extend_buckets[bisect.bisect_left(self.extend_buckets, tokens)]
+        static = self.extend_batches[padded]
+        reqs = static.batch_size
+        if batch.extend_seq_lens is None or batch.extend_prefix_lens is None:
+            raise RuntimeError("ForwardBatch: an extend batch needs extend_seq_lens/prefix_lens")
+        self.ext_input_ids[:tokens].copy_(batch.input_ids)
+        self.ext_positions[:tokens].copy_(batch.positions)
+        self.ext_out_cache_loc[:tokens].copy_(batch.out_cache_loc)
+        self.ext_req_pool_indices[:bs].copy_(batch.req_pool_indices)
+        self.ext_seq_lens[:bs].copy_(batch.seq_lens)
+        self.ext_prefix_lens[:bs].copy_(batch.extend_prefix_lens)
+        self.ext_lens[:bs].copy_(batch.extend_seq_lens)
+        if padded > tokens:
+            # Padding tokens: token 0 at position 0, K/V to slot 0, in no request.
+            self.ext_input_ids[tokens:padded].zero_()
+            self.ext_positions[tokens:padded].zero_()
+            self.ext_out_cache_loc[tokens:padded].zero_()
+        if reqs > bs:
+            # Padding requests: no new tokens (their logits rows are dropped).
+            self.ext_req_pool_indices[bs:reqs].zero_()
+            self.ext_seq_lens[bs:reqs].fill_(1)
+            self.ext_prefix_lens[bs:reqs].zero_()
+            self.ext_lens[bs:reqs].zero_()
+        self.attn.init_forward_for_replay(static)
+        self.extend_graphs[padded].replay()
+        self.extend_replays += 1
+        return self.extend_outputs[padded][:bs]
 
     def bucket(self, batch_size: int) -> int:
         """The captured batch size ``batch_size`` is padded to."""

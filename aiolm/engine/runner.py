@@ -409,8 +409,11 @@ class ModelRunner(StepIO):
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         """The model's logits for ``fb``: replayed from a CUDA graph, compiled, or eager."""
-        if fb.is_decode and self.graph_runner is not None and self.graph_runner.can_run(fb):
-            return self.graph_runner.replay(fb)
+        graphs = self.graph_runner
+        if graphs is not None and fb.is_decode and graphs.can_run(fb):
+            return graphs.replay(fb)
+        if graphs is not None and not fb.is_decode and graphs.can_run_extend(fb):
+            return graphs.replay_extend(fb)
         if fb.prefix_groups is not None:
             return self.model(fb)   # eager: the compiled CPU step does not take groups
         if fb.is_decode and self.compiled_decode is not None:
@@ -443,10 +446,11 @@ class ModelRunner(StepIO):
         and destroy waited for them forever (nvidia-h200-x2)."""
         if self.graph_runner is None:
             return
-        graphs, self.graph_runner = self.graph_runner.graphs, None
-        for graph in graphs.values():
+        runner, self.graph_runner = self.graph_runner, None
+        for graph in runner.all_graphs():
             graph.reset()
-        graphs.clear()
+        runner.graphs.clear()
+        runner.extend_graphs.clear()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -29,6 +29,9 @@ class AttentionBackend(abc.ABC):
 
     name: str = ""
     supports_cuda_graph: bool = False
+    #: Whether small extend passes can be captured too (their kernels read every length
+    #: from device tensors; the grid is sized by a bound on each request's new tokens).
+    supports_extend_graph: bool = False
     #: Whether decode reads a shared prefix once per group (``ForwardBatch.prefix_groups``).
     supports_shared_prefix: bool = False
 

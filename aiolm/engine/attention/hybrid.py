@@ -5,11 +5,13 @@ On the first GPU run (Llama-3-8B shape, H100) flashinfer's prefill was faster th
 extend kernel (prefill, few-shot) while our decode kernel, captured in CUDA graphs, was
 faster at decode and throughput. Both read the pool through the same slot table, so each
 pass can simply go to the better one: ``init_forward`` picks the backend by the batch's
-mode and forwards to it; the CUDA-graph hooks (decode only) are Triton's.
+mode and forwards to it; the CUDA-graph hooks (decode passes, and the small extends
+the graph runner captures) are Triton's.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 from .base import AttentionBackend
@@ -33,6 +35,7 @@ class HybridAttention(AttentionBackend):
 
     name = "hybrid"
     supports_cuda_graph = True
+    supports_extend_graph = True    # captured extends are Triton's
     supports_shared_prefix = True   # decode is Triton's
 
     def __init__(self, *, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float,
@@ -44,6 +47,8 @@ class HybridAttention(AttentionBackend):
         self.extend_backend = FlashInferAttention(**geometry)
         self.decode_backend = TritonAttention(**geometry)
         self._active: AttentionBackend | None = None
+        # Extend batches captured in CUDA graphs: Triton's (flashinfer plans on the host).
+        self._graph_extends: weakref.WeakSet[ForwardBatch] = weakref.WeakSet()
 
     def max_kv_slots(self, num_kv_heads: int, head_dim: int) -> int:
         """The tighter of the two backends' limits (flashinfer's 32-bit offsets)."""
@@ -52,7 +57,8 @@ class HybridAttention(AttentionBackend):
 
     def init_forward(self, batch: ForwardBatch) -> None:
         """Prepare the pass on the backend that runs it (flashinfer plans, Triton splits)."""
-        self._active = self.decode_backend if batch.is_decode else self.extend_backend
+        triton = batch.is_decode or batch in self._graph_extends
+        self._active = self.decode_backend if triton else self.extend_backend
         self._active.init_forward(batch)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
@@ -62,13 +68,16 @@ class HybridAttention(AttentionBackend):
             raise RuntimeError("HybridAttention.init_forward was not called for this batch")
         return self._active.forward(q, k, v, layer_id, batch)
 
-    # CUDA graphs capture decode passes only: they are Triton's.
+    # CUDA graphs capture decode passes and small extends: both are Triton's.
     def init_cuda_graph_state(self, max_batch_size: int, max_context_len: int) -> None:
         """Triton's decode scratch for the largest captured batch."""
         self.decode_backend.init_cuda_graph_state(max_batch_size, max_context_len)
 
     def init_forward_for_capture(self, batch: ForwardBatch) -> None:
-        """Fix Triton's decode split count for ``batch``'s size."""
+        """Fix Triton's decode split count for ``batch``'s size (an extend batch: route it
+        to Triton, whose extend kernel reads its lengths on the device)."""
+        if not batch.is_decode:
+            self._graph_extends.add(batch)
         self.decode_backend.init_forward_for_capture(batch)
 
     def init_forward_for_replay(self, batch: ForwardBatch) -> None:

@@ -52,6 +52,7 @@ class TritonAttention(AttentionBackend):
 
     name = "triton"
     supports_cuda_graph = True
+    supports_extend_graph = True
     supports_shared_prefix = True
 
     def __init__(self, *, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float,
@@ -80,6 +81,8 @@ class TritonAttention(AttentionBackend):
         )
         self._graph_mid_o: torch.Tensor | None = None
         self._graph_mid_lse: torch.Tensor | None = None
+        # Captured extend batches: their query offsets are computed inside the graph.
+        self._graph_extends: weakref.WeakSet[ForwardBatch] = weakref.WeakSet()
 
     # ----------------------------------------------------------------- per pass
 
@@ -173,7 +176,11 @@ class TritonAttention(AttentionBackend):
         if self._graph_mid_o is None or self._graph_mid_lse is None:
             raise RuntimeError("call init_cuda_graph_state before capturing")
         if not batch.is_decode:
-            raise ValueError("batch: only decode batches are captured")
+            # An extend pass: init_forward, inside the captured region, computes the query
+            # offsets from the static lengths on the device; the grid is sized by the
+            # batch's host lengths (their longest: the bound on any request's new tokens).
+            self._graph_extends.add(batch)
+            return
         splits = tk.plan_decode_splits(batch.batch_size, self._kv_programs, None,
                                        self._num_sms, MAX_DECODE_SPLITS,
                                        self.cfg.decode_min_chunk)
@@ -191,5 +198,5 @@ class TritonAttention(AttentionBackend):
 
     def init_forward_for_replay(self, batch: ForwardBatch) -> None:
         """Nothing to update: the captured kernels read lengths from the static buffers."""
-        if batch not in self._graph_meta:
+        if batch not in self._graph_meta and batch not in self._graph_extends:
             raise RuntimeError("batch was not captured (init_forward_for_capture)")

@@ -54,7 +54,8 @@ class KernelConfig:
     def __init__(self, *, extend_block_m: int, extend_block_n: int, extend_warps: int,
                  extend_stages: int, decode_block_n: int, decode_warps: int,
                  decode_stages: int, decode_min_chunk: int, dot_f32: bool,
-                 decode_heads: int = 1) -> None:
+                 decode_heads: int = 1, extend_grouped_max: int = 64,
+                 extend_grouped_rows: int = 64, extend_grouped_warps: int = 4) -> None:
         self.extend_block_m = extend_block_m
         self.extend_block_n = extend_block_n
         self.extend_warps = extend_warps
@@ -65,6 +66,11 @@ class KernelConfig:
         self.decode_min_chunk = decode_min_chunk
         # KV heads one decode program reads (each token's K/V of all of them in one row).
         self.decode_heads = decode_heads
+        # Extends of at most this many new tokens a request go to the grouped kernel: rows
+        # of (token, query head of one KV head), this many rows a program (0: never).
+        self.extend_grouped_max = extend_grouped_max
+        self.extend_grouped_rows = extend_grouped_rows
+        self.extend_grouped_warps = extend_grouped_warps
         # NOTE: the CPU interpreter multiplies bf16 tiles wrongly (triton 3.9, seen 2026-11):
         # there, tiles are upcast to float32 before ``tl.dot``. GPUs multiply the inputs as is.
         self.dot_f32 = dot_f32
@@ -76,7 +82,8 @@ def kernel_config(device: torch.device, head_dim: int,
     if device.type != "cuda":
         return KernelConfig(extend_block_m=16, extend_block_n=16, extend_warps=1,
                             extend_stages=1, decode_block_n=16, decode_warps=1,
-                            decode_stages=1, decode_min_chunk=16, dot_f32=True)
+                            decode_stages=1, decode_min_chunk=16, dot_f32=True,
+                            extend_grouped_rows=16, extend_grouped_warps=1)
     # float32 tiles take twice the registers and shared memory: halve them.
     wide = head_dim > 128 or dtype == torch.float32
     # AIOLM_DECODE_HEADS=N: decode programs read N KV heads each (an experiment's override;
@@ -98,6 +105,7 @@ def kernel_config(device: torch.device, head_dim: int,
         decode_min_chunk=64,
         dot_f32=False,
         decode_heads=int(heads) if heads else 1,
+        extend_grouped_rows=32 if wide else 64,
     )
 
 
@@ -252,6 +260,72 @@ def _extend_kernel(Q, Out, KBuf, VBuf, ReqToToken, ReqPoolIdx, PrefixLens, Exten
              out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
+@triton.jit
+def _extend_grouped_kernel(Q, Out, KBuf, VBuf, ReqToToken, ReqPoolIdx, PrefixLens, ExtendLens,
+                           QStart, stride_qt, stride_qh, stride_ot, stride_oh,
+                           stride_kbs, stride_kbh, stride_vbs, stride_vbh, stride_r2t,
+                           qk_scale,
+                           KV_GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+    # Short extends (jump-forward's forced tokens, decode steps riding along): a program
+    # takes BLOCK_T new tokens of one request with all KV_GROUP query heads of one KV head,
+    # row r = token r // GROUP_P, head r % GROUP_P, so each K/V tile it reads serves the
+    # whole group (the per-head kernel reads it once per query head).
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    t_block = tl.program_id(2)
+    ext_len = tl.load(ExtendLens + b)
+    if t_block * BLOCK_T >= ext_len:
+        return
+    prefix = tl.load(PrefixLens + b)
+    q_start = tl.load(QStart + b)
+    row = tl.load(ReqPoolIdx + b).to(tl.int64)
+
+    offs_r = tl.arange(0, BLOCK_T * GROUP_P)
+    offs_t = t_block * BLOCK_T + offs_r // GROUP_P
+    in_group = offs_r % GROUP_P
+    heads = kvh * KV_GROUP + in_group
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    r_mask = (offs_t < ext_len) & (in_group < KV_GROUP)
+    d_mask = offs_d < HEAD_DIM
+    q_rows = (q_start + offs_t).to(tl.int64)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+    q_pos = prefix + offs_t
+
+    slot_row = ReqToToken + row * stride_r2t
+    kv_end = tl.minimum(prefix + (t_block + 1) * BLOCK_T, prefix + ext_len)
+    full_end = prefix + t_block * BLOCK_T   # keys every token of the block sees
+    acc, m_i, l_i = _attend_tiles(
+        q, KBuf, VBuf, slot_row, kvh * stride_kbh + offs_d, kvh * stride_vbh + offs_d, d_mask,
+        0, full_end, stride_kbs, stride_vbs, qk_scale, ROWS=BLOCK_T * GROUP_P, COLS=BLOCK_D,
+        BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
+
+    for start in range(full_end, kv_end, BLOCK_N):
+        cols = start + offs_n
+        n_mask = cols < kv_end
+        slots = tl.load(slot_row + cols, mask=n_mask, other=0).to(tl.int64)
+        k = tl.load(KBuf + slots[None, :] * stride_kbs + kvh * stride_kbh + offs_d[:, None],
+                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        qk = _dot(q, k, DOT_F32) * qk_scale
+        visible = n_mask[None, :] & (cols[None, :] <= q_pos[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VBuf + slots[:, None] * stride_vbs + kvh * stride_vbh + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(Out + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
+
+
 def extend_attention(q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tensor,
                      v_buf: torch.Tensor, req_to_token: torch.Tensor,
                      req_pool_indices: torch.Tensor, prefix_lens: torch.Tensor,
@@ -267,6 +341,23 @@ def extend_attention(q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tensor,
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     group = num_q_heads // k_buf.shape[1]
     if bs == 0 or max_extend_len == 0:
+        return
+    if max_extend_len <= cfg.extend_grouped_max:
+        # Few new tokens a request: their query heads grouped by KV head, so the prefix's
+        # K/V is read once per KV head rather than once per query head.
+        group_p = triton.next_power_of_2(group)
+        block_t = max(1, cfg.extend_grouped_rows // group_p)
+        grid = (bs, k_buf.shape[1], triton.cdiv(max_extend_len, block_t))
+        _extend_grouped_kernel[grid](
+            q, o, k_buf, v_buf, req_to_token, req_pool_indices, prefix_lens, extend_lens,
+            q_start, q.stride(0), q.stride(1), o.stride(0), o.stride(1),
+            k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+            req_to_token.stride(0),
+            scale * LOG2E,
+            KV_GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim),
+            BLOCK_T=block_t, BLOCK_N=cfg.decode_block_n, DOT_F32=_dot_f32(cfg, k_buf),
+            num_warps=cfg.extend_grouped_warps, num_stages=cfg.decode_stages,
+        )
         return
     while True:
         grid = (bs, num_q_heads, triton.cdiv(max_extend_len, cfg.extend_block_m))
