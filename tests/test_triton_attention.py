@@ -380,6 +380,7 @@ def test_launchers_shrink_tiles_when_the_gpu_refuses_them(tk, monkeypatch):
     monkeypatch.setattr(tk, "_extend_kernel", RefuseOnce(tk._extend_kernel))
     cfg = tk.kernel_config(torch.device("cuda"), d)  # a GPU config: 2 stages to give up
     cfg.extend_block_m, cfg.extend_block_n, cfg.dot_f32 = 16, 16, True
+    cfg.extend_grouped_max = 0   # the per-head kernel, whose tiles shrink
     k_buf, v_buf = batch.kv_pool.get_kv(0)
     tk.store_kv(k, v, k_buf, v_buf, batch.out_cache_loc)
     out = torch.full_like(q, float("nan"))
