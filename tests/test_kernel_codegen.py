@@ -1,4 +1,4 @@
-"""The decode kernels compiled for an H100/H200 (sm_90) without a GPU: Triton's NVIDIA
+"""The attention kernels compiled for an H100/H200 (sm_90) without a GPU: Triton's NVIDIA
 backend runs on any machine, so the CPU suite checks what the GPU would run.
 
 Each kernel is compiled as a launch would specialize it (pointers and strides divisible by
@@ -27,8 +27,9 @@ _COMPILE = textwrap.dedent('''
     from triton.compiler import ASTSource
     from aiolm.engine.attention import triton_kernels as tk
 
-    POINTERS = {"Q": "*bf16", "KBuf": "*bf16", "VBuf": "*bf16", "ReqToToken": "*i32",
-                "ReqPoolIdx": "*i64", "SeqLens": "*i32", "PrefixLens": "*i32",
+    POINTERS = {"Q": "*bf16", "Out": "*bf16", "KBuf": "*bf16", "VBuf": "*bf16",
+                "ReqToToken": "*i32", "ReqPoolIdx": "*i64", "SeqLens": "*i32",
+                "PrefixLens": "*i32", "ExtendLens": "*i32", "QStart": "*i32",
                 "GroupRows": "*i32", "GroupLens": "*i32", "MidO": "*fp32", "MidLse": "*fp32"}
     out = {}
     for name, kernel, constexprs in json.loads(sys.argv[1]):
@@ -55,16 +56,21 @@ CASES = [
      dict(_DECODE, KV_GROUP=1, BLOCK_H=16, HEADS=4, HAS_PREFIX=True)),
     ("shared prefix, 16 members", "_decode_shared_kernel",
      dict(_DECODE, KV_GROUP=1, BLOCK_H=1, BLOCK_M=16)),
+    ("extend, a query head a program", "_extend_kernel",
+     dict(KV_GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=128, BLOCK_N=64, DOT_F32=False)),
+    ("extend, a KV head's queries a program", "_extend_grouped_kernel",
+     dict(KV_GROUP=4, GROUP_P=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_T=16, BLOCK_N=64,
+          DOT_F32=False)),
 ]
 
 
-def test_decode_kernels_read_kv_with_wide_loads_on_sm90():
+def test_attention_kernels_read_kv_with_wide_loads_on_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     try:
         done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(CASES)], env=env,
                               capture_output=True, text=True, timeout=600, check=False)
     except subprocess.TimeoutExpired:
-        pytest.fail("compiling three kernels for sm_90 took over 10 minutes")
+        pytest.fail("compiling the kernels for sm_90 took over 10 minutes")
     if done.returncode and "ptxas" in done.stderr and "not found" in done.stderr.lower():
         pytest.skip("this Triton has no ptxas for sm_90")
     assert done.returncode == 0, done.stderr[-3000:]

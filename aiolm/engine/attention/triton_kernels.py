@@ -158,6 +158,33 @@ def _attend_tiles(q, KBuf, VBuf, slot_row, k_off, v_off, c_mask, start, end, str
     return acc, m_i, l_i
 
 
+@triton.jit
+def _attend_causal_tiles(acc, m_i, l_i, q, q_pos, KBuf, VBuf, slot_row, k_off, v_off, c_mask,
+                         start, end, stride_kbs, stride_vbs, qk_scale,
+                         BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+    # The online softmax of _attend_tiles carried on over tokens [start, end) that each
+    # query row sees only up to its own position q_pos (extend's diagonal tiles).
+    offs_n = tl.arange(0, BLOCK_N)
+    for s in range(start, end, BLOCK_N):
+        cols = s + offs_n
+        n_mask = cols < end
+        slots = tl.load(slot_row + cols, mask=n_mask, other=0).to(tl.int64)
+        k = tl.load(KBuf + slots[None, :] * stride_kbs + k_off[:, None],
+                    mask=n_mask[None, :] & c_mask[:, None], other=0.0)
+        qk = _dot(q, k, DOT_F32) * qk_scale
+        visible = n_mask[None, :] & (cols[None, :] <= q_pos[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VBuf + slots[:, None] * stride_vbs + v_off[None, :],
+                    mask=n_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
 # --------------------------------------------------------------------------- store
 
 
@@ -219,7 +246,6 @@ def _extend_kernel(Q, Out, KBuf, VBuf, ReqToToken, ReqPoolIdx, PrefixLens, Exten
 
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     m_mask = offs_m < ext_len
     d_mask = offs_d < HEAD_DIM
     q_rows = (q_start + offs_m).to(tl.int64)
@@ -237,23 +263,10 @@ def _extend_kernel(Q, Out, KBuf, VBuf, ReqToToken, ReqPoolIdx, PrefixLens, Exten
         0, full_end, stride_kbs, stride_vbs, qk_scale, ROWS=BLOCK_M, COLS=BLOCK_D,
         BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
 
-    for start in range(full_end, kv_end, BLOCK_N):
-        cols = start + offs_n
-        n_mask = cols < kv_end
-        slots = tl.load(slot_row + cols, mask=n_mask, other=0).to(tl.int64)
-        k = tl.load(KBuf + slots[None, :] * stride_kbs + kvh * stride_kbh + offs_d[:, None],
-                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        qk = _dot(q, k, DOT_F32) * qk_scale
-        visible = n_mask[None, :] & (cols[None, :] <= q_pos[:, None])
-        qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VBuf + slots[:, None] * stride_vbs + kvh * stride_vbh + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
-        m_i = m_new
+    acc, m_i, l_i = _attend_causal_tiles(
+        acc, m_i, l_i, q, q_pos, KBuf, VBuf, slot_row, kvh * stride_kbh + offs_d,
+        kvh * stride_vbh + offs_d, d_mask, full_end, kv_end, stride_kbs, stride_vbs, qk_scale,
+        BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
 
     out = acc / l_i[:, None]
     tl.store(Out + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
@@ -287,7 +300,6 @@ def _extend_grouped_kernel(Q, Out, KBuf, VBuf, ReqToToken, ReqPoolIdx, PrefixLen
     in_group = offs_r % GROUP_P
     heads = kvh * KV_GROUP + in_group
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     r_mask = (offs_t < ext_len) & (in_group < KV_GROUP)
     d_mask = offs_d < HEAD_DIM
     q_rows = (q_start + offs_t).to(tl.int64)
@@ -303,23 +315,10 @@ def _extend_grouped_kernel(Q, Out, KBuf, VBuf, ReqToToken, ReqPoolIdx, PrefixLen
         0, full_end, stride_kbs, stride_vbs, qk_scale, ROWS=BLOCK_T * GROUP_P, COLS=BLOCK_D,
         BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
 
-    for start in range(full_end, kv_end, BLOCK_N):
-        cols = start + offs_n
-        n_mask = cols < kv_end
-        slots = tl.load(slot_row + cols, mask=n_mask, other=0).to(tl.int64)
-        k = tl.load(KBuf + slots[None, :] * stride_kbs + kvh * stride_kbh + offs_d[:, None],
-                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        qk = _dot(q, k, DOT_F32) * qk_scale
-        visible = n_mask[None, :] & (cols[None, :] <= q_pos[:, None])
-        qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VBuf + slots[:, None] * stride_vbs + kvh * stride_vbh + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
-        m_i = m_new
+    acc, m_i, l_i = _attend_causal_tiles(
+        acc, m_i, l_i, q, q_pos, KBuf, VBuf, slot_row, kvh * stride_kbh + offs_d,
+        kvh * stride_vbh + offs_d, d_mask, full_end, kv_end, stride_kbs, stride_vbs, qk_scale,
+        BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
 
     out = acc / l_i[:, None]
     tl.store(Out + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
