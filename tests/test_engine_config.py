@@ -38,6 +38,8 @@ def test_path_models_become_strings():
         ({"tp_size": 0}, "tp_size"),
         ({"seed": -1}, "seed"),
         ({"aging_limit": -1}, "aging_limit"),
+        ({"extend_graph_tokens": -1}, "extend_graph_tokens"),
+        ({"extend_graph_tokens": 16}, "extend_graph_tokens"),   # below the smallest bucket
         ({"model": ""}, "model"),
         ({"load_format": "dummy"}, "model"),
     ],
@@ -52,6 +54,7 @@ def test_bad_values_raise_value_error_naming_the_argument(kwargs, name):
     [
         ({"enable_radix_cache": 1}, "enable_radix_cache"),
         ({"cuda_graphs": "yes"}, "cuda_graphs"),
+        ({"extend_graph_tokens": 64.0}, "extend_graph_tokens"),
         ({"max_total_tokens": 10.0}, "max_total_tokens"),
         ({"model": 3}, "model"),
         ({"constraint_limits": {"max_grammar_size": 10}}, "constraint_limits"),

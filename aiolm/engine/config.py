@@ -117,6 +117,13 @@ def _int_at_least(lo: int, *, optional: bool = False):
     return check
 
 
+def _check_extend_graph_tokens(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    _int_at_least(0)(inst, attribute, value)
+    if 0 < value < 32:
+        raise ValueError(f"{attribute.name}: 0 (eager extends) or at least 32 (the smallest "
+                         f"captured bucket), got {value}")
+
+
 def _check_bool(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{attribute.name}: expected a bool, got {type(value).__name__}")
@@ -245,7 +252,7 @@ class EngineConfig:
         "with them, short appends) of at most this many tokens, none over 64 a request, "
         "replay from CUDA graphs captured at 32, 64, 128, ... tokens up to it (with "
         "cuda_graphs, the triton and hybrid backends, one device); 0: they run eagerly",
-        validator=_int_at_least(0))
+        validator=_check_extend_graph_tokens)
     load_format: str = _option(
         "auto", "'auto' (a Hugging Face directory or a .gguf file, by what the path is) or "
         "'dummy' (random weights of a named config, for tests and benchmarks)",
