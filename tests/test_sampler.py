@@ -229,3 +229,33 @@ def test_release_forgets_request_generator(seed):
     s.release("r")
     s._info = None
     assert sample_ids(s, [req], logits) == first
+
+
+def test_cpu_draw_never_returns_a_token_of_probability_zero(monkeypatch):
+    """The CPU draws by the inverse CDF: a uniform rounded onto the top of the distribution
+    must not fall past the last token with mass (here the masked tail)."""
+    s = make_sampler()
+    logits = torch.tensor([[1.0, 2.0, 0.5, 0, 0, 0, 0, 0]])
+    mask = torch.tensor([[0b111]], dtype=torch.int32)   # tokens 0-2 only
+    top = 1.0 - 2.0 ** -24                               # the largest float32 below 1
+
+    def at_the_top(self, *args, **kwargs):
+        return self.fill_(top)
+
+    monkeypatch.setattr(torch.Tensor, "uniform_", at_the_top)
+    reqs = [FakeReq("t", SamplingParams(temperature=1.0))]
+    assert sample_ids(s, reqs, logits, mask)[0] in {0, 1, 2}
+
+
+def test_cpu_draw_follows_a_wide_distribution():
+    vocab = 64
+    probs = torch.zeros(vocab)
+    probs[[3, 17, 40, 63]] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    logits = probs.clamp_min(1e-30).log().expand(8000, vocab).contiguous()
+    sampler = Sampler(vocab_size=vocab, device="cpu", seed=3, eos_token_ids=[0])
+    reqs = [FakeReq(f"r{i}", SamplingParams(temperature=1.0)) for i in range(8000)]
+    ids = sampler.sample(logits, sampler.prepare(reqs)).next_ids
+    freq = torch.bincount(ids, minlength=vocab).float() / 8000
+    assert set(ids.tolist()) == {3, 17, 40, 63}
+    for token, p in zip([3, 17, 40, 63], [0.1, 0.2, 0.3, 0.4], strict=True):
+        assert abs(freq[token].item() - p) < 0.025
