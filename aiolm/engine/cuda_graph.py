@@ -95,6 +95,7 @@ class CudaGraphRunner:
         self.req_to_token_pool = runner.req_to_token_pool
         self.device = runner.device
         self.max_batch_size = max_batch_size or runner.max_running_requests
+        self.context_len = runner.context_len
         self.batch_sizes = graph_batch_sizes(self.max_batch_size)
         n = self.max_batch_size
         dev = self.device
@@ -159,7 +160,7 @@ class CudaGraphRunner:
         brings :data:`EXTEND_GRAPH_MAX_NEW` tokens (or all of them) at position 0 of row 0
         and the others none; the host lengths size the grid for the bound."""
         bs = min(tokens, self.max_batch_size)
-        first = min(tokens, EXTEND_GRAPH_MAX_NEW)
+        first = min(tokens, EXTEND_GRAPH_MAX_NEW, self.context_len)   # within row 0's slots
         self.ext_lens[:bs].zero_()
         self.ext_lens[0] = first
         self.ext_seq_lens[:bs].fill_(1)
