@@ -32,13 +32,12 @@ CASES = [
 ]
 
 
-def appended(loaded, **engine_options):
+def appended(loaded, vocab=CONFIG["vocab_size"], **engine_options):
     """Twelve prompts are cached, then each comes back with 3..60 more tokens, all at once;
     returns the second round's results and how many extend passes replayed a graph."""
     from aiolm.backends.engine import Engine
 
     rnd = random.Random(1)
-    vocab = CONFIG["vocab_size"]
     prompts = [[rnd.randrange(3, vocab) for _ in range(rnd.randrange(80, 400))]
                for _ in range(12)]
     longer = [p + [rnd.randrange(3, vocab) for _ in range(rnd.randrange(3, 61))]
@@ -91,6 +90,21 @@ def test_short_extends_replay_from_graphs_with_the_eager_tokens(backend, dtype):
     assert eager_replays == 0
     assert replays >= 1   # the appends' pass at least
     assert_same_greedy(eager, graphed, MARGIN[dtype])
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe"])
+def test_moe_short_extends_replay_from_graphs_with_the_eager_tokens(family, tmp_path):
+    """The fused MoE kernels inside an extend graph: routing changes from replay to replay."""
+    from test_gpu_moe import _load
+    from test_moe import FAMILIES, _hf_model
+
+    _hf_model(FAMILIES[family], seed=4321).save_pretrained(tmp_path, safe_serialization=True)
+    loaded = _load(tmp_path, "cuda")
+    vocab = FAMILIES[family]["vocab_size"]
+    eager, _ = appended(loaded, vocab, attention_backend="triton", extend_graph_tokens=0)
+    graphed, replays = appended(loaded, vocab, attention_backend="triton")
+    assert replays >= 1
+    assert_same_greedy(eager, graphed, MARGIN["float32"])
 
 
 def json_outputs(loaded, **engine_options):
