@@ -42,6 +42,7 @@ class SamplingBatchInfo:
     rids: tuple[str, ...]
     all_greedy: bool
     greedy_mask: torch.Tensor                  # [bs] bool
+    any_greedy: bool = True                    # False: no row takes the argmax
     temperatures: torch.Tensor                 # [bs, 1] float (1.0 on greedy rows)
     top_ks: torch.Tensor | None                # [bs, 1] int64 (vocab size where disabled)
     top_ps: torch.Tensor | None                # [bs, 1] float
@@ -205,7 +206,7 @@ class Sampler:
         biased = bool(bias_rows)
         return SamplingBatchInfo(
             rids=rids,
-            all_greedy=all(greedy),
+            all_greedy=all(greedy), any_greedy=any(greedy),
             greedy_mask=torch.tensor(greedy, dtype=torch.bool).to(dev, non_blocking=True),
             temperatures=column(
                 [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
@@ -319,8 +320,9 @@ class Sampler:
             scaled = logits
         else:
             scaled = logits / info.temperatures
-            next_ids = torch.where(info.greedy_mask, logits.argmax(dim=-1),
-                                   self._draw(scaled, info))
+            next_ids = self._draw(scaled, info)
+            if info.any_greedy:
+                next_ids = torch.where(info.greedy_mask, logits.argmax(dim=-1), next_ids)
 
         out = SampleOutput(next_ids=next_ids)
         if info.want_logprobs:
@@ -372,9 +374,9 @@ class Sampler:
             if gen is not None:
                 uniform[row].uniform_(generator=gen)
         cdf = probs.cumsum(dim=-1)
-        ids = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).view(-1)
-        ids.clamp_max_(probs.shape[1] - 1)
-        # A draw rounded onto the top of the CDF lands past the last token of mass: never
-        # return a token of probability 0 (one the masks or the truncation removed).
-        chosen = probs.gather(1, ids.view(-1, 1)).view(-1)
-        return torch.where(chosen > 0, ids, probs.argmax(dim=-1))
+        total = cdf[:, -1:]
+        # Below the total, strictly: the first entry of the CDF past the target then has
+        # mass of its own (a rounded draw at the top would land past the last token with
+        # mass, on one the masks or the truncation removed).
+        target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(cdf, target, right=True).view(-1)
