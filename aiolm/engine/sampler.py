@@ -7,10 +7,11 @@ per-row tensors once per batch composition and updates only what changes from st
 tokens without any host synchronisation: the runner fetches the results with one copy per
 step.
 
-Draws use the exponential race (``argmax(p / q)`` with ``q ~ Exp(1)``), which samples from
-``p`` without normalising or a cumulative search. A seeded request draws its noise from its own
-``torch.Generator`` (one row of ``vocab`` draws per step), so its output does not depend on the
-requests it is batched with.
+On a GPU, draws use the exponential race (``argmax(p / q)`` with ``q ~ Exp(1)``), which
+samples from ``p`` without a cumulative search. On the CPU, where a random number per
+vocabulary entry costs more than the rest of the sampling, they use the inverse CDF (one
+uniform a row, a cumulative sum and a search). A seeded request draws from its own
+``torch.Generator``, so its output does not depend on the requests it is batched with.
 """
 
 from __future__ import annotations
