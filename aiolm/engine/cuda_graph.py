@@ -154,17 +154,12 @@ class CudaGraphRunner:
             prefix_groups=groups,
         )
 
-    def _extend_batch(self, tokens: int) -> ForwardBatch:
+    def _extend_batch(self, tokens: int, first: int) -> ForwardBatch:
         """The static batch of the ``tokens`` bucket: as many requests (fewer when
-        ``max_running_requests`` is lower). For the warm-up and the capture, request 0
-        brings :data:`EXTEND_GRAPH_MAX_NEW` tokens (or all of them) at position 0 of row 0
-        and the others none; the host lengths size the grid for the bound."""
+        ``max_running_requests`` is lower). For the warm-up and the capture the buffers say
+        that request 0 brings ``first`` tokens at position 0 of row 0 and the others none;
+        the host lengths size the grid for :data:`EXTEND_GRAPH_MAX_NEW` new tokens."""
         bs = min(tokens, self.max_batch_size)
-        first = min(tokens, EXTEND_GRAPH_MAX_NEW, self.context_len)   # within row 0's slots
-        self.ext_lens[:bs].zero_()
-        self.ext_lens[0] = first
-        self.ext_seq_lens[:bs].fill_(1)
-        self.ext_seq_lens[0] = first
         return ForwardBatch(
             mode=ForwardMode.EXTEND, batch_size=bs,
             input_ids=self.ext_input_ids[:tokens], positions=self.ext_positions[:tokens],
@@ -189,10 +184,18 @@ class CudaGraphRunner:
     def _capture_all(self) -> None:
         pool: Any = None
         stream = torch.cuda.Stream(self.device)
-        # The largest extend first: its activations are the largest, the pool fits the rest.
-        captures: list[tuple[str, Any, ForwardBatch]] = [
-            ("extend", tokens, self._extend_batch(tokens))
-            for tokens in reversed(self.extend_buckets)]
+        captures: list[tuple[str, Any, ForwardBatch]] = []
+        if self.extend_buckets:
+            # Every bucket's warm-up: request 0 brings the smallest bucket's tokens (within
+            # row 0's slots), the others none.
+            first = min(self.extend_buckets[0], EXTEND_GRAPH_MAX_NEW, self.context_len)
+            self.ext_lens.zero_()
+            self.ext_lens[0] = first
+            self.ext_seq_lens.fill_(1)
+            self.ext_seq_lens[0] = first
+            # The largest first: its activations are the largest, the pool fits the rest.
+            captures = [("extend", tokens, self._extend_batch(tokens, first))
+                        for tokens in reversed(self.extend_buckets)]
         captures += [("decode", key, self._static_batch(*key)) for key in self._variants()]
         for kind, key, batch in captures:
             self.attn.init_forward_for_capture(batch)
@@ -218,9 +221,12 @@ class CudaGraphRunner:
                 self.outputs[key] = out
         torch.cuda.synchronize(self.device)
 
-    def all_graphs(self) -> list[torch.cuda.CUDAGraph]:
-        """Every captured graph (decode and extend)."""
-        return [*self.graphs.values(), *self.extend_graphs.values()]
+    def release(self) -> None:
+        """Destroy every captured graph (decode and extend); no replay after this."""
+        for graph in (*self.graphs.values(), *self.extend_graphs.values()):
+            graph.reset()
+        self.graphs.clear()
+        self.extend_graphs.clear()
 
     def can_run(self, batch: ForwardBatch) -> bool:
         """Whether ``batch`` is a decode batch no larger than the largest bucket (with

@@ -446,11 +446,8 @@ class ModelRunner(StepIO):
         and destroy waited for them forever (nvidia-h200-x2)."""
         if self.graph_runner is None:
             return
-        runner, self.graph_runner = self.graph_runner, None
-        for graph in runner.all_graphs():
-            graph.reset()
-        runner.graphs.clear()
-        runner.extend_graphs.clear()
+        graphs, self.graph_runner = self.graph_runner, None
+        graphs.release()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

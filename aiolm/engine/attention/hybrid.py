@@ -11,7 +11,6 @@ the graph runner captures) are Triton's.
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING
 
 from .base import AttentionBackend
@@ -47,8 +46,6 @@ class HybridAttention(AttentionBackend):
         self.extend_backend = FlashInferAttention(**geometry)
         self.decode_backend = TritonAttention(**geometry)
         self._active: AttentionBackend | None = None
-        # Extend batches captured in CUDA graphs: Triton's (flashinfer plans on the host).
-        self._graph_extends: weakref.WeakSet[ForwardBatch] = weakref.WeakSet()
 
     def max_kv_slots(self, num_kv_heads: int, head_dim: int) -> int:
         """The tighter of the two backends' limits (flashinfer's 32-bit offsets)."""
@@ -57,7 +54,8 @@ class HybridAttention(AttentionBackend):
 
     def init_forward(self, batch: ForwardBatch) -> None:
         """Prepare the pass on the backend that runs it (flashinfer plans, Triton splits)."""
-        triton = batch.is_decode or batch in self._graph_extends
+        # Extends captured in CUDA graphs are Triton's too (flashinfer plans on the host).
+        triton = batch.is_decode or self.decode_backend.captured_extend(batch)
         self._active = self.decode_backend if triton else self.extend_backend
         self._active.init_forward(batch)
 
@@ -74,10 +72,8 @@ class HybridAttention(AttentionBackend):
         self.decode_backend.init_cuda_graph_state(max_batch_size, max_context_len)
 
     def init_forward_for_capture(self, batch: ForwardBatch) -> None:
-        """Fix Triton's decode split count for ``batch``'s size (an extend batch: route it
-        to Triton, whose extend kernel reads its lengths on the device)."""
-        if not batch.is_decode:
-            self._graph_extends.add(batch)
+        """Fix Triton's decode split count for ``batch``'s size (an extend batch: Triton's
+        extend kernel, which reads its lengths on the device, takes it)."""
         self.decode_backend.init_forward_for_capture(batch)
 
     def init_forward_for_replay(self, batch: ForwardBatch) -> None:

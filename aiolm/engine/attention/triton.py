@@ -196,6 +196,10 @@ class TritonAttention(AttentionBackend):
                                               mid_lse=self._graph_mid_lse, groups=groups,
                                               num_shared=shared)
 
+    def captured_extend(self, batch: ForwardBatch) -> bool:
+        """Whether ``batch`` is an extend batch captured in a CUDA graph."""
+        return batch in self._graph_extends
+
     def init_forward_for_replay(self, batch: ForwardBatch) -> None:
         """Nothing to update: the captured kernels read lengths from the static buffers."""
         if batch not in self._graph_meta and batch not in self._graph_extends:

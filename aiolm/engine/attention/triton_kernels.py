@@ -341,6 +341,13 @@ def extend_attention(q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tensor,
     group = num_q_heads // k_buf.shape[1]
     if bs == 0 or max_extend_len == 0:
         return
+    # Both kernels take the same tensors and strides.
+    args = (q, o, k_buf, v_buf, req_to_token, req_pool_indices, prefix_lens, extend_lens,
+            q_start, q.stride(0), q.stride(1), o.stride(0), o.stride(1),
+            k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+            req_to_token.stride(0), scale * LOG2E)
+    shape = dict(KV_GROUP=group, HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim),
+                 DOT_F32=_dot_f32(cfg, k_buf))
     if max_extend_len <= cfg.extend_grouped_max:
         # Few new tokens a request: their query heads grouped by KV head, so the prefix's
         # K/V is read once per KV head rather than once per query head.
@@ -348,30 +355,15 @@ def extend_attention(q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tensor,
         block_t = max(1, cfg.extend_grouped_rows // group_p)
         grid = (bs, k_buf.shape[1], triton.cdiv(max_extend_len, block_t))
         _extend_grouped_kernel[grid](
-            q, o, k_buf, v_buf, req_to_token, req_pool_indices, prefix_lens, extend_lens,
-            q_start, q.stride(0), q.stride(1), o.stride(0), o.stride(1),
-            k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-            req_to_token.stride(0),
-            scale * LOG2E,
-            KV_GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim),
-            BLOCK_T=block_t, BLOCK_N=cfg.decode_block_n, DOT_F32=_dot_f32(cfg, k_buf),
-            num_warps=cfg.extend_grouped_warps, num_stages=cfg.decode_stages,
-        )
+            *args, **shape, GROUP_P=group_p, BLOCK_T=block_t, BLOCK_N=cfg.decode_block_n,
+            num_warps=cfg.extend_grouped_warps, num_stages=cfg.decode_stages)
         return
     while True:
         grid = (bs, num_q_heads, triton.cdiv(max_extend_len, cfg.extend_block_m))
         try:
             _extend_kernel[grid](
-                q, o, k_buf, v_buf, req_to_token, req_pool_indices, prefix_lens, extend_lens,
-                q_start, q.stride(0), q.stride(1), o.stride(0), o.stride(1),
-                k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-                req_to_token.stride(0),
-                scale * LOG2E,
-                KV_GROUP=group, HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim),
-                BLOCK_M=cfg.extend_block_m, BLOCK_N=cfg.extend_block_n,
-                DOT_F32=_dot_f32(cfg, k_buf),
-                num_warps=cfg.extend_warps, num_stages=cfg.extend_stages,
-            )
+                *args, **shape, BLOCK_M=cfg.extend_block_m, BLOCK_N=cfg.extend_block_n,
+                num_warps=cfg.extend_warps, num_stages=cfg.extend_stages)
             return
         except OutOfResources:
             if not _shrink_extend(cfg):
