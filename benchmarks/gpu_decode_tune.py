@@ -13,6 +13,12 @@ as the engine plans its splits (a CUDA graph's plan for the batch-1 shapes):
   tokens (image-qa), plain and shared-prefix decode.
 
 Reports each configuration's time and the best per shape beside the current defaults.
+
+``--deep``: deeper pipelines instead (``decode_stages`` 2, 3 and 4; ``decode_heads`` 1 and
+2), two more shapes — ``mha-bs120-image`` (every image-qa question at once: 24 groups of 5)
+and ``gqa-bs256-ctx1k`` (the throughput workload's running batch) — and, as a reference
+for each shape, flashinfer's paged decode kernel on the same page table (page size 1) with
+the bytes of K/V each reads and its rate.
 """
 
 from __future__ import annotations
@@ -106,11 +112,52 @@ def sweep(case: dict[str, Any], *, device: Any, graph_plan: bool, repeat: int,
     return results
 
 
+def flashinfer_reference(case: dict[str, Any], *, device: Any) -> dict[str, Any]:
+    """flashinfer's decode on ``case``'s page table (page size 1), timed like the sweep; the
+    K/V bytes every request reads (no sharing) and the rate."""
+    import torch
+    from gpu_shared_prefix import time_ms
+
+    try:
+        import flashinfer
+    except ImportError as exc:
+        return {"error": f"flashinfer: {exc}"}
+    q, k_buf, v_buf = case["q"], case["k_buf"], case["v_buf"]
+    bs, hq, d = q.shape
+    hkv = k_buf.shape[1]
+    lens = [int(n) for n in case["seq_lens"].tolist()]
+    rows = case["rows"].tolist()
+    indptr = torch.zeros(bs + 1, dtype=torch.int32)
+    indptr[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
+    indices = torch.cat([case["table"][r, :n] for r, n in zip(rows, lens, strict=True)])
+    workspace = torch.zeros(256 << 20, dtype=torch.uint8, device=device)
+    pages = (k_buf.view(-1, 1, hkv, d), v_buf.view(-1, 1, hkv, d))
+    out: dict[str, Any] = {}
+    for tensor_cores in (False, True):
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, "NHD", use_tensor_cores=tensor_cores)
+        wrapper.plan(indptr, indices.to(device), torch.ones(bs, dtype=torch.int32),
+                     hq, hkv, d, 1, q_data_type=q.dtype, kv_data_type=k_buf.dtype,
+                     sm_scale=d ** -0.5)
+        try:
+            ms = time_ms(lambda w=wrapper: w.run(q, pages), device=device, repeat=30)
+        except Exception as exc:   # a shape flashinfer refuses: recorded
+            out["tensor_cores" if tensor_cores else "cuda_cores"] = {
+                "error": f"{type(exc).__name__}: {exc}"[:200]}
+            continue
+        nbytes = sum(lens) * hkv * d * k_buf.element_size() * 2
+        out["tensor_cores" if tensor_cores else "cuda_cores"] = {
+            "ms": ms, "kv_mb": nbytes / 1e6, "gb_s": nbytes / ms / 1e6}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--quick", action="store_true",
                         help="only the default tiles and four warps (seconds)")
+    parser.add_argument("--deep", action="store_true",
+                        help="stages 2-4, heads 1-2, two more shapes, flashinfer's decode")
     args = parser.parse_args(argv)
 
     import torch
@@ -125,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         configs = [(default.decode_block_n, warps, default.decode_stages, 1)
                    for warps in (2, 4)]
+    if args.deep:
+        configs = list(itertools.product((32, 64, 128), (2, 4), (2, 3, 4), (1, 2)))
     rnd = random.Random(0)
     shapes = {
         "gqa-bs1-ctx1k": (plain_case(geometry=(32, 8, 128), lens=[1024], device=device,
@@ -135,6 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         "mha-bs64-image": (make_case(geometry=(32, 32, 128), shared=2340, groups=12, members=5,
                                      alone=4, device=device, dtype=dtype), False),
     }
+    if args.deep:
+        shapes["mha-bs120-image"] = (make_case(geometry=(32, 32, 128), shared=2340, groups=24,
+                                               members=5, alone=0, device=device,
+                                               dtype=dtype), False)
+        shapes["gqa-bs256-ctx1k"] = (plain_case(
+            geometry=(32, 8, 128), lens=[rnd.randrange(300, 1300) for _ in range(256)],
+            device=device, dtype=dtype), True)
     results: dict[str, Any] = {
         "device": device_info("cuda"), "versions": versions(),
         "default": (f"n{default.decode_block_n}-w{default.decode_warps}"
@@ -158,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             best_s = min(timed, key=lambda k: timed[k]["shared_ms"])
             summary.update(best_shared=best_s, best_shared_ms=timed[best_s]["shared_ms"],
                            default_shared_ms=rows[results["default"]].get("shared_ms"))
+        if args.deep:
+            summary["flashinfer"] = flashinfer_reference(case, device=device)
         results[name] = summary
         print(name, json.dumps({k: v for k, v in summary.items() if k != "rows"}), flush=True)
     if args.out:

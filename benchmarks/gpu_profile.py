@@ -16,6 +16,11 @@ dummy bf16 weights (``--dry-run``: tiny-llama on the CPU) and writes ``DIR/profi
 ``--dry-run``: the tiny shape), once with jump-forward on and once off: the wall time and
 passes, the GPU's busy and idle time over the run, the engine thread's host time per pass
 by function, and every thread's (Python 3.12's cProfile sees them all) by function.
+
+``--image-qa`` profiles ``aiolm bench image-qa`` on ``llava-next-7b`` (dummy weights;
+``--dry-run``: the tiny shape on tiny-llava), radix cache on and off: the wall time, each
+forward pass's kind and size with its device time (CUDA events around the model's forward,
+read after the run: no synchronisation added), summed by kind, and the kernels ranked by time.
 """
 
 from __future__ import annotations
@@ -228,6 +233,143 @@ async def _json_decode_profile(loaded: Any, plan: Any, jump_forward: bool,
     return record
 
 
+class _PassTimeline:
+    """Each forward pass of ``runner`` while inside: its kind, size and device time."""
+
+    def __init__(self, runner: Any, cuda: bool) -> None:
+        self.runner = runner
+        self.cuda = cuda
+        self.passes: list[dict[str, Any]] = []
+        self._events: list[tuple[Any, Any]] = []
+
+    def __enter__(self) -> _PassTimeline:
+        import torch
+
+        original = self.runner.forward
+
+        def forward(fb: Any) -> Any:
+            graphs = self.runner.graph_runner
+            if fb.is_decode:
+                kind = "decode"
+                graphed = graphs is not None and graphs.can_run(fb)
+            else:
+                kind = "extend-images" if fb.mm_embeds is not None else "extend"
+                graphed = graphs is not None and graphs.can_run_extend(fb)
+            riders = sum(1 for n in fb.extend_seq_lens_cpu if n == 1)
+            self.passes.append({
+                "kind": kind, "graphed": bool(graphed), "requests": fb.batch_size,
+                "tokens": fb.num_tokens, "riders": riders,
+                "kv_tokens": sum(fb.seq_lens_cpu),
+                "groups": fb.prefix_groups.count if fb.prefix_groups is not None else 0})
+            if not self.cuda:
+                t0 = time.perf_counter()
+                out = original(fb)
+                self.passes[-1]["ms"] = (time.perf_counter() - t0) * 1e3
+                return out
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = original(fb)
+            end.record()
+            self._events.append((start, end))
+            return out
+
+        self.runner.forward = forward
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        del self.runner.forward  # the class's method again
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            for rec, (start, end) in zip(self.passes, self._events, strict=True):
+                rec["ms"] = start.elapsed_time(end)
+
+    def summary(self) -> dict[str, Any]:
+        by_kind: dict[str, dict[str, float]] = {}
+        for rec in self.passes:
+            key = rec["kind"] + (" (graph)" if rec["graphed"] else "")
+            row = by_kind.setdefault(key, {"passes": 0, "ms": 0.0, "tokens": 0, "requests": 0,
+                                           "kv_tokens": 0})
+            row["passes"] += 1
+            for k in ("ms", "tokens", "requests", "kv_tokens"):
+                row[k] += rec[k]
+        for row in by_kind.values():
+            row["ms_per_pass"] = row["ms"] / row["passes"]
+        return {"device_ms_total": sum(r["ms"] for r in self.passes), "by_kind": by_kind}
+
+
+async def _image_qa_profile(loaded: Any, plan: Any, radix: bool) -> dict[str, Any]:
+    """The image-qa workload once timed, once with a pass timeline, once under torch.profiler."""
+    import aiolm
+    from aiolm.bench import image_qa
+    from aiolm.bench.vision_timer import VisionTimer
+
+    size = "tiny" if plan.dry_run else "full"
+    inputs = image_qa.make_inputs(size, 0)
+    warm = image_qa.make_inputs("tiny", 1)
+    program = image_qa.answer_question
+    async with aiolm.Engine(loaded, enable_radix_cache=radix, seed=0) as engine:
+        core = engine._core  # noqa: SLF001 - profiling only
+
+        async def run() -> tuple[float, int]:
+            await engine.flush_cache()
+            passes0 = core.runner.forward_passes
+            t0 = time.perf_counter()
+            states = await program.run_batch(list(inputs), backend=engine)
+            wall = time.perf_counter() - t0
+            errors = [st.error for st in states if st.error is not None]
+            if errors:
+                raise errors[0]
+            return wall, core.runner.forward_passes - passes0
+
+        await program.run_batch(warm, backend=engine)
+        await run()  # warm: graphs, kernels
+        with VisionTimer(engine) as vision:
+            wall, passes = await run()
+        record: dict[str, Any] = {"radix": radix, "programs": len(inputs), "wall_s": wall,
+                                  "passes": passes, "programs_per_s": len(inputs) / wall,
+                                  **vision.figures()}
+        with _PassTimeline(core.runner, plan.device == "cuda") as timeline:
+            record["timeline_wall_s"], _ = await run()
+        record["passes_by_kind"] = timeline.summary()
+        record["timeline"] = timeline.passes
+        if plan.device == "cuda":
+            import torch
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                _, prof_passes = await run()
+                torch.cuda.synchronize()
+            table = _kernel_table(prof, prof_passes)
+            record["gpu"] = {k: v for k, v in table.items() if k != "kernels"}
+            record["gpu"]["kernels"] = table["kernels"][:25]
+        core = None  # the engine's objects go with the engine
+    return record
+
+
+async def image_qa_main(args: argparse.Namespace) -> dict[str, Any]:
+    from aiolm.bench.models import load_for_bench
+
+    plan = wl.Plan.make(dry_run=args.dry_run)
+    out: dict[str, Any] = {"plan": {"model": "tiny-llava-next" if plan.dry_run else "llava-next-7b",
+                                    "workload": "image-qa"}}
+    if not plan.dry_run:
+        import torch
+
+        out["device"] = torch.cuda.get_device_name()
+        out["kind"] = args.kind or wl.kind_from_device(out["device"])
+    loaded = load_for_bench(out["plan"]["model"], load_format="dummy")
+    for radix in (True, False):
+        key = "radix_on" if radix else "radix_off"
+        out[key] = await _image_qa_profile(loaded, plan, radix)
+        if not plan.dry_run:
+            gc.collect()
+            wl.empty_device_cache()
+    return out
+
+
 async def json_decode_main(args: argparse.Namespace) -> dict[str, Any]:
     from aiolm.bench.models import load_for_bench
 
@@ -286,9 +428,30 @@ def main() -> None:
     parser.add_argument("--kind", default=None)
     parser.add_argument("--json-decode", action="store_true",
                         help="profile the json-decode workload, jump-forward on and off")
+    parser.add_argument("--image-qa", action="store_true",
+                        help="profile the image-qa workload on llava-next-7b, radix on and off")
     args = parser.parse_args()
     path = Path(args.out)
     path.mkdir(parents=True, exist_ok=True)
+    if args.image_qa:
+        result = asyncio.run(image_qa_main(args))
+        (path / "profile-image-qa.json").write_text(json.dumps(result, indent=1))
+        for key in ("radix_on", "radix_off"):
+            rec = result[key]
+            gpu = rec.get("gpu", {})
+            print(f"{key}: {rec['programs_per_s']:.2f} programs/s, {rec['wall_s']:.2f} s, "
+                  f"{rec['passes']} passes, vision {rec.get('vision_s', 0):.2f} s; timeline "
+                  f"{rec['timeline_wall_s']:.2f} s wall, device "
+                  f"{rec['passes_by_kind']['device_ms_total'] / 1e3:.2f} s; gpu busy "
+                  f"{gpu.get('gpu_busy_us_per_step', 0) * gpu.get('steps', 0) / 1e6:.2f} s")
+            for kind, row in rec["passes_by_kind"]["by_kind"].items():
+                print(f"   {kind:22s} {row['passes']:4d} passes {row['ms']:8.1f} ms "
+                      f"({row['ms_per_pass']:.1f}/pass) tokens {row['tokens']} requests "
+                      f"{row['requests']} kv {row['kv_tokens']}")
+            for k in gpu.get("kernels", [])[:20]:
+                print(f"   {k['us_per_step'] * gpu['steps'] / 1e3:9.1f} ms "
+                      f"{k['calls_per_step'] * gpu['steps']:7.0f}x  {k['name'][:90]}")
+        return
     if args.json_decode:
         result = asyncio.run(json_decode_main(args))
         (path / "profile-json-decode.json").write_text(json.dumps(result, indent=1))
