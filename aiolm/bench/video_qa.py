@@ -113,4 +113,5 @@ WORKLOAD = Workload(
     shape=SHAPES.__getitem__,
     ablations=("radix", "shared-prefix"),
     runner=vision_runner(answer_question),
+    max_concurrency=256,   # every question in flight at once (see image_qa.WORKLOAD)
 )
