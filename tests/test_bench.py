@@ -234,12 +234,21 @@ def test_the_shared_prefix_ablation_runs_only_where_the_run_turned_it_on():
     off = [v for v in variants(IMAGE_QA, on, ["shared-prefix"], None) if v.name != "aiolm"]
     assert off[0].engine_kwargs == {"shared_prefix_min_tokens": 0}
     assert on.describe()["shared_prefix_min_tokens"] == 256
+    # Unset on CUDA: the engine decides (on for multi-head models), so the ablation runs;
+    # set to 0, it is off already.
+    assert EngineTarget("tiny-llava", load_format="dummy", device="cuda").supports(
+        "shared-prefix")
+    assert not EngineTarget("tiny-llava", load_format="dummy", device="cuda",
+                            shared_prefix_min_tokens=0).supports("shared-prefix")
 
 
 def test_the_bench_takes_the_shared_prefix_option():
-    from aiolm.bench.cli import build_parser
+    from aiolm.bench.cli import _make_target, build_parser
 
     args = build_parser().parse_args(["image-qa", "--shared-prefix-min-tokens", "256"])
     assert args.shared_prefix_min_tokens == 256
+    assert build_parser().parse_args(["image-qa"]).shared_prefix_min_tokens is None
+    off = build_parser().parse_args(["image-qa", "--shared-prefix-min-tokens", "0"])
+    assert _make_target(off, "tiny-llava").base_kwargs == {"shared_prefix_min_tokens": 0}
     with pytest.raises(SystemExit):
         build_parser().parse_args(["image-qa", "--shared-prefix-min-tokens", "-1"])

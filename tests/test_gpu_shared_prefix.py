@@ -105,3 +105,29 @@ def test_grouped_decode_replays_from_graphs_with_plain_decodes_tokens(dtype):
     assert_same(plain, eager, MARGIN[dtype])
     if dtype == "float32":   # exact arithmetic but the summation order: the same tokens
         assert [r.token_ids for r in graphed] == [r.token_ids for r in plain]
+
+
+def test_a_multi_head_model_groups_its_long_prefixes_by_default():
+    """``shared_prefix_min_tokens=None`` (the default) is on for a model with as many KV
+    heads as query heads: only the 1,500-token trunk is long enough (at least
+    ``AUTO_MIN_TOKENS``), its 18 requests in two groups; 0 turns it off."""
+    from test_gpu_engine import CONFIG, DEVICE
+
+    from aiolm.backends.engine import LoadedModel
+    from aiolm.engine.loader import load_model
+    from aiolm.engine.shared_prefix import AUTO_MIN_TOKENS
+
+    config = dict(CONFIG, num_key_value_heads=CONFIG["num_attention_heads"],
+                  torch_dtype="bfloat16")
+    model, model_config = load_model(config, load_format="dummy", dtype="bfloat16",
+                                     device=DEVICE, seed=0)
+    loaded = LoadedModel(model=model, model_config=model_config, tokenizer=None,
+                         device=torch.device(DEVICE), source="gpu-test-mha",
+                         load_format="dummy")
+    assert 700 < AUTO_MIN_TOKENS <= 1500
+    default, grouped = run(loaded, cuda_graphs=True)
+    off, none = run(loaded, cuda_graphs=True, shared_prefix_min_tokens=0)
+    assert none == []
+    assert grouped and {where for where, _ in grouped} == {"graph"}
+    assert max(count for _, count in grouped) == 2
+    assert_same(off, default, MARGIN["bfloat16"])

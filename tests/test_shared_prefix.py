@@ -126,3 +126,17 @@ async def test_engine_outputs_are_the_same_with_shared_prefix_decode(tiny):
     for on, off in zip(results[16], results[0], strict=True):
         assert summary(on) == summary(off)
         assert_same_logprobs(on, off)
+
+
+def test_the_default_turns_it_on_for_multi_head_models_on_cuda_only():
+    from aiolm.engine.shared_prefix import AUTO_MIN_TOKENS, auto_min_tokens
+
+    assert auto_min_tokens(32, 32, "cuda") == AUTO_MIN_TOKENS
+    assert auto_min_tokens(32, 8, "cuda") == 0      # grouped-query heads: off
+    assert auto_min_tokens(32, 32, "cpu") == 0      # the interpreter: off
+
+
+async def test_the_default_leaves_it_off_on_the_cpu(tiny):
+    async with Engine(tiny, device="cpu", attention_backend="triton",
+                      max_total_tokens=2048) as eng:
+        assert eng._core.runner.shared_prefix_min_tokens == 0

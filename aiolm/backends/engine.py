@@ -118,7 +118,7 @@ class Engine(EngineRequests, Backend):
                  tp_size: int = _DEFAULT.tp_size, seed: int = _DEFAULT.seed,
                  jump_forward: bool = _DEFAULT.jump_forward,
                  mix_decode: bool = _DEFAULT.mix_decode,
-                 shared_prefix_min_tokens: int = _DEFAULT.shared_prefix_min_tokens,
+                 shared_prefix_min_tokens: int | None = _DEFAULT.shared_prefix_min_tokens,
                  aging_limit: int = _DEFAULT.aging_limit,
                  request_step_timeout: float = _DEFAULT.request_step_timeout,
                  close_timeout: float = _DEFAULT.close_timeout,

@@ -226,7 +226,7 @@ def _make_target(args: argparse.Namespace, dummy: str | None):
     if args.backend == "scripted":
         return ScriptedTarget()
     extra = ({"shared_prefix_min_tokens": args.shared_prefix_min_tokens}
-             if args.shared_prefix_min_tokens else {})
+             if args.shared_prefix_min_tokens is not None else {})
     return EngineTarget(
         dummy or args.model, load_format="dummy" if dummy else "auto", seed=args.seed, device=args.device,
         **extra,

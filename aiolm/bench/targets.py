@@ -29,7 +29,8 @@ ABLATION_ENGINE_KWARGS: dict[str, dict[str, Any]] = {
     "overlap": {"overlap": False},
     "mix-decode": {"mix_decode": False},
     "extend-graphs": {"extend_graph_tokens": 0},
-    # Meaningful only where the engine reads shared prefixes once (--shared-prefix-min-tokens).
+    # Meaningful only where the engine reads shared prefixes once: by default multi-head
+    # models on CUDA, or any model with --shared-prefix-min-tokens N.
     "shared-prefix": {"shared_prefix_min_tokens": 0},
 }
 
@@ -163,13 +164,19 @@ class EngineTarget(Target):
 
     def supports(self, ablation: str) -> bool:
         if ablation in ("overlap", "extend-graphs"):  # CUDA only: moot on the CPU
-            import torch
-
-            return self.device.startswith("cuda") or (self.device == "auto"
-                                                      and torch.cuda.is_available())
-        if ablation == "shared-prefix":  # off already unless the run turned it on
-            return self.base_kwargs.get("shared_prefix_min_tokens", 0) > 0
+            return self._on_cuda()
+        if ablation == "shared-prefix":
+            if "shared_prefix_min_tokens" in self.base_kwargs:   # the run said
+                return self.base_kwargs["shared_prefix_min_tokens"] > 0
+            # The engine decides: on for multi-head models on CUDA (auto_min_tokens).
+            return self._on_cuda()
         return ablation in ABLATION_ENGINE_KWARGS
+
+    def _on_cuda(self) -> bool:
+        import torch
+
+        return self.device.startswith("cuda") or (self.device == "auto"
+                                                  and torch.cuda.is_available())
 
     async def loaded(self) -> Any:
         """The loaded weights and tokenizer (a ``LoadedModel``), loaded on first use."""

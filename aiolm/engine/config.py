@@ -278,13 +278,14 @@ class EngineConfig:
         True, "running requests that miss only their next token ride along in an extend pass "
         "(jump-forward, chunked prefill) instead of waiting for the next decode pass",
         validator=_check_bool)
-    shared_prefix_min_tokens: int = _option(
-        0, "decode reads a cached prefix of at least this many tokens (e.g. 256) that "
-        "several running requests share (an image, few-shot examples, a fork's trunk) once "
-        "for all of them, not once per request (cascade attention; the triton and hybrid "
-        "backends, one device; CUDA graphs are captured a second time for the grouped steps). "
-        "Pays for many requests on long prefixes with many KV heads; 0 (the default): off — "
-        "see docs/engine.md for what was measured", validator=_int_at_least(0))
+    shared_prefix_min_tokens: int | None = _option(
+        None, "decode reads a cached prefix of at least this many tokens that several "
+        "running requests share (an image, few-shot examples, a fork's trunk) once for all "
+        "of them, not once per request (cascade attention; the triton and hybrid backends, "
+        "one device; CUDA graphs are captured a second time for the grouped steps). None "
+        "(the default): 1024 for a multi-head model (as many KV heads as query heads) on "
+        "CUDA, where it pays, else off; 0: off — see docs/engine.md for what was measured",
+        validator=_int_at_least(0, optional=True))
     aging_limit: int = _option(
         16, "how many scheduling passes a waiting request may be overtaken by better-placed "
         "ones before it goes first (the starvation bound)", validator=_int_at_least(0))

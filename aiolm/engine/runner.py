@@ -43,7 +43,7 @@ from .attention import create as create_attention
 from .debug_checks import check_forward_batch, debug_checks_enabled
 from .forward_batch import ForwardBatch, ForwardMode
 from .sampler import Sampler, token_logprobs, top_token_logprobs
-from .shared_prefix import max_members
+from .shared_prefix import auto_min_tokens, max_members
 from .step_io import StepIO
 from .step_output import LaunchedStep, SampledToken, ScoredTokens, StepOutput
 
@@ -244,7 +244,11 @@ class ModelRunner(StepIO):
             self._warm_compiled_decode()
         # Shared-prefix decode (aiolm/engine/shared_prefix.py): not with tensor parallelism
         # (the workers rebuild each pass from rank 0's header, which does not carry groups).
-        self.shared_prefix_min_tokens = (config.shared_prefix_min_tokens
+        # None: on for multi-head models on CUDA (shared_prefix.auto_min_tokens).
+        min_tokens = config.shared_prefix_min_tokens
+        if min_tokens is None:
+            min_tokens = auto_min_tokens(q_heads, kv_heads, device.type)
+        self.shared_prefix_min_tokens = (min_tokens
                                          if self.attn.supports_shared_prefix and tp is None
                                          else 0)
         self.shared_prefix_members = max_members(q_heads, kv_heads)
