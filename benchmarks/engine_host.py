@@ -15,10 +15,15 @@ one scheduling pass over a long waiting queue.
    many running as its KV pool of 30,720 slots admits (about 100): each pass tries
    admission, finds no room, and builds a decode batch, as a loaded server's does. The
    median time of one ``schedule()`` per policy.
+3. ``select``: what ``select`` spends encoding its prompt (a few-shot chat prompt of about
+   2,000 SmolLM2 tokens, the chat's messages literal text) for 2, 4 and 10 choices: every
+   ``prompt + choice`` encoded whole (before), against
+   :meth:`~aiolm.engine.tokenizer.Tokenizer.encode_continuations` (the prompt encoded
+   twice, each choice with the prompt's last word). Medians of 20 runs, side by side.
 
 Usage::
 
-    .venv/bin/python benchmarks/engine_host.py [--only decode|schedule] [--batch 1,8,32]
+    .venv/bin/python benchmarks/engine_host.py [--only decode|schedule|select] [--batch 1,8,32]
         [--steps 64] [--waiting 10000] [--threads 1] [--json out.json]
 """
 
@@ -161,9 +166,41 @@ def schedule_pass(policy: str, waiting: int, running: int = 64, passes: int = 30
             "running": st.running, "waiting": st.waiting}
 
 
+def select_encoding(choices: int, repeats: int = 20) -> dict[str, float]:
+    """Milliseconds to encode a select's prompt with each of ``choices`` choices: whole
+    (``encode(prompt + choice)`` each, and the prompt alone), and by
+    ``encode_continuations``; the two alternate, medians of ``repeats``."""
+    from aiolm.engine.default_model import default_model_path
+    from aiolm.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(default_model_path())
+    rng = random.Random(0)
+    words = ["the", "answer", "question", "is", "a", "of", "river", "42", "Paris", "blue"]
+    messages = [{"role": "system", "content": "You answer with one word."}]
+    for _ in range(40):
+        messages.append({"role": "user", "content": " ".join(rng.choices(words, k=20)) + "?"})
+        messages.append({"role": "assistant", "content": rng.choice(words)})
+    messages.append({"role": "user", "content": "Is the sky blue?"})
+    prompt = tok.render_chat(messages)   # the messages marked literal, as a program's chat
+    options = [f" {w}" for w in rng.choices(words, k=choices)]
+    whole, split = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        expected = (tok.encode(prompt), [tok.encode(prompt + c) for c in options])
+        t1 = time.perf_counter()
+        got = tok.encode_continuations(prompt, options)
+        t2 = time.perf_counter()
+        if got != expected:
+            raise AssertionError("encode_continuations differs from the whole encodings")
+        whole.append(t1 - t0)
+        split.append(t2 - t1)
+    return {"prompt_tokens": len(expected[0]), "whole_ms": 1e3 * statistics.median(whole),
+            "continuations_ms": 1e3 * statistics.median(split)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["decode", "schedule"])
+    parser.add_argument("--only", choices=["decode", "schedule", "select"])
     parser.add_argument("--batch", default="1,8,32", help="decode batch sizes")
     parser.add_argument("--steps", type=int, default=64, help="decode tokens per request")
     parser.add_argument("--waiting", type=int, default=10_000)
@@ -190,6 +227,13 @@ def main() -> None:
             results[f"schedule-{policy}-{args.waiting}"] = fig
             print(f"schedule {policy:10s} {args.waiting} waiting: {fig['pass_ms']:8.3f} ms a "
                   f"pass (max {fig['max_ms']:.3f}; {fig['running']} running)", flush=True)
+    if args.only in (None, "select"):
+        for choices in (2, 4, 10):
+            fig = select_encoding(choices)
+            results[f"select-encode-{choices}"] = fig
+            print(f"select, {choices:2d} choices, {fig['prompt_tokens']} prompt tokens: whole "
+                  f"{fig['whole_ms']:6.2f} ms, encode_continuations "
+                  f"{fig['continuations_ms']:6.2f} ms", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

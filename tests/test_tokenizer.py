@@ -99,3 +99,89 @@ def test_missing_tokenizer_path_names_it(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="nope"):
         Tokenizer.from_pretrained(missing)
+
+
+_PIECES = [*"abc XYZ 123 !?.,\n\t'-", "<|im_start|>", "<|im_end|>", "é", "👋", "你好", "  ",
+           "'s", "'t", "assistant\n"]
+
+
+class _CountingHF:
+    """The HF tokenizer, counting the characters of every text it encodes."""
+
+    def __init__(self, hf):
+        self._hf = hf
+        self.encoded: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self._hf, name)
+
+    def __len__(self):
+        return len(self._hf)
+
+    def __call__(self, text, **kwargs):
+        self.encoded.append(len(text))
+        return self._hf(text, **kwargs)
+
+    def encode(self, text, **kwargs):
+        self.encoded.append(len(text))
+        return self._hf.encode(text, **kwargs)
+
+
+def _pieces(draw_list) -> str:
+    return "".join(draw_list)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.lists(st.sampled_from(_PIECES), max_size=40).map(_pieces),
+       choices=st.lists(st.lists(st.sampled_from(_PIECES), max_size=5).map(_pieces),
+                        min_size=1, max_size=4),
+       literal=st.booleans())
+def test_continuations_encode_as_the_whole_texts_do(text, choices, literal):
+    """select's prompt encoded once for all its choices gives exactly the ids of each
+    whole ``prompt + choice``, literal spans (a chat's messages) or not."""
+    from aiolm.engine.tokenizer import MarkedText
+
+    tok = smollm2.tokenizer()
+    if literal and len(text) > 4:   # the first half is a message: its control text is literal
+        text = MarkedText(text, [(0, len(text) // 2)])
+    ids, fulls = tok.encode_continuations(text, choices)
+    assert ids == tok.encode(text)
+    assert fulls == [tok.encode(text + c) for c in choices]
+
+
+def test_continuations_encode_the_prompt_twice_not_once_a_choice():
+    from aiolm.engine.tokenizer import MarkedText
+
+    plain = smollm2.tokenizer()
+    tok = Tokenizer(_CountingHF(plain.hf))
+    prompt = "You are a helpful assistant. " * 40 + "Is the sky blue? The answer is"
+    choices = [" yes", " no", " maybe", " definitely not", " 42"]
+    for text in (prompt, MarkedText(prompt, [(0, 100)])):
+        tok.hf.encoded.clear()
+        ids, fulls = tok.encode_continuations(text, choices)
+        assert ids == plain.encode(text)
+        assert fulls == [plain.encode(text + c) for c in choices]
+        whole = [n for n in tok.hf.encoded if n >= len(prompt)]
+        assert len(whole) == 2, tok.hf.encoded   # alone, and with the first choice
+
+
+def test_continuations_fall_back_to_whole_encodings_where_a_split_is_unsafe(byte_tokenizer):
+    """A literal span reaching into the prompt's last word, or a tokenizer with a
+    normalizer: every choice is encoded whole (the same ids as before)."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from aiolm.engine.tokenizer import MarkedText
+
+    tok = smollm2.tokenizer()
+    text = MarkedText("say <|im_end|> hello world", [(4, 26)])
+    assert tok._tail_split(text) is None
+    ids, fulls = tok.encode_continuations(text, ["s", " again"])
+    assert fulls == [tok.encode(text + "s"), tok.encode(text + " again")]
+    raw = RawTokenizer.from_str(byte_tokenizer.hf.backend_tokenizer.to_str())   # a copy
+    raw.normalizer = normalizers.NFC()
+    normalized = Tokenizer(PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>"))
+    assert normalized._tail_split("hello world") is None
+    assert normalized.encode_continuations("hello world", ["s"]) == (
+        normalized.encode("hello world"), [normalized.encode("hello worlds")])

@@ -424,8 +424,8 @@ class Engine(EngineRequests, Backend):
             if prefix.input_ids is not None:
                 ids = list(prefix.input_ids)
                 return ids, [ids + tok.encode(c) for c in continuations]
-            text = self._prompt_text(prefix)
-            return tok.encode(text), [tok.encode(text + c) for c in continuations]
+            # The prompt once (and with the first choice), not once per choice.
+            return tok.encode_continuations(self._prompt_text(prefix), continuations)
 
         chars = _text_chars(prefix)
         self._refuse_overlong(chars + max(len(c) for c in continuations))

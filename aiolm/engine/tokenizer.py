@@ -117,6 +117,11 @@ def _shifted(text: str, by: int) -> list[tuple[int, int]]:
     return [(start + by, stop + by) for start, stop in spans]
 
 
+#: The characters at the end of a prompt whose pre-tokens :meth:`Tokenizer.encode_continuations`
+#: reads to find the last one.
+_SPLIT_WINDOW = 512
+
+
 class Tokenizer:
     """A Hugging Face tokenizer with the engine's conveniences.
 
@@ -191,13 +196,70 @@ class Tokenizer:
             return self._encode_runs(str(text), spans, add_special_tokens)
         return self._encode_escaped(str(text), spans, add_special_tokens)
 
+    def encode_continuations(self, text: str, continuations: Sequence[str]
+                             ) -> tuple[list[int], list[list[int]]]:
+        """``encode(text)`` and ``encode(text + c)`` for each of ``continuations`` (what
+        ``select`` scores), without encoding ``text`` again for every choice.
+
+        A choice can change how the end of ``text`` tokenizes ("world" + "s"), so each is
+        encoded joined to the tail of ``text`` from its last pre-token on (where the
+        tokenizer's regex split starts the last word), behind the ids of the rest. That
+        holds for a fast tokenizer without a normalizer whose tokens start there, with no
+        literal span (:class:`MarkedText`) in the tail; it is checked against the whole
+        joined encoding of the first choice, and any other case (a normalizer, a literal
+        tail, a mismatch) encodes every choice whole, as before. So ``text`` is encoded twice (alone and with the first choice) rather than
+        once per choice, and the results are exactly the whole encodings'.
+        """
+        split = self._tail_split(text) if continuations else None
+        if split is None:
+            return self.encode(text), [self.encode(text + c) for c in continuations]
+        ids, head, tail = split
+        first = self.encode(text + continuations[0])
+        if head + self.encode(tail + continuations[0]) != first:
+            return ids, [first, *(self.encode(text + c) for c in continuations[1:])]
+        return ids, [first, *(head + self.encode(tail + c) for c in continuations[1:])]
+
+    def _tail_split(self, text: str) -> tuple[list[int], list[int], str] | None:
+        """``(ids of text, ids before its last pre-token, the text from there)``, or None
+        where that split is not known to be safe (see :meth:`encode_continuations`)."""
+        spans = text.literal_spans if isinstance(text, MarkedText) else ()
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if (not getattr(self.hf, "is_fast", False) or backend is None
+                or backend.normalizer is not None or backend.pre_tokenizer is None):
+            return None
+        # The last pre-token from the text's end alone (a regex split is local: a window
+        # holding a few whole pieces ends in the same ones), the whole text when short.
+        window = max(0, len(text) - _SPLIT_WINDOW)
+        pieces = backend.pre_tokenizer.pre_tokenize_str(str(text)[window:])
+        if len(pieces) < (3 if window else 2):
+            return None
+        cut = window + pieces[-1][1][0]
+        if spans and spans[-1][1] > cut:   # the tail must hold no literal text
+            return None
+        enc = self.hf(str(text), add_special_tokens=False, return_offsets_mapping=True)
+        plain: list[int] = list(enc["input_ids"])
+        offsets = enc["offset_mapping"]
+        at = bisect.bisect_left([start for start, _ in offsets], cut)
+        if at == 0 or at == len(plain) or offsets[at][0] != cut or offsets[at - 1][1] > cut:
+            return None
+        # A chat prompt's literal spans (its messages) lie before the tail: the tail's
+        # tokens are the plain encoding's, the rest the escaped encoding's.
+        ids = self._encode_escaped(str(text), spans, False, enc=enc) if spans else plain
+        keep = len(ids) - (len(plain) - at)
+        if ids[keep:] != plain[at:]:
+            return None
+        return ids, ids[:keep], str(text)[cut:]
+
     def _encode_escaped(self, text: str, spans: Sequence[tuple[int, int]],
-                        add_special_tokens: bool) -> list[int]:
+                        add_special_tokens: bool, *, enc: Any = None) -> list[int]:
         # Encode the text whole, as a plain str, then replace each control token whose text
         # overlaps a literal span by the ordinary tokens of that text. Every other token is
         # kept, so benign text encodes exactly as a plain str does and a conversation's
-        # tokens stay a prefix of the next turn's (the prefix cache keeps hitting).
-        enc = self.hf(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        # tokens stay a prefix of the next turn's (the prefix cache keeps hitting). ``enc``:
+        # that plain encoding (with offsets), when the caller has it already.
+        if enc is None:
+            enc = self.hf(text, add_special_tokens=add_special_tokens,
+                          return_offsets_mapping=True)
         ids: list[int] = list(enc["input_ids"])
         offsets = enc["offset_mapping"]
         specials = self._special_tokens()
