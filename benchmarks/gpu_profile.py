@@ -36,7 +36,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +175,41 @@ def _ranked(profiler: cProfile.Profile, passes: int, top: int = 25) -> dict[str,
             "by_cumulative": sorted(rows, key=lambda r: -r["cum_us_per_pass"])[:top]}
 
 
+def _batch_runner(engine: Any, program: Any,
+                  inputs: list[dict[str, Any]]) -> Callable[[], Awaitable[tuple[float, int]]]:
+    """``run()``: the prefix cache emptied, ``program`` over ``inputs`` on ``engine``;
+    returns the wall seconds and the forward passes (raises the first program error)."""
+    core = engine._core  # noqa: SLF001 - profiling only
+
+    async def run() -> tuple[float, int]:
+        await engine.flush_cache()
+        passes0 = core.runner.forward_passes
+        t0 = time.perf_counter()
+        states = await program.run_batch(list(inputs), backend=engine)
+        wall = time.perf_counter() - t0
+        errors = [st.error for st in states if st.error is not None]
+        if errors:
+            raise errors[0]
+        return wall, core.runner.forward_passes - passes0
+
+    return run
+
+
+async def _gpu_kernels(run: Callable[[], Awaitable[tuple[float, int]]], *,
+                       top: int) -> dict[str, Any]:
+    """One ``run()`` under torch.profiler: the GPU's busy and idle time per pass and the
+    ``top`` kernels by time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _, passes = await run()
+        torch.cuda.synchronize()
+    table = _kernel_table(prof, passes)
+    return {**{k: v for k, v in table.items() if k != "kernels"},
+            "kernels": table["kernels"][:top]}
+
+
 async def _json_decode_profile(loaded: Any, plan: Any, jump_forward: bool,
                                backend: str) -> dict[str, Any]:
     """One variant of the json-decode workload: timed, then under each profiler in turn."""
@@ -188,18 +223,7 @@ async def _json_decode_profile(loaded: Any, plan: Any, jump_forward: bool,
     async with aiolm.Engine(loaded, jump_forward=jump_forward,
                             **wl.engine_options(plan, backend)) as engine:
         core = engine._core  # noqa: SLF001 - profiling only
-
-        async def run() -> tuple[float, int]:
-            await engine.flush_cache()
-            passes0 = core.runner.forward_passes
-            t0 = time.perf_counter()
-            states = await program.run_batch(list(inputs), backend=engine)
-            wall = time.perf_counter() - t0
-            errors = [st.error for st in states if st.error is not None]
-            if errors:
-                raise errors[0]
-            return wall, core.runner.forward_passes - passes0
-
+        run = _batch_runner(engine, program, inputs)
         await program.run_batch(warm, backend=engine)
         await run()  # warm: graphs, kernels, the schemas' grammars
         wall, passes = await run()
@@ -208,15 +232,7 @@ async def _json_decode_profile(loaded: Any, plan: Any, jump_forward: bool,
                                   "programs_per_s": len(inputs) / wall,
                                   "wall_ms_per_pass": wall / passes * 1e3}
         if plan.device == "cuda":
-            import torch
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                _, prof_passes = await run()
-                torch.cuda.synchronize()
-            table = _kernel_table(prof, prof_passes)
-            record["gpu"] = {k: v for k, v in table.items() if k != "kernels"}
-            record["gpu"]["kernels"] = table["kernels"][:15]
+            record["gpu"] = await _gpu_kernels(run, top=15)
 
         with _loop_profiled(core) as engine_prof:
             _, prof_passes = await run()
@@ -312,18 +328,7 @@ async def _image_qa_profile(loaded: Any, plan: Any, radix: bool) -> dict[str, An
     program = image_qa.answer_question
     async with aiolm.Engine(loaded, enable_radix_cache=radix, seed=0) as engine:
         core = engine._core  # noqa: SLF001 - profiling only
-
-        async def run() -> tuple[float, int]:
-            await engine.flush_cache()
-            passes0 = core.runner.forward_passes
-            t0 = time.perf_counter()
-            states = await program.run_batch(list(inputs), backend=engine)
-            wall = time.perf_counter() - t0
-            errors = [st.error for st in states if st.error is not None]
-            if errors:
-                raise errors[0]
-            return wall, core.runner.forward_passes - passes0
-
+        run = _batch_runner(engine, program, inputs)
         await program.run_batch(warm, backend=engine)
         await run()  # warm: graphs, kernels
         with VisionTimer(engine) as vision:
@@ -336,15 +341,7 @@ async def _image_qa_profile(loaded: Any, plan: Any, radix: bool) -> dict[str, An
         record["passes_by_kind"] = timeline.summary()
         record["timeline"] = timeline.passes
         if plan.device == "cuda":
-            import torch
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                _, prof_passes = await run()
-                torch.cuda.synchronize()
-            table = _kernel_table(prof, prof_passes)
-            record["gpu"] = {k: v for k, v in table.items() if k != "kernels"}
-            record["gpu"]["kernels"] = table["kernels"][:25]
+            record["gpu"] = await _gpu_kernels(run, top=25)
         core = None  # the engine's objects go with the engine
     return record
 
