@@ -97,6 +97,8 @@ class Suite:
         }
         self.loaded: Any = None  # the dummy model, shared by the aiolm and peer sections
         self.soak_backends: str | None = None
+        self.workloads: tuple[str, ...] | None = None   # None: every aiolm workload
+        self.ablations = True
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -251,7 +253,7 @@ def aiolm_benchmarks(suite: Suite) -> dict[str, Any]:
         out[backend] = record
         try:
             anyio.run(wl.engine_benchmarks, loaded, backend, plan, time.monotonic() + budget,
-                      record)
+                      record, suite.workloads)
         except Exception as exc:  # noqa: BLE001 - one backend failing must not stop the other
             record["error"] = f"{type(exc).__name__}: {exc}"
             record["traceback"] = traceback.format_exc()[-4000:]
@@ -275,7 +277,7 @@ def aiolm_benchmarks(suite: Suite) -> dict[str, Any]:
             wl.empty_device_cache()
             best = wl.faster_backend(out, ["torch"])
     out["auto_choice"] = best
-    if best is not None:
+    if best is not None and suite.ablations:
         # The ablations on the backend "auto" picks: (name, benchmark, budget, least budget).
         for name, bench, cap, least in (
                 ("radix_off", wl.radix_off_benchmark, plan.ablation_budget, 20),
@@ -388,8 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput-requests", type=int,
                         help="throughput workload size (default 500 on the GPU; the paper's 1000)")
     parser.add_argument("--skip", action="append", default=[],
-                        choices=["tests", "limits", "aiolm", "peer", "sanitizer", "soak"],
-                        help="skip a section")
+                        choices=["tests", "limits", "aiolm", "peer", "sanitizer", "soak",
+                                 "ablations"],
+                        help="skip a section (ablations: aiolm's radix-off and overlap-off)")
+    parser.add_argument("--workloads",
+                        help="comma-separated aiolm workloads to run (default: all of "
+                             f"{', '.join(wl.ENGINE_WORKLOADS)})")
     parser.add_argument("--soak-budget", type=float, default=240.0,
                         help="seconds for the soak section")
     parser.add_argument("--soak-backends", help="attention backends the soak runs (default: all)")
@@ -408,6 +414,13 @@ def main(argv: list[str] | None = None) -> int:
                         backends=args.backends, hf_compile=not args.no_hf_compile)
     suite = Suite(out, plan, args.budget, args.kind)
     suite.soak_backends = args.soak_backends
+    suite.ablations = "ablations" not in args.skip
+    if args.workloads:
+        suite.workloads = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
+        unknown = sorted(set(suite.workloads) - set(wl.ENGINE_WORKLOADS))
+        if unknown:
+            parser.error(f"--workloads: unknown {', '.join(unknown)} (choose from "
+                         f"{', '.join(wl.ENGINE_WORKLOADS)})")
     suite.start_watchdog()
     env = suite.section("environment", lambda: environment(plan))
     if suite.results["kind"] is None:

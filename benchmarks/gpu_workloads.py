@@ -365,9 +365,15 @@ async def _throughput(engine: Any, data: Workloads, plan: Plan, numbers: dict[st
             "total_tok_s": (prompt + out) / seconds, "flops": flops, "flop_s": flops / seconds}
 
 
+#: The aiolm workloads of :func:`engine_benchmarks`, in the order they run.
+ENGINE_WORKLOADS = ("decode_bs1", "prefill_8k", "few_shot", "throughput")
+
+
 async def engine_benchmarks(loaded: Any, backend: str, plan: Plan, deadline: float,
-                            record: dict[str, Any]) -> None:
-    """Every aiolm workload on one attention backend; fills ``record`` as it goes."""
+                            record: dict[str, Any],
+                            workloads: Sequence[str] | None = None) -> None:
+    """The aiolm workloads (``workloads``, default every one of :data:`ENGINE_WORKLOADS`) on
+    one attention backend; fills ``record`` as it goes."""
     import anyio
 
     from aiolm.backends.engine import Engine
@@ -405,6 +411,8 @@ async def engine_benchmarks(loaded: Any, backend: str, plan: Plan, deadline: flo
             ("throughput", lambda: _throughput(engine, data, plan, numbers), 1e9),
         ]
         for name, fn, cap in steps:
+            if workloads is not None and name not in workloads:
+                continue
             budget = min(cap, deadline - time.monotonic())
             if budget < 3:
                 record[name] = {"status": "skipped", "reason": "backend budget spent"}
