@@ -50,6 +50,7 @@ for _path in (str(ROOT), str(ROOT / "benchmarks")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+import attrs  # noqa: E402
 import gpu_workloads as wl  # noqa: E402
 from gpu_workloads import time_limit  # noqa: E402
 
@@ -412,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = wl.Plan.make(dry_run=args.dry_run, throughput_requests=args.throughput_requests,
                         backends=args.backends, hf_compile=not args.no_hf_compile)
+    if "peer" in args.skip:   # no time to hold back for it
+        plan = attrs.evolve(plan, peer_budget=0.0)
     suite = Suite(out, plan, args.budget, args.kind)
     suite.soak_backends = args.soak_backends
     suite.ablations = "ablations" not in args.skip
