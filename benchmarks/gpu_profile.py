@@ -17,8 +17,9 @@ dummy bf16 weights (``--dry-run``: tiny-llama on the CPU) and writes ``DIR/profi
 passes, the GPU's busy and idle time over the run, the engine thread's host time per pass
 by function, and every thread's (Python 3.12's cProfile sees them all) by function.
 
-``--image-qa`` profiles ``aiolm bench image-qa`` on ``llava-next-7b`` (dummy weights;
-``--dry-run``: the tiny shape on tiny-llava), radix cache on and off: the wall time, each
+``--image-qa`` profiles ``aiolm bench image-qa`` on ``llava-next-7b`` (``--model``: another
+named multimodal config, e.g. ``llava-1.5-7b``, ``qwen2.5-vl-7b``; dummy weights;
+``--dry-run``: the tiny shape on tiny-llava-next), radix cache on and off: the wall time, each
 forward pass's kind and size with its device time (CUDA events around the model's forward,
 read after the run: no synchronisation added), summed by kind, and the kernels ranked by time.
 """
@@ -350,8 +351,8 @@ async def image_qa_main(args: argparse.Namespace) -> dict[str, Any]:
     from aiolm.bench.models import load_for_bench
 
     plan = wl.Plan.make(dry_run=args.dry_run)
-    out: dict[str, Any] = {"plan": {"model": "tiny-llava-next" if plan.dry_run else "llava-next-7b",
-                                    "workload": "image-qa"}}
+    model = "tiny-llava-next" if plan.dry_run else (args.model or "llava-next-7b")
+    out: dict[str, Any] = {"plan": {"model": model, "workload": "image-qa"}}
     if not plan.dry_run:
         import torch
 
@@ -427,6 +428,8 @@ def main() -> None:
                         help="profile the json-decode workload, jump-forward on and off")
     parser.add_argument("--image-qa", action="store_true",
                         help="profile the image-qa workload on llava-next-7b, radix on and off")
+    parser.add_argument("--model", help="the named multimodal config --image-qa loads "
+                                        "(default llava-next-7b)")
     args = parser.parse_args()
     path = Path(args.out)
     path.mkdir(parents=True, exist_ok=True)
