@@ -252,3 +252,29 @@ def test_the_bench_takes_the_shared_prefix_option():
     assert _make_target(off, "tiny-llava").base_kwargs == {"shared_prefix_min_tokens": 0}
     with pytest.raises(SystemExit):
         build_parser().parse_args(["image-qa", "--shared-prefix-min-tokens", "-1"])
+
+
+def test_the_gpu_suite_runs_only_the_workloads_asked(tmp_path):
+    """``benchmarks/gpu_suite.py --dry-run --workloads throughput --skip ablations`` (tiny
+    Llama on the CPU): the throughput figure and nothing else of aiolm's; an unknown
+    workload is a usage error naming it."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_suite.py"
+    skips = [a for s in ("tests", "limits", "peer", "sanitizer", "soak", "ablations")
+             for a in ("--skip", s)]
+    done = subprocess.run([sys.executable, str(script), "--dry-run", "--out", str(tmp_path),
+                           "--budget", "120", *skips, "--workloads", "throughput"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_results.json").read_text())
+    record = result["sections"]["aiolm"]["result"]["torch"]
+    assert record["throughput"]["out_tok_s"] > 0
+    assert not {"decode_bs1", "prefill_8k", "few_shot"} & set(record)
+    assert "radix_off" not in result["sections"]["aiolm"]["result"]
+    bad = subprocess.run([sys.executable, str(script), "--dry-run", "--out", str(tmp_path),
+                          "--workloads", "throughput,warp-drive"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--workloads: unknown warp-drive" in bad.stderr
