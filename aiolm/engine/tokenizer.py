@@ -207,8 +207,9 @@ class Tokenizer:
         holds for a fast tokenizer without a normalizer whose tokens start there, with no
         literal span (:class:`MarkedText`) in the tail; it is checked against the whole
         joined encoding of the first choice, and any other case (a normalizer, a literal
-        tail, a mismatch) encodes every choice whole, as before. So ``text`` is encoded twice (alone and with the first choice) rather than
-        once per choice, and the results are exactly the whole encodings'.
+        tail, a mismatch) encodes every choice whole, as before. So ``text`` is encoded
+        twice (alone and with the first choice) rather than once per choice, and the results
+        are exactly the whole encodings'.
         """
         split = self._tail_split(text) if continuations else None
         if split is None:
