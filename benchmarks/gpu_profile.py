@@ -22,6 +22,10 @@ named multimodal config, e.g. ``llava-1.5-7b``, ``qwen2.5-vl-7b``; dummy weights
 ``--dry-run``: the tiny shape on tiny-llava-next), radix cache on and off: the wall time, each
 forward pass's kind and size with its device time (CUDA events around the model's forward,
 read after the run: no synchronisation added), summed by kind, and the kernels ranked by time.
+
+``--throughput`` profiles the suite's throughput workload (500 requests, prompts U[256,
+1024], outputs U[64, 256], on the Llama-3-8B shape; ``--dry-run``: the tiny plan): the same
+pass timeline — how much of the run is prefill, decode and mixed passes — and the kernels.
 """
 
 from __future__ import annotations
@@ -308,9 +312,9 @@ class _PassTimeline:
         for rec in self.passes:
             key = rec["kind"] + (" (graph)" if rec["graphed"] else "")
             row = by_kind.setdefault(key, {"passes": 0, "ms": 0.0, "tokens": 0, "requests": 0,
-                                           "kv_tokens": 0})
+                                           "riders": 0, "kv_tokens": 0})
             row["passes"] += 1
-            for k in ("ms", "tokens", "requests", "kv_tokens"):
+            for k in ("ms", "tokens", "requests", "riders", "kv_tokens"):
                 row[k] += rec[k]
         for row in by_kind.values():
             row["ms_per_pass"] = row["ms"] / row["passes"]
@@ -368,6 +372,46 @@ async def image_qa_main(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+async def throughput_main(args: argparse.Namespace) -> dict[str, Any]:
+    """The throughput workload once timed, once with the pass timeline, once profiled."""
+    import aiolm
+
+    plan = wl.Plan.make(dry_run=args.dry_run, backends=args.backend)
+    backend = plan.backends[0]
+    out: dict[str, Any] = {"plan": {"model": plan.model, "dtype": plan.dtype,
+                                    "backend": backend, "workload": "throughput",
+                                    "requests": plan.throughput_requests}}
+    if not plan.dry_run:
+        import torch
+
+        out["device"] = torch.cuda.get_device_name()
+        out["kind"] = args.kind or wl.kind_from_device(out["device"])
+    loaded = wl.load_dummy(plan)
+    data = wl.Workloads(plan)
+    requests = data.throughput
+    output_tokens = sum(n for _, n in requests)
+    async with aiolm.Engine(loaded, **wl.engine_options(plan, backend)) as engine:
+        runner = engine._core.runner  # noqa: SLF001 - profiling only
+
+        async def run() -> tuple[float, int]:
+            await engine.flush_cache()
+            passes0 = runner.forward_passes
+            seconds = await wl._generate_all(engine, requests)  # noqa: SLF001
+            return seconds, runner.forward_passes - passes0
+
+        await wl._warm_up(engine, data)  # noqa: SLF001
+        seconds, passes = await run()
+        out["wall_s"], out["passes"] = seconds, passes
+        out["out_tok_s"] = output_tokens / seconds
+        with _PassTimeline(runner, plan.device == "cuda") as timeline:
+            out["timeline_wall_s"], _ = await run()
+        out["passes_by_kind"] = timeline.summary()
+        out["timeline"] = timeline.passes
+        if plan.device == "cuda":
+            out["gpu"] = await _gpu_kernels(run, top=25)
+    return out
+
+
 async def json_decode_main(args: argparse.Namespace) -> dict[str, Any]:
     from aiolm.bench.models import load_for_bench
 
@@ -418,6 +462,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _print_passes(by_kind: dict[str, Any]) -> None:
+    for kind, row in by_kind["by_kind"].items():
+        print(f"   {kind:22s} {row['passes']:4d} passes {row['ms']:8.1f} ms "
+              f"({row['ms_per_pass']:.1f}/pass) tokens {row['tokens']} requests "
+              f"{row['requests']} (decode riders {row['riders']}) kv {row['kv_tokens']}")
+
+
+def _print_kernels(gpu: dict[str, Any], top: int = 20) -> None:
+    for k in gpu.get("kernels", [])[:top]:
+        print(f"   {k['us_per_step'] * gpu['steps'] / 1e3:9.1f} ms "
+              f"{k['calls_per_step'] * gpu['steps']:7.0f}x  {k['name'][:90]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -428,11 +485,22 @@ def main() -> None:
                         help="profile the json-decode workload, jump-forward on and off")
     parser.add_argument("--image-qa", action="store_true",
                         help="profile the image-qa workload on llava-next-7b, radix on and off")
+    parser.add_argument("--throughput", action="store_true",
+                        help="profile the suite's throughput workload (pass timeline, kernels)")
     parser.add_argument("--model", help="the named multimodal config --image-qa loads "
                                         "(default llava-next-7b)")
     args = parser.parse_args()
     path = Path(args.out)
     path.mkdir(parents=True, exist_ok=True)
+    if args.throughput:
+        result = asyncio.run(throughput_main(args))
+        (path / "profile-throughput.json").write_text(json.dumps(result, indent=1))
+        print(f"throughput: {result['out_tok_s']:.0f} out tok/s, {result['wall_s']:.2f} s, "
+              f"{result['passes']} passes; timeline {result['timeline_wall_s']:.2f} s wall, "
+              f"device {result['passes_by_kind']['device_ms_total'] / 1e3:.2f} s")
+        _print_passes(result["passes_by_kind"])
+        _print_kernels(result.get("gpu", {}))
+        return
     if args.image_qa:
         result = asyncio.run(image_qa_main(args))
         (path / "profile-image-qa.json").write_text(json.dumps(result, indent=1))
@@ -444,13 +512,8 @@ def main() -> None:
                   f"{rec['timeline_wall_s']:.2f} s wall, device "
                   f"{rec['passes_by_kind']['device_ms_total'] / 1e3:.2f} s; gpu busy "
                   f"{gpu.get('gpu_busy_us_per_step', 0) * gpu.get('steps', 0) / 1e6:.2f} s")
-            for kind, row in rec["passes_by_kind"]["by_kind"].items():
-                print(f"   {kind:22s} {row['passes']:4d} passes {row['ms']:8.1f} ms "
-                      f"({row['ms_per_pass']:.1f}/pass) tokens {row['tokens']} requests "
-                      f"{row['requests']} kv {row['kv_tokens']}")
-            for k in gpu.get("kernels", [])[:20]:
-                print(f"   {k['us_per_step'] * gpu['steps'] / 1e3:9.1f} ms "
-                      f"{k['calls_per_step'] * gpu['steps']:7.0f}x  {k['name'][:90]}")
+            _print_passes(rec["passes_by_kind"])
+            _print_kernels(gpu)
         return
     if args.json_decode:
         result = asyncio.run(json_decode_main(args))
