@@ -259,6 +259,25 @@ async def test_max_tokens_0_computes_the_prompt_and_finishes_by_length(tiny):
     assert again.usage.cached_tokens == len(PROMPT) - 1
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+async def test_max_tokens_0_finishes_when_a_chunk_ends_one_token_short(tiny, overlap):
+    """A prompt chunked one token short of its end: no decode pass computes a prefill-only
+    request's last token, so an extend must (it used to wait forever, holding its locked
+    prefix: with the aging bound, the whole queue behind it)."""
+    prompts = [[3 + (7 * i + j) % 250 for j in range(n)] for i, n in enumerate((17, 33, 49))]
+    async with Engine(tiny, max_total_tokens=4096, chunked_prefill_size=16,
+                      overlap=overlap) as engine:
+        with anyio.fail_after(30):
+            done = [await engine.generate(input_ids=p, max_tokens=0) for p in prompts]
+            async with anyio.create_task_group() as tg:   # and several at once
+                for p in prompts:
+                    tg.start_soon(lambda p=p: engine.generate(input_ids=[*p, 9], max_tokens=0))
+        report = await engine.check_integrity()
+    assert [d.finish_reason for d in done] == ["length"] * 3
+    assert [d.usage.prompt_tokens for d in done] == [17, 33, 49]
+    assert report.idle and report.request_slots == 0 and report.locked_tokens == 0
+
+
 async def test_only_the_first_chunk_carries_prompt_logprobs(tiny):
     async with Engine(tiny, max_total_tokens=4096) as engine:
         async with engine.stream(input_ids=PROMPT, prompt_logprobs=True, **greedy()) as chunks:

@@ -211,11 +211,15 @@ class Req:
     @property
     def needs_extend(self) -> bool:
         """True when more than one token is missing (prefill, chunk, recompute, jump-forward),
-        or any prompt token of a multimodal request (whose prompt only extends compute: a
+        or the last one of a prefill-only request (``max_tokens=0``: no decode pass will
+        compute it, and a prompt chunked one token short of its end would never finish), or
+        any prompt token of a multimodal request (whose prompt only extends compute: a
         decode pass never carries image rows or M-RoPE table positions)."""
         missing = len(self.all_ids) - self.kv_len
-        return missing > 1 or (missing == 1 and self.mm is not None
-                               and self.kv_len < self.prompt_len)
+        if missing != 1:
+            return missing > 1
+        return self.sampling.max_tokens == 0 or (self.mm is not None
+                                                 and self.kv_len < self.prompt_len)
 
     @property
     def needs_decode(self) -> bool:
