@@ -31,15 +31,18 @@ class _Limits:
     context: int
     vocab: int
     max_new_tokens: int
+    #: The most prompt tokens one pass computes (prompts are chunked beyond it); 0: unknown.
+    chunk: int = 0
 
     @classmethod
     def of(cls, engine: Engine, max_new_tokens: int) -> _Limits:
-        # NOTE: the model's context and vocabulary are not public on Engine; the core holds
-        # them as plain attributes (the values its request validation uses).
+        # NOTE: the model's context, vocabulary and prefill chunk are not public on Engine;
+        # the core holds them as plain attributes (the values its request validation uses).
         core = engine._require_core()
         pool = engine.statistics().total_kv_slots
         return cls(context=min(core.context_len, pool), vocab=core.vocab_size,
-                   max_new_tokens=max_new_tokens)
+                   max_new_tokens=max_new_tokens,
+                   chunk=core.runner.chunked_prefill_size or 0)
 
 
 @attrs.frozen(kw_only=True)

@@ -86,9 +86,14 @@ async def _greedy_in_mix(run: _Run, ids: list[int], max_tokens: int) -> Completi
 
 def _greedy(rng: random.Random, lim: _Limits) -> _Program:
     """A greedy request whose output the round compares with the same request run alone
-    (sometimes of 0 tokens: a prefill only)."""
+    (sometimes of 0 tokens: a prefill only; sometimes one token either side of a multiple
+    of the prefill chunk, where a prompt's last chunk is one token or none)."""
     max_tokens = rng.randint(0, lim.max_new_tokens)
-    ids = _prompt_ids(rng, lim, rng.randint(1, 96))
+    n = rng.randint(1, 96)
+    room = lim.context - max_tokens - 1
+    if lim.chunk and room > lim.chunk and rng.random() < 0.3:
+        n = lim.chunk * rng.randint(1, room // lim.chunk) + rng.choice((-1, 0, 1))
+    ids = _prompt_ids(rng, lim, max(1, min(n, room)))
 
     async def body(run: _Run, index: int) -> None:
         done = await _greedy_in_mix(run, ids, max_tokens)
