@@ -79,6 +79,77 @@ def test_which_extend_passes_replay_a_captured_graph():
     assert not CudaGraphRunner.can_run_extend(off, _extend_batch([5]))
 
 
+def test_a_replay_places_its_inputs_and_pads_the_captured_rest():
+    """What replay_extend copies into a bucket's static buffers (on the CPU: the graph and
+    the attention backend stand-ins): the batch's values first, then padding tokens (token
+    0, position 0, slot 0) and padding requests (no new tokens, a sequence of one)."""
+    import torch
+
+    from aiolm.engine.cuda_graph import CudaGraphRunner
+
+    replayed = []
+    static = types.SimpleNamespace(batch_size=6)
+    runner = types.SimpleNamespace(
+        extend_buckets=[8, 16], extend_batches={8: static},
+        extend_graphs={8: types.SimpleNamespace(replay=lambda: replayed.append(8))},
+        extend_outputs={8: torch.arange(6 * 3).view(6, 3)}, extend_replays=0,
+        attn=types.SimpleNamespace(init_forward_for_replay=lambda b: replayed.append(b)),
+        **{name: torch.full((size,), 7, dtype=torch.int64) for name, size in (
+            ("ext_input_ids", 16), ("ext_positions", 16), ("ext_out_cache_loc", 16),
+            ("ext_req_pool_indices", 8), ("ext_seq_lens", 8), ("ext_prefix_lens", 8),
+            ("ext_lens", 8))})
+    batch = _extend_batch([3, 2])
+    batch.input_ids.copy_(torch.tensor([11, 12, 13, 14, 15]))
+    batch.req_pool_indices.copy_(torch.tensor([4, 5]))
+    batch.seq_lens.copy_(torch.tensor([9, 20], dtype=torch.int32))
+    batch.extend_prefix_lens.copy_(torch.tensor([6, 18], dtype=torch.int32))
+    logits = CudaGraphRunner.replay_extend(runner, batch)
+    assert replayed == [static, 8] and runner.extend_replays == 1
+    assert logits.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert runner.ext_input_ids.tolist() == [11, 12, 13, 14, 15, 0, 0, 0] + [7] * 8
+    assert runner.ext_positions.tolist()[:8] == [0] * 8
+    assert runner.ext_req_pool_indices.tolist() == [4, 5, 0, 0, 0, 0, 7, 7]
+    assert runner.ext_seq_lens.tolist() == [9, 20, 1, 1, 1, 1, 7, 7]
+    assert runner.ext_prefix_lens.tolist() == [6, 18, 0, 0, 0, 0, 7, 7]
+    assert runner.ext_lens.tolist() == [3, 2, 0, 0, 0, 0, 7, 7]
+
+
+def test_a_grouped_decode_replay_places_its_groups_and_empties_the_rest():
+    """replay (decode with shared-prefix groups) on the CPU: rows past the batch decode a
+    one-token sequence at slot 0; groups past the batch's have no members and no length."""
+    import torch
+
+    from aiolm.engine.cuda_graph import CudaGraphRunner
+    from aiolm.engine.forward_batch import ForwardBatch, ForwardMode
+
+    def buffer(size, *rest):
+        return torch.full((size, *rest), 7, dtype=torch.int64)
+
+    static = types.SimpleNamespace(seq_lens_cpu=None)
+    runner = types.SimpleNamespace(
+        bucket=lambda bs: 8, batches={(8, True): static},
+        graphs={(8, True): types.SimpleNamespace(replay=lambda: None)},
+        outputs={(8, True): torch.zeros(8, 2)},
+        attn=types.SimpleNamespace(init_forward_for_replay=lambda b: None),
+        input_ids=buffer(8), positions=buffer(8), out_cache_loc=buffer(8),
+        req_pool_indices=buffer(8), seq_lens=buffer(8), prefix_lens=buffer(8),
+        group_rows=buffer(4, 2), group_lens=buffer(4))
+    groups = types.SimpleNamespace(count=1, prefix_lens=torch.tensor([30, 30, 0]),
+                                   rows=torch.tensor([[0, 1]]), lens=torch.tensor([30]))
+    batch = ForwardBatch(
+        mode=ForwardMode.DECODE, batch_size=3, input_ids=torch.tensor([5, 6, 7]),
+        positions=torch.tensor([31, 32, 9]), out_cache_loc=torch.tensor([40, 41, 42]),
+        req_pool_indices=torch.tensor([1, 2, 3]), seq_lens=torch.tensor([32, 33, 10]),
+        seq_lens_cpu=[32, 33, 10], prefix_groups=groups)
+    assert CudaGraphRunner.replay(runner, batch).shape == (3, 2)
+    assert runner.input_ids.tolist() == [5, 6, 7, 0, 0, 0, 0, 0]
+    assert runner.seq_lens.tolist() == [32, 33, 10, 1, 1, 1, 1, 1]
+    assert runner.prefix_lens.tolist() == [30, 30, 0, 0, 0, 0, 0, 0]
+    assert runner.group_rows.tolist() == [[0, 1], [-1, -1], [-1, -1], [-1, -1]]
+    assert runner.group_lens.tolist() == [30, 0, 0, 0]
+    assert static.seq_lens_cpu == [32, 33, 10, 1, 1, 1, 1, 1]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("flashinfer") is not None,
                     reason="flashinfer is installed here")
 def test_flashinfer_backend_without_flashinfer_says_how_to_get_it():

@@ -21,6 +21,8 @@ import pytest
 torch = pytest.importorskip("torch")
 anyio = pytest.importorskip("anyio")
 
+from test_gpu_engine import assert_same_greedy  # noqa: E402
+
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -179,15 +181,4 @@ def test_moe_models_on_cuda_give_the_cpu_greedy_tokens(family, tmp_path):
     prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (3, 20, 57, 140)]
     cpu = _generate(_load(tmp_path, "cpu"), prompts, device="cpu")
     cuda = _generate(_load(tmp_path, DEVICE), prompts, device=DEVICE, cuda_graphs=True)
-    compared = 0
-    for ref, got in zip(cpu, cuda, strict=True):
-        assert len(got.token_ids) == NEW_TOKENS
-        for i, (a, b) in enumerate(zip(ref.token_ids, got.token_ids, strict=True)):
-            if a == b:
-                compared += 1
-                continue
-            top = {tid: lp for tid, _text, lp in ref.logprobs[i].top}
-            assert b in top and top[a] - top[b] <= MARGIN, (
-                f"token {i}: diverged ({a} vs {b}); CPU top-5 logprobs {top}")
-            break
-    assert compared >= 2 * NEW_TOKENS
+    assert_same_greedy(cpu, cuda, MARGIN, new_tokens=NEW_TOKENS, min_compared=2 * NEW_TOKENS)

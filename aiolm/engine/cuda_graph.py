@@ -71,6 +71,15 @@ def extend_token_buckets(max_tokens: int) -> list[int]:
     return sizes
 
 
+def _place(buffer: torch.Tensor, values: torch.Tensor, end: int, pad: int = 0) -> None:
+    """A replay's inputs into a graph's static ``buffer``: ``values`` in its first rows, and
+    ``pad`` in the rows after them up to ``end`` (the captured size)."""
+    n = values.shape[0]
+    buffer[:n].copy_(values)
+    if end > n:
+        buffer[n:end].fill_(pad)
+
+
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
     """The captured batch sizes: 1, 2, 4, 8, 16, 24, 32, 48, 64, ... up to and including
     ``max_batch_size``."""
@@ -231,11 +240,12 @@ class CudaGraphRunner:
     def can_run(self, batch: ForwardBatch) -> bool:
         """Whether ``batch`` is a decode batch no larger than the largest bucket (with
         shared-prefix groups: only if they were captured, at the captured width)."""
+        if not batch.is_decode:
+            return False
         groups = batch.prefix_groups
         if groups is not None and (not self.members or groups.rows.shape[1] != self.members):
             return False
-        return (batch.is_decode and 0 < batch.batch_size <= self.max_batch_size
-                and batch.return_logits == "last")
+        return 0 < batch.batch_size <= self.max_batch_size and batch.return_logits == "last"
 
     def can_run_extend(self, batch: ForwardBatch) -> bool:
         """Whether ``batch`` is an extend pass a captured bucket takes: text only, the last
@@ -260,24 +270,15 @@ class CudaGraphRunner:
         reqs = static.batch_size
         if batch.extend_seq_lens is None or batch.extend_prefix_lens is None:
             raise RuntimeError("ForwardBatch: an extend batch needs extend_seq_lens/prefix_lens")
-        self.ext_input_ids[:tokens].copy_(batch.input_ids)
-        self.ext_positions[:tokens].copy_(batch.positions)
-        self.ext_out_cache_loc[:tokens].copy_(batch.out_cache_loc)
-        self.ext_req_pool_indices[:bs].copy_(batch.req_pool_indices)
-        self.ext_seq_lens[:bs].copy_(batch.seq_lens)
-        self.ext_prefix_lens[:bs].copy_(batch.extend_prefix_lens)
-        self.ext_lens[:bs].copy_(batch.extend_seq_lens)
-        if padded > tokens:
-            # Padding tokens: token 0 at position 0, K/V to slot 0, in no request.
-            self.ext_input_ids[tokens:padded].zero_()
-            self.ext_positions[tokens:padded].zero_()
-            self.ext_out_cache_loc[tokens:padded].zero_()
-        if reqs > bs:
-            # Padding requests: no new tokens (their logits rows are dropped).
-            self.ext_req_pool_indices[bs:reqs].zero_()
-            self.ext_seq_lens[bs:reqs].fill_(1)
-            self.ext_prefix_lens[bs:reqs].zero_()
-            self.ext_lens[bs:reqs].zero_()
+        # Padding tokens: token 0 at position 0, K/V to slot 0, in no request.
+        _place(self.ext_input_ids, batch.input_ids, padded)
+        _place(self.ext_positions, batch.positions, padded)
+        _place(self.ext_out_cache_loc, batch.out_cache_loc, padded)
+        # Padding requests: no new tokens (their logits rows are dropped).
+        _place(self.ext_req_pool_indices, batch.req_pool_indices, reqs)
+        _place(self.ext_seq_lens, batch.seq_lens, reqs, pad=1)
+        _place(self.ext_prefix_lens, batch.extend_prefix_lens, reqs)
+        _place(self.ext_lens, batch.extend_seq_lens, reqs)
         self.attn.init_forward_for_replay(static)
         self.extend_graphs[padded].replay()
         self.extend_replays += 1
@@ -291,27 +292,19 @@ class CudaGraphRunner:
         """Run ``batch`` through its bucket's graph; returns logits ``[bs, vocab]``."""
         bs = batch.batch_size
         padded = self.bucket(bs)
-        self.input_ids[:bs].copy_(batch.input_ids)
-        self.positions[:bs].copy_(batch.positions)
-        self.out_cache_loc[:bs].copy_(batch.out_cache_loc)
-        self.req_pool_indices[:bs].copy_(batch.req_pool_indices)
-        self.seq_lens[:bs].copy_(batch.seq_lens)
-        if padded > bs:
-            # Padding rows: token 0 at position 0, K/V to slot 0, a sequence of one token.
-            self.input_ids[bs:padded].zero_()
-            self.positions[bs:padded].zero_()
-            self.out_cache_loc[bs:padded].zero_()
-            self.req_pool_indices[bs:padded].zero_()
-            self.seq_lens[bs:padded].fill_(1)
+        # Padding rows: token 0 at position 0, K/V to slot 0, a sequence of one token.
+        _place(self.input_ids, batch.input_ids, padded)
+        _place(self.positions, batch.positions, padded)
+        _place(self.out_cache_loc, batch.out_cache_loc, padded)
+        _place(self.req_pool_indices, batch.req_pool_indices, padded)
+        _place(self.seq_lens, batch.seq_lens, padded, pad=1)
         groups = batch.prefix_groups
         if groups is not None:
-            g, cap = groups.count, padded // 2
-            self.prefix_lens[:bs].copy_(groups.prefix_lens)
-            self.prefix_lens[bs:padded].zero_()
-            self.group_rows[:g].copy_(groups.rows)
-            self.group_rows[g:cap].fill_(-1)
-            self.group_lens[:g].copy_(groups.lens)
-            self.group_lens[g:cap].zero_()
+            # Padding rows share nothing; unused groups are empty (no members, length 0).
+            cap = padded // 2
+            _place(self.prefix_lens, groups.prefix_lens, padded)
+            _place(self.group_rows, groups.rows, cap, pad=-1)
+            _place(self.group_lens, groups.lens, cap)
         key = (padded, groups is not None)
         static = self.batches[key]
         static.seq_lens_cpu = [*batch.seq_lens_cpu, *([1] * (padded - bs))]

@@ -414,10 +414,11 @@ class ModelRunner(StepIO):
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         """The model's logits for ``fb``: replayed from a CUDA graph, compiled, or eager."""
         graphs = self.graph_runner
-        if graphs is not None and fb.is_decode and graphs.can_run(fb):
-            return graphs.replay(fb)
-        if graphs is not None and not fb.is_decode and graphs.can_run_extend(fb):
-            return graphs.replay_extend(fb)
+        if graphs is not None:   # each check tests the pass's mode first
+            if graphs.can_run(fb):
+                return graphs.replay(fb)
+            if graphs.can_run_extend(fb):
+                return graphs.replay_extend(fb)
         if fb.prefix_groups is not None:
             return self.model(fb)   # eager: the compiled CPU step does not take groups
         if fb.is_decode and self.compiled_decode is not None:

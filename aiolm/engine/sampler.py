@@ -81,7 +81,8 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     ``t`` is allowed. Tokens past ``32 * words`` are disallowed.
     """
     bs, vocab = logits.shape
-    if logits.device.type == "cpu" and bitmask.device.type == "cpu":
+    on_cpu = logits.device.type == "cpu" and bitmask.device.type == "cpu"
+    if on_cpu:
         # numpy unpacks the bits in one pass (little-endian words: byte 0 holds tokens
         # 0-7), and a select writes the row: on this 2-core CPU 1.0 ms for 32 rows of
         # 49,152 tokens all allowed (the shift-and-mask below: 1.8 ms), 5.7 ms for random
@@ -89,15 +90,16 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
         words = bitmask.to(torch.int32).contiguous().numpy()
         bits = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")
         allowed = torch.from_numpy(bits).view(bs, -1).bool()
-        covered = min(vocab, allowed.shape[1])
-        head = logits[:, :covered]
-        head.copy_(torch.where(allowed[:, :covered], head, float("-inf")))
     else:
         shifts = torch.arange(_BITS, device=logits.device, dtype=torch.int32)
         words = bitmask.to(device=logits.device, dtype=torch.int32, non_blocking=True)
         allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().view(bs, -1)
-        covered = min(vocab, allowed.shape[1])
-        logits[:, :covered].masked_fill_(~allowed[:, :covered], float("-inf"))
+    covered = min(vocab, allowed.shape[1])
+    head, allowed = logits[:, :covered], allowed[:, :covered]
+    if on_cpu:
+        head.copy_(torch.where(allowed, head, float("-inf")))
+    else:
+        head.masked_fill_(~allowed, float("-inf"))
     if covered < vocab:
         logits[:, covered:] = float("-inf")
 

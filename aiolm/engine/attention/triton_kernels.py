@@ -227,6 +227,23 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor, v_buf: torch
 
 
 @triton.jit
+def _attend_extend(q, q_pos, KBuf, VBuf, slot_row, k_off, v_off, c_mask, full_end, kv_end,
+                   stride_kbs, stride_vbs, qk_scale, ROWS: tl.constexpr, COLS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+    # Both extend kernels' attention of a block of query rows (at positions q_pos): keys
+    # [0, full_end), before the block's first query, are visible to every row (no causal
+    # mask, only the bound at the end); keys [full_end, kv_end) each row sees up to its
+    # own position. Returns the normalized output [ROWS, COLS].
+    acc, m_i, l_i = _attend_tiles(
+        q, KBuf, VBuf, slot_row, k_off, v_off, c_mask, 0, full_end, stride_kbs, stride_vbs,
+        qk_scale, ROWS=ROWS, COLS=COLS, BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
+    acc, m_i, l_i = _attend_causal_tiles(
+        acc, m_i, l_i, q, q_pos, KBuf, VBuf, slot_row, k_off, v_off, c_mask, full_end, kv_end,
+        stride_kbs, stride_vbs, qk_scale, BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
+    return acc / l_i[:, None]
+
+
+@triton.jit
 def _extend_kernel(Q, Out, KBuf, VBuf, ReqToToken, ReqPoolIdx, PrefixLens, ExtendLens, QStart,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_kbs, stride_kbh, stride_vbs, stride_vbh, stride_r2t,
@@ -253,22 +270,12 @@ def _extend_kernel(Q, Out, KBuf, VBuf, ReqToToken, ReqPoolIdx, PrefixLens, Exten
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
     q_pos = prefix + offs_m  # position of each query in its sequence
 
-    slot_row = ReqToToken + row * stride_r2t
-    kv_end = tl.minimum(prefix + (m_block + 1) * BLOCK_M, prefix + ext_len)
-    # Keys before the block's first query are visible to every query in the block: no
-    # causal mask there, only the bound at the end.
-    full_end = prefix + m_block * BLOCK_M
-    acc, m_i, l_i = _attend_tiles(
-        q, KBuf, VBuf, slot_row, kvh * stride_kbh + offs_d, kvh * stride_vbh + offs_d, d_mask,
-        0, full_end, stride_kbs, stride_vbs, qk_scale, ROWS=BLOCK_M, COLS=BLOCK_D,
-        BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
-
-    acc, m_i, l_i = _attend_causal_tiles(
-        acc, m_i, l_i, q, q_pos, KBuf, VBuf, slot_row, kvh * stride_kbh + offs_d,
-        kvh * stride_vbh + offs_d, d_mask, full_end, kv_end, stride_kbs, stride_vbs, qk_scale,
-        BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
-
-    out = acc / l_i[:, None]
+    out = _attend_extend(q, q_pos, KBuf, VBuf, ReqToToken + row * stride_r2t,
+                         kvh * stride_kbh + offs_d, kvh * stride_vbh + offs_d, d_mask,
+                         prefix + m_block * BLOCK_M,
+                         tl.minimum(prefix + (m_block + 1) * BLOCK_M, prefix + ext_len),
+                         stride_kbs, stride_vbs, qk_scale, ROWS=BLOCK_M, COLS=BLOCK_D,
+                         BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
     tl.store(Out + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
@@ -307,20 +314,12 @@ def _extend_grouped_kernel(Q, Out, KBuf, VBuf, ReqToToken, ReqPoolIdx, PrefixLen
                 mask=r_mask[:, None] & d_mask[None, :], other=0.0)
     q_pos = prefix + offs_t
 
-    slot_row = ReqToToken + row * stride_r2t
-    kv_end = tl.minimum(prefix + (t_block + 1) * BLOCK_T, prefix + ext_len)
-    full_end = prefix + t_block * BLOCK_T   # keys every token of the block sees
-    acc, m_i, l_i = _attend_tiles(
-        q, KBuf, VBuf, slot_row, kvh * stride_kbh + offs_d, kvh * stride_vbh + offs_d, d_mask,
-        0, full_end, stride_kbs, stride_vbs, qk_scale, ROWS=BLOCK_T * GROUP_P, COLS=BLOCK_D,
-        BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
-
-    acc, m_i, l_i = _attend_causal_tiles(
-        acc, m_i, l_i, q, q_pos, KBuf, VBuf, slot_row, kvh * stride_kbh + offs_d,
-        kvh * stride_vbh + offs_d, d_mask, full_end, kv_end, stride_kbs, stride_vbs, qk_scale,
-        BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
-
-    out = acc / l_i[:, None]
+    out = _attend_extend(q, q_pos, KBuf, VBuf, ReqToToken + row * stride_r2t,
+                         kvh * stride_kbh + offs_d, kvh * stride_vbh + offs_d, d_mask,
+                         prefix + t_block * BLOCK_T,
+                         tl.minimum(prefix + (t_block + 1) * BLOCK_T, prefix + ext_len),
+                         stride_kbs, stride_vbs, qk_scale, ROWS=BLOCK_T * GROUP_P,
+                         COLS=BLOCK_D, BLOCK_N=BLOCK_N, DOT_F32=DOT_F32)
     tl.store(Out + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
 
