@@ -47,12 +47,12 @@ def load(dtype: str):
                        device=torch.device(DEVICE), source="gpu-test-llama", load_format="dummy")
 
 
-def generate(loaded, **engine_options):
+def generate(loaded, prompt_lens=PROMPT_LENS, **engine_options):
     """Greedy completions (with top-5 logprobs) of every prompt, submitted together."""
     from aiolm.backends.engine import Engine
 
     rnd = random.Random(0)
-    prompts = [[rnd.randrange(3, CONFIG["vocab_size"]) for _ in range(n)] for n in PROMPT_LENS]
+    prompts = [[rnd.randrange(3, CONFIG["vocab_size"]) for _ in range(n)] for n in prompt_lens]
 
     async def main():
         results = [None] * len(prompts)
@@ -119,6 +119,36 @@ def test_cuda_graph_decode_matches_eager_decode(backend):
     eager = generate(loaded, attention_backend=backend, cuda_graphs=False)
     graphed = generate(loaded, attention_backend=backend, cuda_graphs=True)
     assert_same_greedy(eager, graphed, MARGIN["bfloat16"])
+
+
+@pytest.mark.parametrize(("backend", "dtype"), [
+    ("triton", "float32"), ("triton", "bfloat16"),
+    pytest.param("hybrid", "bfloat16",
+                 marks=pytest.mark.skipif(not HAS_FLASHINFER, reason="flashinfer missing"))])
+def test_decode_steps_riding_an_extend_pass_go_to_the_decode_kernel(monkeypatch, backend,
+                                                                     dtype):
+    """Twelve short prompts decode while a 1,500-token prompt is prefilled in chunks of
+    128: the chunks' passes end in twelve one-token requests, which the decode kernel takes
+    (``split_one_token_tail``); the tokens are the torch backend's."""
+    from aiolm.engine.attention import base, hybrid
+    from aiolm.engine.attention import triton as triton_backend
+
+    cut = []
+
+    def counted(batch, *args):
+        split = base.split_one_token_tail(batch, *args)
+        cut.append(split is not None and split.head is not None)
+        return split
+
+    monkeypatch.setattr(hybrid, "split_one_token_tail", counted)
+    monkeypatch.setattr(triton_backend, "split_one_token_tail", counted)
+    loaded = load(dtype)
+    lens = [20 + i for i in range(12)] + [1500]
+    options = dict(cuda_graphs=False, chunked_prefill_size=128, mix_decode=True)
+    reference = generate(loaded, lens, attention_backend="torch", **options)
+    other = generate(loaded, lens, attention_backend=backend, **options)
+    assert sum(cut) >= 5   # at least five chunks of the long prompt carried riders
+    assert_same_greedy(reference, other, MARGIN[dtype], min_compared=8 * NEW_TOKENS)
 
 
 def test_kv_pool_takes_mem_fraction_of_free_memory():

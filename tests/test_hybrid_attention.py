@@ -66,6 +66,29 @@ def test_extend_then_decode_match_torch_and_use_flashinfer_then_triton(hybrid_cl
     assert rel_err(out, expected) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize(("prefix_lens", "extend_lens", "planned"), [
+    ([0, 9] + [5 + i for i in range(8)], [7, 20] + [1] * 8, 2),   # prompts, then 8 riders
+    ([5 + i for i in range(8)], [1] * 8, None),                   # riders only: no prefill
+    ([0, 9, 30], [7, 1, 1], 3),                                    # a short tail stays
+])
+def test_one_token_tail_of_an_extend_pass_goes_to_tritons_decode(hybrid_cls, prefix_lens,
+                                                                 extend_lens, planned):
+    attn = hybrid_cls(**GEOMETRY)
+    prefill = attn.extend_backend._prefill
+    batch, q, k, v = make_batch(prefix_lens=prefix_lens, extend_lens=extend_lens, seed=5,
+                                **shapes(torch.float32))
+    expected = reference(batch, q, k, v, GEOMETRY)
+    attn.init_forward(batch)
+    out = attn.forward(q, k, v, 0, batch)
+    assert rel_err(out, expected) < TOLERANCE[torch.float32]
+    k_buf, v_buf = batch.kv_pool.get_kv(0)
+    assert torch.equal(k_buf[batch.out_cache_loc], k) and torch.equal(v_buf[batch.out_cache_loc], v)
+    if planned is None:
+        assert prefill.runs == 0
+    else:
+        assert prefill.runs == 1 and len(prefill._plan[0]) == planned + 1
+
+
 def test_graph_hooks_are_tritons(hybrid_cls):
     attn = hybrid_cls(**GEOMETRY)
     batch, q, k, v = make_batch(prefix_lens=[40, 9], extend_lens=[1, 1], seed=3, decode=True,
@@ -88,19 +111,39 @@ def test_forward_before_init_forward_says_so(hybrid_cls):
         attn.forward(q, k, v, 0, batch)
 
 
+PROMPT_SETS = {
+    "mixed": [[5, 17, 200, 31], list(range(3, 40)), [9] * 20],
+    # Nine short prompts decode while a long one is prefilled in chunks of 64: its last
+    # chunk's pass ends in nine one-token requests, which go to Triton's decode kernel.
+    "riders": [[5 + i, 17, 200 - i] for i in range(9)] + [list(range(3, 120))],
+}
+
+
 @pytest.mark.anyio
-async def test_engine_greedy_tokens_with_hybrid_equal_torch_backend(hybrid_cls):
+@pytest.mark.parametrize("prompts", list(PROMPT_SETS))
+async def test_engine_greedy_tokens_with_hybrid_equal_torch_backend(hybrid_cls, monkeypatch,
+                                                                    prompts):
     """Prompts of mixed lengths through the whole engine (prefill, decode), float32."""
     import anyio
 
     from aiolm.backends.engine import Engine, LoadedModel
+    from aiolm.engine.attention import base, hybrid
 
+    tails = []
+
+    def counted(batch, *args):
+        split = base.split_one_token_tail(batch, *args)
+        tails.append(0 if split is None else split.tail.batch_size)
+        return split
+
+    monkeypatch.setattr(hybrid, "split_one_token_tail", counted)
     loaded = LoadedModel.load("tiny-llama", load_format="dummy", device="cpu", seed=0)
-    prompts = [[5, 17, 200, 31], list(range(3, 40)), [9] * 20]
+    name, prompts = prompts, PROMPT_SETS[prompts]
 
     async def run(backend):
         results = [None] * len(prompts)
-        async with Engine(loaded, attention_backend=backend, max_total_tokens=4096) as engine:
+        async with Engine(loaded, attention_backend=backend, max_total_tokens=4096,
+                          chunked_prefill_size=64, mix_decode=True, overlap=False) as engine:
             async def one(i):
                 results[i] = await engine.generate(input_ids=prompts[i], max_tokens=5,
                                                    ignore_eos=True, temperature=0.0)
@@ -111,6 +154,7 @@ async def test_engine_greedy_tokens_with_hybrid_equal_torch_backend(hybrid_cls):
         return [r.token_ids for r in results]
 
     assert await run("hybrid") == await run("torch")
+    assert max(tails) == (9 if name == "riders" else 0)
 
 
 def test_the_pool_stays_within_flashinfers_32_bit_offsets(hybrid_cls):

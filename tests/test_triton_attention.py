@@ -133,6 +133,47 @@ def test_extend_attends_to_cached_prefix_and_causally_to_new_tokens(backend_cls,
     assert torch.equal(v_buf[batch.out_cache_loc], v)
 
 
+# An extend pass whose last requests compute one token each (decode steps riding along):
+# at least MIN_ONE_TOKEN_TAIL of them go to the decode kernel; the other rows stay extend's.
+# Each case: prefix lengths, new tokens, the kernels expected to run.
+ONE_TOKEN_TAILS = {
+    "prompts-then-riders": ([0, 7] + [3 * i + 5 for i in range(9)], [12, 30] + [1] * 9,
+                            {"extend": 1, "decode": 1}),
+    "only-riders": ([4 * i + 2 for i in range(8)], [1] * 8, {"extend": 0, "decode": 1}),
+    "short-tail": ([0, 7, 9, 40], [12, 30, 1, 1], {"extend": 1, "decode": 0}),
+    "one-token-not-last": ([5] * 9 + [0], [1] * 9 + [6], {"extend": 1, "decode": 0}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(ONE_TOKEN_TAILS))
+def test_extend_pass_ending_in_one_token_requests_decodes_them(backend_cls, tk, monkeypatch,
+                                                               dtype, case):
+    from aiolm.engine.attention.base import split_one_token_tail
+
+    prefix_lens, extend_lens, kernels = ONE_TOKEN_TAILS[case]
+    batch, q, k, v = make_batch(prefix_lens=prefix_lens, extend_lens=extend_lens,
+                                num_q_heads=8, num_kv_heads=2, head_dim=16, dtype=dtype,
+                                seed=len(case))
+    geometry = dict(num_q_heads=8, num_kv_heads=2, head_dim=16, scale=0.25, device="cpu")
+    expected = reference(batch, q, k, v, geometry)
+    calls = {"extend": 0, "decode": 0}
+    for name in calls:
+        def counted(*args, _name=name, _real=getattr(tk, f"{name}_attention")):
+            calls[_name] += 1
+            return _real(*args)
+        monkeypatch.setattr(tk, f"{name}_attention", counted)
+    attn = backend_cls(**geometry)
+    attn.init_forward(batch)
+    out = attn.forward(q, k, v, 0, batch)
+    assert rel_err(out, expected) < TOLERANCE[dtype]
+    k_buf, v_buf = batch.kv_pool.get_kv(0)
+    assert torch.equal(k_buf[batch.out_cache_loc], k)
+    assert torch.equal(v_buf[batch.out_cache_loc], v)
+    assert calls == kernels
+    assert (split_one_token_tail(batch) is not None) == bool(kernels["decode"])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_splits", [1, 5])
 def test_decode_split_k_matches_reference(tk, dtype, num_splits):

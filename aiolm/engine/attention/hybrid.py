@@ -6,20 +6,22 @@ extend kernel (prefill, few-shot) while our decode kernel, captured in CUDA grap
 faster at decode and throughput. Both read the pool through the same slot table, so each
 pass can simply go to the better one: ``init_forward`` picks the backend by the batch's
 mode and forwards to it; the CUDA-graph hooks (decode passes, and the small extends
-the graph runner captures) are Triton's.
+the graph runner captures) are Triton's. An extend pass that ends in requests computing one
+token each (decode steps riding along, see ``split_one_token_tail``) is cut in two: its
+prompts go to flashinfer, those requests to Triton's decode kernel.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import AttentionBackend
+import torch
+
+from .base import AttentionBackend, OneTokenTail, split_one_token_tail
 from .flashinfer import FlashInferAttention
 from .triton import TritonAttention
 
 if TYPE_CHECKING:
-    import torch
-
     from ..forward_batch import ForwardBatch
 
 __all__ = ["HybridAttention"]
@@ -46,6 +48,7 @@ class HybridAttention(AttentionBackend):
         self.extend_backend = FlashInferAttention(**geometry)
         self.decode_backend = TritonAttention(**geometry)
         self._active: AttentionBackend | None = None
+        self._split: OneTokenTail | None = None
 
     def max_kv_slots(self, num_kv_heads: int, head_dim: int) -> int:
         """The tighter of the two backends' limits (flashinfer's 32-bit offsets)."""
@@ -56,6 +59,13 @@ class HybridAttention(AttentionBackend):
         """Prepare the pass on the backend that runs it (flashinfer plans, Triton splits)."""
         # Extends captured in CUDA graphs are Triton's too (flashinfer plans on the host).
         triton = batch.is_decode or self.decode_backend.captured_extend(batch)
+        self._split = None if triton else split_one_token_tail(batch)
+        if self._split is not None:
+            if self._split.head is not None:
+                self.extend_backend.init_forward(self._split.head)
+            self.decode_backend.init_forward(self._split.tail)
+            self._active = self.decode_backend
+            return
         self._active = self.decode_backend if triton else self.extend_backend
         self._active.init_forward(batch)
 
@@ -64,7 +74,15 @@ class HybridAttention(AttentionBackend):
         """Store ``k``/``v`` at ``batch.out_cache_loc`` of layer ``layer_id``, then attend."""
         if self._active is None:
             raise RuntimeError("HybridAttention.init_forward was not called for this batch")
-        return self._active.forward(q, k, v, layer_id, batch)
+        split = self._split
+        if split is None:
+            return self._active.forward(q, k, v, layer_id, batch)
+        t = split.head_tokens
+        tail = self.decode_backend.forward(q[t:], k[t:], v[t:], layer_id, split.tail)
+        if split.head is None:
+            return tail
+        head = self.extend_backend.forward(q[:t], k[:t], v[:t], layer_id, split.head)
+        return torch.cat((head, tail))
 
     # CUDA graphs capture decode passes and small extends: both are Triton's.
     def init_cuda_graph_state(self, max_batch_size: int, max_context_len: int) -> None:

@@ -18,7 +18,7 @@ import torch
 from ..forward_batch import ForwardBatch
 from ..shared_prefix import PrefixGroups
 from . import triton_kernels as tk
-from .base import AttentionBackend
+from .base import AttentionBackend, OneTokenTail, split_one_token_tail
 
 __all__ = ["TritonAttention"]
 
@@ -74,6 +74,8 @@ class TritonAttention(AttentionBackend):
         else:
             self._num_sms = 4
         self._meta: _ExtendMeta | _DecodeMeta | None = None
+        # An extend pass cut in two (init_forward): the parts and each one's metadata.
+        self._split: tuple[OneTokenTail, _ExtendMeta | None, _DecodeMeta] | None = None
         # Decode metadata of the batches being captured, keyed by the (static) batch object:
         # the model calls init_forward inside the captured region, where nothing may change.
         self._graph_meta: weakref.WeakKeyDictionary[ForwardBatch, _DecodeMeta] = (
@@ -87,20 +89,32 @@ class TritonAttention(AttentionBackend):
     # ----------------------------------------------------------------- per pass
 
     def init_forward(self, batch: ForwardBatch) -> None:
-        """Compute the per-pass metadata (no device → host synchronisation)."""
+        """Compute the per-pass metadata (no device → host synchronisation). An eager
+        extend pass ending in requests of one new token each (``split_one_token_tail``)
+        gets two: the extend kernel's for its head, the decode kernel's for that tail."""
+        self._split = None
         if batch.is_decode:
             meta = self._graph_meta.get(batch)
             self._meta = meta if meta is not None else self._eager_decode_meta(batch)
             return
         if batch.extend_seq_lens is None or batch.extend_prefix_lens is None:
             raise RuntimeError("ForwardBatch: an extend batch needs extend_seq_lens/prefix_lens")
+        split = None if batch in self._graph_extends else split_one_token_tail(batch)
+        if split is not None:
+            head = None if split.head is None else self._extend_meta(split.head)
+            self._split = (split, head, self._eager_decode_meta(split.tail))
+            self._meta = None
+            return
+        self._meta = self._extend_meta(batch)
+
+    def _extend_meta(self, batch: ForwardBatch) -> _ExtendMeta:
         if batch.extend_seq_lens_cpu:
             max_extend_len = max(batch.extend_seq_lens_cpu)
         else:
             max_extend_len = int(batch.extend_seq_lens.max().item()) if batch.batch_size else 0
         lens = batch.extend_seq_lens.to(torch.int32)
         q_start = torch.cumsum(lens, 0, dtype=torch.int32) - lens
-        self._meta = _ExtendMeta(q_start=q_start, max_extend_len=max_extend_len)
+        return _ExtendMeta(q_start=q_start, max_extend_len=max_extend_len)
 
     def _eager_decode_meta(self, batch: ForwardBatch) -> _DecodeMeta:
         bs = batch.batch_size
@@ -132,13 +146,24 @@ class TritonAttention(AttentionBackend):
         """Store ``k``/``v`` at ``batch.out_cache_loc`` of layer ``layer_id``, then attend."""
         if batch.kv_pool is None or batch.req_to_token_pool is None:
             raise RuntimeError("ForwardBatch needs kv_pool and req_to_token_pool for attention")
+        if self._split is not None:
+            split, head_meta, tail_meta = self._split
+            t = split.head_tokens
+            tail = self._attend(q[t:], k[t:], v[t:], layer_id, split.tail, tail_meta)
+            if split.head is None:
+                return tail
+            head = self._attend(q[:t], k[:t], v[:t], layer_id, split.head, head_meta)
+            return torch.cat((head, tail))
+        return self._attend(q, k, v, layer_id, batch, self._meta)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
+                batch: ForwardBatch, meta: _ExtendMeta | _DecodeMeta | None) -> torch.Tensor:
         k_buf, v_buf = batch.kv_pool.get_kv(layer_id)
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         tk.store_kv(k, v, k_buf, v_buf, batch.out_cache_loc)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         req_to_token = batch.req_to_token_pool.req_to_token
         cfg = self._fp32_cfg if k_buf.dtype == torch.float32 else self.cfg
-        meta = self._meta
         if batch.is_decode:
             if not isinstance(meta, _DecodeMeta):
                 raise RuntimeError("TritonAttention.init_forward was not called for this batch")
