@@ -159,9 +159,9 @@ def test_extend_pass_ending_in_one_token_requests_decodes_them(backend_cls, tk, 
     expected = reference(batch, q, k, v, geometry)
     calls = {"extend": 0, "decode": 0}
     for name in calls:
-        def counted(*args, _name=name, _real=getattr(tk, f"{name}_attention"), **kwargs):
+        def counted(*args, _name=name, _real=getattr(tk, f"{name}_attention")):
             calls[_name] += 1
-            return _real(*args, **kwargs)
+            return _real(*args)
         monkeypatch.setattr(tk, f"{name}_attention", counted)
     attn = backend_cls(**geometry)
     attn.init_forward(batch)
@@ -176,35 +176,16 @@ def test_extend_pass_ending_in_one_token_requests_decodes_them(backend_cls, tk, 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_splits", [1, 5])
-@pytest.mark.parametrize("merge", ["stage-2", "last-program"])
-def test_decode_split_k_matches_reference(tk, dtype, num_splits, merge):
-    """Split-K decode merged by a second kernel, or by each request's last chunk program
-    (``counts``: left zero for the next launch)."""
+def test_decode_split_k_matches_reference(tk, dtype, num_splits):
     hq, hkv, d = 8, 2, 16
     batch, q, k, v = make_batch(prefix_lens=[0, 16, 49, 70], extend_lens=[1, 1, 1, 1],
                                 num_q_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype,
                                 seed=num_splits, decode=True)
     expected, out, scratch, cfg, (k_buf, v_buf) = decode_setup(tk, batch, q, k, v, 8)
-    counts = torch.zeros(tk.decode_programs(4, hkv, cfg), dtype=torch.int32)
-    for _ in range(2):   # a second launch finds the counts zero again
-        out.fill_(float("nan"))
-        tk.decode_attention(q, out, k_buf, v_buf, batch.req_to_token_pool.req_to_token,
-                            batch.req_pool_indices, batch.seq_lens, *scratch, num_splits, 0.3,
-                            cfg, counts=counts if merge == "last-program" else None)
-        assert torch.isfinite(out).all()
-        assert rel_err(out, expected) < TOLERANCE[dtype]
-        assert not counts.any()
-
-
-def test_decode_refuses_too_few_counts(tk):
-    batch, q, k, v = make_batch(prefix_lens=[3, 9], extend_lens=[1, 1], num_q_heads=4,
-                                num_kv_heads=2, head_dim=16, dtype=torch.float32, seed=1,
-                                decode=True)
-    _, out, scratch, cfg, (k_buf, v_buf) = decode_setup(tk, batch, q, k, v, 4)
-    with pytest.raises(ValueError, match="counts: 3 entries, fewer than the 4 programs"):
-        tk.decode_attention(q, out, k_buf, v_buf, batch.req_to_token_pool.req_to_token,
-                            batch.req_pool_indices, batch.seq_lens, *scratch, 2, 0.3, cfg,
-                            counts=torch.zeros(3, dtype=torch.int32))
+    tk.decode_attention(q, out, k_buf, v_buf, batch.req_to_token_pool.req_to_token,
+                        batch.req_pool_indices, batch.seq_lens, *scratch, num_splits, 0.3, cfg)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expected) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -224,13 +205,10 @@ def test_decode_reading_several_kv_heads_a_program_matches_reference(tk, dtype, 
                                 seed=hq + per_program, decode=True)
     expected, out, scratch, cfg, (k_buf, v_buf) = decode_setup(tk, batch, q, k, v, 8)
     cfg.decode_heads = per_program
-    for counts in (None, torch.zeros(tk.decode_programs(4, hkv, cfg), dtype=torch.int32)):
-        out.fill_(float("nan"))
-        tk.decode_attention(q, out, k_buf, v_buf, batch.req_to_token_pool.req_to_token,
-                            batch.req_pool_indices, batch.seq_lens, *scratch, 3, 0.3, cfg,
-                            counts=counts)
-        assert torch.isfinite(out).all()
-        assert rel_err(out, expected) < TOLERANCE[dtype]
+    tk.decode_attention(q, out, k_buf, v_buf, batch.req_to_token_pool.req_to_token,
+                        batch.req_pool_indices, batch.seq_lens, *scratch, 3, 0.3, cfg)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expected) < TOLERANCE[dtype]
 
     batch, q, k, v, groups = shared_prefix_batch(heads=heads, dtype=dtype, seed=hkv)
     expected, out, scratch, cfg, (k_buf, v_buf) = decode_setup(tk, batch, q, k, v, 6)

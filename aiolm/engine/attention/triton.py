@@ -45,9 +45,6 @@ class _DecodeMeta:
     # scratch then holds num_splits + num_shared entries a request).
     groups: PrefixGroups | None = None
     num_shared: int = 0
-    # Plain decode: int32 zeros, one per (request, KV heads) program — the last chunk
-    # program of each merges (tk.decode_attention's ``counts``); None: a merge kernel.
-    counts: torch.Tensor | None = None
 
 
 class TritonAttention(AttentionBackend):
@@ -86,7 +83,6 @@ class TritonAttention(AttentionBackend):
         )
         self._graph_mid_o: torch.Tensor | None = None
         self._graph_mid_lse: torch.Tensor | None = None
-        self._graph_counts: torch.Tensor | None = None
         # Captured extend batches: their query offsets are computed inside the graph.
         self._graph_extends: weakref.WeakSet[ForwardBatch] = weakref.WeakSet()
 
@@ -142,12 +138,8 @@ class TritonAttention(AttentionBackend):
                             dtype=torch.float32, device=self._device)
         mid_lse = torch.empty((bs, self.num_q_heads, entries), dtype=torch.float32,
                               device=self._device)
-        counts = None
-        if groups is None and self.cfg.decode_last_merges:
-            counts = torch.zeros(tk.decode_programs(bs, self.num_kv_heads, self.cfg),
-                                 dtype=torch.int32, device=self._device)
         return _DecodeMeta(num_splits=splits, mid_o=mid_o, mid_lse=mid_lse, groups=groups,
-                           num_shared=shared, counts=counts)
+                           num_shared=shared)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch) -> torch.Tensor:
@@ -184,8 +176,7 @@ class TritonAttention(AttentionBackend):
             else:
                 tk.decode_attention(q, out, k_buf, v_buf, req_to_token,
                                     batch.req_pool_indices, batch.seq_lens, meta.mid_o,
-                                    meta.mid_lse, meta.num_splits, self.scale, cfg,
-                                    counts=meta.counts)
+                                    meta.mid_lse, meta.num_splits, self.scale, cfg)
         else:
             if not isinstance(meta, _ExtendMeta):
                 raise RuntimeError("TritonAttention.init_forward was not called for this batch")
@@ -204,9 +195,6 @@ class TritonAttention(AttentionBackend):
         self._graph_mid_lse = torch.empty(
             (max_batch_size, self.num_q_heads, MAX_DECODE_SPLITS),
             dtype=torch.float32, device=self._device)
-        self._graph_counts = torch.zeros(
-            tk.decode_programs(max_batch_size, self.num_kv_heads, self.cfg),
-            dtype=torch.int32, device=self._device)
 
     def init_forward_for_capture(self, batch: ForwardBatch) -> None:
         """Fix the split count for ``batch``'s size (any lengths may follow at replay)."""
@@ -229,10 +217,9 @@ class TritonAttention(AttentionBackend):
                                            self._num_sms, SHARED_SPLITS,
                                            self.cfg.decode_min_chunk)
             splits = min(splits, MAX_DECODE_SPLITS - shared)
-        counts = self._graph_counts if groups is None and self.cfg.decode_last_merges else None
         self._graph_meta[batch] = _DecodeMeta(num_splits=splits, mid_o=self._graph_mid_o,
                                               mid_lse=self._graph_mid_lse, groups=groups,
-                                              num_shared=shared, counts=counts)
+                                              num_shared=shared)
 
     def captured_extend(self, batch: ForwardBatch) -> bool:
         """Whether ``batch`` is an extend batch captured in a CUDA graph."""

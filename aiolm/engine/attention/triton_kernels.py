@@ -34,7 +34,6 @@ __all__ = [
     "decode_attention_shared",
     "decode_chunk_size",
     "decode_heads",
-    "decode_programs",
     "extend_attention",
     "fill_kv_indices",
     "kernel_config",
@@ -56,8 +55,7 @@ class KernelConfig:
                  extend_stages: int, decode_block_n: int, decode_warps: int,
                  decode_stages: int, decode_min_chunk: int, dot_f32: bool,
                  decode_heads: int = 1, extend_grouped_max: int = 64,
-                 extend_grouped_rows: int = 64, extend_grouped_warps: int = 4,
-                 decode_last_merges: bool = True) -> None:
+                 extend_grouped_rows: int = 64, extend_grouped_warps: int = 4) -> None:
         self.extend_block_m = extend_block_m
         self.extend_block_n = extend_block_n
         self.extend_warps = extend_warps
@@ -68,9 +66,6 @@ class KernelConfig:
         self.decode_min_chunk = decode_min_chunk
         # KV heads one decode program reads (each token's K/V of all of them in one row).
         self.decode_heads = decode_heads
-        # Plain decode: each request's last chunk program merges its chunks (one launch a
-        # layer, not two; see decode_attention's ``counts``).
-        self.decode_last_merges = decode_last_merges
         # Extends of at most this many new tokens a request go to the grouped kernel: rows
         # of (token, query head of one KV head), this many rows a program (0: never).
         self.extend_grouped_max = extend_grouped_max
@@ -96,10 +91,6 @@ def kernel_config(device: torch.device, head_dim: int,
     heads = os.environ.get("AIOLM_DECODE_HEADS", "").strip()
     if heads and (not heads.isdigit() or int(heads) < 1):
         raise ValueError(f"AIOLM_DECODE_HEADS: expected a positive integer, got {heads!r}")
-    # AIOLM_DECODE_STAGE2=1: merge decode chunks in a second kernel (the ablation).
-    stage2 = os.environ.get("AIOLM_DECODE_STAGE2", "").strip()
-    if stage2 not in ("", "0", "1"):
-        raise ValueError(f"AIOLM_DECODE_STAGE2: expected 0 or 1, got {stage2!r}")
     return KernelConfig(
         extend_block_m=64 if wide else 128,
         extend_block_n=32 if wide else 64,
@@ -115,7 +106,6 @@ def kernel_config(device: torch.device, head_dim: int,
         dot_f32=False,
         decode_heads=int(heads) if heads else 1,
         extend_grouped_rows=32 if wide else 64,
-        decode_last_merges=stage2 != "1",
     )
 
 
@@ -412,23 +402,20 @@ def decode_chunk_size(seq_len: int, num_splits: int, min_chunk: int, block_n: in
 # (Triton would otherwise compile a variant for a count of 1 and for multiples of 16).
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_stage1_kernel(Q, KBuf, VBuf, ReqToToken, ReqPoolIdx, SeqLens, PrefixLens, MidO,
-                          MidLse, Out, Counts,
+                          MidLse,
                           stride_qb, stride_qh, stride_kbs, stride_kbh, stride_vbs,
                           stride_vbh, stride_r2t, stride_mob, stride_moh, stride_mos,
-                          stride_mlb, stride_mlh, stride_ob, stride_oh,
+                          stride_mlb, stride_mlh,
                           qk_scale, num_splits,
                           KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, HEADS: tl.constexpr,
                           BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr,
-                          DOT_F32: tl.constexpr, HAS_PREFIX: tl.constexpr,
-                          FUSE_MERGE: tl.constexpr):
+                          DOT_F32: tl.constexpr, HAS_PREFIX: tl.constexpr):
     # One program: one request, HEADS KV heads (their query heads as BLOCK_H rows), one
     # chunk. With several KV heads a program reads each token's K/V of all of them in one
     # contiguous row; each query row holds its query in its own KV head's columns and zeros
     # elsewhere, so one product gives every row the scores of its own head, and each row
     # keeps only its head's columns of the output.
-    # FUSE_MERGE: the last of a request's chunk programs to finish (counted in
-    # Counts[b, hb], which it resets to 0) merges all the chunks into Out: no stage 2.
     b = tl.program_id(0)
     hb = tl.program_id(1)
     split = tl.program_id(2)
@@ -481,42 +468,6 @@ def _decode_stage1_kernel(Q, KBuf, VBuf, ReqToToken, ReqPoolIdx, SeqLens, Prefix
     # log2-sum-exp2 of this chunk's scores (base 2, like the scores themselves).
     tl.store(MidLse + b * stride_mlb + heads * stride_mlh + split, m_i + tl.log2(l_i),
              mask=r_mask)
-    if FUSE_MERGE:
-        # Every thread's stores above come before the count (the barrier), and the count
-        # releases them to the other programs (acq_rel at GPU scope) — the classic
-        # "last block reduces" order; the last program acquires them all the same way.
-        tl.debug_barrier()
-        counter = Counts + b * tl.num_programs(1) + hb
-        done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if done == tl.cdiv(seq_len, chunk) - 1:
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-            tl.debug_barrier()
-            merged = _merge_chunks(MidO + b * stride_mob + heads[:, None] * stride_moh
-                                   + d[None, :], MidLse + b * stride_mlb + heads * stride_mlh,
-                                   stride_mos, r_mask, diag, tl.cdiv(seq_len, chunk),
-                                   ROWS=BLOCK_H, COLS=HEADS * BLOCK_D)
-            tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                     merged.to(Out.dtype.element_ty), mask=diag)
-
-
-@triton.jit
-def _merge_chunks(mid_o, mid_lse, stride_mos, r_mask, diag, count, ROWS: tl.constexpr,
-                  COLS: tl.constexpr):
-    # Entries [0, count) of each row's chunks (output at mid_o + entry * stride_mos, its
-    # log2-sum-exp2 at mid_lse + entry) merged by their weights, online.
-    m = tl.full([ROWS], float("-inf"), tl.float32)
-    total = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, COLS], tl.float32)
-    for entry in range(0, count):
-        lse = tl.load(mid_lse + entry, mask=r_mask, other=0.0)
-        part = tl.load(mid_o + entry * stride_mos, mask=diag, other=0.0)
-        m_new = tl.maximum(m, lse)
-        alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
-        acc = acc * alpha[:, None] + part * w[:, None]
-        total = total * alpha + w
-        m = m_new
-    return acc / total[:, None]
 
 
 @triton.jit(do_not_specialize=["num_splits", "num_shared"])
@@ -561,28 +512,21 @@ def decode_attention(q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tensor,
                      v_buf: torch.Tensor, req_to_token: torch.Tensor,
                      req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
                      mid_o: torch.Tensor, mid_lse: torch.Tensor, num_splits: int,
-                     scale: float, cfg: KernelConfig,
-                     counts: torch.Tensor | None = None) -> None:
+                     scale: float, cfg: KernelConfig) -> None:
     """Attention of one query per request over its sequence (split-K + merge); writes ``o``.
 
     ``q``/``o``: [bs, Hq, D]; ``mid_o``: float32 [>=bs, Hq, S, D] and ``mid_lse``: float32
-    [>=bs, Hq, S] scratch with ``S >= num_splits``. ``counts``: int32 zeros, at least
-    ``decode_programs(bs, ...)`` of them — each request's last chunk program merges the
-    chunks (one launch; the counts are left zero again), else a second kernel does. Reads
-    only device tensors, so the launches can be captured in a CUDA graph and replayed with
-    new lengths.
+    [>=bs, Hq, S] scratch with ``S >= num_splits``. Reads only device tensors, so the two
+    launches can be captured in a CUDA graph and replayed with new lengths.
     """
     if q.shape[0] == 0:
         return
     if num_splits > mid_o.shape[2]:
         raise ValueError(f"num_splits: {num_splits} exceeds the scratch's {mid_o.shape[2]}")
-    if counts is not None and counts.numel() < decode_programs(q.shape[0], k_buf.shape[1], cfg):
-        raise ValueError(f"counts: {counts.numel()} entries, fewer than the "
-                         f"{decode_programs(q.shape[0], k_buf.shape[1], cfg)} programs")
     while True:
         try:
             _stage1(q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, None, mid_o,
-                    mid_lse, num_splits, scale, cfg, o, counts)
+                    mid_lse, num_splits, scale, cfg)
             break
         except OutOfResources:
             # Both stages read the tile size (the chunk boundaries): shrink before stage 2.
@@ -592,13 +536,7 @@ def decode_attention(q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tensor,
                 cfg.decode_block_n //= 2
             else:
                 raise
-    if counts is None:
-        _stage2(mid_o, mid_lse, o, seq_lens, None, num_splits, 0, cfg)
-
-
-def decode_programs(bs: int, num_kv_heads: int, cfg: KernelConfig) -> int:
-    """The (request, KV heads) programs of a decode launch: the counts it needs."""
-    return bs * (num_kv_heads // decode_heads(cfg, num_kv_heads))
+    _stage2(mid_o, mid_lse, o, seq_lens, None, num_splits, 0, cfg)
 
 
 def decode_heads(cfg: KernelConfig, num_kv_heads: int) -> int:
@@ -613,27 +551,23 @@ def decode_heads(cfg: KernelConfig, num_kv_heads: int) -> int:
 def _stage1(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
             req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
             prefix_lens: torch.Tensor | None, mid_o: torch.Tensor, mid_lse: torch.Tensor,
-            num_splits: int, scale: float, cfg: KernelConfig, o: torch.Tensor | None = None,
-            counts: torch.Tensor | None = None) -> None:
+            num_splits: int, scale: float, cfg: KernelConfig) -> None:
     bs, num_q_heads, head_dim = q.shape
-    fuse = counts is not None and o is not None
     num_kv_heads = k_buf.shape[1]
     group = num_q_heads // num_kv_heads
     heads = decode_heads(cfg, num_kv_heads)
     _decode_stage1_kernel[(bs, num_kv_heads // heads, num_splits)](
         q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens,
         prefix_lens if prefix_lens is not None else seq_lens, mid_o, mid_lse,
-        o if fuse else mid_o, counts if fuse else seq_lens,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0),
         v_buf.stride(1), req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1),
         mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        o.stride(0) if fuse else 0, o.stride(1) if fuse else 0,
         scale * LOG2E, num_splits,
         KV_GROUP=group, HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim),
         BLOCK_H=_pow2(group * heads), HEADS=heads,
         BLOCK_N=cfg.decode_block_n, MIN_CHUNK=cfg.decode_min_chunk,
         DOT_F32=_dot_f32(cfg, k_buf), HAS_PREFIX=prefix_lens is not None,
-        FUSE_MERGE=fuse, num_warps=cfg.decode_warps, num_stages=cfg.decode_stages,
+        num_warps=cfg.decode_warps, num_stages=cfg.decode_stages,
     )
 
 
