@@ -128,8 +128,9 @@ def test_cuda_graph_decode_matches_eager_decode(backend):
 def test_decode_steps_riding_an_extend_pass_go_to_the_decode_kernel(monkeypatch, backend,
                                                                      dtype):
     """Twelve short prompts decode while a 1,500-token prompt is prefilled in chunks of
-    128: the chunks' passes end in twelve one-token requests, which the decode kernel takes
-    (``split_one_token_tail``); the tokens are the torch backend's."""
+    128: the pass of its last chunk (which leaves room in the pass's budget) ends in twelve
+    one-token requests, which the decode kernel takes (``split_one_token_tail``); the
+    tokens are the torch backend's."""
     from aiolm.engine.attention import base, hybrid
     from aiolm.engine.attention import triton as triton_backend
 
@@ -147,8 +148,8 @@ def test_decode_steps_riding_an_extend_pass_go_to_the_decode_kernel(monkeypatch,
     options = dict(cuda_graphs=False, chunked_prefill_size=128, mix_decode=True)
     reference = generate(loaded, lens, attention_backend="torch", **options)
     other = generate(loaded, lens, attention_backend=backend, **options)
-    assert sum(cut) >= 5   # at least five chunks of the long prompt carried riders
     assert_same_greedy(reference, other, MARGIN[dtype], min_compared=8 * NEW_TOKENS)
+    assert any(cut)   # a pass was cut: prompts to the extend kernel, riders to decode
 
 
 def test_kv_pool_takes_mem_fraction_of_free_memory():

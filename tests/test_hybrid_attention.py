@@ -111,19 +111,37 @@ def test_forward_before_init_forward_says_so(hybrid_cls):
         attn.forward(q, k, v, 0, batch)
 
 
-PROMPT_SETS = {
-    "mixed": [[5, 17, 200, 31], list(range(3, 40)), [9] * 20],
-    # Nine short prompts decode while a long one is prefilled in chunks of 64: its last
-    # chunk's pass ends in nine one-token requests, which go to Triton's decode kernel.
-    "riders": [[5 + i, 17, 200 - i] for i in range(9)] + [list(range(3, 120))],
-}
+@pytest.mark.anyio
+async def test_engine_greedy_tokens_with_hybrid_equal_torch_backend(hybrid_cls):
+    """Prompts of mixed lengths through the whole engine (prefill, decode), float32."""
+    import anyio
+
+    from aiolm.backends.engine import Engine, LoadedModel
+
+    loaded = LoadedModel.load("tiny-llama", load_format="dummy", device="cpu", seed=0)
+    prompts = [[5, 17, 200, 31], list(range(3, 40)), [9] * 20]
+
+    async def run(backend):
+        results = [None] * len(prompts)
+        async with Engine(loaded, attention_backend=backend, max_total_tokens=4096) as engine:
+            async def one(i):
+                results[i] = await engine.generate(input_ids=prompts[i], max_tokens=5,
+                                                   ignore_eos=True, temperature=0.0)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(len(prompts)):
+                    tg.start_soon(one, i)
+        return [r.token_ids for r in results]
+
+    assert await run("hybrid") == await run("torch")
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("prompts", list(PROMPT_SETS))
-async def test_engine_greedy_tokens_with_hybrid_equal_torch_backend(hybrid_cls, monkeypatch,
-                                                                    prompts):
-    """Prompts of mixed lengths through the whole engine (prefill, decode), float32."""
+async def test_engine_decode_steps_riding_a_prefill_give_torch_backends_tokens(hybrid_cls,
+                                                                               monkeypatch):
+    """Nine short prompts are decoding when a 117-token prompt arrives (chunks of 64): the
+    pass of its last chunk carries the nine decode steps, which go to Triton's decode
+    kernel (``split_one_token_tail``); every token is the torch backend's."""
     import anyio
 
     from aiolm.backends.engine import Engine, LoadedModel
@@ -138,23 +156,32 @@ async def test_engine_greedy_tokens_with_hybrid_equal_torch_backend(hybrid_cls, 
 
     monkeypatch.setattr(hybrid, "split_one_token_tail", counted)
     loaded = LoadedModel.load("tiny-llama", load_format="dummy", device="cpu", seed=0)
-    name, prompts = prompts, PROMPT_SETS[prompts]
+    short = [[5 + i, 17, 200 - i] for i in range(9)]
+    long = list(range(3, 120))
 
     async def run(backend):
-        results = [None] * len(prompts)
+        tokens = [[] for _ in range(len(short) + 1)]
+        started = anyio.Event()
         async with Engine(loaded, attention_backend=backend, max_total_tokens=4096,
                           chunked_prefill_size=64, mix_decode=True, overlap=False) as engine:
-            async def one(i):
-                results[i] = await engine.generate(input_ids=prompts[i], max_tokens=5,
-                                                   ignore_eos=True, temperature=0.0)
+            async def one(i, prompt, max_tokens):
+                async with engine.stream(input_ids=prompt, max_tokens=max_tokens,
+                                         ignore_eos=True, temperature=0.0) as chunks:
+                    async for chunk in chunks:
+                        tokens[i].extend(chunk.token_ids)
+                        if all(tokens[:len(short)]):
+                            started.set()
 
             async with anyio.create_task_group() as tg:
-                for i in range(len(prompts)):
-                    tg.start_soon(one, i)
-        return [r.token_ids for r in results]
+                for i, prompt in enumerate(short):
+                    tg.start_soon(one, i, prompt, 16)
+                await started.wait()   # all nine decoding: now the long prompt
+                tg.start_soon(one, len(short), long, 4)
+        return tokens
 
+    tails.clear()
     assert await run("hybrid") == await run("torch")
-    assert max(tails) == (9 if name == "riders" else 0)
+    assert 9 in tails
 
 
 def test_the_pool_stays_within_flashinfers_32_bit_offsets(hybrid_cls):

@@ -159,9 +159,9 @@ def test_extend_pass_ending_in_one_token_requests_decodes_them(backend_cls, tk, 
     expected = reference(batch, q, k, v, geometry)
     calls = {"extend": 0, "decode": 0}
     for name in calls:
-        def counted(*args, _name=name, _real=getattr(tk, f"{name}_attention")):
+        def counted(*args, _name=name, _real=getattr(tk, f"{name}_attention"), **kwargs):
             calls[_name] += 1
-            return _real(*args)
+            return _real(*args, **kwargs)
         monkeypatch.setattr(tk, f"{name}_attention", counted)
     attn = backend_cls(**geometry)
     attn.init_forward(batch)

@@ -9,6 +9,7 @@ queries over each request's whole sequence (prefix from the pool + new tokens, c
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,9 @@ __all__ = ["AttentionBackend", "OneTokenTail", "available", "create", "register"
 
 #: The fewest one-token requests at the end of an extend pass that go to the decode kernel
 #: (see ``split_one_token_tail``): below it, the extra launches cost more than they save.
-MIN_ONE_TOKEN_TAIL = 8
+#: ``AIOLM_MIN_ONE_TOKEN_TAIL=N`` overrides it (an experiment's knob: a huge N is the
+#: ablation).
+MIN_ONE_TOKEN_TAIL = int(os.environ.get("AIOLM_MIN_ONE_TOKEN_TAIL", "8"))
 
 
 @attrs.frozen
