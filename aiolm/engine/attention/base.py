@@ -51,7 +51,8 @@ def split_one_token_tail(batch: ForwardBatch,
     exactly a decode step, which the decode kernel computes several times faster than a
     prefill kernel laid out for query blocks (measured on nvidia-h200: flashinfer's paged
     prefill spent ~3 us a layer on each such request in the throughput workload's mixed
-    passes). The parts are views: no copies, no host synchronisation.
+    passes). The parts are views (the tail's three index tensors are copied): no host
+    synchronisation.
     """
     lens = batch.extend_seq_lens_cpu
     bs = batch.batch_size
@@ -63,11 +64,15 @@ def split_one_token_tail(batch: ForwardBatch,
     if bs - first < min_tail:
         return None
     head_tokens = sum(lens[:first])
+    # NOTE: the tail's index tensors are copies, not views: Triton specializes a kernel on
+    # whether each pointer is 16-byte aligned, and a view at an arbitrary offset would
+    # compile new variants of the decode kernels in the middle of a run.
     tail = attrs.evolve(
         batch, mode=ForwardMode.DECODE, batch_size=bs - first,
         input_ids=batch.input_ids[head_tokens:], positions=batch.positions[head_tokens:],
-        out_cache_loc=batch.out_cache_loc[head_tokens:],
-        req_pool_indices=batch.req_pool_indices[first:], seq_lens=batch.seq_lens[first:],
+        out_cache_loc=batch.out_cache_loc[head_tokens:].clone(),
+        req_pool_indices=batch.req_pool_indices[first:].clone(),
+        seq_lens=batch.seq_lens[first:].clone(),
         extend_prefix_lens=None, extend_seq_lens=None, seq_lens_cpu=batch.seq_lens_cpu[first:],
         extend_prefix_lens_cpu=[], extend_seq_lens_cpu=[], mm_embeds=None, mm_rows=None,
         mrope_positions=None, rope_shifts_cpu=[], prefix_groups=None)
