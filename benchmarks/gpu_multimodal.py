@@ -82,8 +82,7 @@ def roofline(loaded: Any, limits: dict[str, Any], decode: dict[str, Any]) -> dic
 
     lm = loaded.model.language_model
     cfg = loaded.model_config
-    embedding = lm.model.embed_tokens.weight
-    weights = weight_figures(lm)["weight_bytes"] - embedding.numel() * embedding.element_size()
+    weights = weight_figures(lm)["decode_weight_bytes"]   # all but an untied embedding table
     kv = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.torch_dtype)
     mean_context = decode["prompt_tokens"] + decode["new_tokens"] / 2
     step_bytes = weights + mean_context * kv

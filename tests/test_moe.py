@@ -440,16 +440,35 @@ def test_moe_decode_roofline_counts_only_the_touched_experts():
     figures = weight_figures(model)
     layer = config.hidden_size * config.moe_intermediate_size * 3 * 2  # one expert, bf16
     expert_bytes = config.num_layers * config.num_experts * layer
+    embedding = config.vocab_size * config.hidden_size * 2   # untied: one row read a step
     assert figures["weight_bytes"] == 2 * figures["parameters"]
     assert figures["decode_weight_bytes"] == pytest.approx(
-        figures["weight_bytes"] - expert_bytes * 6 / 8)
+        figures["weight_bytes"] - embedding - expert_bytes * 6 / 8)
     assert figures["active_parameters"] / 1e9 == pytest.approx(12.88, abs=0.01)
     assert weight_figures(model, decode_batch_size=64)["decode_weight_bytes"] == pytest.approx(
-        figures["weight_bytes"], rel=1e-6)
+        figures["weight_bytes"] - embedding, rel=1e-6)
     record = {"name": "decode-bs1", "runs": {"engine": {"output_tok_per_s": 100.0}}}
     add_roofline_figures(record, {"copy_bandwidth_gbps": 4000.0}, figures)
     run = record["runs"]["engine"]
     assert run["bandwidth_roofline_tok_per_s"] == pytest.approx(
         4000e9 / figures["decode_weight_bytes"])
     dense = weight_figures(torch.nn.Linear(4, 4))
-    assert set(dense) == {"parameters", "weight_bytes"}
+    assert set(dense) == {"parameters", "weight_bytes", "decode_weight_bytes"}
+    assert dense["decode_weight_bytes"] == dense["weight_bytes"]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_decode_roofline_leaves_out_an_embedding_table_the_head_does_not_read(tied):
+    """A decode step reads one row of an untied embedding table; a tied one is the LM
+    head, read whole."""
+    import attrs
+
+    from aiolm.bench.limits import weight_figures
+    from aiolm.engine.models import model_class
+
+    config = attrs.evolve(ModelConfig.named("llama-3-8b"), tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = model_class(config.architecture)(config).to(torch.bfloat16)
+    figures = weight_figures(model)
+    embedding = config.vocab_size * config.hidden_size * 2
+    assert figures["decode_weight_bytes"] == figures["weight_bytes"] - (0 if tied else embedding)

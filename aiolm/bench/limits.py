@@ -13,8 +13,13 @@ the expert weights), and a decode step of ``B`` tokens reads the experts any of 
 Under uniform routing (each token ``top_k`` distinct experts) an expert is left untouched
 by all ``B`` tokens with probability ``(1 - top_k / E) ** B``, so the step reads
 ``E × (1 - (1 - top_k / E) ** B)`` experts per layer on average (``top_k`` at batch 1):
-``decode_weight_bytes`` = the dense weights (attention, norms, embedding, head, dense MLPs)
-+ that fraction of the expert weights.
+``decode_weight_bytes`` = the dense weights (attention, norms, head, dense MLPs) + that
+fraction of the expert weights.
+
+Every model's ``decode_weight_bytes`` leaves out an embedding table that is not also the LM
+head: a decode step reads one row of it. (The GPU suite, ``benchmarks/gpu_suite.py``, counts
+the same bytes and adds the KV cache read at the mean context, a few tenths of a percent at
+its lengths; both time the copy with CUDA events on a GPU.)
 """
 
 from __future__ import annotations
@@ -45,16 +50,42 @@ def _best_seconds(fn: Any, device: Any, repeats: int) -> float:
     return best
 
 
+def _median_event_seconds(fn: Any, device: Any, repeats: int) -> float:
+    """The median device time of ``fn`` between CUDA events (no launch or sync overhead in
+    it: a wall clock around a 1 ms copy adds several percent)."""
+    import statistics
+
+    import torch
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 def measure_limits(device: Any, dtype: Any) -> dict[str, float]:
     """``copy_bandwidth_gbps`` (GB/s, read + written) and ``matmul_tflops`` on ``device``."""
     import torch
 
     device = torch.device(device)
     on_gpu = device.type == "cuda"
-    numel = (1 << 28) if on_gpu else (1 << 26)            # 1 GiB / 256 MiB of float32
+    numel = (1 << 29) if on_gpu else (1 << 26)            # 2 GiB / 256 MiB of float32
     src = torch.empty(numel, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    copy_s = _best_seconds(lambda: dst.copy_(src), device, repeats=10 if on_gpu else 3)
+    if on_gpu:
+        copy_s = _median_event_seconds(lambda: dst.copy_(src), device, repeats=20)
+    else:
+        copy_s = _best_seconds(lambda: dst.copy_(src), device, repeats=3)
+    copied = 2 * src.numel() * src.element_size()   # read + written
     n = 8192 if on_gpu else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -66,7 +97,7 @@ def measure_limits(device: Any, dtype: Any) -> dict[str, float]:
 
     matmul_s = _best_seconds(matmuls, device, repeats=3)
     return {
-        "copy_bandwidth_gbps": 2 * src.numel() * src.element_size() / copy_s / 1e9,
+        "copy_bandwidth_gbps": copied / copy_s / 1e9,
         "matmul_tflops": runs * 2 * n**3 / matmul_s / 1e12,
         "matmul_dtype": str(dtype).removeprefix("torch."),
     }
@@ -82,18 +113,27 @@ def expected_experts_touched(num_experts: int, top_k: int, batch_size: int) -> f
 
 
 def weight_figures(model: Any, *, decode_batch_size: int = 1) -> dict[str, float]:
-    """``parameters`` and ``weight_bytes`` of a torch module.
+    """``parameters``, ``weight_bytes`` and ``decode_weight_bytes`` (what a decode step
+    reads: every weight but an embedding table the LM head does not share, which
+    :func:`add_roofline_figures` uses) of a torch module.
 
     A Mixture-of-Experts model (its ``config.num_experts > 0``) adds ``active_parameters``
-    (per token), ``experts_touched_per_layer`` and ``decode_weight_bytes`` (read by a
-    decode step of ``decode_batch_size`` tokens under uniform routing; see the module
-    docstring), which :func:`add_roofline_figures` uses in place of the totals.
+    (per token) and ``experts_touched_per_layer``, and its ``decode_weight_bytes`` counts
+    the experts a decode step of ``decode_batch_size`` tokens reads under uniform routing
+    (see the module docstring).
     """
+    from ..engine.layers.embedding import LMHead, VocabEmbedding
+
     params = list(model.parameters())
     figures: dict[str, float] = {
         "parameters": sum(p.numel() for p in params),
         "weight_bytes": sum(p.numel() * p.element_size() for p in params),
     }
+    # An embedding table the LM head does not read: a decode step reads one row of it.
+    tied = {id(m._tied_to[0]) for m in model.modules() if isinstance(m, LMHead) and m.tied}
+    lookup_only = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+                      if isinstance(m, VocabEmbedding) and id(m) not in tied)
+    figures["decode_weight_bytes"] = figures["weight_bytes"] - lookup_only
     config = getattr(model, "config", None)
     if getattr(config, "num_experts", 0) > 0:
         from ..engine.layers.fused_moe import FusedMoE
@@ -107,7 +147,8 @@ def weight_figures(model: Any, *, decode_batch_size: int = 1) -> dict[str, float
         figures.update(
             active_parameters=figures["parameters"] - expert_params * (1 - top_k / num_experts),
             experts_touched_per_layer=touched,
-            decode_weight_bytes=figures["weight_bytes"] - expert_bytes * (1 - touched / num_experts),
+            decode_weight_bytes=(figures["decode_weight_bytes"]
+                                 - expert_bytes * (1 - touched / num_experts)),
         )
     return figures
 
@@ -117,10 +158,10 @@ def add_roofline_figures(record: dict[str, Any], limits: dict[str, float], weigh
 
     ``decode-bs1`` gets ``bandwidth_roofline_fraction``, ``throughput`` gets
     ``matmul_roofline_fraction``; other workloads are left alone. A Mixture-of-Experts
-    model's figures count only the experts a step uses (``decode_weight_bytes``,
-    ``active_parameters`` from :func:`weight_figures`).
+    decode step reads ``decode_weight_bytes``; a Mixture-of-Experts model's figures count
+    only the experts a step uses (``active_parameters``; both from :func:`weight_figures`).
     """
-    step_bytes = weights.get("decode_weight_bytes", weights["weight_bytes"])
+    step_bytes = weights["decode_weight_bytes"]
     parameters = weights.get("active_parameters", weights["parameters"])
     for figures in record["runs"].values():
         if record["name"] == "decode-bs1":
