@@ -49,6 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_workloads as wl  # noqa: E402
 
+from aiolm.bench.limits import median_seconds  # noqa: E402
+
 
 def linear_figures(loaded: Any, bandwidth: float) -> list[dict[str, Any]]:
     """Each projection of layer 0 (and the LM head) at one token, alone on the device."""
@@ -64,8 +66,8 @@ def linear_figures(loaded: Any, bandwidth: float) -> list[dict[str, Any]]:
     for name, module in parts.items():
         weight = module.weight
         x = torch.randn(1, weight.shape[1], device=weight.device, dtype=weight.dtype)
-        seconds = wl._median_time(lambda w=weight, x=x: F.linear(x, w), weight.device,
-                                  warmup=5, repeats=50)
+        seconds = median_seconds(lambda w=weight, x=x: F.linear(x, w), weight.device,
+                                 warmup=5, repeats=50)
         nbytes = weight.numel() * weight.element_size()
         out.append({"name": name, "shape": list(weight.shape), "us": seconds * 1e6,
                     "GBps": nbytes / seconds / 1e9, "of_bandwidth": nbytes / seconds / bandwidth})
@@ -492,48 +494,56 @@ def main() -> None:
     args = parser.parse_args()
     path = Path(args.out)
     path.mkdir(parents=True, exist_ok=True)
-    if args.throughput:
-        result = asyncio.run(throughput_main(args))
-        (path / "profile-throughput.json").write_text(json.dumps(result, indent=1))
-        print(f"throughput: {result['out_tok_s']:.0f} out tok/s, {result['wall_s']:.2f} s, "
-              f"{result['passes']} passes; timeline {result['timeline_wall_s']:.2f} s wall, "
-              f"device {result['passes_by_kind']['device_ms_total'] / 1e3:.2f} s")
-        _print_passes(result["passes_by_kind"])
-        _print_kernels(result.get("gpu", {}))
-        return
-    if args.image_qa:
-        result = asyncio.run(image_qa_main(args))
-        (path / "profile-image-qa.json").write_text(json.dumps(result, indent=1))
-        for key in ("radix_on", "radix_off"):
-            rec = result[key]
-            gpu = rec.get("gpu", {})
-            print(f"{key}: {rec['programs_per_s']:.2f} programs/s, {rec['wall_s']:.2f} s, "
-                  f"{rec['passes']} passes, vision {rec.get('vision_s', 0):.2f} s; timeline "
-                  f"{rec['timeline_wall_s']:.2f} s wall, device "
-                  f"{rec['passes_by_kind']['device_ms_total'] / 1e3:.2f} s; gpu busy "
-                  f"{gpu.get('gpu_busy_us_per_step', 0) * gpu.get('steps', 0) / 1e6:.2f} s")
-            _print_passes(rec["passes_by_kind"])
-            _print_kernels(gpu)
-        return
-    if args.json_decode:
-        result = asyncio.run(json_decode_main(args))
-        (path / "profile-json-decode.json").write_text(json.dumps(result, indent=1))
-        for key in ("jump_forward_on", "jump_forward_off"):
-            rec = result[key]
-            gpu = rec.get("gpu", {})
-            print(f"{key}: {rec['programs_per_s']:.1f} programs/s, {rec['passes']} passes, "
-                  f"{rec['wall_ms_per_pass']:.1f} ms/pass, gpu busy "
-                  f"{gpu.get('gpu_busy_us_per_step', 0) / 1e3:.1f} ms/pass, idle "
-                  f"{gpu.get('gpu_idle_us_per_step', 0) / 1e3:.1f} ms/pass, engine host own "
-                  f"{rec['engine_thread']['own_us_per_pass_total'] / 1e3:.1f} ms/pass, all threads "
-                  f"{rec['all_threads']['own_us_per_pass_total'] / 1e3:.1f} ms/pass")
-            for part in ("engine_thread", "all_threads"):
-                for row in rec[part]["by_own_time"][:10]:
-                    print(f"   {part} {row['own_us_per_pass']:9.0f} us {row['calls_per_pass']:8.1f}x "
-                          f"{row['function'][:80]}")
-        return
-    result = asyncio.run(main_async(args))
-    (path / "profile.json").write_text(json.dumps(result, indent=1))
+    # Which profile: (its coroutine, its file, its printout); the decode step by default.
+    modes = {"throughput": (throughput_main, "profile-throughput.json", _report_throughput),
+             "image_qa": (image_qa_main, "profile-image-qa.json", _report_image_qa),
+             "json_decode": (json_decode_main, "profile-json-decode.json", _report_json_decode)}
+    chosen = next((modes[name] for name in modes if getattr(args, name)),
+                  (main_async, "profile.json", _report_decode))
+    run, filename, report = chosen
+    result = asyncio.run(run(args))
+    (path / filename).write_text(json.dumps(result, indent=1))
+    report(result)
+
+
+def _report_throughput(result: dict[str, Any]) -> None:
+    print(f"throughput: {result['out_tok_s']:.0f} out tok/s, {result['wall_s']:.2f} s, "
+          f"{result['passes']} passes; timeline {result['timeline_wall_s']:.2f} s wall, "
+          f"device {result['passes_by_kind']['device_ms_total'] / 1e3:.2f} s")
+    _print_passes(result["passes_by_kind"])
+    _print_kernels(result.get("gpu", {}))
+
+
+def _report_image_qa(result: dict[str, Any]) -> None:
+    for key in ("radix_on", "radix_off"):
+        rec = result[key]
+        gpu = rec.get("gpu", {})
+        print(f"{key}: {rec['programs_per_s']:.2f} programs/s, {rec['wall_s']:.2f} s, "
+              f"{rec['passes']} passes, vision {rec.get('vision_s', 0):.2f} s; timeline "
+              f"{rec['timeline_wall_s']:.2f} s wall, device "
+              f"{rec['passes_by_kind']['device_ms_total'] / 1e3:.2f} s; gpu busy "
+              f"{gpu.get('gpu_busy_us_per_step', 0) * gpu.get('steps', 0) / 1e6:.2f} s")
+        _print_passes(rec["passes_by_kind"])
+        _print_kernels(gpu)
+
+
+def _report_json_decode(result: dict[str, Any]) -> None:
+    for key in ("jump_forward_on", "jump_forward_off"):
+        rec = result[key]
+        gpu = rec.get("gpu", {})
+        print(f"{key}: {rec['programs_per_s']:.1f} programs/s, {rec['passes']} passes, "
+              f"{rec['wall_ms_per_pass']:.1f} ms/pass, gpu busy "
+              f"{gpu.get('gpu_busy_us_per_step', 0) / 1e3:.1f} ms/pass, idle "
+              f"{gpu.get('gpu_idle_us_per_step', 0) / 1e3:.1f} ms/pass, engine host own "
+              f"{rec['engine_thread']['own_us_per_pass_total'] / 1e3:.1f} ms/pass, all threads "
+              f"{rec['all_threads']['own_us_per_pass_total'] / 1e3:.1f} ms/pass")
+        for part in ("engine_thread", "all_threads"):
+            for row in rec[part]["by_own_time"][:10]:
+                print(f"   {part} {row['own_us_per_pass']:9.0f} us {row['calls_per_pass']:8.1f}x "
+                      f"{row['function'][:80]}")
+
+
+def _report_decode(result: dict[str, Any]) -> None:
     for key in ("decode_bs1", "decode_bs64"):
         rec = result[key]
         prof = rec.get("profile", {})

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import random
 import signal
-import statistics
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
@@ -19,6 +18,7 @@ from typing import Any
 
 import attrs
 
+from aiolm.bench.limits import median_seconds
 from aiolm.cache.pool import kv_bytes_per_token
 from aiolm.values import hit_rate
 
@@ -240,40 +240,17 @@ def measure_limits(plan: Plan) -> dict[str, Any]:
     elem = torch.empty((), dtype=dtype).element_size()
     src = torch.randn(plan.copy_bytes // elem, device=dev).to(dtype)
     dst = torch.empty_like(src)
-    copy_s = _median_time(lambda: dst.copy_(src), dev)
+    copy_s = median_seconds(lambda: dst.copy_(src), dev)
     n = plan.matmul_n
     a = torch.randn(n, n, device=dev).to(dtype)
     b = torch.randn(n, n, device=dev).to(dtype)
-    mm_s = _median_time(lambda: torch.mm(a, b), dev)
+    mm_s = median_seconds(lambda: torch.mm(a, b), dev)
     return {
         "copy_bytes": src.numel() * elem, "copy_s": copy_s,
         "bandwidth_Bps": 2 * src.numel() * elem / copy_s,
         "matmul_n": n, "matmul_dtype": str(dtype).removeprefix("torch."), "matmul_s": mm_s,
         "matmul_flops": 2.0 * n ** 3 / mm_s,
     }
-
-
-def _median_time(fn: Any, dev: Any, warmup: int = 3, repeats: int = 20) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # --------------------------------------------------------------------------- engine

@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 __all__ = ["add_roofline_figures", "expected_experts_touched", "measure_limits",
-           "weight_figures"]
+           "median_seconds", "weight_figures"]
 
 
 def _sync(device: Any) -> None:
@@ -50,25 +50,33 @@ def _best_seconds(fn: Any, device: Any, repeats: int) -> float:
     return best
 
 
-def _median_event_seconds(fn: Any, device: Any, repeats: int) -> float:
-    """The median device time of ``fn`` between CUDA events (no launch or sync overhead in
-    it: a wall clock around a 1 ms copy adds several percent)."""
+def median_seconds(fn: Any, device: Any, warmup: int = 3, repeats: int = 20) -> float:
+    """The median time of ``fn`` over ``repeats`` runs after ``warmup``: on a GPU its device
+    time between CUDA events (no launch or sync overhead in it: a wall clock around a 1 ms
+    copy adds several percent), elsewhere the wall clock."""
     import statistics
 
     import torch
 
-    for _ in range(3):
+    device = torch.device(device)
+    for _ in range(warmup):
         fn()
-    torch.cuda.synchronize(device)
     times = []
-    for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
@@ -82,7 +90,7 @@ def measure_limits(device: Any, dtype: Any) -> dict[str, float]:
     src = torch.empty(numel, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     if on_gpu:
-        copy_s = _median_event_seconds(lambda: dst.copy_(src), device, repeats=20)
+        copy_s = median_seconds(lambda: dst.copy_(src), device)
     else:
         copy_s = _best_seconds(lambda: dst.copy_(src), device, repeats=3)
     copied = 2 * src.numel() * src.element_size()   # read + written

@@ -40,6 +40,20 @@ class OneTokenTail:
     tail: ForwardBatch
     head_tokens: int
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
+               head: Callable[..., torch.Tensor],
+               tail: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """The pass's attention output: ``tail(q, k, v, layer_id, batch)`` of the tail's
+        rows and ``head(...)`` of the head's (a backend's ``forward``: each stores its own
+        K/V), in order."""
+        import torch
+
+        t = self.head_tokens
+        out = tail(q[t:], k[t:], v[t:], layer_id, self.tail)
+        if self.head is None:
+            return out
+        return torch.cat((head(q[:t], k[:t], v[:t], layer_id, self.head), out))
+
 
 def split_one_token_tail(batch: ForwardBatch,
                          min_tail: int = MIN_ONE_TOKEN_TAIL) -> OneTokenTail | None:
@@ -67,31 +81,37 @@ def split_one_token_tail(batch: ForwardBatch,
     # NOTE: the tail's index tensors are copies, not views: Triton specializes a kernel on
     # whether each pointer is 16-byte aligned, and a view at an arbitrary offset would
     # compile new variants of the decode kernels in the middle of a run.
-    tail = attrs.evolve(
-        batch, mode=ForwardMode.DECODE, batch_size=bs - first,
-        input_ids=batch.input_ids[head_tokens:], positions=batch.positions[head_tokens:],
-        out_cache_loc=batch.out_cache_loc[head_tokens:].clone(),
-        req_pool_indices=batch.req_pool_indices[first:].clone(),
-        seq_lens=batch.seq_lens[first:].clone(),
-        extend_prefix_lens=None, extend_seq_lens=None, seq_lens_cpu=batch.seq_lens_cpu[first:],
-        extend_prefix_lens_cpu=[], extend_seq_lens_cpu=[], mm_embeds=None, mm_rows=None,
-        mrope_positions=None, rope_shifts_cpu=[], prefix_groups=None)
+    tail = _rows(batch, slice(head_tokens, None), slice(first, None), copy=True,
+                 mode=ForwardMode.DECODE, extend_prefix_lens=None, extend_seq_lens=None,
+                 extend_prefix_lens_cpu=[], extend_seq_lens_cpu=[], prefix_groups=None)
     head = None
     if first:
-        head = attrs.evolve(
-            batch, batch_size=first, input_ids=batch.input_ids[:head_tokens],
-            positions=batch.positions[:head_tokens],
-            out_cache_loc=batch.out_cache_loc[:head_tokens],
-            req_pool_indices=batch.req_pool_indices[:first], seq_lens=batch.seq_lens[:first],
-            extend_prefix_lens=(None if batch.extend_prefix_lens is None
-                                else batch.extend_prefix_lens[:first]),
-            extend_seq_lens=(None if batch.extend_seq_lens is None
-                             else batch.extend_seq_lens[:first]),
-            seq_lens_cpu=batch.seq_lens_cpu[:first],
-            extend_prefix_lens_cpu=batch.extend_prefix_lens_cpu[:first],
-            extend_seq_lens_cpu=lens[:first], mm_embeds=None, mm_rows=None,
-            mrope_positions=None, rope_shifts_cpu=[])
+        head = _rows(batch, slice(None, head_tokens), slice(None, first), copy=False,
+                     extend_prefix_lens=_part(batch.extend_prefix_lens, slice(None, first)),
+                     extend_seq_lens=_part(batch.extend_seq_lens, slice(None, first)),
+                     extend_prefix_lens_cpu=batch.extend_prefix_lens_cpu[:first],
+                     extend_seq_lens_cpu=lens[:first])
     return OneTokenTail(head=head, tail=tail, head_tokens=head_tokens)
+
+
+def _part(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if t is None else t[rows]
+
+
+def _rows(batch: ForwardBatch, tokens: slice, reqs: slice, *, copy: bool,
+          **changes: object) -> ForwardBatch:
+    """``batch``'s requests ``reqs`` and their new tokens ``tokens`` as a batch for the
+    attention alone (no multimodal rows, no rope shifts), with ``changes``; ``copy``: the
+    index tensors the kernels read are copies rather than views."""
+    def index(t: torch.Tensor, rows: slice) -> torch.Tensor:
+        return t[rows].clone() if copy else t[rows]
+
+    return attrs.evolve(
+        batch, batch_size=len(range(batch.batch_size)[reqs]), input_ids=batch.input_ids[tokens],
+        positions=batch.positions[tokens], out_cache_loc=index(batch.out_cache_loc, tokens),
+        req_pool_indices=index(batch.req_pool_indices, reqs),
+        seq_lens=index(batch.seq_lens, reqs), seq_lens_cpu=batch.seq_lens_cpu[reqs], mm_embeds=None,
+        mm_rows=None, mrope_positions=None, rope_shifts_cpu=[], **changes)
 
 
 class AttentionBackend(abc.ABC):

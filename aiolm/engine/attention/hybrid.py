@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from .base import AttentionBackend, OneTokenTail, split_one_token_tail
 from .flashinfer import FlashInferAttention
 from .triton import TritonAttention
 
 if TYPE_CHECKING:
+    import torch
+
     from ..forward_batch import ForwardBatch
 
 __all__ = ["HybridAttention"]
@@ -74,15 +74,10 @@ class HybridAttention(AttentionBackend):
         """Store ``k``/``v`` at ``batch.out_cache_loc`` of layer ``layer_id``, then attend."""
         if self._active is None:
             raise RuntimeError("HybridAttention.init_forward was not called for this batch")
-        split = self._split
-        if split is None:
+        if self._split is None:
             return self._active.forward(q, k, v, layer_id, batch)
-        t = split.head_tokens
-        tail = self.decode_backend.forward(q[t:], k[t:], v[t:], layer_id, split.tail)
-        if split.head is None:
-            return tail
-        head = self.extend_backend.forward(q[:t], k[:t], v[:t], layer_id, split.head)
-        return torch.cat((head, tail))
+        return self._split.attend(q, k, v, layer_id, self.extend_backend.forward,
+                                  self.decode_backend.forward)
 
     # CUDA graphs capture decode passes and small extends: both are Triton's.
     def init_cuda_graph_state(self, max_batch_size: int, max_context_len: int) -> None:

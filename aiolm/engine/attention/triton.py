@@ -10,6 +10,7 @@ size, and the scratch buffers are allocated once in ``init_cuda_graph_state``.
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import attrs
@@ -148,12 +149,8 @@ class TritonAttention(AttentionBackend):
             raise RuntimeError("ForwardBatch needs kv_pool and req_to_token_pool for attention")
         if self._split is not None:
             split, head_meta, tail_meta = self._split
-            t = split.head_tokens
-            tail = self._attend(q[t:], k[t:], v[t:], layer_id, split.tail, tail_meta)
-            if split.head is None:
-                return tail
-            head = self._attend(q[:t], k[:t], v[:t], layer_id, split.head, head_meta)
-            return torch.cat((head, tail))
+            return split.attend(q, k, v, layer_id, functools.partial(self._attend, meta=head_meta),
+                                functools.partial(self._attend, meta=tail_meta))
         return self._attend(q, k, v, layer_id, batch, self._meta)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
