@@ -38,11 +38,11 @@ def tiny() -> LoadedModel:
     return load_tiny()
 
 
-def _scheduler(mix: bool) -> Scheduler:
+def _scheduler(mix: bool, riders_in_flight: bool = False) -> Scheduler:
     allocator = TokenSlotAllocator(256)
     pool = ReqToTokenPool(8, 64)
     return Scheduler(cache=RadixCache(allocator), allocator=allocator, req_to_token_pool=pool,
-                     chunked_prefill_size=32, mix_decode=mix)
+                     chunked_prefill_size=32, mix_decode=mix, riders_in_flight=riders_in_flight)
 
 
 def _running(sched: Scheduler, rid: str, ids: list[int]) -> Req:
@@ -100,6 +100,21 @@ def test_riders_stay_within_the_pass_budget_and_skip_tokens_in_flight():
     assert sum(batch.extend_lens) == 32 and batch.decode_start == 1
 
 
+def test_riders_with_tokens_in_flight_ride_when_asked():
+    sched = _scheduler(True, riders_in_flight=True)
+    riders = [_running(sched, f"r{i}", [20 + i, 30, 40]) for i in range(3)]
+    riders[0].all_ids[-1] = -1      # a placeholder: its token is still in flight
+    riders[0].pending = 1
+    fresh = Req(rid="c", input_ids=list(range(100, 120)), sampling=SamplingParams(max_tokens=2))
+    sched.add(fresh)
+    batch = sched.schedule()
+    assert batch.reqs == [fresh, *riders] and batch.extend_lens == [20, 1, 1, 1]
+    assert batch.decode_start == 1
+    for r in (*riders, fresh):
+        sched.abort(r.rid)
+    assert sched.allocator.available_size() + sched.cache.evictable_size() == 256
+
+
 def test_riders_that_finished_before_launch_leave_the_batch():
     sched = _scheduler(True)
     a = _running(sched, "a", [1, 2, 3])
@@ -119,36 +134,47 @@ def test_riders_that_finished_before_launch_leave_the_batch():
     assert sched.allocator.available_size() + sched.cache.evictable_size() == 256
 
 
-async def _compare(tiny: LoadedModel, requests: list[dict[str, Any]], **options: Any
-                   ) -> tuple[list[Any], list[Any], list[int]]:
-    """Both runs' completions, and how many riders each run's passes carried."""
-    results, riders = [], []
+async def _compare(tiny: LoadedModel, requests: list[dict[str, Any]],
+                   riders_in_flight: bool = False, **options: Any
+                   ) -> tuple[list[Any], list[Any], list[int], list[int]]:
+    """Both runs' completions, how many riders each run's passes carried, and how many of
+    them had their token in flight when their pass was scheduled."""
+    results, riders, in_flight = [], [], []
     for mix in (False, True):
         async with Engine(tiny, mix_decode=mix, max_total_tokens=4096, **options) as eng:
             sched = eng._core.scheduler
-            launched, count = sched.launched, [0]
+            sched.riders_in_flight = riders_in_flight
+            launched, schedule, count = sched.launched, sched.schedule, [0, 0]
 
             def counting(batch: Any, launched: Any = launched, count: list = count) -> None:
                 if batch.decode_start is not None:
                     count[0] += len(batch.reqs) - batch.decode_start
                 launched(batch)
 
-            sched.launched = counting
+            def scheduling(schedule: Any = schedule, count: list = count) -> Any:
+                batch = schedule()
+                if batch is not None and batch.decode_start is not None:
+                    count[1] += sum(1 for r in batch.reqs[batch.decode_start:] if r.pending)
+                return batch
+
+            sched.launched, sched.schedule = counting, scheduling
             results.append(await concurrently(eng, requests))
             riders.append(count[0])
+            in_flight.append(count[1])
             await clean(eng)
-    return results[0], results[1], riders
+    return results[0], results[1], riders, in_flight
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-async def test_jump_forward_with_riders_gives_the_same_outputs(tiny, overlap):
+@pytest.mark.parametrize(("overlap", "in_flight"), [(False, False), (True, False), (True, True)])
+async def test_jump_forward_with_riders_gives_the_same_outputs(tiny, overlap, in_flight):
     requests = []
     for i, p in enumerate(PROMPTS):
         requests.append(dict(input_ids=p, max_tokens=60, constraint=JSONSchema(SCHEMA),
                              logprobs=i % 2 == 0))
         requests.append(dict(input_ids=p, max_tokens=30, constraint=Regex(r"[a-z]{2,6} [0-9]{2}")))
         requests.append(dict(input_ids=p, max_tokens=12 + i, ignore_eos=True, logprobs=True))
-    off, on, riders = await _compare(tiny, requests, overlap=overlap)
+    off, on, riders, pending = await _compare(tiny, requests, riders_in_flight=in_flight,
+                                              overlap=overlap)
     assert [summary(d) for d in on] == [summary(d) for d in off]
     for a, b in zip(off, on, strict=True):
         assert_same_logprobs(a, b)
@@ -163,12 +189,74 @@ async def test_chunked_prefill_with_riders_gives_the_same_tokens(tiny):
     long_prompts = [[(7 * i + j) % 300 + 3 for j in range(90)] for i in range(3)]
     requests = [dict(input_ids=p, max_tokens=10, ignore_eos=True) for p in PROMPTS]
     requests += [dict(input_ids=p, max_tokens=5, ignore_eos=True) for p in long_prompts]
-    off, on, _ = await _compare(tiny, requests, chunked_prefill_size=32)
+    off, on, _, _ = await _compare(tiny, requests, chunked_prefill_size=32)
     assert [summary(d) for d in on] == [summary(d) for d in off]
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-async def test_riders_beside_streams_that_stop_and_abort_leave_the_engine_clean(tiny, overlap):
+async def test_riders_with_tokens_in_flight_give_the_same_tokens(tiny):
+    """The overlapped loop, nine short prompts decoding (each asked twice: generated, and
+    streamed to know when all decode) when two prompts arrive: the extend passes of those
+    take the decode steps along although their tokens are still
+    in flight (taken on the device, or once the step in flight is processed before an
+    extend that may not queue behind it); the same tokens and logprobs as without riders."""
+    import anyio
+
+    short = [[5 + i, 17, 200 - i] for i in range(9)]
+    long = [[(5 * i + j) % 300 + 3 for j in range(40)] for i in range(2)]
+    runs, in_flight = [], []
+    for mix in (False, True):
+        done: list[Any] = [None] * (len(short) + len(long))
+        seen = [0] * len(short)
+        started = anyio.Event()
+        async with Engine(tiny, mix_decode=mix, max_total_tokens=4096, overlap=True,
+                          chunked_prefill_size=64) as eng:
+            sched = eng._core.scheduler
+            sched.riders_in_flight = True
+            schedule, pending = sched.schedule, [0]
+
+            def scheduling(schedule: Any = schedule, pending: list = pending) -> Any:
+                batch = schedule()
+                if batch is not None and batch.decode_start is not None:
+                    pending[0] += sum(1 for r in batch.reqs[batch.decode_start:] if r.pending)
+                return batch
+
+            sched.schedule = scheduling
+
+            async def streamed(i: int, prompt: list[int], eng: Engine = eng,
+                               seen: list = seen, started: anyio.Event = started) -> None:
+                async with eng.stream(input_ids=prompt, max_tokens=24, ignore_eos=True,
+                                      logprobs=True) as chunks:
+                    async for chunk in chunks:
+                        seen[i] += len(chunk.token_ids)
+                        if all(n >= 2 for n in seen):
+                            started.set()
+
+            async def one(i: int, request: dict[str, Any], eng: Engine = eng,
+                          done: list = done) -> None:
+                done[i] = await eng.generate(**request)
+
+            async with anyio.create_task_group() as tg:
+                for i, p in enumerate(short):
+                    tg.start_soon(one, i, dict(input_ids=p, max_tokens=24, ignore_eos=True,
+                                               logprobs=True))
+                    tg.start_soon(streamed, i, p)
+                await started.wait()   # all nine decoding: now the two prompts
+                for j, p in enumerate(long):
+                    tg.start_soon(one, len(short) + j, dict(input_ids=p, max_tokens=6,
+                                                            ignore_eos=True, logprobs=True))
+            await clean(eng)
+        runs.append(done)
+        in_flight.append(pending[0])
+    off, on = runs
+    assert [summary(d) for d in on] == [summary(d) for d in off]
+    for a, b in zip(off, on, strict=True):
+        assert_same_logprobs(a, b)
+    assert in_flight[0] == 0 and in_flight[1] > 0
+
+
+@pytest.mark.parametrize(("overlap", "in_flight"), [(False, False), (True, False), (True, True)])
+async def test_riders_beside_streams_that_stop_and_abort_leave_the_engine_clean(tiny, overlap,
+                                                                                  in_flight):
     """Requests stopping, hitting max_tokens and being cancelled while others prefill in
     chunks (riders finish in the step processed before an extend launches, or with a token
     in flight): the same tokens as without riders, and nothing leaks (``clean``)."""
@@ -181,6 +269,7 @@ async def test_riders_beside_streams_that_stop_and_abort_leave_the_engine_clean(
     for mix in (False, True):
         async with Engine(tiny, mix_decode=mix, max_total_tokens=4096, overlap=overlap,
                           chunked_prefill_size=16) as eng:
+            eng._core.scheduler.riders_in_flight = in_flight
             async def cancelled(p: list[int], eng: Engine = eng) -> None:
                 async with eng.stream(input_ids=p, max_tokens=40, ignore_eos=True) as chunks:
                     async for _ in chunks:

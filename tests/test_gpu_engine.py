@@ -190,6 +190,35 @@ def test_decode_steps_riding_an_extend_pass_go_to_the_decode_kernel(monkeypatch,
                        min_compared=4 * NEW_TOKENS_RIDING)
 
 
+@pytest.mark.skipif(not HAS_FLASHINFER, reason="flashinfer missing")
+def test_hybrid_extends_queue_behind_decodes_with_riders_in_flight(monkeypatch):
+    """The overlapped loop on the hybrid backend, prompts prefilled in chunks of 256 while
+    the shorter ones decode: each extend is planned (into the other of flashinfer's two
+    prefill wrappers) and launched while the pass before it runs, and takes the decode steps
+    whose tokens are still in flight along; the tokens are the torch backend's."""
+    from aiolm.engine import runner as runner_module
+    from aiolm.engine.scheduler import Scheduler
+
+    monkeypatch.setattr(runner_module, "HYBRID_EXTEND_SETTLES", False)
+    pending = []
+    schedule = Scheduler.schedule
+
+    def counted(self):
+        batch = schedule(self)
+        if batch is not None and batch.decode_start is not None:
+            pending.append(sum(1 for r in batch.reqs[batch.decode_start:] if r.pending))
+        return batch
+
+    monkeypatch.setattr(Scheduler, "schedule", counted)
+    loaded = load("bfloat16")
+    reference = generate(loaded, attention_backend="torch", cuda_graphs=False, overlap=False)
+    pending.clear()
+    other = generate(loaded, attention_backend="hybrid", chunked_prefill_size=256, overlap=True,
+                     mix_decode=True)
+    assert any(pending)   # decode steps with tokens in flight rode along
+    assert_same_greedy(reference, other, MARGIN["bfloat16"])
+
+
 def test_kv_pool_takes_mem_fraction_of_free_memory():
     from aiolm.backends.engine import Engine
 

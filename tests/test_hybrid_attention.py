@@ -45,7 +45,7 @@ def test_extend_then_decode_match_torch_and_use_flashinfer_then_triton(hybrid_cl
 
     attn = create("hybrid", **GEOMETRY)
     assert isinstance(attn, hybrid_cls)
-    prefill = attn.extend_backend._prefill
+    prefill = attn.extend_backend._prefills[0]   # the first extend plans into the first
 
     batch, q, k, v = make_batch(prefix_lens=[0, 9, 30], extend_lens=[7, 1, 20], seed=1,
                                 **shapes(dtype))
@@ -74,7 +74,7 @@ def test_extend_then_decode_match_torch_and_use_flashinfer_then_triton(hybrid_cl
 def test_one_token_tail_of_an_extend_pass_goes_to_tritons_decode(hybrid_cls, prefix_lens,
                                                                  extend_lens, planned):
     attn = hybrid_cls(**GEOMETRY)
-    prefill = attn.extend_backend._prefill
+    prefill = attn.extend_backend._prefills[0]   # the first extend plans into the first
     batch, q, k, v = make_batch(prefix_lens=prefix_lens, extend_lens=extend_lens, seed=5,
                                 **shapes(torch.float32))
     expected = reference(batch, q, k, v, GEOMETRY)
@@ -87,6 +87,23 @@ def test_one_token_tail_of_an_extend_pass_goes_to_tritons_decode(hybrid_cls, pre
         assert prefill.runs == 0
     else:
         assert prefill.runs == 1 and len(prefill._plan[0]) == planned + 1
+
+
+def test_extends_in_a_row_plan_into_the_two_prefill_wrappers_in_turn(hybrid_cls):
+    """The overlapped loop plans an extend while the pass before it may not have copied its
+    plan from page-locked memory yet: consecutive extends never plan into one wrapper."""
+    attn = hybrid_cls(**GEOMETRY)
+    used = []
+    for seed in range(3):
+        batch, q, k, v = make_batch(prefix_lens=[0, 9], extend_lens=[7, 5], seed=10 + seed,
+                                    **shapes(torch.float32))
+        expected = reference(batch, q, k, v, GEOMETRY)
+        attn.init_forward(batch)
+        out = attn.forward(q, k, v, 0, batch)
+        assert rel_err(out, expected) < TOLERANCE[torch.float32]
+        used.append(attn.extend_backend._prefills.index(attn.extend_backend._active))
+    assert used == [0, 1, 0]
+    assert [w.runs for w in attn.extend_backend._prefills] == [2, 1]
 
 
 def test_graph_hooks_are_tritons(hybrid_cls):

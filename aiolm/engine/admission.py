@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .forward_batch import ForwardMode
+from .knobs import env_flag
 from .request import Req
 from .schedule_batch import ScheduleBatch
 from .schedule_policy import order_by_policy
@@ -27,6 +28,12 @@ if TYPE_CHECKING:
     from ..cache.radix import RadixCache
 
 __all__ = ["PrefillAdmission"]
+
+#: Whether a running request whose token is still in flight (the overlapped loop) may ride
+#: along in an extend pass (``mix_decode``); its token is taken on the device, as a decode
+#: pass takes it. ``AIOLM_RIDERS_IN_FLIGHT=0`` or ``1`` overrides the default (an
+#: experiment's knob, for the ablation in docs/benchmarks.md).
+RIDERS_IN_FLIGHT = env_flag("AIOLM_RIDERS_IN_FLIGHT", default=True)
 
 
 class PrefillAdmission:
@@ -45,6 +52,7 @@ class PrefillAdmission:
     in_batch_prefix_threshold: int
     cache_aware_limit: int
     mix_decode: bool
+    riders_in_flight: bool
     _budget: int
     _new_token_ratio: float
     _waiting: list[Req]
@@ -99,15 +107,12 @@ class PrefillAdmission:
         evicting (a decode pass makes room as it always does). Returns their slots, in the
         order of the entries appended.
 
-        Not a request whose token is still in flight (the overlapped loop): its decode goes
-        behind that pass as usual. Riders with tokens in flight were measured on an H200
-        (500 requests, hybrid attention): 4,495-4,554 out tok/s against 4,933 without
-        riders (docs/benchmarks/gpu-h200-throughput-riders-in-flight.json); the decode
-        steps they carry then run eagerly through flashinfer's prefill kernels rather than
-        in the captured decode graphs (the cause was not profiled further)."""
+        A request whose token is still in flight (the overlapped loop) rides only with
+        ``riders_in_flight``; otherwise its decode goes behind that pass as usual."""
         taken = {id(e[0]) for e in entries}
+        in_flight = self.riders_in_flight
         reqs = [r for r in self._running
-                if r.needs_decode and not r.pending and id(r) not in taken][:left]
+                if r.needs_decode and (in_flight or not r.pending) and id(r) not in taken][:left]
         if not reqs or len(reqs) > self.allocator.available_size():
             return None
         slots = self.allocator.alloc(len(reqs))

@@ -26,10 +26,11 @@ the hot path. The test suite runs with them on.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import torch
+
+from .knobs import env_flag
 
 if TYPE_CHECKING:
     from ..cache.pool import ReqToTokenPool, TokenSlotAllocator
@@ -47,7 +48,7 @@ class DebugCheckError(RuntimeError):
 
 def debug_checks_enabled() -> bool:
     """Whether ``AIOLM_DEBUG_CHECKS`` asks for the checks (``1``, ``true``, ``yes``, ``on``)."""
-    return os.environ.get(ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag(ENV_VAR)
 
 
 def _host(t: torch.Tensor | None) -> list[int]:

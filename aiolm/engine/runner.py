@@ -42,6 +42,7 @@ from ..cache.pool import KVPool, ReqToTokenPool, TokenSlotAllocator, kv_bytes_pe
 from .attention import create as create_attention
 from .debug_checks import check_forward_batch, debug_checks_enabled
 from .forward_batch import ForwardBatch, ForwardMode
+from .knobs import env_flag
 from .sampler import Sampler, token_logprobs, top_token_logprobs
 from .shared_prefix import auto_min_tokens, max_members
 from .step_io import StepIO
@@ -100,6 +101,11 @@ def choose_num_threads(requested: int | None, device: torch.device, *,
 
 
 #: The dtypes and head dimensions flashinfer's kernels take (``flashinfer``, ``hybrid``).
+#: ``AIOLM_HYBRID_EXTEND_SETTLES=1``: the hybrid backend's extend passes wait for the pass in
+#: flight to be processed before they launch (the behaviour before their plans were
+#: double-buffered; an experiment's knob, see ``ModelRunner.queues_behind``).
+HYBRID_EXTEND_SETTLES = env_flag("AIOLM_HYBRID_EXTEND_SETTLES", default=False)
+
 FLASHINFER_DTYPES = ("float16", "bfloat16")
 FLASHINFER_HEAD_DIMS = (64, 128, 256)
 
@@ -460,13 +466,16 @@ class ModelRunner(StepIO):
     def queues_behind(self, mode: ForwardMode) -> bool:
         """Whether a pass of ``mode`` may be queued while another is in flight.
 
-        Not when its attention is planned through flashinfer (the ``flashinfer`` backend,
-        and ``hybrid``'s extend passes): the plan writes page-locked host buffers that the
-        device copies from asynchronously, so a second plan could overwrite the first's
-        before the device read it.
+        Not on the ``flashinfer`` backend: its decode plans write a wrapper's page-locked
+        host buffer that the device copies from asynchronously, so a second plan could
+        overwrite the first's before the device read it. ``hybrid``'s extends are planned
+        by flashinfer too, but on two prefill wrappers taken in turn
+        (``FlashInferAttention.init_forward``): a plan never writes the buffer of the pass
+        in flight. ``AIOLM_HYBRID_EXTEND_SETTLES=1`` makes hybrid's extends wait for the
+        pass in flight to be processed as they did before (an experiment's knob).
         """
         if self.device.type != "cuda":
             return True
-        if self.attention_backend == "flashinfer":
-            return False
-        return not (self.attention_backend == "hybrid" and mode is ForwardMode.EXTEND)
+        if self.attention_backend == "hybrid" and mode is ForwardMode.EXTEND:
+            return not HYBRID_EXTEND_SETTLES
+        return self.attention_backend != "flashinfer"

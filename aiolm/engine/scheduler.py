@@ -58,7 +58,7 @@ import torch
 
 from ..cache.pool import ReqToTokenPool, TokenSlotAllocator
 from ..cache.radix import RadixCache
-from .admission import PrefillAdmission, _arrival
+from .admission import RIDERS_IN_FLIGHT, PrefillAdmission, _arrival
 from .forward_batch import ForwardMode
 from .request import Req
 from .schedule_batch import ScheduleBatch, SchedulerStatistics, check_fits
@@ -84,7 +84,8 @@ class Scheduler(PrefillAdmission):
                  new_token_ratio_decay: float = 0.001,
                  max_new_tokens_estimate: int = 4096,
                  in_batch_prefix_threshold: int = 32,
-                 cache_aware_limit: int = 128, mix_decode: bool = False) -> None:
+                 cache_aware_limit: int = 128, mix_decode: bool = False,
+                 riders_in_flight: bool | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
         for name, value in (("max_prefill_tokens", max_prefill_tokens),
@@ -116,6 +117,7 @@ class Scheduler(PrefillAdmission):
         self.in_batch_prefix_threshold = in_batch_prefix_threshold
         self.cache_aware_limit = cache_aware_limit
         self.mix_decode = mix_decode
+        self.riders_in_flight = RIDERS_IN_FLIGHT if riders_in_flight is None else riders_in_flight
         self._budget = min(max_prefill_tokens, chunked_prefill_size or max_prefill_tokens)
         self._new_token_ratio = new_token_ratio
         self._arrivals = itertools.count()

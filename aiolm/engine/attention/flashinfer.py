@@ -89,7 +89,15 @@ class FlashInferAttention(AttentionBackend):
             )
         self._workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=self._device)
         self._decode = self._fi.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD")
-        self._prefill = self._fi.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
+        # NOTE: two prefill wrappers, planned in turn. A plan writes its wrapper's
+        # page-locked host buffer and queues a copy of it to the device; with the engine's
+        # overlapped loop the next extend is planned while the pass before it may not have
+        # reached that copy yet, so it must plan into the other wrapper's buffer (two
+        # suffice: the loop has at most one pass in flight, and the one before it is done).
+        # They share the float workspace: their kernels run one after the other.
+        self._prefills = tuple(self._fi.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
+                               for _ in range(2))
+        self._prefill_turn = 0
         self._active: Any = None
         # CUDA-graph state: fixed index buffers and one decode wrapper per captured batch.
         self._graph_wrappers: weakref.WeakKeyDictionary[ForwardBatch, Any] = (
@@ -159,12 +167,12 @@ class FlashInferAttention(AttentionBackend):
         qo_indptr[1:] = torch.tensor(batch.extend_seq_lens_cpu, dtype=torch.int32).cumsum(0)
         indptr, indices = self._kv_indices(batch)
         dtype = self._dtype(batch)
-        self._prefill.plan(qo_indptr, indptr, indices,
-                           torch.ones(batch.batch_size, dtype=torch.int32),
-                           self.num_q_heads, self.num_kv_heads, self.head_dim, 1,
-                           causal=True, sm_scale=self.scale, q_data_type=dtype,
-                           kv_data_type=dtype)
-        self._active = self._prefill
+        wrapper = self._prefills[self._prefill_turn]
+        self._prefill_turn ^= 1
+        wrapper.plan(qo_indptr, indptr, indices, torch.ones(batch.batch_size, dtype=torch.int32),
+                     self.num_q_heads, self.num_kv_heads, self.head_dim, 1, causal=True,
+                     sm_scale=self.scale, q_data_type=dtype, kv_data_type=dtype)
+        self._active = wrapper
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch) -> torch.Tensor:
