@@ -390,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", help="device kind name to record (default: from the GPU name)")
     parser.add_argument("--throughput-requests", type=int,
                         help="throughput workload size (default 500 on the GPU; the paper's 1000)")
+    parser.add_argument("--max-running-requests", type=int,
+                        help="the engine's max_running_requests (default: the engine's)")
     parser.add_argument("--skip", action="append", default=[],
                         choices=["tests", "limits", "aiolm", "peer", "sanitizer", "soak",
                                  "ablations"],
@@ -412,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stderr = Tee(sys.__stderr__, log)
 
     plan = wl.Plan.make(dry_run=args.dry_run, throughput_requests=args.throughput_requests,
-                        backends=args.backends, hf_compile=not args.no_hf_compile)
+                        backends=args.backends, hf_compile=not args.no_hf_compile,
+                        max_running_requests=args.max_running_requests)
     if "peer" in args.skip:   # no time to hold back for it
         plan = attrs.evolve(plan, peer_budget=0.0)
     suite = Suite(out, plan, args.budget, args.kind)

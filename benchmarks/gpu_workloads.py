@@ -62,10 +62,13 @@ class Plan:
     ablation_budget: float
     peer_budget: float
     reserve: float
+    #: the engine's ``max_running_requests`` (None: its default)
+    max_running_requests: int | None = None
 
     @classmethod
     def make(cls, *, dry_run: bool, throughput_requests: int | None = None,
-             backends: str | None = None, hf_compile: bool = True) -> Plan:
+             backends: str | None = None, hf_compile: bool = True,
+             max_running_requests: int | None = None) -> Plan:
         if dry_run:
             return cls(
                 dry_run=True, device="cpu", model="tiny-llama", dtype="float32",
@@ -77,6 +80,7 @@ class Plan:
                 hf_compile=False, copy_bytes=16 * 2**20, matmul_n=256,
                 max_total_tokens=65536, test_budget=60, test_timeout=60, engine_budget=60,
                 ablation_budget=30, peer_budget=20, reserve=5,
+                max_running_requests=max_running_requests,
             )
         if backends is None:
             import importlib.util
@@ -97,6 +101,7 @@ class Plan:
             hf_compile=hf_compile, copy_bytes=2 * 2**30, matmul_n=8192,
             max_total_tokens=None, test_budget=330, test_timeout=120, engine_budget=110,
             ablation_budget=40, peer_budget=100, reserve=15,
+            max_running_requests=max_running_requests,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -257,6 +262,8 @@ def measure_limits(plan: Plan) -> dict[str, Any]:
 
 
 def engine_options(plan: Plan, backend: str, **extra: Any) -> dict[str, Any]:
+    if plan.max_running_requests is not None:
+        extra.setdefault("max_running_requests", plan.max_running_requests)
     return dict(attention_backend=backend, device=plan.device, cuda_graphs=plan.device == "cuda",
                 max_total_tokens=plan.max_total_tokens, **extra)
 

@@ -224,3 +224,15 @@ async def test_the_engine_compiles_constraints_under_its_constraint_limits():
             await engine.generate("x", constraint=letters, max_tokens=4)
     async with Engine(tiny_chat_model(), max_total_tokens=2048) as engine:
         assert (await engine.generate("x", constraint=letters, max_tokens=4)).usage.completion_tokens
+
+
+@pytest.mark.parametrize(("kv_slots", "cuda", "expected"), [
+    (862_383, True, 512),     # Llama-3-8B on a 141 GB card: the cap
+    (100_000, True, 195),     # a smaller pool: 512 slots for each
+    (20_000, True, 64),       # never fewer than the CPU's
+    (862_383, False, 64),     # the CPU: 64 whatever the pool
+])
+def test_max_running_requests_by_default_follows_the_pool(kv_slots, cuda, expected):
+    from aiolm.engine.runner import default_max_running_requests
+
+    assert default_max_running_requests(kv_slots, cuda) == expected

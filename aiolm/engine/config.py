@@ -235,7 +235,8 @@ class EngineConfig:
         None, "the most prompt tokens one forward pass computes (default: 8192 on CUDA, "
         "2048 on the CPU)", validator=_int_at_least(1, optional=True))
     max_running_requests: int | None = _option(
-        None, "the most requests decoding together (default: 256 on CUDA, 64 on the CPU)",
+        None, "the most requests decoding together (default: 512 on CUDA, fewer when the KV pool "
+        "holds under 512 slots for each; 64 on the CPU)",
         validator=_int_at_least(1, optional=True))
     max_total_tokens: int | None = _option(
         None, "KV slots in the pool (default: mem_fraction of the free GPU memory; on the "
