@@ -201,6 +201,37 @@ async def test_engine_decode_steps_riding_a_prefill_give_torch_backends_tokens(h
     assert 9 in tails
 
 
+def test_a_closed_engine_leaves_its_kv_pool_to_no_one(hybrid_cls):
+    """The LoadedModel outlives its engines: once one closes, the model no longer holds its
+    attention, which held its last pass (a cut one here: a batch and so the KV pool). The
+    next engine would otherwise size its pool from memory the old pool still took."""
+    import gc
+    import weakref
+
+    import anyio
+
+    from aiolm.backends.engine import Engine, LoadedModel
+
+    loaded = LoadedModel.load("tiny-llama", load_format="dummy", device="cpu", seed=0)
+    short = [[5 + i, 17, 200 - i] for i in range(9)]
+
+    async def main():
+        async with Engine(loaded, attention_backend="hybrid", max_total_tokens=4096,
+                          chunked_prefill_size=64, mix_decode=True, overlap=False) as engine:
+            async with anyio.create_task_group() as tg:
+                for prompt in short:
+                    tg.start_soon(lambda p=prompt: engine.generate(input_ids=p, max_tokens=3))
+            attn = engine._core.runner.attn
+            await engine.generate(input_ids=list(range(3, 40)), max_tokens=1)
+            assert loaded.model.attn is attn
+            return weakref.ref(engine._core.runner.kv_pool), weakref.ref(attn)
+
+    pool, attn = anyio.run(main)
+    gc.collect()
+    assert loaded.model.attn is None
+    assert pool() is None and attn() is None
+
+
 def test_the_pool_stays_within_flashinfers_32_bit_offsets(hybrid_cls):
     """flashinfer's SM90 prefill multiplies page index by stride in 32 bits: a layer's K
     buffer must stay under 2**32 elements, whatever the card's memory would allow."""

@@ -155,8 +155,8 @@ WORKLOAD = Workload(
     ablations=("radix", "shared-prefix"),
     runner=vision_runner(answer_question),
     # Every question in flight at once, as a server taking them all would see them (the
-    # engine decodes up to 256 together). Under run_batch's 64 the full shape's 120 ran in
-    # two waves, the second waiting for the first one's answers (nvidia-h200,
+    # engine decodes up to 512 together on CUDA). Under run_batch's 64 the full shape's 120
+    # ran in two waves, the second waiting for the first one's answers (nvidia-h200,
     # benchmarks/gpu_profile.py --image-qa). The transformers peer runs one call at a time.
     max_concurrency=256,
 )

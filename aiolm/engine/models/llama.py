@@ -184,8 +184,9 @@ class LlamaForCausalLM(nn.Module):
         )
         self.attn: AttentionBackend | None = None
 
-    def set_attention(self, backend: AttentionBackend) -> None:
-        """Use ``backend`` for every layer's attention from the next forward on."""
+    def set_attention(self, backend: AttentionBackend | None) -> None:
+        """Use ``backend`` for every layer's attention from the next forward on (None: no
+        attention until another is set; the engine that closes detaches its own)."""
         self.attn = backend
 
     def init_buffers(self) -> None:

@@ -223,7 +223,7 @@ class LlavaForConditionalGeneration(nn.Module):
         return self.multi_modal_projector(selected)
 
     def set_attention(self, backend: Any) -> None:
-        """Use ``backend`` for the language model's attention."""
+        """Use ``backend`` for the language model's attention (None: none)."""
         self.language_model.set_attention(backend)
 
     @property
