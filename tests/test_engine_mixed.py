@@ -87,30 +87,19 @@ def test_a_new_prompt_takes_the_decoding_requests_along_only_when_mixing(mix):
     assert sched.allocator.available_size() + sched.cache.evictable_size() == 256
 
 
-def test_riders_stay_within_the_pass_budget_and_skip_tokens_in_flight():
-    sched = _scheduler(True)
+@pytest.mark.parametrize("in_flight", [False, True])
+def test_riders_stay_within_the_pass_budget_and_ride_in_flight_only_when_asked(in_flight):
+    sched = _scheduler(True, riders_in_flight=in_flight)
     riders = [_running(sched, f"r{i}", [20 + i, 30, 40]) for i in range(4)]
     riders[0].all_ids[-1] = -1      # a placeholder: its token is still in flight
     riders[0].pending = 1
     long = Req(rid="long", input_ids=list(range(100, 130)), sampling=SamplingParams(max_tokens=2))
     sched.add(long)
     batch = sched.schedule()
-    # 30 prompt tokens of a 32-token budget: two riders fit, and not the one in flight.
-    assert batch.reqs == [long, riders[1], riders[2]]
+    # 30 prompt tokens of a 32-token budget: two riders fit, the one in flight only if asked.
+    assert batch.reqs == [long, *(riders[:2] if in_flight else riders[1:3])]
     assert sum(batch.extend_lens) == 32 and batch.decode_start == 1
-
-
-def test_riders_with_tokens_in_flight_ride_when_asked():
-    sched = _scheduler(True, riders_in_flight=True)
-    riders = [_running(sched, f"r{i}", [20 + i, 30, 40]) for i in range(3)]
-    riders[0].all_ids[-1] = -1      # a placeholder: its token is still in flight
-    riders[0].pending = 1
-    fresh = Req(rid="c", input_ids=list(range(100, 120)), sampling=SamplingParams(max_tokens=2))
-    sched.add(fresh)
-    batch = sched.schedule()
-    assert batch.reqs == [fresh, *riders] and batch.extend_lens == [20, 1, 1, 1]
-    assert batch.decode_start == 1
-    for r in (*riders, fresh):
+    for r in (*riders, long):
         sched.abort(r.rid)
     assert sched.allocator.available_size() + sched.cache.evictable_size() == 256
 

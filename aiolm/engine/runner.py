@@ -100,7 +100,6 @@ def choose_num_threads(requested: int | None, device: torch.device, *,
     return max(1, (cores - 1) // ranks)
 
 
-#: The dtypes and head dimensions flashinfer's kernels take (``flashinfer``, ``hybrid``).
 #: The most requests decoding together by default on CUDA, and the KV slots the default
 #: leaves each of them at least (a pool too small for that many gets fewer); the CPU's.
 CUDA_MAX_RUNNING_REQUESTS = 512
@@ -114,9 +113,9 @@ def default_max_running_requests(kv_slots: int, cuda: bool) -> int:
 
     Measured on nvidia-h200 (Llama-3-8B shape, the suite's 500-request throughput workload,
     two runs each, alternating): 512 gave 6,573 and 6,532 out tok/s, 256 (the default
-    before) 5,927 and 5,857. A decode pass of a larger batch reads the weights once for
-    more tokens, and the tail of the run, where the batch drains, is shorter
-    (docs/benchmarks.md, wave 8)."""
+    before) 5,927 and 5,857: a decode pass of a larger batch reads the weights once for
+    more tokens (with 512, the workload's 500 requests all decode together;
+    docs/benchmarks.md, wave 8)."""
     if not cuda:
         return CPU_MAX_RUNNING_REQUESTS
     return min(CUDA_MAX_RUNNING_REQUESTS,
@@ -128,6 +127,7 @@ def default_max_running_requests(kv_slots: int, cuda: bool) -> int:
 #: double-buffered; an experiment's knob, see ``ModelRunner.queues_behind``).
 HYBRID_EXTEND_SETTLES = env_flag("AIOLM_HYBRID_EXTEND_SETTLES", default=False)
 
+#: The dtypes and head dimensions flashinfer's kernels take (``flashinfer``, ``hybrid``).
 FLASHINFER_DTYPES = ("float16", "bfloat16")
 FLASHINFER_HEAD_DIMS = (64, 128, 256)
 
