@@ -34,5 +34,5 @@ def test_multimodal_workloads_run_on_the_7b_geometry(model, workloads, tmp_path)
     for r in records:
         on, off, hf = r["runs"]["aiolm"], r["runs"]["radix-off"], r["runs"]["hf"]
         assert on["cache_hit_rate"] > off["cache_hit_rate"] == 0.0
-        assert 0 < on["vision_calls"] < hf["vision_calls"]
+        assert 0 < on["vision_images"] < hf["vision_images"]
         assert on["vision_s"] > 0 and hf["vision_s"] > 0

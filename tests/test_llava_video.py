@@ -298,3 +298,34 @@ async def test_a_repeated_video_hits_the_radix_cache_and_another_misses(pair):
     assert first.usage.prompt_tokens == len(head) + video_tokens + 2
     assert again.usage.cached_tokens >= len(head) + video_tokens
     assert other.usage.cached_tokens <= len(head)
+
+
+def test_several_items_in_one_vision_call_give_each_ones_embeddings(pair, monkeypatch):
+    """LLaVA-NeXT's pictures of different tilings go through the vision tower together
+    (``embed_multimodal_many``; a clip in a call of its own), several calls past the tile
+    limit; each item's rows are what it gets alone."""
+    from aiolm.engine.models import llava
+
+    _, ours, _, _, _ = pair
+    _, mm = _prepare(pair, [1, IMAGE, IMAGE, IMAGE, IMAGE, 5],
+                     [random_image(50, (90, 50)), clip(2, frames=3), random_image(51, (40, 120)),
+                      random_image(52, (64, 64))])
+    assert [it.kind for it in mm.items] == ["image", "video", "image", "image"]
+    alone = [ours.embed_multimodal(item) for item in mm.items]
+    calls = []
+    tower = ours.vision_tower.forward
+
+    def counted(pixels, *args, **kwargs):
+        calls.append(pixels.shape[0])
+        return tower(pixels, *args, **kwargs)
+
+    monkeypatch.setattr(ours.vision_tower, "forward", counted)
+    tiles = [ours._tiles(it).shape[0] for it in mm.items if it.kind == "image"]
+    assert len(set(tiles)) > 1       # tilings differ: the features are split back by count
+    for limit, expected in ((64, [sum(tiles), 3]), (max(tiles), [*tiles, 3])):
+        calls.clear()
+        monkeypatch.setattr(llava, "VISION_TILES_PER_CALL", limit)
+        together = ours.embed_multimodal_many(mm.items)
+        assert calls == expected      # tiles (frames for the clip) per vision-tower call
+        for a, b in zip(alone, together, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

@@ -72,17 +72,18 @@ def loaded() -> LoadedModel:
 
 @pytest.fixture
 def vision_calls(loaded):
-    """How many times the vision tower ran (``embed_multimodal`` calls) during the test."""
+    """The digest of each image the vision tower embedded during the test
+    (``embed_multimodal_many``'s items, whichever call they came in)."""
     model = loaded.model
     calls: list[str] = []
 
-    def counting(item):
-        calls.append(item.digest)
-        return type(model).embed_multimodal(model, item)
+    def counting(items):
+        calls.extend(item.digest for item in items)
+        return type(model).embed_multimodal_many(model, items)
 
-    model.embed_multimodal = counting
+    model.embed_multimodal_many = counting
     yield calls
-    del model.embed_multimodal
+    del model.embed_multimodal_many
 
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -374,3 +375,47 @@ async def test_prompt_logprobs_skip_an_images_placeholders(loaded):
     assert list(scored.token_logprobs[0]) == pytest.approx(
         [e.logprob for e in entries[-2:]], abs=1e-4)
 
+
+
+def test_a_pass_embeds_its_pictures_in_one_vision_call(loaded):
+    """Four requests about three pictures (one asked twice) in one extend pass: the vision
+    tower runs once, over the three (``embed_multimodal_many``), and each request's rows
+    are its picture's embeddings as computed alone; a second pass finds them stored."""
+    from aiolm.engine.multimodal import build_processor, pass_embeddings, prepare_multimodal
+    from aiolm.engine.request import Req
+
+    model = loaded.model
+    processor = build_processor(loaded)
+    pictures = [png(10), png(11), png(10), png(12)]
+    reqs = []
+    for i, picture in enumerate(pictures):
+        ids, mm = prepare_multimodal(model, processor, [1, IMAGE, 40, 41, 42], [picture],
+                                     vocab_size=loaded.model_config.vocab_size)
+        reqs.append(Req(rid=str(i), input_ids=ids, mm=mm))
+    calls = []
+    many = type(model).embed_multimodal_many
+
+    def counted(items):
+        calls.append([item.digest for item in items])
+        return many(model, items)
+
+    model.embed_multimodal_many = counted
+    try:
+        half = [r.mm.items[0].offset + 3 for r in reqs]          # into each picture's run
+        embeds, rows = pass_embeddings(model, reqs, [0] * 4, half)
+        assert calls == [[pictures[0].digest, pictures[1].digest, pictures[3].digest]]
+        rest = [len(r.all_ids) - h for r, h in zip(reqs, half, strict=True)]
+        embeds2, rows2 = pass_embeddings(model, reqs, half, rest)
+        assert len(calls) == 1                  # the rest of each run: from the stores
+    finally:
+        del model.embed_multimodal_many
+    first, expected_rows = 0, []
+    for req, h in zip(reqs, half, strict=True):
+        item = req.mm.items[0]
+        expected_rows += range(first + item.offset, first + h)
+        alone = model.embed_multimodal(item)
+        torch.testing.assert_close(embeds[(rows >= first) & (rows < first + h)], alone[:3])
+        first += h
+    assert rows.tolist() == expected_rows
+    assert all(not r.mm._embeddings for r in reqs)   # dropped once the runs were covered
+    assert embeds2.shape[0] == rows2.shape[0] == sum(r.mm.items[0].length - 3 for r in reqs)

@@ -329,3 +329,38 @@ def test_the_engine_generates_transformers_tokens_and_reuses_the_cached_item(pai
     first, second = anyio.run(main)
     assert list(first.token_ids) == expected
     assert second.usage.cached_tokens >= len(head) + prompt.items[0].length + 2
+
+
+def _item_grid(item) -> torch.Tensor:
+    return item.data["image_grid_thw" if item.kind == "image" else "video_grid_thw"].reshape(3)
+
+
+def test_several_items_in_one_vision_call_give_each_ones_embeddings(pair, monkeypatch):
+    """The engine embeds a pass's items together (``embed_multimodal_many``): pictures of
+    different sizes and a clip in one vision-tower call, and — past the patch limit — in
+    several; each item's rows are what it gets alone."""
+    from aiolm.engine.models import qwen2_5_vl
+
+    _, ours, _, proc = pair
+    frames = [_image(56, 56, 40 + i) for i in range(3)]
+    prompt = (_Prompt(ours, proc).add("image", _image(56, 56, 2), "b" * 64)
+              .add("image", _image(168, 112, 3), "c" * 64).add("video", frames, "d" * 64)
+              .add("image", _image(112, 84, 4), "e" * 64))
+    alone = [ours.embed_multimodal(item) for item in prompt.items]
+    calls = []
+    visual = ours.visual.forward
+
+    def counted(pixels, grid):
+        calls.append(grid.shape[0])
+        return visual(pixels, grid)
+
+    monkeypatch.setattr(ours.visual, "forward", counted)
+    patches = [int(_item_grid(item).prod()) for item in prompt.items]
+    assert patches == [16, 96, 32, 48]       # 56x56, 168x112, two 56x56 frames, 112x84
+    for limit, expected in ((2**15, [4]), (100, [1, 1, 2])):
+        calls.clear()
+        monkeypatch.setattr(qwen2_5_vl, "VISION_PATCHES_PER_CALL", limit)
+        together = ours.embed_multimodal_many(prompt.items)
+        assert calls == expected      # items per vision-tower call
+        for a, b in zip(alone, together, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

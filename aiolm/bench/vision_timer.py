@@ -1,15 +1,16 @@
 """How often the vision tower runs during a multimodal workload, and for how long.
 
-The engine runs it through its model's ``embed_multimodal`` (once per image or clip of a
-request's prefill, shared by the requests of a pass that carry the same content: see
-:func:`aiolm.engine.multimodal.pass_embeddings`); the transformers peer through its
-model's ``get_image_features`` / ``get_video_features`` (once per ``generate`` call with
-images). :class:`VisionTimer` wraps those methods on the model instance for one run and
-times each call: wall-clock on the CPU, CUDA events on a GPU, read once the run is over,
-so timing adds no synchronisation to the engine's loop.
+The engine runs it through its model's ``embed_multimodal_many`` (once per pass over the
+images or clips the pass needs and no request holds yet, shared by the requests of the pass
+that carry the same content: see :func:`aiolm.engine.multimodal.pass_embeddings`); the
+transformers peer through its model's ``get_image_features`` / ``get_video_features``
+(once per ``generate`` call with images). :class:`VisionTimer` wraps those methods on the
+model instance for one run and times each call: wall-clock on the CPU, CUDA events on a
+GPU, read once the run is over, so timing adds no synchronisation to the engine's loop.
 
 :func:`vision_runner` is the workloads' runner: the program under ``run_batch``, with the
-vision figures added to the record (``vision_calls``, ``vision_s``, ``vision_ms_per_call``).
+vision figures added to the record (``vision_calls``, ``vision_images``, ``vision_s``,
+``vision_ms_per_call``, ``vision_ms_per_image``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def _vision_methods(backend: Backend) -> tuple[Any, tuple[str, ...]]:
     # model's embed_multimodal for the length of a run (nothing else is touched).
     loaded = getattr(backend, "_loaded", None)
     if loaded is not None and is_multimodal(loaded.model):
-        return loaded.model, ("embed_multimodal",)
+        model = loaded.model
+        return model, (("embed_multimodal_many",) if hasattr(model, "embed_multimodal_many")
+                       else ("embed_multimodal",))
     return None, ()
 
 
@@ -62,8 +65,9 @@ class VisionTimer:
         if self._owner is not None:
             first = next(self._owner.parameters(), None)
             self._cuda = first is not None and first.device.type == "cuda"
-        #: One entry per call: seconds (CPU), or a ``(start, end)`` pair of CUDA events.
-        self._calls: list[Any] = []
+        #: One entry per call: (seconds (CPU) or a ``(start, end)`` pair of CUDA events,
+        #: how many images or clips it embedded).
+        self._calls: list[tuple[Any, int]] = []
         self._saved: dict[str, Any] = {}
 
     def __enter__(self) -> VisionTimer:
@@ -94,7 +98,7 @@ class VisionTimer:
                     return method(*args, **kwargs)
                 finally:
                     end.record()
-                    calls.append((start, end))
+                    calls.append(((start, end), _items(args, kwargs)))
 
             return on_gpu
 
@@ -104,25 +108,35 @@ class VisionTimer:
             try:
                 return method(*args, **kwargs)
             finally:
-                calls.append(time.perf_counter() - began)
+                calls.append((time.perf_counter() - began, _items(args, kwargs)))
 
         return on_cpu
 
     def figures(self) -> dict[str, float]:
-        """``vision_calls``, ``vision_s`` (their total time) and ``vision_ms_per_call``;
+        """``vision_calls``, ``vision_images`` (the images and clips they embedded),
+        ``vision_s`` (their total time), ``vision_ms_per_call`` and ``vision_ms_per_image``;
         nothing for a backend without a vision tower. Waits for timed GPU work to end."""
         if self._owner is None:
             return {}
         seconds = 0.0
-        for call in self._calls:
-            if isinstance(call, tuple):
-                call[1].synchronize()
-                seconds += call[0].elapsed_time(call[1]) / 1000.0
+        for timing, _ in self._calls:
+            if isinstance(timing, tuple):
+                timing[1].synchronize()
+                seconds += timing[0].elapsed_time(timing[1]) / 1000.0
             else:
-                seconds += call
+                seconds += timing
         count = len(self._calls)
-        return {"vision_calls": count, "vision_s": seconds,
-                "vision_ms_per_call": 1000.0 * seconds / count if count else 0.0}
+        images = sum(n for _, n in self._calls)
+        return {"vision_calls": count, "vision_images": images, "vision_s": seconds,
+                "vision_ms_per_call": 1000.0 * seconds / count if count else 0.0,
+                "vision_ms_per_image": 1000.0 * seconds / images if images else 0.0}
+
+
+def _items(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """How many images or clips a timed call embedded: the length of
+    ``embed_multimodal_many``'s list, else one (``embed_multimodal``, the peer's calls)."""
+    first = args[0] if args else next(iter(kwargs.values()), None)
+    return len(first) if isinstance(first, (list, tuple)) else 1
 
 
 def vision_runner(program: Any) -> Runner:

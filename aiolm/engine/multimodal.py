@@ -18,8 +18,9 @@ gets all its images first (after a leading BOS token). Any other count of image 
 ``ValueError``.
 
 Each item's embeddings are computed once per request, while its prefill runs, by the
-model's ``embed_multimodal`` (the vision tower and projector), shared by the requests of a
-pass that carry the same digest, and dropped once the request's KV covers the item.
+model's ``embed_multimodal_many`` (the vision tower and projector over the pass's new items
+together; ``embed_multimodal`` one by one for a model without it), shared by the requests
+of a pass that carry the same digest, and dropped once the request's KV covers the item.
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ __all__ = [
     "ProcessedCache",
     "build_processor",
     "decode_image",
+    "embed_items",
     "is_multimodal",
     "pad_id",
     "pass_embeddings",
     "prepare_multimodal",
+    "vision_batches",
 ]
 
 #: Pad ids are ``vocab_size + (hash % PAD_ID_RANGE)``.
@@ -275,39 +278,70 @@ def pass_embeddings(model: Any, reqs: Sequence[Req], prefix_lens: Sequence[int],
     consecutive rows of the pass; the rows inside an item's run take that item's embedding
     rows (a chunked or cached-prefix pass takes the slice it covers). An item's embeddings
     come from the request's own store, else from another request of the pass with the same
-    digest, else from ``model.embed_multimodal`` (the vision tower runs once); a request
-    whose pass reaches the end of its items drops its store. Returns ``(embeds [K, hidden],
-    rows [K] int64)`` on the model's device, or None when no row of the pass is an item's.
+    digest (its store, or what the pass computes), else from the model: the items of the
+    pass that no store holds go through :func:`embed_items` together (the vision tower runs
+    once per batch of them, not once per picture); a request whose pass reaches the end of
+    its items drops its store.
+    Returns ``(embeds [K, hidden], rows [K] int64)`` on the model's device, or None when no
+    row of the pass is an item's.
     """
     import torch
 
-    shared: dict[str, torch.Tensor] = {}
-    rows: list[torch.Tensor] = []
-    embeds: list[torch.Tensor] = []
+    spans = []      # (request's inputs, item, pass row of its token 0, first, end) covered
+    known: dict[str, torch.Tensor] = {}
     first = 0
     for req, p, e in zip(reqs, prefix_lens, extend_lens, strict=True):
         mm = req.mm
         if mm is not None:
             for item in mm.items:
                 a, b = max(item.offset, p), min(item.end, p + e)
-                if a >= b:
-                    continue
-                emb = mm._embeddings.get(item.digest)
-                if emb is None:
-                    emb = shared.get(item.digest)
-                    if emb is None:
-                        emb = model.embed_multimodal(item)
-                        if emb.shape[0] != item.length:
-                            raise RuntimeError(
-                                f"{type(model).__name__}.embed_multimodal: {emb.shape[0]} "
-                                f"rows for an item of {item.length} placeholder tokens")
-                    shared[item.digest] = mm._embeddings[item.digest] = emb
-                embeds.append(emb[a - item.offset:b - item.offset])
-                rows.append(torch.arange(first + a - p, first + b - p, dtype=torch.int64))
-            if p + e >= mm.end:
-                mm._embeddings.clear()
+                if a < b:
+                    spans.append((mm, item, first - p, a, b))
+            known.update(mm._embeddings)
         first += e
+    missing = {item.digest: item for _, item, *_ in spans if item.digest not in known}
+    known.update(zip(missing, embed_items(model, list(missing.values())), strict=True))
+    rows: list[torch.Tensor] = []
+    embeds: list[torch.Tensor] = []
+    for mm, item, shift, a, b in spans:
+        emb = mm._embeddings.setdefault(item.digest, known[item.digest])
+        embeds.append(emb[a - item.offset:b - item.offset])
+        rows.append(torch.arange(shift + a, shift + b, dtype=torch.int64))
+    for req, p, e in zip(reqs, prefix_lens, extend_lens, strict=True):
+        if req.mm is not None and p + e >= req.mm.end:
+            req.mm._embeddings.clear()
     if not rows:
         return None
     out = torch.cat(embeds)
     return out, torch.cat(rows).to(out.device, non_blocking=True)
+
+
+def embed_items(model: Any, items: Sequence[MultimodalItem]) -> list[torch.Tensor]:
+    """Each item's ``[item.length, hidden]`` embeddings: ``model.embed_multimodal_many``
+    when the model has it (its vision tower over several items at once), else
+    ``model.embed_multimodal`` item by item. Raises RuntimeError when the model returns a
+    count of rows that is not an item's placeholder count."""
+    if not items:
+        return []
+    many = getattr(model, "embed_multimodal_many", None)
+    out = list(many(items)) if many is not None else [model.embed_multimodal(it) for it in items]
+    for item, emb in zip(items, out, strict=True):
+        if emb.shape[0] != item.length:
+            raise RuntimeError(
+                f"{type(model).__name__}: {emb.shape[0]} embedding rows for an item of "
+                f"{item.length} placeholder tokens")
+    return out
+
+
+def vision_batches(sizes: Sequence[int], limit: int) -> list[slice]:
+    """Consecutive runs of ``sizes`` (an item's tiles, patches, ...) whose sum stays within
+    ``limit``, one vision-tower call each; an item past the limit alone."""
+    out, start, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and total + n > limit:
+            out.append(slice(start, i))
+            start, total = i, 0
+        total += n
+    if sizes:
+        out.append(slice(start, len(sizes)))
+    return out

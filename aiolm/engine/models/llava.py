@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,7 @@ from torch import nn
 
 from ..forward_batch import ForwardBatch
 from ..layers.quant import Int4Codes
+from ..multimodal import vision_batches
 from .llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -47,6 +48,9 @@ if TYPE_CHECKING:
 __all__ = ["LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
            "LlavaProcessor"]
 
+#: The most tiles one vision-tower call takes (a pass's pictures batched; LLaVA-NeXT's
+#: pictures are up to five tiles of 577 patches).
+VISION_TILES_PER_CALL = 64
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "image_newline")
@@ -201,12 +205,31 @@ class LlavaForConditionalGeneration(nn.Module):
             raise ValueError(f"kind: {type(self).__name__} takes images, not {kind!r}")
         return [self.image_token_id] * n
 
-    @torch.inference_mode()
     def embed_multimodal(self, item: MultimodalItem) -> torch.Tensor:
         """``[item.length, hidden]`` language-model embeddings of one image (the vision
         tower and projector run once)."""
+        return self.embed_multimodal_many([item])[0]
+
+    @torch.inference_mode()
+    def embed_multimodal_many(self, items: Sequence[MultimodalItem]) -> list[torch.Tensor]:
+        """Each image's embeddings, the vision tower run over the tiles of several images at
+        once (at most ``VISION_TILES_PER_CALL`` tiles a call): one call's launches for a
+        pass's pictures instead of one call each."""
+        tiles = [self._tiles(item) for item in items]
+        out: list[torch.Tensor] = []
+        for run in vision_batches([t.shape[0] for t in tiles], VISION_TILES_PER_CALL):
+            features = self._image_features(torch.cat(tiles[run]))
+            parts = features.split([t.shape[0] for t in tiles[run]])
+            out.extend(self._assemble(item, f) for item, f in zip(items[run], parts, strict=True))
+        return out
+
+    def _tiles(self, item: MultimodalItem) -> torch.Tensor:
+        """The ``[tiles, 3, H, W]`` pixels the vision tower takes of ``item``."""
         pixels = item.data["pixel_values"]
-        features = self._image_features(pixels.reshape(-1, *pixels.shape[-3:]))
+        return pixels.reshape(-1, *pixels.shape[-3:])
+
+    def _assemble(self, item: MultimodalItem, features: torch.Tensor) -> torch.Tensor:
+        """``item``'s embeddings from its tiles' projected features ``[tiles, rows, hidden]``."""
         return features.reshape(-1, features.shape[-1])
 
     # ------------------------------------------------------------ the model
@@ -314,21 +337,24 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
         grid = unpad_image(torch.empty(0, tiles_h * side, tiles_w * side), size)
         return side * side + grid.shape[1] * (grid.shape[2] + 1)
 
-    @torch.inference_mode()
-    def embed_multimodal(self, item: MultimodalItem) -> torch.Tensor:
+    def _tiles(self, item: MultimodalItem) -> torch.Tensor:
+        """The base tile and the any-resolution tiles the image's size asks for."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        size = item.data["image_sizes"].reshape(-1)[:2].tolist()
+        tiles = image_size_to_num_patches(size, self.grid_pinpoints, self.vision_config.image_size)
+        return super()._tiles(item)[:tiles]
+
+    def _assemble(self, item: MultimodalItem, features: torch.Tensor) -> torch.Tensor:
+        """The base tile's rows, then the tiled grid unpadded, a newline row after each row."""
         from transformers.models.llava_next.modeling_llava_next import (
             get_anyres_image_grid_shape,
-            image_size_to_num_patches,
             unpad_image,
         )
 
         size = item.data["image_sizes"].reshape(-1)[:2].tolist()
         image_size = self.vision_config.image_size
-        tiles = image_size_to_num_patches(size, self.grid_pinpoints, image_size)
-        pixels = item.data["pixel_values"]
-        pixels = pixels.reshape(-1, *pixels.shape[-3:])[:tiles]
-        features = self._image_features(pixels)            # [tiles, side*side, hidden]
-        base, rest = features[0], features[1:]
+        base, rest = features[0], features[1:]              # [tiles, side*side, hidden]
         side = image_size // self.vision_config.patch_size
         tiles_h, tiles_w = get_anyres_image_grid_shape(size, self.grid_pinpoints, image_size)
         grid = rest.view(tiles_h, tiles_w, side, side, -1).permute(4, 0, 2, 1, 3).contiguous()

@@ -169,6 +169,19 @@ class LlavaNextVideoForConditionalGeneration(LlavaNextForConditionalGeneration):
             raise ValueError(f"kind: expected 'image' or 'video', got {kind!r}")
         return [token] * n
 
+    def embed_multimodal_many(self, items: Sequence[MultimodalItem]) -> list[torch.Tensor]:
+        """The images' embeddings batched as LLaVA-NeXT's; each video's in a call of its own
+        (its frames are a batch already)."""
+        images = [i for i, item in enumerate(items) if item.kind != "video"]
+        out: list[torch.Tensor | None] = [None] * len(items)
+        for i, emb in zip(images, super().embed_multimodal_many([items[i] for i in images]),
+                          strict=True):
+            out[i] = emb
+        for i, item in enumerate(items):
+            if out[i] is None:
+                out[i] = self.embed_multimodal(item)
+        return out
+
     @torch.inference_mode()
     def embed_multimodal(self, item: MultimodalItem) -> torch.Tensor:
         """``[item.length, hidden]`` embeddings of an image (LLaVA-NeXT's) or of a video

@@ -37,6 +37,7 @@ from ..forward_batch import ForwardBatch
 from ..layers import MergedLinear, RMSNorm, SiluAndMul
 from ..layers.rotary import MRotaryEmbedding
 from ..model_config import ModelConfig
+from ..multimodal import vision_batches
 from .llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -49,6 +50,9 @@ __all__ = ["Qwen2_5_VLForConditionalGeneration", "QwenVLProcessor", "VisionConfi
 # Qwen2.5-VL samples video at 2 frames per second (qwen-vl-utils' FPS); frames given
 # without a rate are taken to be that far apart.
 DEFAULT_VIDEO_FPS = 2.0
+#: The most patches one vision-tower call takes (a pass's pictures batched: a 672x504
+#: picture is 1,728 patches; a longer video goes alone).
+VISION_PATCHES_PER_CALL = 32768
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -346,18 +350,33 @@ class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
             raise ValueError(f"kind: expected 'image' or 'video', got {kind!r}")
         return [self.vision_start_token_id, *([token] * n), self.vision_end_token_id]
 
-    @torch.inference_mode()
     def embed_multimodal(self, item: Any) -> torch.Tensor:
         """The language-model embeddings ``[item.length, hidden]`` of one image or video
         (the vision tower once). Raises ValueError when the processor's grid does not give
         ``item.length`` tokens."""
-        pixels, grid = _item_inputs(item)
+        return self.embed_multimodal_many([item])[0]
+
+    @torch.inference_mode()
+    def embed_multimodal_many(self, items: Sequence[Any]) -> list[torch.Tensor]:
+        """Each item's embeddings, the vision tower run over several items' patches laid one
+        after another (at most ``VISION_PATCHES_PER_CALL`` a call; attention stays within
+        each image or frame and window, as for one). Raises ValueError when an item's grid
+        does not give its ``length`` tokens."""
+        inputs = [_item_inputs(item) for item in items]
+        unit = self.vision_config.spatial_merge_size ** 2
+        patches = [int(grid.prod(-1).sum()) for _, grid in inputs]
         weight = self.model.embed_tokens.weight
-        out = self.visual(pixels.to(weight.device), grid)
-        if out.shape[0] != item.length:
-            raise ValueError(f"{item.kind}: the vision tower gave {out.shape[0]} embeddings for "
-                             f"{item.length} placeholder tokens")
-        return out.to(weight.dtype)
+        out: list[torch.Tensor] = []
+        for run in vision_batches(patches, VISION_PATCHES_PER_CALL):
+            pixels = torch.cat([p for p, _ in inputs[run]]).to(weight.device)
+            grids = torch.cat([g.reshape(-1, 3) for _, g in inputs[run]])
+            merged = self.visual(pixels, grids).to(weight.dtype)
+            out.extend(merged.split([n // unit for n in patches[run]]))
+        for item, emb in zip(items, out, strict=True):
+            if emb.shape[0] != item.length:
+                raise ValueError(f"{item.kind}: the vision tower gave {emb.shape[0]} embeddings "
+                                 f"for {item.length} placeholder tokens")
+        return out
 
     def mrope_positions(self, input_ids: Sequence[int],
                         items: Sequence[Any]) -> tuple[torch.Tensor, int]:
