@@ -26,12 +26,16 @@ def tiny() -> LoadedModel:
     return load_for_bench("tiny-llama", load_format="dummy", device="cpu", seed=0)
 
 
-def engine(tiny: LoadedModel) -> Engine:
-    return Engine(tiny, max_total_tokens=1024, max_running_requests=16, chunked_prefill_size=256)
+def engine(tiny: LoadedModel, **options: Any) -> Engine:
+    return Engine(tiny, max_total_tokens=1024, max_running_requests=16, chunked_prefill_size=256,
+                  **options)
 
 
-async def test_fuzzer_finds_nothing_on_a_sound_engine(tiny):
-    async with engine(tiny) as eng:
+@pytest.mark.parametrize("overlap", [False, True])
+async def test_fuzzer_finds_nothing_on_a_sound_engine(tiny, overlap):
+    """Also with the overlapped loop, where decode steps whose token is still in flight
+    ride along in extend passes (``riders_in_flight``)."""
+    async with engine(tiny, overlap=overlap) as eng:
         report = await fuzz_engine(eng, seed=SEED, programs=48)
     assert report.ok(), report.faults
     assert report.programs == 48 and report.requests > report.programs
