@@ -19,7 +19,6 @@ import json
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,22 +44,6 @@ def make_items(loaded: Any, pictures: int, size: tuple[int, int]) -> list[Any]:
     return items
 
 
-def timed(fn: Any, device: Any) -> float:
-    """Seconds ``fn()`` takes (CUDA events on a GPU, the wall clock on the CPU)."""
-    import torch
-
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000.0
-    began = time.perf_counter()
-    fn()
-    return time.perf_counter() - began
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-qwen2.5-vl", help="a named multimodal config")
@@ -72,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    from aiolm.bench.limits import median_seconds
     from aiolm.bench.models import load_for_bench
 
     loaded = load_for_bench(args.model, load_format="dummy", device=args.device, seed=0)
@@ -82,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     for a, b in zip(one_by_one, together, strict=True):
         torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)
     single, batched = [], []
-    for _ in range(args.runs):
-        single.append(timed(lambda: [model.embed_multimodal(it) for it in items], device))
-        batched.append(timed(lambda: model.embed_multimodal_many(items), device))
+    for _ in range(args.runs):   # alternating, one timed run of each side at a time
+        single.append(median_seconds(lambda: [model.embed_multimodal(it) for it in items],
+                                     device, warmup=0, repeats=1))
+        batched.append(median_seconds(lambda: model.embed_multimodal_many(items), device,
+                                      warmup=0, repeats=1))
     n = len(items)
     results = {
         "model": args.model, "device": str(device),

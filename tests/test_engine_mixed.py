@@ -123,6 +123,21 @@ def test_riders_that_finished_before_launch_leave_the_batch():
     assert sched.allocator.available_size() + sched.cache.evictable_size() == 256
 
 
+def count_riders_in_flight(sched: Scheduler) -> list[int]:
+    """Wraps ``sched.schedule``; the returned one-item list counts the riders whose token
+    was still in flight when their extend pass was scheduled."""
+    schedule, count = sched.schedule, [0]
+
+    def scheduling() -> Any:
+        batch = schedule()
+        if batch is not None and batch.decode_start is not None:
+            count[0] += sum(1 for r in batch.reqs[batch.decode_start:] if r.pending)
+        return batch
+
+    sched.schedule = scheduling
+    return count
+
+
 async def _compare(tiny: LoadedModel, requests: list[dict[str, Any]],
                    riders_in_flight: bool = False, **options: Any
                    ) -> tuple[list[Any], list[Any], list[int], list[int]]:
@@ -133,23 +148,18 @@ async def _compare(tiny: LoadedModel, requests: list[dict[str, Any]],
         async with Engine(tiny, mix_decode=mix, max_total_tokens=4096, **options) as eng:
             sched = eng._core.scheduler
             sched.riders_in_flight = riders_in_flight
-            launched, schedule, count = sched.launched, sched.schedule, [0, 0]
+            launched, count = sched.launched, [0]
 
             def counting(batch: Any, launched: Any = launched, count: list = count) -> None:
                 if batch.decode_start is not None:
                     count[0] += len(batch.reqs) - batch.decode_start
                 launched(batch)
 
-            def scheduling(schedule: Any = schedule, count: list = count) -> Any:
-                batch = schedule()
-                if batch is not None and batch.decode_start is not None:
-                    count[1] += sum(1 for r in batch.reqs[batch.decode_start:] if r.pending)
-                return batch
-
-            sched.launched, sched.schedule = counting, scheduling
+            sched.launched = counting
+            pending = count_riders_in_flight(sched)
             results.append(await concurrently(eng, requests))
             riders.append(count[0])
-            in_flight.append(count[1])
+            in_flight.append(pending[0])
             await clean(eng)
     return results[0], results[1], riders, in_flight
 
@@ -201,15 +211,7 @@ async def test_riders_with_tokens_in_flight_give_the_same_tokens(tiny):
                           chunked_prefill_size=64) as eng:
             sched = eng._core.scheduler
             sched.riders_in_flight = True
-            schedule, pending = sched.schedule, [0]
-
-            def scheduling(schedule: Any = schedule, pending: list = pending) -> Any:
-                batch = schedule()
-                if batch is not None and batch.decode_start is not None:
-                    pending[0] += sum(1 for r in batch.reqs[batch.decode_start:] if r.pending)
-                return batch
-
-            sched.schedule = scheduling
+            pending = count_riders_in_flight(sched)
 
             async def streamed(i: int, prompt: list[int], eng: Engine = eng,
                                seen: list = seen, started: anyio.Event = started) -> None:

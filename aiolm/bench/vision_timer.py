@@ -43,12 +43,10 @@ def _vision_methods(backend: Backend) -> tuple[Any, tuple[str, ...]]:
         owner = getattr(backend.model, "model", backend.model)  # the body that calls them
         return owner, tuple(n for n in _HF_VISION_METHODS if hasattr(owner, n))
     # NOTE: aiolm.Engine keeps its LoadedModel private; the benchmark reads it to wrap the
-    # model's embed_multimodal for the length of a run (nothing else is touched).
+    # model's embed_multimodal_many for the length of a run (nothing else is touched).
     loaded = getattr(backend, "_loaded", None)
     if loaded is not None and is_multimodal(loaded.model):
-        model = loaded.model
-        return model, (("embed_multimodal_many",) if hasattr(model, "embed_multimodal_many")
-                       else ("embed_multimodal",))
+        return loaded.model, ("embed_multimodal_many",)
     return None, ()
 
 

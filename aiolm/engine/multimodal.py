@@ -19,8 +19,8 @@ gets all its images first (after a leading BOS token). Any other count of image 
 
 Each item's embeddings are computed once per request, while its prefill runs, by the
 model's ``embed_multimodal_many`` (the vision tower and projector over the pass's new items
-together; ``embed_multimodal`` one by one for a model without it), shared by the requests
-of a pass that carry the same digest, and dropped once the request's KV covers the item.
+together), shared by the requests of a pass that carry the same digest, and dropped once
+the request's KV covers the item.
 """
 
 from __future__ import annotations
@@ -289,6 +289,7 @@ def pass_embeddings(model: Any, reqs: Sequence[Req], prefix_lens: Sequence[int],
 
     spans = []      # (request's inputs, item, pass row of its token 0, first, end) covered
     known: dict[str, torch.Tensor] = {}
+    covered = []    # the requests whose items this pass finishes: their stores go after it
     first = 0
     for req, p, e in zip(reqs, prefix_lens, extend_lens, strict=True):
         mm = req.mm
@@ -298,6 +299,8 @@ def pass_embeddings(model: Any, reqs: Sequence[Req], prefix_lens: Sequence[int],
                 if a < b:
                     spans.append((mm, item, first - p, a, b))
             known.update(mm._embeddings)
+            if p + e >= mm.end:
+                covered.append(mm)
         first += e
     missing = {item.digest: item for _, item, *_ in spans if item.digest not in known}
     known.update(zip(missing, embed_items(model, list(missing.values())), strict=True))
@@ -307,9 +310,8 @@ def pass_embeddings(model: Any, reqs: Sequence[Req], prefix_lens: Sequence[int],
         emb = mm._embeddings.setdefault(item.digest, known[item.digest])
         embeds.append(emb[a - item.offset:b - item.offset])
         rows.append(torch.arange(shift + a, shift + b, dtype=torch.int64))
-    for req, p, e in zip(reqs, prefix_lens, extend_lens, strict=True):
-        if req.mm is not None and p + e >= req.mm.end:
-            req.mm._embeddings.clear()
+    for mm in covered:
+        mm._embeddings.clear()
     if not rows:
         return None
     out = torch.cat(embeds)
@@ -317,14 +319,12 @@ def pass_embeddings(model: Any, reqs: Sequence[Req], prefix_lens: Sequence[int],
 
 
 def embed_items(model: Any, items: Sequence[MultimodalItem]) -> list[torch.Tensor]:
-    """Each item's ``[item.length, hidden]`` embeddings: ``model.embed_multimodal_many``
-    when the model has it (its vision tower over several items at once), else
-    ``model.embed_multimodal`` item by item. Raises RuntimeError when the model returns a
-    count of rows that is not an item's placeholder count."""
+    """Each item's ``[item.length, hidden]`` embeddings from ``model.embed_multimodal_many``
+    (its vision tower over several items at once). Raises RuntimeError when the model
+    returns a count of rows that is not an item's placeholder count."""
     if not items:
         return []
-    many = getattr(model, "embed_multimodal_many", None)
-    out = list(many(items)) if many is not None else [model.embed_multimodal(it) for it in items]
+    out = list(model.embed_multimodal_many(items))
     for item, emb in zip(items, out, strict=True):
         if emb.shape[0] != item.length:
             raise RuntimeError(

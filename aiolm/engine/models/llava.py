@@ -128,7 +128,7 @@ class LlavaForConditionalGeneration(nn.Module):
     """LLaVA-1.5: CLIP vision tower, MLP projector and a Llama-family language model, over
     the engine's paged KV cache. The multimodal contract of
     :mod:`aiolm.engine.multimodal`: ``multimodal``, ``image_token_id``,
-    :meth:`build_processor`, :meth:`placeholder_ids`, :meth:`embed_multimodal`; the
+    :meth:`build_processor`, :meth:`placeholder_ids`, :meth:`embed_multimodal_many`; the
     forward pass overwrites ``batch.mm_rows`` with ``batch.mm_embeds``."""
 
     multimodal = True

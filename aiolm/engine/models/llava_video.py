@@ -172,15 +172,8 @@ class LlavaNextVideoForConditionalGeneration(LlavaNextForConditionalGeneration):
     def embed_multimodal_many(self, items: Sequence[MultimodalItem]) -> list[torch.Tensor]:
         """The images' embeddings batched as LLaVA-NeXT's; each video's in a call of its own
         (its frames are a batch already)."""
-        images = [i for i, item in enumerate(items) if item.kind != "video"]
-        out: list[torch.Tensor | None] = [None] * len(items)
-        for i, emb in zip(images, super().embed_multimodal_many([items[i] for i in images]),
-                          strict=True):
-            out[i] = emb
-        for i, item in enumerate(items):
-            if out[i] is None:
-                out[i] = self.embed_multimodal(item)
-        return out
+        images = iter(super().embed_multimodal_many([it for it in items if it.kind != "video"]))
+        return [self.embed_multimodal(it) if it.kind == "video" else next(images) for it in items]
 
     @torch.inference_mode()
     def embed_multimodal(self, item: MultimodalItem) -> torch.Tensor:
